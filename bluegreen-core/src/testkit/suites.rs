@@ -1,0 +1,616 @@
+//! Conformance suites: free async functions every backend runs against its real service.
+//!
+//! Each checks the sentences of a trait's "Behavior" section and panics with a message naming the
+//! backend and the broken promise.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::state::{DeploymentState, LockOwner};
+use crate::traits::{
+    DatabaseStrategy, DbContext, Environment, InstanceState, StateStore, TrafficSwitch,
+};
+use crate::types::{Endpoint, Endpoints, Release, Slot, TrafficSplit};
+
+/// A boxed future, for suite callbacks.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Opens a fresh handle on the same proxy.
+pub type ReopenFn = Arc<dyn Fn() -> BoxFuture<Box<dyn TrafficSwitch>> + Send + Sync>;
+
+/// Sends one request through the data path; says which slot answered.
+pub type ServedByFn = Arc<dyn Fn() -> BoxFuture<crate::Result<Slot>> + Send + Sync>;
+
+/// Checks a slot's data is intact.
+pub type IntactFn = Arc<dyn Fn(Slot) -> BoxFuture<bool> + Send + Sync>;
+
+// ---------------------------------------------------------------------------------------------
+// Switch
+
+/// What [`switch_suite`] needs besides the switch.
+pub struct SwitchSuite {
+    /// Reachable endpoints for both slots (at least one each).
+    pub endpoints: Endpoints,
+    /// Opens a second, fresh handle on the same proxy: proves `current` reads the proxy back.
+    pub reopen: Option<ReopenFn>,
+    /// Sends one request through the switch's data path and says which slot answered.
+    pub served_by: Option<ServedByFn>,
+}
+
+impl std::fmt::Debug for SwitchSuite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwitchSuite")
+            .field("endpoints", &self.endpoints)
+            .field("reopen", &self.reopen.is_some())
+            .field("served_by", &self.served_by.is_some())
+            .finish()
+    }
+}
+
+impl SwitchSuite {
+    /// A suite with these endpoints and no reopen / data-path callbacks.
+    pub fn new(endpoints: Endpoints) -> Self {
+        SwitchSuite {
+            endpoints,
+            reopen: None,
+            served_by: None,
+        }
+    }
+}
+
+async fn expect_current(switch: &dyn TrafficSwitch, want: &TrafficSplit, context: &str) {
+    let got = switch
+        .current()
+        .await
+        .unwrap_or_else(|e| panic!("{}: current() failed {context}: {e}", switch.name()));
+    let got = got.unwrap_or_else(|| {
+        panic!(
+            "{}: current() is None {context}, expected {want}",
+            switch.name()
+        )
+    });
+    assert!(
+        got.same_weights(want),
+        "{}: current() reports {got} {context}, expected {want}",
+        switch.name()
+    );
+}
+
+async fn expect_served_by(suite: &SwitchSuite, name: &str, slot: Slot) {
+    if let Some(probe) = &suite.served_by {
+        for i in 0..5 {
+            let got = probe()
+                .await
+                .unwrap_or_else(|e| panic!("{name}: request {i} through the switch failed: {e}"));
+            assert_eq!(
+                got, slot,
+                "{name}: request {i} reached {got}, the split sends all traffic to {slot}"
+            );
+        }
+    }
+}
+
+/// `apply` then `current` reads the same split back, and requests reach that slot.
+pub async fn switch_apply_then_current_reads_back(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+    for slot in [Slot::Blue, Slot::Green, Slot::Blue] {
+        let split = TrafficSplit::all(slot);
+        switch
+            .apply(&split, &suite.endpoints)
+            .await
+            .unwrap_or_else(|e| panic!("{}: apply({split}) failed: {e}", switch.name()));
+        expect_current(switch, &split, "after apply").await;
+        expect_served_by(suite, switch.name(), slot).await;
+    }
+}
+
+/// Applying the same split twice changes nothing.
+pub async fn switch_apply_is_idempotent(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+    let split = TrafficSplit::all(Slot::Green);
+    for _ in 0..2 {
+        switch
+            .apply(&split, &suite.endpoints)
+            .await
+            .unwrap_or_else(|e| panic!("{}: repeated apply failed: {e}", switch.name()));
+    }
+    expect_current(switch, &split, "after applying the same split twice").await;
+    expect_served_by(suite, switch.name(), Slot::Green).await;
+}
+
+/// A fresh handle on the same proxy reports what was applied (no cached answer).
+pub async fn switch_current_reads_the_proxy(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+    let Some(reopen) = &suite.reopen else { return };
+    for slot in [Slot::Green, Slot::Blue] {
+        let split = TrafficSplit::all(slot);
+        switch.apply(&split, &suite.endpoints).await.unwrap();
+        let other = reopen().await;
+        expect_current(other.as_ref(), &split, "on a freshly opened handle").await;
+    }
+}
+
+/// Weighted splits work when declared, and are refused (nothing changed) when not.
+pub async fn switch_weights_follow_capabilities(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+    let base = TrafficSplit::all(Slot::Blue);
+    switch.apply(&base, &suite.endpoints).await.unwrap();
+    let canary = TrafficSplit::canary(Slot::Green, 30).unwrap();
+    let res = switch.apply(&canary, &suite.endpoints).await;
+    if switch.capabilities().weights {
+        res.unwrap_or_else(|e| panic!("{}: weighted apply failed: {e}", switch.name()));
+        expect_current(switch, &canary, "after a weighted apply").await;
+        switch.apply(&base, &suite.endpoints).await.unwrap();
+    } else {
+        assert!(
+            matches!(res, Err(Error::Unsupported { .. })),
+            "{}: declares no weights but a 70/30 apply returned {res:?}",
+            switch.name()
+        );
+        expect_current(switch, &base, "after a refused weighted apply").await;
+    }
+}
+
+/// Sticky splits work when declared, and are refused (nothing changed) when not.
+pub async fn switch_sticky_follows_capabilities(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+    let base = TrafficSplit::all(Slot::Blue);
+    switch.apply(&base, &suite.endpoints).await.unwrap();
+    let sticky = TrafficSplit::all(Slot::Green).with_sticky("bg_slot");
+    let res = switch.apply(&sticky, &suite.endpoints).await;
+    if switch.capabilities().sticky {
+        res.unwrap_or_else(|e| panic!("{}: sticky apply failed: {e}", switch.name()));
+        expect_current(switch, &sticky, "after a sticky apply").await;
+        switch.apply(&base, &suite.endpoints).await.unwrap();
+    } else {
+        assert!(
+            matches!(res, Err(Error::Unsupported { .. })),
+            "{}: declares no sticky sessions but a sticky apply returned {res:?}",
+            switch.name()
+        );
+        expect_current(switch, &base, "after a refused sticky apply").await;
+    }
+}
+
+/// Invalid input (weight on a slot without endpoints, a hostile host name) is refused and the
+/// proxy keeps its configuration.
+pub async fn switch_refuses_invalid_input_and_keeps_config(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) {
+    let base = TrafficSplit::all(Slot::Blue);
+    switch.apply(&base, &suite.endpoints).await.unwrap();
+
+    let mut no_green = suite.endpoints.clone();
+    no_green.green.clear();
+    let res = switch
+        .apply(&TrafficSplit::all(Slot::Green), &no_green)
+        .await;
+    assert!(
+        matches!(res, Err(Error::InvalidInput { .. })),
+        "{}: weight on a slot without endpoints returned {res:?}",
+        switch.name()
+    );
+    expect_current(switch, &base, "after refusing a split without endpoints").await;
+
+    let mut hostile = suite.endpoints.clone();
+    hostile.green = vec![Endpoint::new("evil;host\nset server x", 80)];
+    let res = switch
+        .apply(&TrafficSplit::all(Slot::Green), &hostile)
+        .await;
+    assert!(
+        matches!(res, Err(Error::InvalidInput { .. })),
+        "{}: a hostile endpoint host returned {res:?}",
+        switch.name()
+    );
+    expect_current(switch, &base, "after refusing a hostile endpoint").await;
+    expect_served_by(suite, switch.name(), Slot::Blue).await;
+}
+
+/// Optional operations answer, or say `Unsupported`, exactly as the capabilities declare.
+pub async fn switch_optional_operations_match_capabilities(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) {
+    let caps = switch.capabilities();
+    let name = switch.name().to_string();
+    let check = |declared: bool, op: &str, res: crate::Result<()>| match (declared, res) {
+        (true, Ok(())) => {}
+        (true, Err(e)) => panic!("{name}: declares {op} but it failed: {e}"),
+        (false, Err(Error::Unsupported { .. })) => {}
+        (false, other) => {
+            panic!("{name}: does not declare {op} but it answered {other:?} (expected Unsupported)")
+        }
+    };
+    check(
+        caps.drain,
+        "in_flight",
+        switch.in_flight(Slot::Blue).await.map(|_| ()),
+    );
+    check(
+        caps.metrics,
+        "metrics",
+        switch.metrics(Slot::Blue).await.map(|_| ()),
+    );
+    check(
+        caps.preview,
+        "preview",
+        switch.preview(Some(Slot::Green), &suite.endpoints).await,
+    );
+    if caps.preview {
+        switch.preview(None, &suite.endpoints).await.unwrap();
+    }
+    check(caps.pause, "pause", switch.pause().await);
+    if caps.pause {
+        switch.resume().await.unwrap();
+    }
+}
+
+/// Runs every switch conformance check. Leaves the switch at 100 % blue.
+pub async fn switch_suite(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+    switch_apply_then_current_reads_back(switch, suite).await;
+    switch_apply_is_idempotent(switch, suite).await;
+    switch_current_reads_the_proxy(switch, suite).await;
+    switch_weights_follow_capabilities(switch, suite).await;
+    switch_sticky_follows_capabilities(switch, suite).await;
+    switch_refuses_invalid_input_and_keeps_config(switch, suite).await;
+    switch_optional_operations_match_capabilities(switch, suite).await;
+    switch
+        .apply(&TrafficSplit::all(Slot::Blue), &suite.endpoints)
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Environment
+
+/// What [`environment_suite`] needs besides the environment.
+pub struct EnvironmentSuite {
+    /// Builds a runnable release labelled with the given version.
+    pub release: Arc<dyn Fn(&str) -> Release + Send + Sync>,
+    /// How long an instance may take from deploy to `Running`.
+    pub ready_timeout: Duration,
+    /// An argv that `exec` runs successfully in a running slot, if the backend supports exec.
+    pub exec_argv: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for EnvironmentSuite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvironmentSuite")
+            .field("ready_timeout", &self.ready_timeout)
+            .field("exec_argv", &self.exec_argv)
+            .finish()
+    }
+}
+
+async fn wait_running(env: &dyn Environment, slot: Slot, version: &str, bound: Duration) {
+    let start = Instant::now();
+    loop {
+        let st = env
+            .status(slot)
+            .await
+            .unwrap_or_else(|e| panic!("{}: status({slot}) failed: {e}", env.name()));
+        if st.state == InstanceState::Running {
+            assert_eq!(
+                st.version.as_ref().map(|v| v.as_str()),
+                Some(version),
+                "{}: slot {slot} runs the wrong version",
+                env.name()
+            );
+            assert!(
+                !st.endpoints.is_empty(),
+                "{}: running slot {slot} reports no endpoints",
+                env.name()
+            );
+            return;
+        }
+        assert!(
+            st.state == InstanceState::Starting,
+            "{}: slot {slot} is {:?} after deploy, expected starting or running",
+            env.name(),
+            st.state
+        );
+        assert!(
+            start.elapsed() < bound,
+            "{}: slot {slot} not running within {bound:?}",
+            env.name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn expect_not_up(env: &dyn Environment, slot: Slot, context: &str) {
+    let st = env.status(slot).await.unwrap();
+    assert!(
+        !st.is_up(),
+        "{}: slot {slot} is {:?} {context}",
+        env.name(),
+        st.state
+    );
+}
+
+/// Runs every environment conformance check. Leaves both slots removed.
+pub async fn environment_suite(env: &dyn Environment, suite: &EnvironmentSuite) {
+    let name = env.name().to_string();
+    // Removing and stopping absent slots is Ok.
+    for slot in Slot::ALL {
+        env.remove(slot)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: remove({slot}) failed: {e}"));
+        env.remove(slot)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: removing an absent slot failed: {e}"));
+        env.stop(slot, Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: stopping an absent slot failed: {e}"));
+        let st = env.status(slot).await.unwrap();
+        assert_eq!(
+            st.state,
+            InstanceState::Absent,
+            "{name}: {slot} after remove"
+        );
+    }
+
+    // deploy returns endpoints and the slot runs the release.
+    let v1 = (suite.release)("v1");
+    let eps = env
+        .deploy(Slot::Blue, &v1)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: deploy(blue, v1) failed: {e}"));
+    assert!(!eps.is_empty(), "{name}: deploy returned no endpoints");
+    wait_running(env, Slot::Blue, "v1", suite.ready_timeout).await;
+    assert_eq!(
+        env.status(Slot::Green).await.unwrap().state,
+        InstanceState::Absent,
+        "{name}: deploying blue changed green"
+    );
+
+    // Deploying the same release again is idempotent.
+    env.deploy(Slot::Blue, &v1)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: redeploying the same release failed: {e}"));
+    wait_running(env, Slot::Blue, "v1", suite.ready_timeout).await;
+
+    // The other slot is independent.
+    env.deploy(Slot::Green, &(suite.release)("v2"))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: deploy(green, v2) failed: {e}"));
+    wait_running(env, Slot::Green, "v2", suite.ready_timeout).await;
+    wait_running(env, Slot::Blue, "v1", suite.ready_timeout).await;
+
+    // A new release replaces the old one in the slot.
+    env.deploy(Slot::Blue, &(suite.release)("v3"))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: deploy(blue, v3) failed: {e}"));
+    wait_running(env, Slot::Blue, "v3", suite.ready_timeout).await;
+
+    // exec and logs: supported, or Unsupported; never another error.
+    if let Some(argv) = &suite.exec_argv {
+        let out = env
+            .exec(Slot::Blue, argv)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: exec({argv:?}) failed: {e}"));
+        assert!(
+            out.success(),
+            "{name}: exec({argv:?}) exited {:?}",
+            out.code
+        );
+    } else {
+        match env.exec(Slot::Blue, &["true".to_string()]).await {
+            Err(Error::Unsupported { .. }) | Ok(_) => {}
+            Err(e) => panic!("{name}: exec without support must be Unsupported, got {e}"),
+        }
+    }
+    match env.logs(Slot::Blue, None).await {
+        Ok(_) | Err(Error::Unsupported { .. }) => {}
+        Err(e) => panic!("{name}: logs failed: {e}"),
+    }
+
+    // stop stops only that slot.
+    env.stop(Slot::Blue, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: stop(blue) failed: {e}"));
+    expect_not_up(env, Slot::Blue, "after stop").await;
+    wait_running(env, Slot::Green, "v2", suite.ready_timeout).await;
+    env.stop(Slot::Blue, Duration::from_secs(1))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: stopping a stopped slot failed: {e}"));
+
+    for slot in Slot::ALL {
+        env.remove(slot)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: remove({slot}) failed: {e}"));
+        assert_eq!(
+            env.status(slot).await.unwrap().state,
+            InstanceState::Absent,
+            "{name}: {slot} after remove"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Database
+
+/// What [`database_suite`] needs besides the strategy.
+pub struct DatabaseSuite {
+    /// The release used in contexts.
+    pub release: Release,
+    /// Checks that the live side's data is intact (called after a rollback).
+    pub live_intact: Option<IntactFn>,
+}
+
+impl std::fmt::Debug for DatabaseSuite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSuite")
+            .field("release", &self.release.version)
+            .finish()
+    }
+}
+
+/// Runs every database-strategy conformance check: a first deploy to blue, then a deploy to green
+/// that is rolled back (twice: rollback is idempotent) and prepared again (prepare is idempotent).
+pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) {
+    let name = db.name().to_string();
+    let first = DbContext {
+        live: None,
+        target: Slot::Blue,
+        release: suite.release.clone(),
+    };
+    db.prepare(&first)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: first prepare failed: {e}"));
+    db.before_switch(&first)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: before_switch failed: {e}"));
+    db.after_switch(&first)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: after_switch failed: {e}"));
+    db.finalize(&first)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: finalize failed: {e}"));
+
+    let second = DbContext {
+        live: Some(Slot::Blue),
+        target: Slot::Green,
+        release: suite.release.clone(),
+    };
+    let (b1, _) = db
+        .prepare(&second)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: prepare(green) failed: {e}"));
+    let (b2, _) = db
+        .prepare(&second)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: prepare is not idempotent: {e}"));
+    assert_eq!(
+        b1.env, b2.env,
+        "{name}: a repeated prepare changed the binding"
+    );
+    db.rollback(&second)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: rollback failed: {e}"));
+    db.rollback(&second)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: a second rollback failed: {e}"));
+    if let Some(check) = &suite.live_intact {
+        assert!(
+            check(Slot::Blue).await,
+            "{name}: rollback damaged the live side"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State store
+
+/// Runs every state-store conformance check. `open` returns a new handle on the same, initially
+/// empty, store each time it is called (as two operators' machines would have).
+pub async fn state_store_suite(open: &(dyn Fn() -> Arc<dyn StateStore> + Send + Sync)) {
+    let a = open();
+    let b = open();
+    let name = a.name().to_string();
+
+    // Empty store; CAS save; conflicts.
+    assert!(
+        a.load().await.unwrap().is_none(),
+        "{name}: a fresh store must load None"
+    );
+    let mut s = DeploymentState::default();
+    let r1 = a
+        .save(&s)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: first save failed: {e}"));
+    assert_eq!(r1, 1, "{name}: first save must return revision 1");
+    let loaded = b.load().await.unwrap().expect("saved state loads");
+    assert_eq!(loaded.revision, 1, "{name}: loaded revision");
+    s.revision = r1;
+    s.last_id = 7;
+    let r2 = b.save(&s).await.unwrap();
+    assert_eq!(r2, 2);
+    let stale = DeploymentState {
+        revision: 1,
+        ..DeploymentState::default()
+    };
+    match a.save(&stale).await {
+        Err(Error::Conflict {
+            expected: 1,
+            found: 2,
+        }) => {}
+        other => panic!("{name}: a stale save must be a Conflict, got {other:?}"),
+    }
+    assert_eq!(
+        a.load().await.unwrap().unwrap().last_id,
+        7,
+        "{name}: stale save changed the state"
+    );
+
+    // Exclusive lock naming its holder.
+    let ttl = Duration::from_secs(30);
+    let alice = LockOwner::current("deploy v1 (alice)");
+    let bob = LockOwner::current("deploy v2 (bob)");
+    let lease = a.acquire(&alice, ttl).await.unwrap();
+    match b.acquire(&bob, ttl).await {
+        Err(Error::Locked { holder }) => {
+            assert_eq!(holder.owner, alice, "{name}: Locked must name the holder");
+            assert!(Error::Locked { holder }.to_string().contains("alice"));
+        }
+        other => panic!("{name}: a held lock must refuse a second locker, got {other:?}"),
+    }
+    let renewed = a.renew(&lease, ttl).await.unwrap();
+    assert!(
+        renewed.expires >= lease.expires,
+        "{name}: renew must extend"
+    );
+    assert_eq!(b.lock_info().await.unwrap().unwrap().owner, alice);
+    a.release(&renewed).await.unwrap();
+    assert!(
+        b.lock_info().await.unwrap().is_none(),
+        "{name}: released lock still shown"
+    );
+
+    // Expiry: an expired lock is taken over; the old holder's lease is dead.
+    let short = a.acquire(&alice, Duration::from_millis(200)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let taken = b
+        .acquire(&bob, ttl)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: an expired lock must be taken over, got {e}"));
+    match a.renew(&short, ttl).await {
+        Err(Error::LockLost { .. }) => {}
+        other => panic!("{name}: renewing a taken-over lease must be LockLost, got {other:?}"),
+    }
+    a.release(&short).await.unwrap();
+    assert_eq!(
+        a.lock_info().await.unwrap().unwrap().owner,
+        bob,
+        "{name}: releasing a dead lease freed someone else's lock"
+    );
+
+    // break_lock removes it whoever holds it.
+    let broken = a.break_lock().await.unwrap().expect("a lock to break");
+    assert_eq!(broken.token, taken.token);
+    assert!(a.lock_info().await.unwrap().is_none());
+    match b.renew(&taken, ttl).await {
+        Err(Error::LockLost { .. }) => {}
+        other => panic!("{name}: renewing a broken lease must be LockLost, got {other:?}"),
+    }
+
+    // Two concurrent lockers: exactly one wins, every round.
+    for round in 0..10 {
+        let (x, y) = (open(), open());
+        let ox = LockOwner::current(format!("x{round}"));
+        let oy = LockOwner::current(format!("y{round}"));
+        let (rx, ry) = tokio::join!(
+            tokio::spawn(async move { x.acquire(&ox, ttl).await }),
+            tokio::spawn(async move { y.acquire(&oy, ttl).await })
+        );
+        let (rx, ry) = (rx.unwrap(), ry.unwrap());
+        let winners = [&rx, &ry].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "{name}: round {round}: {rx:?} / {ry:?}");
+        for r in [rx, ry] {
+            match r {
+                Ok(lease) => a.release(&lease).await.unwrap(),
+                Err(Error::Locked { .. }) => {}
+                Err(e) => panic!("{name}: the loser must see Locked, got {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Settings of an [`HaproxySwitch`](crate::HaproxySwitch).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bluegreen_core::{Error, Name, Result, Slot};
+
+/// Where HAProxy's runtime API listens (`stats socket … level admin`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RuntimeAddress {
+    /// A unix socket path, e.g. `/run/haproxy/admin.sock`.
+    Unix(PathBuf),
+    /// A TCP `host:port`, e.g. `127.0.0.1:9999`.
+    Tcp(String),
+}
+
+impl RuntimeAddress {
+    /// Parses `address`: anything containing `/` is a unix socket path (a `unix@` prefix is
+    /// accepted), anything else must be `host:port` (an `ipv4@`/`ipv6@` prefix is accepted).
+    pub fn parse(address: &str) -> Result<Self> {
+        if let Some(path) = address.strip_prefix("unix@") {
+            return Ok(RuntimeAddress::Unix(PathBuf::from(path)));
+        }
+        if address.contains('/') {
+            return Ok(RuntimeAddress::Unix(PathBuf::from(address)));
+        }
+        let tcp = address
+            .strip_prefix("ipv4@")
+            .or_else(|| address.strip_prefix("ipv6@"))
+            .unwrap_or(address);
+        let port_ok = tcp
+            .rsplit_once(':')
+            .map(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+            .unwrap_or(false);
+        if !port_ok {
+            return Err(Error::invalid(
+                "haproxy runtime address",
+                address,
+                "expected a unix socket path or host:port",
+            ));
+        }
+        Ok(RuntimeAddress::Tcp(tcp.to_string()))
+    }
+
+    /// The address as HAProxy's `stats socket` line spells it.
+    pub(crate) fn stats_socket_spec(&self) -> Result<String> {
+        match self {
+            RuntimeAddress::Unix(p) => Ok(config_word("stats socket path", p)?.to_string()),
+            RuntimeAddress::Tcp(a) => {
+                check_word("stats socket address", a)?;
+                if a.starts_with('[') {
+                    Ok(format!("ipv6@{a}"))
+                } else {
+                    Ok(format!("ipv4@{a}"))
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for RuntimeAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeAddress::Unix(p) => write!(f, "{}", p.display()),
+            RuntimeAddress::Tcp(a) => f.write_str(a),
+        }
+    }
+}
+
+/// Checks that `value` can be placed in haproxy.cfg as one word without quoting.
+pub(crate) fn check_word(what: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(what, value, "must not be empty"));
+    }
+    if let Some(c) = value.chars().find(|c| {
+        c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '#' | '\\' | ';' | '$')
+    }) {
+        return Err(Error::invalid(
+            what,
+            value,
+            format!("character {c:?} is not allowed in an haproxy.cfg word"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn config_word<'a>(what: &'static str, path: &'a Path) -> Result<&'a str> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| Error::invalid(what, path.display().to_string(), "not valid UTF-8"))?;
+    check_word(what, s)?;
+    Ok(s)
+}
+
+/// Settings of an [`HaproxySwitch`](crate::HaproxySwitch): where the runtime API is, which
+/// backend and servers to drive, and the time bounds.
+///
+/// Names are checked with [`bluegreen_core::Name`] when the switch is built (before anything is
+/// sent), so a name like `app;shutdown sessions` never reaches HAProxy.
+///
+/// ```
+/// use std::time::Duration;
+/// use bluegreen_haproxy::HaproxyConfig;
+/// let config = HaproxyConfig::new("/run/haproxy/admin.sock")
+///     .unwrap()
+///     .with_backend("app")
+///     .with_servers("app_blue", "app_green")
+///     .with_drain_timeout(Duration::from_secs(30));
+/// assert_eq!(config.backend(), "app");
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HaproxyConfig {
+    /// The runtime API address.
+    pub address: RuntimeAddress,
+    backend: String,
+    blue_server: String,
+    green_server: String,
+    /// How long `apply` waits for a server's sessions (`scur`) to reach 0 before putting it into
+    /// maintenance. Default 30 s.
+    pub drain_timeout: Duration,
+    /// Bound on one runtime API command, connect to last byte. Default 5 s.
+    pub command_timeout: Duration,
+    /// How long `apply` waits for a server it enabled to be reported up (its health check
+    /// passing) before giving up and restoring the previous state. Default 10 s.
+    pub ready_timeout: Duration,
+}
+
+impl HaproxyConfig {
+    /// Settings for the runtime API at `address` (a unix socket path or `host:port`), backend
+    /// `app`, servers `blue` and `green`.
+    pub fn new(address: &str) -> Result<Self> {
+        Ok(Self::with_address(RuntimeAddress::parse(address)?))
+    }
+
+    /// Settings for the runtime API at `address`.
+    pub fn with_address(address: RuntimeAddress) -> Self {
+        HaproxyConfig {
+            address,
+            backend: "app".to_string(),
+            blue_server: "blue".to_string(),
+            green_server: "green".to_string(),
+            drain_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(5),
+            ready_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Settings for a unix socket at `path`.
+    pub fn unix(path: impl Into<PathBuf>) -> Self {
+        Self::with_address(RuntimeAddress::Unix(path.into()))
+    }
+
+    /// The backend name (default `app`).
+    pub fn with_backend(mut self, backend: impl Into<String>) -> Self {
+        self.backend = backend.into();
+        self
+    }
+
+    /// The server names of the blue and green slots (default `blue` / `green`).
+    pub fn with_servers(mut self, blue: impl Into<String>, green: impl Into<String>) -> Self {
+        self.blue_server = blue.into();
+        self.green_server = green.into();
+        self
+    }
+
+    /// The drain bound.
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// The bound on one command.
+    pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// The bound on a server becoming up.
+    pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// The backend name.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// The server name of `slot`.
+    pub fn server(&self, slot: Slot) -> &str {
+        match slot {
+            Slot::Blue => &self.blue_server,
+            Slot::Green => &self.green_server,
+        }
+    }
+
+    /// Validates every name; returns them as [`Name`]s (backend, blue server, green server).
+    pub(crate) fn validated(&self) -> Result<(Name, Name, Name)> {
+        let backend = Name::new(self.backend.as_str())?;
+        let blue = Name::new(self.blue_server.as_str())?;
+        let green = Name::new(self.green_server.as_str())?;
+        if blue == green {
+            return Err(Error::invalid(
+                "haproxy server names",
+                blue.as_str(),
+                "blue and green must be different servers",
+            ));
+        }
+        for (what, t) in [
+            ("drain timeout", self.drain_timeout),
+            ("command timeout", self.command_timeout),
+            ("ready timeout", self.ready_timeout),
+        ] {
+            if t.is_zero() {
+                return Err(Error::invalid(what, "0s", "must be greater than zero"));
+            }
+        }
+        Ok((backend, blue, green))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            RuntimeAddress::parse("/run/haproxy/admin.sock").unwrap(),
+            RuntimeAddress::Unix("/run/haproxy/admin.sock".into())
+        );
+        assert_eq!(
+            RuntimeAddress::parse("unix@admin.sock").unwrap(),
+            RuntimeAddress::Unix("admin.sock".into())
+        );
+        assert_eq!(
+            RuntimeAddress::parse("127.0.0.1:9999").unwrap(),
+            RuntimeAddress::Tcp("127.0.0.1:9999".into())
+        );
+        assert_eq!(
+            RuntimeAddress::parse("ipv4@127.0.0.1:9999").unwrap(),
+            RuntimeAddress::Tcp("127.0.0.1:9999".into())
+        );
+        for bad in ["", "admin.sock", "host:", ":80", "host:0", "host:99999"] {
+            assert!(RuntimeAddress::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn injection_names_are_refused() {
+        let base = HaproxyConfig::unix("/tmp/x.sock");
+        for bad in [
+            "app;shutdown sessions",
+            "blue\nset server",
+            "a b",
+            "",
+            "a\tb",
+            "x\u{7}",
+        ] {
+            assert!(
+                base.clone().with_backend(bad).validated().is_err(),
+                "{bad:?}"
+            );
+            assert!(
+                base.clone().with_servers(bad, "green").validated().is_err(),
+                "{bad:?}"
+            );
+            assert!(
+                base.clone().with_servers("blue", bad).validated().is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(base.clone().with_servers("s", "s").validated().is_err());
+        assert!(base
+            .clone()
+            .with_drain_timeout(Duration::ZERO)
+            .validated()
+            .is_err());
+        assert!(base.validated().is_ok());
+    }
+
+    #[test]
+    fn config_words_refuse_spaces_and_quotes() {
+        assert!(check_word("w", "/tmp/a.sock").is_ok());
+        for bad in ["a b", "a\"b", "a#b", "a\nb", ""] {
+            assert!(check_word("w", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! `bluegreen-traefik`: not implemented yet (see the open issue for this backend).
+#![forbid(unsafe_code)]
