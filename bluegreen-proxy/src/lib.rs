@@ -1,0 +1,18 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+pub mod admin;
+mod config;
+mod metrics;
+mod pause;
+mod proxy;
+mod routing;
+mod switch;
+
+pub use admin::{AdminServer, RemoteProxySwitch};
+pub use config::ProxyConfig;
+pub use switch::ProxySwitch;
+
+/// The name this switch reports (`TrafficSwitch::name`), as found in errors and events.
+pub const NAME: &str = "proxy";

@@ -1,0 +1,587 @@
+//! The data path: accept loop, per-request routing, forwarding, upgrades.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION,
+    RETRY_AFTER, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use hyper::http::uri::PathAndQuery;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::ProxyConfig;
+use crate::metrics::{InFlight, Stats};
+use crate::pause::{PauseGate, Refused};
+use crate::routing::{Names, RoundRobin, Table, Upstream};
+
+type UpstreamClient = Client<HttpConnector, RequestBody>;
+
+/// Everything the request path needs, shared by all connections.
+pub(crate) struct State {
+    pub(crate) config: ProxyConfig,
+    pub(crate) table: ArcSwap<Table>,
+    /// Serializes writers of `table` (readers never take it).
+    pub(crate) writer: Mutex<()>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) gate: PauseGate,
+    rr: RoundRobin,
+    client: UpstreamClient,
+}
+
+impl State {
+    pub(crate) fn new(config: ProxyConfig) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.upstream_idle_timeout)
+            .build(http);
+        State {
+            config,
+            table: ArcSwap::from_pointee(Table::default()),
+            writer: Mutex::new(()),
+            stats: Stats::new(),
+            gate: PauseGate::new(),
+            rr: RoundRobin::default(),
+            client,
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` changes (or its sender is dropped), then shuts down
+/// gracefully: open requests get `shutdown_timeout` to finish.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.idle_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let state = Arc::clone(&state);
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(Arc::clone(&state), peer, req)
+                    });
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(state.config.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("proxy shutdown timed out with connections still open");
+    }
+}
+
+/// The response body: the upstream's, or one the proxy wrote, carrying the in-flight guard that
+/// ends the request when the body is finished or dropped.
+pub(crate) struct ProxyBody {
+    kind: Kind,
+    in_flight: Option<InFlight>,
+}
+
+enum Kind {
+    Upstream(Incoming),
+    Local(Full<Bytes>),
+}
+
+impl ProxyBody {
+    fn local(text: &'static str, in_flight: Option<InFlight>) -> Self {
+        ProxyBody {
+            kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))),
+            in_flight,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Kind::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        };
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_end_stream() {
+            this.in_flight = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream(b) => b.size_hint(),
+            Kind::Local(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The request body sent upstream. It is taken out of a shared slot on first poll, so after a
+/// connect error (nothing was sent, the body never polled) it can be recovered and the request
+/// sent to another endpoint.
+pub(crate) struct RequestBody {
+    shared: Arc<Mutex<Option<Incoming>>>,
+    taken: Option<Incoming>,
+    end_stream: bool,
+    hint: SizeHint,
+}
+
+impl RequestBody {
+    fn new(body: Incoming) -> Self {
+        let end_stream = body.is_end_stream();
+        let hint = body.size_hint();
+        RequestBody {
+            shared: Arc::new(Mutex::new(Some(body))),
+            taken: None,
+            end_stream,
+            hint,
+        }
+    }
+
+    /// A handle to recover the body if it was never polled.
+    fn recover_handle(&self) -> Arc<Mutex<Option<Incoming>>> {
+        Arc::clone(&self.shared)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if this.taken.is_none() {
+            let taken = this.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match taken {
+                Some(b) => this.taken = Some(b),
+                None => return Poll::Ready(None),
+            }
+        }
+        match &mut this.taken {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self.end_stream,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self.hint,
+        }
+    }
+}
+
+fn local_response(
+    status: StatusCode,
+    text: &'static str,
+    in_flight: Option<InFlight>,
+) -> Response<ProxyBody> {
+    if let Some(g) = &in_flight {
+        g.answered(status.as_u16());
+    }
+    let mut resp = Response::new(ProxyBody::local(text, in_flight));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TRAILER,
+    TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`. `TE: trailers` is kept
+/// (it is end-to-end in practice, e.g. gRPC); `Upgrade` is kept only when `keep_upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            headers.remove(TE);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, peer: SocketAddr, trust: bool) {
+    let ip = peer.ip().to_string();
+    let prior: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if prior.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    // HTTP/2 clients send `:authority` instead of `Host`; the upstream speaks HTTP/1.1.
+    if !headers.contains_key(HOST) {
+        if let Some(a) = uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(HOST, v);
+            }
+        }
+    }
+    if !(trust && headers.contains_key(&X_FORWARDED_HOST)) {
+        match headers.get(HOST).cloned() {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+fn upstream_uri(up: &Upstream, pq: Option<&PathAndQuery>) -> Uri {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(up.scheme.clone());
+    parts.authority = Some(up.authority.clone());
+    parts.path_and_query = Some(
+        pq.cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let cfg = &state.config;
+    if let Err(refused) = state
+        .gate
+        .pass(cfg.max_paused_requests, cfg.max_pause_wait)
+        .await
+    {
+        let text = match refused {
+            Refused::QueueFull => "proxy paused: too many waiting requests\n",
+            Refused::TimedOut => "proxy paused for too long\n",
+        };
+        return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, text, None));
+    }
+    // Routed only after the pause gate, so a held request sees the split applied meanwhile.
+    let table = state.table.load_full();
+    let names = Names {
+        preview_header: &cfg.preview_header,
+        preview_cookie: &cfg.preview_cookie,
+        sticky_cookie: &cfg.sticky_cookie,
+    };
+    let Some(route) = table.route(req.headers(), &names) else {
+        return Ok(local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no route: no traffic split applied\n",
+            None,
+        ));
+    };
+    let in_flight = state.stats.start(route.slot);
+    Ok(forward(
+        &state,
+        peer,
+        req,
+        route.upstreams,
+        route.set_cookie,
+        in_flight,
+    )
+    .await)
+}
+
+async fn forward(
+    state: &State,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    upstreams: &[Upstream],
+    set_cookie: Option<HeaderValue>,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
+    let cfg = &state.config;
+    let slot = in_flight.slot();
+    let upgrade = wants_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_forwarded(
+        &mut parts.headers,
+        &parts.uri,
+        peer,
+        cfg.trust_forwarded_headers,
+    );
+    let pq = parts.uri.path_and_query().cloned();
+    let mut body = Some(RequestBody::new(body));
+    let first = state.rr.next(slot, upstreams.len());
+    let attempts = upstreams.len().min(2);
+
+    for attempt in 0..attempts {
+        let up = &upstreams[(first + attempt) % upstreams.len()];
+        let Some(b) = body.take() else { break };
+        let recover = b.recover_handle();
+        let mut out = Request::new(b);
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = upstream_uri(up, pq.as_ref());
+        *out.version_mut() = Version::HTTP_11;
+        *out.headers_mut() = if attempt + 1 < attempts {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let sent = tokio::time::timeout(cfg.response_header_timeout, state.client.request(out));
+        match sent.await {
+            Ok(Ok(resp)) => {
+                return respond(resp, set_cookie, in_flight, client_upgrade);
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                state.stats.connect_error(slot);
+                tracing::debug!(upstream = %up.endpoint, error = %e, "connect to upstream failed");
+                // Nothing reached the upstream: retry on the next endpoint if the body is intact.
+                let intact = recover.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(b) = intact {
+                    body = Some(RequestBody::new(b));
+                    continue;
+                }
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %up.endpoint, error = %e, "upstream request failed");
+                return local_response(
+                    StatusCode::BAD_GATEWAY,
+                    "bad gateway: upstream failed\n",
+                    Some(in_flight),
+                );
+            }
+            Err(_) => {
+                return local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "gateway timeout: upstream did not answer in time\n",
+                    Some(in_flight),
+                );
+            }
+        }
+    }
+    local_response(
+        StatusCode::BAD_GATEWAY,
+        "bad gateway: cannot connect to upstream\n",
+        Some(in_flight),
+    )
+}
+
+fn respond(
+    mut resp: Response<Incoming>,
+    set_cookie: Option<HeaderValue>,
+    in_flight: InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    in_flight.answered(resp.status().as_u16());
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), switching && client_upgrade.is_some());
+    if let Some(c) = set_cookie {
+        resp.headers_mut().append(SET_COOKIE, c);
+    }
+    match client_upgrade {
+        Some(client_side) if switching => {
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            let (parts, body) = resp.into_parts();
+            // The tunnel counts as in flight until either side closes it.
+            tokio::spawn(tunnel(client_side, upstream_side, in_flight));
+            Response::from_parts(
+                parts,
+                ProxyBody {
+                    kind: Kind::Upstream(body),
+                    in_flight: None,
+                },
+            )
+        }
+        _ => resp.map(|body| ProxyBody {
+            kind: Kind::Upstream(body),
+            in_flight: Some(in_flight),
+        }),
+    }
+}
+
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    in_flight: InFlight,
+) {
+    let _in_flight = in_flight;
+    match tokio::try_join!(client, upstream) {
+        Ok((c, u)) => {
+            let mut c = TokioIo::new(c);
+            let mut u = TokioIo::new(u);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(TE, HeaderValue::from_static("gzip"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-app"], "kept");
+
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[UPGRADE], "websocket");
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h[TE], "trailers");
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_overwrite() {
+        let peer: SocketAddr = "10.0.0.7:5555".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("app.example"));
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        add_forwarded(&mut h, &Uri::from_static("/x"), peer, false);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.7");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "app.example");
+
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        let uri = Uri::from_static("http://h2.example/x");
+        add_forwarded(&mut h, &uri, peer, true);
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[HOST], "h2.example");
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.7");
+    }
+}

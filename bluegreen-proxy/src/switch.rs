@@ -1,0 +1,310 @@
+//! The public handle: [`ProxySwitch`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bluegreen_core::{
+    Capabilities, Endpoints, Error, PerSlot, Result, Slot, SlotMetrics, TrafficSplit,
+    TrafficSwitch, TrafficSwitchExt,
+};
+use hyper::header::HeaderName;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::ProxyConfig;
+use crate::proxy::{serve, State};
+use crate::routing::{Preview, Table, Upstream};
+use crate::NAME;
+
+/// An in-process reverse proxy that is a [`TrafficSwitch`].
+///
+/// Cheap to clone: clones share the same listener, routing table and counters. The proxy stops
+/// (gracefully) on [`shutdown`](ProxySwitch::shutdown) or when the last clone is dropped.
+#[derive(Clone)]
+pub struct ProxySwitch {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Arc<State>,
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for ProxySwitch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table = self.inner.state.table.load();
+        f.debug_struct("ProxySwitch")
+            .field("local_addr", &self.inner.local_addr)
+            .field("split", &table.split)
+            .field("preview", &table.preview.as_ref().map(|p| p.slot))
+            .field("paused", &self.inner.state.gate.is_paused())
+            .finish()
+    }
+}
+
+fn check_header_name(what: &'static str, name: &str) -> Result<()> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map(|_| ())
+        .map_err(|_| Error::invalid(what, name, "not a valid HTTP header name"))
+}
+
+fn check_cookie_name(what: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(what, name, "not a valid cookie name"))
+    }
+}
+
+fn check_config(config: &ProxyConfig) -> Result<()> {
+    check_header_name("preview header", &config.preview_header)?;
+    check_cookie_name("preview cookie", &config.preview_cookie)?;
+    check_cookie_name("sticky cookie", &config.sticky_cookie)
+}
+
+/// What the proxy can do; its remote client declares the same.
+pub(crate) fn capabilities() -> Capabilities {
+    Capabilities::basic()
+        .with_weights(true)
+        .with_sticky(true)
+        .with_preview(true)
+        .with_pause(true)
+        .with_drain(true)
+        .with_metrics(true)
+}
+
+impl ProxySwitch {
+    /// Binds `config.listen` and starts serving in a background task of the current Tokio
+    /// runtime. Until a split is applied every request is answered 503.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a malformed header or cookie name in `config`;
+    /// [`Error::Io`] when the address cannot be bound.
+    pub async fn bind(config: ProxyConfig) -> Result<ProxySwitch> {
+        check_config(&config)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::io(format!("binding the proxy to {}", config.listen), e))?;
+        Self::serve(listener, config)
+    }
+
+    /// Serves on an already bound `listener` (e.g. one handed over by a supervisor);
+    /// `config.listen` is ignored. Must be called within a Tokio runtime.
+    ///
+    /// # Errors
+    /// As [`bind`](ProxySwitch::bind).
+    pub fn from_listener(listener: TcpListener, config: ProxyConfig) -> Result<ProxySwitch> {
+        check_config(&config)?;
+        Self::serve(listener, config)
+    }
+
+    fn serve(listener: TcpListener, config: ProxyConfig) -> Result<ProxySwitch> {
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the proxy's bound address", e))?;
+        let state = Arc::new(State::new(config));
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::clone(&state), rx));
+        tracing::info!(%local_addr, "bluegreen proxy listening");
+        Ok(ProxySwitch {
+            inner: Arc::new(Inner {
+                state,
+                local_addr,
+                shutdown: tx,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+
+    /// The address the proxy listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// `http://<local_addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        let sep = if path.starts_with('/') { "" } else { "/" };
+        format!("http://{}{sep}{path}", self.inner.local_addr)
+    }
+
+    /// The configuration the proxy was bound with.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.inner.state.config
+    }
+
+    /// Stops accepting connections and waits (at most `shutdown_timeout`) for open requests to
+    /// finish. Idempotent; clones see the proxy stopped.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// Requests in flight to `slot` now (the synchronous twin of
+    /// [`TrafficSwitch::in_flight`]). A request counts from the moment it is routed until its
+    /// response body is finished or dropped; an upgraded connection until it closes.
+    pub fn in_flight_now(&self, slot: Slot) -> u64 {
+        self.inner.state.stats.in_flight(slot)
+    }
+
+    /// Waits until no request is in flight to `slot`, at most `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] naming how many requests were still in flight.
+    pub async fn wait_drained(&self, slot: Slot, timeout: Duration) -> Result<()> {
+        match self.inner.state.stats.wait_drained(slot, timeout).await {
+            0 => Ok(()),
+            left => Err(Error::Timeout {
+                what: format!("draining slot {slot} ({left} requests still in flight)"),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// True while paused.
+    pub fn is_paused(&self) -> bool {
+        self.inner.state.gate.is_paused()
+    }
+
+    /// Requests held by the pause right now.
+    pub fn paused_requests(&self) -> usize {
+        self.inner.state.gate.waiting()
+    }
+
+    /// The slot preview traffic goes to, if preview is on.
+    pub fn preview_slot(&self) -> Option<Slot> {
+        self.inner
+            .state
+            .table
+            .load()
+            .preview
+            .as_ref()
+            .map(|p| p.slot)
+    }
+
+    /// The endpoints of both slots as last applied.
+    pub fn endpoints(&self) -> Endpoints {
+        self.inner.state.table.load().endpoints.clone()
+    }
+
+    /// Builds a new table from the current one and swaps it in; writers are serialized so no
+    /// update is lost, readers never wait.
+    fn update(&self, change: impl FnOnce(&Table) -> Option<Table>) {
+        let state = &self.inner.state;
+        let _writer = state.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = state.table.load_full();
+        if let Some(next) = change(&current) {
+            state.table.store(Arc::new(next));
+        }
+    }
+
+    fn table(&self) -> &ArcSwap<Table> {
+        &self.inner.state.table
+    }
+}
+
+#[async_trait]
+impl TrafficSwitch for ProxySwitch {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities()
+    }
+
+    async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
+        self.check_split(split, endpoints)?;
+        if let Some(sticky) = &split.sticky {
+            if !sticky.cookie.is_empty() {
+                check_cookie_name("sticky cookie", &sticky.cookie)?;
+            }
+        }
+        let upstreams = PerSlot::new(
+            Upstream::all(&endpoints.blue)?,
+            Upstream::all(&endpoints.green)?,
+        );
+        self.update(|current| {
+            if current.split.as_ref() == Some(split) && current.endpoints == *endpoints {
+                return None;
+            }
+            Some(Table {
+                split: Some(split.clone()),
+                upstreams,
+                endpoints: endpoints.clone(),
+                preview: current.preview.clone(),
+            })
+        });
+        tracing::info!(%split, "proxy split applied");
+        Ok(())
+    }
+
+    async fn current(&self) -> Result<Option<TrafficSplit>> {
+        Ok(self.table().load().split.clone())
+    }
+
+    async fn preview(&self, slot: Option<Slot>, endpoints: &Endpoints) -> Result<()> {
+        let preview = match slot {
+            Some(slot) => {
+                let eps = endpoints.get(slot);
+                if eps.is_empty() {
+                    return Err(Error::invalid(
+                        "preview",
+                        slot.to_string(),
+                        format!("slot {slot} has no endpoints to preview"),
+                    ));
+                }
+                Some(Preview {
+                    slot,
+                    upstreams: Upstream::all(eps)?,
+                })
+            }
+            None => None,
+        };
+        self.update(|current| {
+            if current.preview == preview {
+                return None;
+            }
+            let mut next = current.clone();
+            next.preview = preview;
+            Some(next)
+        });
+        Ok(())
+    }
+
+    async fn in_flight(&self, slot: Slot) -> Result<u64> {
+        Ok(self.in_flight_now(slot))
+    }
+
+    async fn metrics(&self, slot: Slot) -> Result<SlotMetrics> {
+        Ok(self.inner.state.stats.metrics(slot))
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.inner.state.gate.pause();
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.inner.state.gate.resume();
+        Ok(())
+    }
+}
