@@ -1,0 +1,49 @@
+//! A tiny web app for bluegreen's quickstart, tests and container images.
+//!
+//! It answers with the version and slot it was started with, so a client can see which side of a
+//! blue-green deployment served it, and it has knobs to misbehave on purpose (failing health,
+//! slow start, errors, crash at start).
+//!
+//! | path          | answer                                                            |
+//! |---------------|-------------------------------------------------------------------|
+//! | `/`           | `200 version=<v> slot=<s>\n` (or 500 for the `error_rate` share)  |
+//! | `/health`     | `200 ok` (`503 unhealthy` with `DEMO_FAIL_HEALTH=1`)              |
+//! | `/slow?ms=N`  | sleeps `N` ms (at most [`MAX_SLOW_MS`]) then answers like `/`     |
+//!
+//! Every answer carries the headers `x-bluegreen-version` and `x-bluegreen-slot`.
+//!
+//! The `bluegreen-demo` binary reads its settings from the environment
+//! ([`DemoConfig::from_env`]): `PORT` (8080), `HOST` (127.0.0.1), `BLUEGREEN_VERSION` (else
+//! `VERSION`, else `dev`), `BLUEGREEN_SLOT` (`none`), and the knobs `DEMO_FAIL_HEALTH=1`,
+//! `DEMO_START_DELAY_MS=N`, `DEMO_ERROR_RATE=0.3`, `DEMO_EXIT_CODE=N`, `DEMO_DRAIN_MS=N` (drain
+//! bound, default 30 s) and `DEMO_IGNORE_SIGTERM=1` (a stuck release). On SIGTERM or SIGINT it
+//! stops accepting, finishes in-flight requests (bounded) and exits 0.
+//!
+//! In-process, for tests and examples:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! use bluegreen_demo::{client, DemoConfig, DemoServer};
+//!
+//! let server = DemoServer::start(DemoConfig::new("v2", "green")).await?;
+//! let res = client::get(server.local_addr(), "/").await?;
+//! assert_eq!(res.status, 200);
+//! assert_eq!(res.body, "version=v2 slot=green\n");
+//! assert_eq!(res.header("x-bluegreen-slot"), Some("green"));
+//! server.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Other crates' tests that need the executable use [`binary_path`].
+#![forbid(unsafe_code)]
+
+mod binary;
+pub mod client;
+mod config;
+mod server;
+
+pub use binary::binary_path;
+pub use config::{ConfigError, DemoConfig, MAX_SLOW_MS};
+pub use server::{serve, DemoServer};

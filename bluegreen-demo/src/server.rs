@@ -1,0 +1,266 @@
+//! The HTTP server: routes, error injection and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::{DemoConfig, MAX_SLOW_MS};
+
+struct App {
+    version: HeaderValue,
+    slot: HeaderValue,
+    banner: Bytes,
+    fail_health: bool,
+    error_rate: f64,
+    requests: AtomicU64,
+}
+
+impl App {
+    fn new(config: &DemoConfig) -> io::Result<App> {
+        let header = |what: &str, v: &str| {
+            HeaderValue::from_str(v).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{what} {v:?} cannot be sent as an HTTP header"),
+                )
+            })
+        };
+        Ok(App {
+            version: header("version", &config.version)?,
+            slot: header("slot", &config.slot)?,
+            banner: Bytes::from(format!("version={} slot={}\n", config.version, config.slot)),
+            fail_health: config.fail_health,
+            error_rate: config.error_rate.clamp(0.0, 1.0),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether the `n`-th (1-based) `/` request fails: exactly `floor(n * rate)` of the first `n` do.
+    fn should_fail(&self) -> bool {
+        if self.error_rate <= 0.0 {
+            return false;
+        }
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let failed_upto = |k: u64| (k as f64 * self.error_rate).floor() as u64;
+        failed_upto(n) > failed_upto(n - 1)
+    }
+
+    fn respond(&self, status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+        let mut res = Response::new(Full::new(body));
+        *res.status_mut() = status;
+        let h = res.headers_mut();
+        h.insert("x-bluegreen-version", self.version.clone());
+        h.insert("x-bluegreen-slot", self.slot.clone());
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        res
+    }
+
+    fn index(&self) -> Response<Full<Bytes>> {
+        if self.should_fail() {
+            self.respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Bytes::from_static(b"injected error (DEMO_ERROR_RATE)\n"),
+            )
+        } else {
+            self.respond(StatusCode::OK, self.banner.clone())
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return self.respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Bytes::from_static(b"only GET and HEAD\n"),
+            );
+        }
+        match req.uri().path() {
+            "/" => self.index(),
+            "/health" if self.fail_health => self.respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from_static(b"unhealthy\n"),
+            ),
+            "/health" => self.respond(StatusCode::OK, Bytes::from_static(b"ok\n")),
+            "/slow" => match slow_ms(req.uri().query()) {
+                Ok(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    self.respond(StatusCode::OK, self.banner.clone())
+                }
+                Err(msg) => self.respond(StatusCode::BAD_REQUEST, Bytes::from(msg)),
+            },
+            _ => self.respond(StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
+        }
+    }
+}
+
+fn slow_ms(query: Option<&str>) -> Result<u64, String> {
+    let value = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .ok_or_else(|| "missing ?ms=N\n".to_string())?;
+    match value.parse::<u64>() {
+        Ok(ms) if ms <= MAX_SLOW_MS => Ok(ms),
+        _ => Err(format!("ms must be a number from 0 to {MAX_SLOW_MS}\n")),
+    }
+}
+
+/// Serves the demo app on `listener` until `shutdown` completes, then stops accepting and lets
+/// in-flight requests finish for at most `config.drain_timeout`.
+///
+/// `config.host`, `config.port`, `config.start_delay` and `config.exit_code` are not used here:
+/// the caller bound the listener (the binary applies the other two).
+///
+/// # Errors
+/// A version or slot that cannot be sent as an HTTP header ([`io::ErrorKind::InvalidInput`]).
+/// Accept errors are retried, not returned.
+pub async fn serve(
+    listener: TcpListener,
+    config: DemoConfig,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let app = Arc::new(App::new(&config)?);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    // Out of file descriptors or a connection reset before accept: not fatal.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let svc = service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                });
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    // In-flight requests finish; idle keep-alive connections are closed. Bounded by the drain.
+    let _ = tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await;
+    Ok(())
+}
+
+/// The demo app running in-process on a background task, for tests and examples.
+///
+/// Dropping it shuts it down too (without waiting).
+#[derive(Debug)]
+pub struct DemoServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl DemoServer {
+    /// Binds `config.host:config.port` (port 0 picks a free one) and serves there.
+    ///
+    /// # Errors
+    /// The address cannot be bound, or the version or slot is not a valid header value.
+    pub async fn start(config: DemoConfig) -> io::Result<DemoServer> {
+        let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
+        DemoServer::start_on(listener, config)
+    }
+
+    /// Serves on a listener the caller bound.
+    ///
+    /// # Errors
+    /// The version or slot is not a valid header value.
+    pub fn start_on(listener: TcpListener, config: DemoConfig) -> io::Result<DemoServer> {
+        App::new(&config)?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, config, async move {
+            let _ = rx.await;
+        }));
+        Ok(DemoServer {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops accepting, waits for in-flight requests (bounded by the drain timeout) and returns.
+    ///
+    /// # Errors
+    /// The server task failed or panicked.
+    pub async fn shutdown(mut self) -> io::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.map_err(io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DemoServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_rate_fails_exactly_that_share() {
+        let app = App::new(&DemoConfig::new("v", "s").with_error_rate(0.3)).unwrap();
+        let fails: Vec<bool> = (0..10).map(|_| app.should_fail()).collect();
+        assert_eq!(fails.iter().filter(|f| **f).count(), 3, "{fails:?}");
+        assert!(!fails[0], "the first request succeeds");
+        let none = App::new(&DemoConfig::new("v", "s")).unwrap();
+        assert!((0..100).all(|_| !none.should_fail()));
+        let all = App::new(&DemoConfig::new("v", "s").with_error_rate(1.0)).unwrap();
+        assert!((0..100).all(|_| all.should_fail()));
+    }
+
+    #[test]
+    fn slow_query_is_bounded() {
+        assert_eq!(slow_ms(Some("ms=250")), Ok(250));
+        assert_eq!(slow_ms(Some("x=1&ms=0")), Ok(0));
+        assert!(slow_ms(Some("ms=60001")).is_err());
+        assert!(slow_ms(Some("ms=abc")).is_err());
+        assert!(slow_ms(None).is_err());
+    }
+}

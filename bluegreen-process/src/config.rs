@@ -1,0 +1,152 @@
+//! Settings of a [`ProcessEnvironment`](crate::ProcessEnvironment).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bluegreen_core::{PerSlot, Slot};
+
+/// Settings of a [`ProcessEnvironment`](crate::ProcessEnvironment).
+///
+/// ```
+/// use std::time::Duration;
+/// use bluegreen_core::Slot;
+/// use bluegreen_process::ProcessConfig;
+///
+/// let config = ProcessConfig::new("/var/lib/myapp/bluegreen")
+///     .with_port(Slot::Blue, 8081)
+///     .with_port(Slot::Green, 8082)
+///     .with_env("RUST_LOG", "info")
+///     .with_stop_timeout(Duration::from_secs(20));
+/// assert_eq!(config.host, "127.0.0.1");
+/// assert_eq!(config.ports.get(Slot::Green), &Some(8082));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProcessConfig {
+    /// Where pid files (`<slot>.json`) and logs (`<slot>.log`) live. Created (mode 0700) when
+    /// missing. Two environments on the same directory see the same slots.
+    pub state_dir: PathBuf,
+    /// The address handed to the program (`HOST`) and put in its endpoint. Default `127.0.0.1`.
+    pub host: String,
+    /// A fixed port per slot; `None` picks a free port on `host` at each deploy.
+    pub ports: PerSlot<Option<u16>>,
+    /// Variables given to every program (before the release's own, which win).
+    pub env: BTreeMap<String, String>,
+    /// Whether programs inherit this process's environment (`PATH`, …). Default `true`.
+    pub inherit_env: bool,
+    /// Working directory of programs; `None` keeps this process's.
+    pub working_dir: Option<PathBuf>,
+    /// How long after spawning `deploy` watches for an immediate exit. Default 500 ms.
+    pub startup_grace: Duration,
+    /// Drain bound used when `deploy` replaces a running program and by `remove`. Default 10 s.
+    pub stop_timeout: Duration,
+    /// How long after SIGKILL a process may take to disappear before `stop` fails. Default 5 s.
+    pub kill_timeout: Duration,
+    /// Bound on one `exec`; the command's process group is killed after it. Default 10 min.
+    pub exec_timeout: Duration,
+}
+
+impl Default for ProcessConfig {
+    /// State in `.bluegreen/process` (relative to the working directory).
+    fn default() -> Self {
+        ProcessConfig::new(".bluegreen/process")
+    }
+}
+
+impl ProcessConfig {
+    /// Defaults, keeping state in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        ProcessConfig {
+            state_dir: state_dir.into(),
+            host: "127.0.0.1".to_string(),
+            ports: PerSlot::default(),
+            env: BTreeMap::new(),
+            inherit_env: true,
+            working_dir: None,
+            startup_grace: Duration::from_millis(500),
+            stop_timeout: Duration::from_secs(10),
+            kill_timeout: Duration::from_secs(5),
+            exec_timeout: Duration::from_secs(600),
+        }
+    }
+
+    /// With the state directory.
+    pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = dir.into();
+        self
+    }
+
+    /// With the host handed out (`HOST` and endpoints).
+    pub fn with_host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// With a fixed port for `slot`.
+    pub fn with_port(mut self, slot: Slot, port: u16) -> Self {
+        self.ports.set(slot, Some(port));
+        self
+    }
+
+    /// With a variable for every program.
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Whether programs inherit this process's environment.
+    pub fn with_inherit_env(mut self, inherit: bool) -> Self {
+        self.inherit_env = inherit;
+        self
+    }
+
+    /// With the programs' working directory.
+    pub fn with_working_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.working_dir = Some(dir.into());
+        self
+    }
+
+    /// With the window in which an exit counts as a failed start.
+    pub fn with_startup_grace(mut self, grace: Duration) -> Self {
+        self.startup_grace = grace;
+        self
+    }
+
+    /// With the drain bound for replacing and removing.
+    pub fn with_stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+
+    /// With the wait after SIGKILL.
+    pub fn with_kill_timeout(mut self, timeout: Duration) -> Self {
+        self.kill_timeout = timeout;
+        self
+    }
+
+    /// With the bound on `exec`.
+    pub fn with_exec_timeout(mut self, timeout: Duration) -> Self {
+        self.exec_timeout = timeout;
+        self
+    }
+}
+
+impl fmt::Debug for ProcessConfig {
+    /// Variable values are left out: they may hold credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessConfig")
+            .field("state_dir", &self.state_dir)
+            .field("host", &self.host)
+            .field("ports", &self.ports)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("inherit_env", &self.inherit_env)
+            .field("working_dir", &self.working_dir)
+            .field("startup_grace", &self.startup_grace)
+            .field("stop_timeout", &self.stop_timeout)
+            .field("kill_timeout", &self.kill_timeout)
+            .field("exec_timeout", &self.exec_timeout)
+            .finish()
+    }
+}
