@@ -1,0 +1,558 @@
+//! [`Copied`]: each slot has its own database, cloned from the live one at prepare time.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bluegreen_core::{DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Result, Slot};
+use futures_util::{pin_mut, SinkExt, StreamExt};
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::conn::{fail, pg_error, PgConfig};
+use crate::ident::quote_ident;
+use crate::tools::dump_into;
+use crate::util::{
+    copy_sequences, database_comment, database_exists, distinct, drop_database,
+    set_database_comment, user_tables, SlotDatabases, TableRef,
+};
+
+const BACKEND: &str = "postgres copied";
+const MARK_DONE: &str = "bluegreen copied:";
+const MARK_SWITCHED: &str = "bluegreen copied (switched):";
+
+/// Settings of [`Copied`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CopiedConfig {
+    /// The server holding the live database; its `dbname` is the base database (live before the
+    /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured).
+    pub server: PgConfig,
+    /// The server the copies go to (default: the same server).
+    pub target_server: Option<PgConfig>,
+    /// Per-slot database names overriding `<base>_<slot>`.
+    pub slot_databases: bluegreen_core::PerSlot<Option<String>>,
+    /// Parallel COPY workers (default 2).
+    pub workers: usize,
+    /// Use `CREATE DATABASE … TEMPLATE <live>` (same server only; refused while anyone else is
+    /// connected to the live database). Default false.
+    pub template: bool,
+    /// Directory of `pg_dump` and `psql` (default: the newest `/usr/lib/postgresql/*/bin`, else
+    /// `PATH`). They must be at least as new as the server.
+    pub bin_dir: Option<PathBuf>,
+    /// Bound for the whole copy (default 1 hour).
+    pub timeout: Duration,
+    /// Drop the previous live slot's database in `finalize` (default true). The base database is
+    /// never dropped.
+    pub drop_old_on_finalize: bool,
+    /// Settings handed to releases instead of `server`'s (e.g. an application role); the database
+    /// name is replaced by the slot's.
+    pub binding: Option<PgConfig>,
+}
+
+impl CopiedConfig {
+    /// Defaults for `server` (whose `dbname` is the base database).
+    pub fn new(server: PgConfig) -> Self {
+        CopiedConfig {
+            server,
+            target_server: None,
+            slot_databases: Default::default(),
+            workers: 2,
+            template: false,
+            bin_dir: None,
+            timeout: Duration::from_secs(3600),
+            drop_old_on_finalize: true,
+            binding: None,
+        }
+    }
+
+    /// Copies go to another server.
+    pub fn with_target_server(mut self, target: PgConfig) -> Self {
+        self.target_server = Some(target);
+        self
+    }
+
+    /// Names `slot`'s database.
+    pub fn with_slot_database(mut self, slot: Slot, db: impl Into<String>) -> Self {
+        self.slot_databases.set(slot, Some(db.into()));
+        self
+    }
+
+    /// With `n` parallel COPY workers (at least 1).
+    pub fn with_workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+
+    /// Opt in to the `CREATE DATABASE … TEMPLATE` fast path.
+    pub fn with_template(mut self, yes: bool) -> Self {
+        self.template = yes;
+        self
+    }
+
+    /// Where `pg_dump` and `psql` are.
+    pub fn with_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bin_dir = Some(dir.into());
+        self
+    }
+
+    /// Bound for the whole copy.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Whether `finalize` drops the previous live slot's database.
+    pub fn with_drop_old_on_finalize(mut self, yes: bool) -> Self {
+        self.drop_old_on_finalize = yes;
+        self
+    }
+
+    /// Connection settings handed to releases (user, password); the database is the slot's.
+    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+        self.binding = Some(binding);
+        self
+    }
+}
+
+/// What one copy did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CopyReport {
+    /// Source database.
+    pub source: String,
+    /// Target database.
+    pub target: String,
+    /// The exported snapshot the data was read in (`None` for the template path).
+    pub snapshot: Option<String>,
+    /// Tables copied.
+    pub tables: usize,
+    /// Rows copied.
+    pub rows: u64,
+    /// Bytes of COPY data streamed.
+    pub bytes: u64,
+    /// Sequences set.
+    pub sequences: usize,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// True when `CREATE DATABASE … TEMPLATE` was used.
+    pub template: bool,
+}
+
+/// Each slot gets its own database, cloned from the live one while it keeps serving.
+///
+/// The copy is consistent: one session exports a snapshot (`pg_export_snapshot()`) and keeps it
+/// open; the schema comes from `pg_dump --snapshot=<id> --section=pre-data` piped into `psql`, then
+/// parallel workers each join the snapshot (`SET TRANSACTION SNAPSHOT`) and stream
+/// `COPY … TO STDOUT (FORMAT binary)` into `COPY … FROM STDIN (FORMAT binary)` on the target, then
+/// sequences are set from the source and `--section=post-data` (indexes, constraints, triggers)
+/// is applied. On any failure the target database is dropped.
+///
+/// **Writes made to the live database after the snapshot are not in the copy.** When the target
+/// must have every write, use the replicated strategy (not yet available).
+#[derive(Debug, Clone)]
+pub struct Copied {
+    config: CopiedConfig,
+    dbs: SlotDatabases,
+}
+
+impl Copied {
+    /// A strategy with `config`; validates the database names.
+    pub fn new(config: CopiedConfig) -> Result<Self> {
+        config.server.validate()?;
+        if let Some(t) = &config.target_server {
+            t.validate()?;
+        }
+        let mut dbs = SlotDatabases::new(&config.server.dbname);
+        dbs.per_slot = config.slot_databases.clone();
+        dbs.validate()?;
+        Ok(Copied { config, dbs })
+    }
+
+    /// The database `slot` uses.
+    pub fn database_of(&self, slot: Slot) -> String {
+        self.dbs.of(slot)
+    }
+
+    fn target_server(&self) -> &PgConfig {
+        self.config
+            .target_server
+            .as_ref()
+            .unwrap_or(&self.config.server)
+    }
+
+    fn binding_for(&self, db: &str) -> DbBinding {
+        self.config
+            .binding
+            .clone()
+            .unwrap_or_else(|| self.target_server().clone())
+            .db(db)
+            .binding()
+    }
+
+    /// Copies database `source` (on the server) into a new database `target` (on the target
+    /// server), replacing it if it exists; drops the target on failure.
+    pub async fn copy_database(&self, source: &str, target: &str) -> Result<CopyReport> {
+        crate::ident::validate_ident("database", source)?;
+        crate::ident::validate_ident("database", target)?;
+        distinct(BACKEND, "copy", source, target)?;
+        let admin = self.target_server().db("postgres").connect(BACKEND).await?;
+        let started = Instant::now();
+        let res =
+            tokio::time::timeout(self.config.timeout, self.copy_inner(&admin, source, target))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        what: format!("copying database {source} into {target}"),
+                        after: self.config.timeout,
+                    })
+                });
+        match res {
+            Ok(mut r) => {
+                r.elapsed = started.elapsed();
+                tracing::info!(
+                    source, target, tables = r.tables, rows = r.rows, bytes = r.bytes,
+                    elapsed = ?r.elapsed, "database copied"
+                );
+                Ok(r)
+            }
+            Err(e) => {
+                if let Err(d) = drop_database(BACKEND, &admin, target).await {
+                    tracing::warn!(error = %d, target, "could not drop the failed copy");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn copy_inner(&self, admin: &Client, source: &str, target: &str) -> Result<CopyReport> {
+        drop_database(BACKEND, admin, target).await?;
+        if self.config.template {
+            return self.copy_by_template(admin, source, target).await;
+        }
+        admin
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(target)))
+            .await
+            .map_err(|e| pg_error(BACKEND, &format!("creating database {target}"), e))?;
+
+        // The snapshot session: open until the copy is done.
+        let src_cfg = self.config.server.db(source);
+        let snap_client = src_cfg.connect(BACKEND).await?;
+        let msgs = snap_client
+            .simple_query(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_export_snapshot();",
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "exporting a snapshot", e))?;
+        let snapshot = msgs
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .ok_or_else(|| fail(BACKEND, "exporting a snapshot", "no snapshot id returned"))?;
+        if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(fail(
+                BACKEND,
+                "exporting a snapshot",
+                "unexpected snapshot id",
+            ));
+        }
+        let tgt_cfg = self.target_server().db(target);
+        let bin = self.config.bin_dir.as_deref();
+
+        dump_into(
+            BACKEND,
+            bin,
+            &src_cfg,
+            &[
+                format!("--snapshot={snapshot}"),
+                "--section=pre-data".into(),
+            ],
+            &tgt_cfg,
+            self.config.timeout,
+        )
+        .await?;
+
+        let tables = user_tables(BACKEND, &snap_client).await?;
+        let ntables = tables.len();
+        let queue = Arc::new(Mutex::new(tables.into_iter().collect::<VecDeque<_>>()));
+        let workers = self.config.workers.min(ntables).max(1);
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            let (queue, src_cfg, tgt_cfg, snapshot) = (
+                queue.clone(),
+                src_cfg.clone(),
+                tgt_cfg.clone(),
+                snapshot.clone(),
+            );
+            handles.push(tokio::spawn(async move {
+                copy_worker(queue, &src_cfg, &tgt_cfg, &snapshot).await
+            }));
+        }
+        let (mut rows, mut bytes, mut first_err) = (0u64, 0u64, None);
+        for h in handles {
+            match h.await {
+                Ok(Ok((r, b))) => {
+                    rows += r;
+                    bytes += b;
+                }
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(fail(BACKEND, "copy worker", e.to_string()));
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+
+        let tgt_client = tgt_cfg.connect(BACKEND).await?;
+        let sequences = copy_sequences(BACKEND, &snap_client, &tgt_client, 0).await?;
+        dump_into(
+            BACKEND,
+            bin,
+            &src_cfg,
+            &[
+                format!("--snapshot={snapshot}"),
+                "--section=post-data".into(),
+            ],
+            &tgt_cfg,
+            self.config.timeout,
+        )
+        .await?;
+        let _ = snap_client.batch_execute("COMMIT").await;
+        Ok(CopyReport {
+            source: source.into(),
+            target: target.into(),
+            snapshot: Some(snapshot),
+            tables: ntables,
+            rows,
+            bytes,
+            sequences,
+            elapsed: Duration::ZERO,
+            template: false,
+        })
+    }
+
+    async fn copy_by_template(
+        &self,
+        admin: &Client,
+        source: &str,
+        target: &str,
+    ) -> Result<CopyReport> {
+        if self.config.target_server.is_some() {
+            return Err(Error::invalid(
+                "copied strategy",
+                "template",
+                "CREATE DATABASE … TEMPLATE works only on one server; remove the target server \
+                 or the template option",
+            ));
+        }
+        let others: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&source],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "counting connections", e))?
+            .get(0);
+        if others > 0 {
+            return Err(fail(
+                BACKEND,
+                "CREATE DATABASE … TEMPLATE",
+                format!(
+                    "database {source} has {others} other connection(s); the template copy needs \
+                     none (it would fail, and it locks out new connections for the whole copy). \
+                     Stop its clients or use the online copy (template = false)"
+                ),
+            ));
+        }
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                quote_ident(target),
+                quote_ident(source)
+            ))
+            .await
+            .map_err(|e| {
+                pg_error(
+                    BACKEND,
+                    &format!("CREATE DATABASE {target} TEMPLATE {source}"),
+                    e,
+                )
+            })?;
+        Ok(CopyReport {
+            source: source.into(),
+            target: target.into(),
+            snapshot: None,
+            tables: 0,
+            rows: 0,
+            bytes: 0,
+            sequences: 0,
+            elapsed: Duration::ZERO,
+            template: true,
+        })
+    }
+}
+
+/// One worker: joins the snapshot, then copies tables from the queue until it is empty.
+async fn copy_worker(
+    queue: Arc<Mutex<VecDeque<TableRef>>>,
+    src: &PgConfig,
+    tgt: &PgConfig,
+    snapshot: &str,
+) -> Result<(u64, u64)> {
+    let s = src.connect(BACKEND).await?;
+    s.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        crate::ident::quote_literal(snapshot)
+    ))
+    .await
+    .map_err(|e| pg_error(BACKEND, "joining the exported snapshot", e))?;
+    let t = tgt.connect(BACKEND).await?;
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    loop {
+        let next = queue.lock().await.pop_front();
+        let Some(table) = next else { break };
+        let q = table.qualified();
+        let out = s
+            .copy_out(&format!("COPY {q} TO STDOUT (FORMAT binary)"))
+            .await
+            .map_err(|e| pg_error(BACKEND, &format!("COPY {q} TO STDOUT"), e))?;
+        let sink = t
+            .copy_in::<_, bytes::Bytes>(&format!("COPY {q} FROM STDIN (FORMAT binary)"))
+            .await
+            .map_err(|e| pg_error(BACKEND, &format!("COPY {q} FROM STDIN"), e))?;
+        pin_mut!(out);
+        pin_mut!(sink);
+        while let Some(chunk) = out.next().await {
+            let chunk = chunk.map_err(|e| pg_error(BACKEND, &format!("reading {q}"), e))?;
+            bytes += chunk.len() as u64;
+            sink.feed(chunk)
+                .await
+                .map_err(|e| pg_error(BACKEND, &format!("writing {q}"), e))?;
+        }
+        rows += sink
+            .as_mut()
+            .finish()
+            .await
+            .map_err(|e| pg_error(BACKEND, &format!("finishing COPY into {q}"), e))?;
+    }
+    let _ = s.batch_execute("COMMIT").await;
+    Ok((rows, bytes))
+}
+
+#[async_trait]
+impl DatabaseStrategy for Copied {
+    fn name(&self) -> &str {
+        "copied"
+    }
+
+    async fn prepare(&self, ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
+        let source = self.dbs.live(ctx);
+        let target = self.dbs.of(ctx.target);
+        distinct(BACKEND, "prepare", &source, &target)?;
+        let admin = self.target_server().db("postgres").connect(BACKEND).await?;
+        let mark = format!(
+            "{MARK_DONE} from {source} for release {}",
+            ctx.release.version
+        );
+        if database_comment(BACKEND, &admin, &target).await?.as_deref() == Some(mark.as_str()) {
+            return Ok((
+                self.binding_for(&target),
+                DbStep::reversible(format!("{target} already copied from {source}")),
+            ));
+        }
+        let r = self.copy_database(&source, &target).await?;
+        set_database_comment(BACKEND, &admin, &target, &mark).await?;
+        Ok((
+            self.binding_for(&target),
+            DbStep::reversible(format!(
+                "copied {source} into {target}: {} tables, {} rows, {} sequences in {:.1?}{}",
+                r.tables,
+                r.rows,
+                r.sequences,
+                r.elapsed,
+                if r.template { " (template)" } else { "" }
+            )),
+        ))
+    }
+
+    async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep> {
+        // From here on, traffic may reach the copy: a rollback keeps it (renamed) instead of
+        // dropping writes it may have received.
+        let target = self.dbs.of(ctx.target);
+        let admin = self.target_server().db("postgres").connect(BACKEND).await?;
+        if let Some(c) = database_comment(BACKEND, &admin, &target).await? {
+            if let Some(rest) = c.strip_prefix(MARK_DONE) {
+                set_database_comment(BACKEND, &admin, &target, &format!("{MARK_SWITCHED}{rest}"))
+                    .await?;
+            }
+        }
+        Ok(DbStep::reversible(
+            "nothing to sync: writes to the live database after the snapshot are not in the copy",
+        ))
+    }
+
+    async fn after_switch(&self, _ctx: &DbContext) -> Result<DbStep> {
+        Ok(DbStep::reversible("nothing to do"))
+    }
+
+    async fn rollback(&self, ctx: &DbContext) -> Result<()> {
+        let target = self.dbs.of(ctx.target);
+        if ctx.live.map(|l| self.dbs.of(l)) == Some(target.clone()) || target == self.dbs.base {
+            return Ok(());
+        }
+        let admin = self.target_server().db("postgres").connect(BACKEND).await?;
+        if !database_exists(BACKEND, &admin, &target).await? {
+            return Ok(());
+        }
+        let comment = database_comment(BACKEND, &admin, &target).await?;
+        if comment
+            .as_deref()
+            .is_some_and(|c| c.starts_with(MARK_SWITCHED))
+        {
+            // It may hold writes made after the switch: keep it under another name.
+            let stamp = bluegreen_core::Timestamp::now().0 / 1000;
+            let mut kept = format!("{target}_rolled_back_{stamp}");
+            kept.truncate(63);
+            tracing::warn!(
+                target,
+                kept,
+                "keeping the rolled-back copy: it may hold writes"
+            );
+            admin
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {};
+                     ALTER DATABASE {} RENAME TO {}",
+                    crate::ident::quote_literal(&target),
+                    quote_ident(&target),
+                    quote_ident(&kept)
+                ))
+                .await
+                .map_err(|e| pg_error(BACKEND, &format!("renaming {target}"), e))?;
+            return Ok(());
+        }
+        drop_database(BACKEND, &admin, &target).await
+    }
+
+    async fn finalize(&self, ctx: &DbContext) -> Result<DbStep> {
+        let Some(old) = ctx.live.filter(|l| *l != ctx.target) else {
+            return Ok(DbStep::reversible("nothing to drop on the first deploy"));
+        };
+        let old_db = self.dbs.of(old);
+        if !self.config.drop_old_on_finalize {
+            return Ok(DbStep::reversible(format!("kept {old_db}")));
+        }
+        let admin = self.config.server.db("postgres").connect(BACKEND).await?;
+        drop_database(BACKEND, &admin, &old_db).await?;
+        Ok(DbStep::irreversible(format!(
+            "dropped the previous live database {old_db}"
+        )))
+    }
+}

@@ -1,0 +1,415 @@
+//! [`Shared`]: both slots use one database; schema changes go through expand/contract migrations.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bluegreen_core::{DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Result};
+use tokio_postgres::Client;
+
+use crate::conn::{fail, pg_error, PgConfig};
+use crate::ident::{quote_ident, validate_ident};
+use crate::sqlcheck;
+
+const BACKEND: &str = "postgres shared";
+
+/// When a migration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationPhase {
+    /// Before the switch; must keep the old release working (checked).
+    Expand,
+    /// At finalize, after the old slot is gone; irreversible.
+    Contract,
+}
+
+impl MigrationPhase {
+    /// `expand` or `contract`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Expand => "expand",
+            MigrationPhase::Contract => "contract",
+        }
+    }
+}
+
+/// One plain-SQL migration: a unique name (its order key), a phase, and the SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Migration {
+    /// Unique name, e.g. `0003_add_status`. Migrations run in the order given.
+    pub name: String,
+    /// Expand or contract.
+    pub phase: MigrationPhase,
+    /// The SQL (one or more statements; run in one transaction).
+    pub sql: String,
+}
+
+impl Migration {
+    /// An expand migration.
+    pub fn expand(name: impl Into<String>, sql: impl Into<String>) -> Self {
+        Migration {
+            name: name.into(),
+            phase: MigrationPhase::Expand,
+            sql: sql.into(),
+        }
+    }
+
+    /// A contract migration.
+    pub fn contract(name: impl Into<String>, sql: impl Into<String>) -> Self {
+        Migration {
+            name: name.into(),
+            phase: MigrationPhase::Contract,
+            sql: sql.into(),
+        }
+    }
+
+    /// Loads `<name>.expand.sql` and `<name>.contract.sql` files from `dir`, ordered by file name.
+    /// Any other `.sql` file is an error (a typo must not be skipped silently).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Vec<Migration>> {
+        let dir = dir.as_ref();
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(format!("reading migrations in {}", dir.display()), e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .map(|p| {
+                let file = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let (name, phase) = if let Some(n) = file.strip_suffix(".expand.sql") {
+                    (n, MigrationPhase::Expand)
+                } else if let Some(n) = file.strip_suffix(".contract.sql") {
+                    (n, MigrationPhase::Contract)
+                } else {
+                    return Err(Error::invalid(
+                        "migration file",
+                        p.display().to_string(),
+                        "name it <name>.expand.sql or <name>.contract.sql",
+                    ));
+                };
+                let sql = std::fs::read_to_string(&p)
+                    .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+                Ok(Migration {
+                    name: name.to_string(),
+                    phase,
+                    sql,
+                })
+            })
+            .collect()
+    }
+
+    /// Checks an expand migration: every statement must keep the old release working. Refused:
+    /// `DROP TABLE`/`VIEW`/`SCHEMA`, `DROP COLUMN`, `RENAME`, `SET SCHEMA`,
+    /// `ALTER COLUMN … TYPE`, `SET NOT NULL`, `ADD COLUMN … NOT NULL` without `DEFAULT`.
+    /// The error names the statement. Contract migrations are not checked.
+    pub fn check(&self) -> Result<()> {
+        if self.phase == MigrationPhase::Contract {
+            return Ok(());
+        }
+        for stmt in sqlcheck::split(&self.sql) {
+            if let Some(why) = sqlcheck::breaking_reason(&stmt) {
+                let shown: String = stmt.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                return Err(Error::invalid(
+                    "expand migration statement",
+                    shown,
+                    format!(
+                        "{why} in expand migration {} breaks the release still running on the \
+                         old slot; move it to a contract migration",
+                        self.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn checksum(&self) -> String {
+        // FNV-1a, 64 bits: detects a migration edited after it was applied.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.sql.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// Settings of [`Shared`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SharedConfig {
+    /// The shared database (as the migrating user).
+    pub connection: PgConfig,
+    /// Migrations, in order.
+    pub migrations: Vec<Migration>,
+    /// Schema of the record table (default `public`).
+    pub schema: String,
+    /// Name of the record table (default `bluegreen_migrations`).
+    pub table: String,
+    /// How long to wait for another deployer's migration lock (default 5 min).
+    pub lock_wait: Duration,
+    /// Settings handed to releases instead of `connection`'s (e.g. an application role).
+    pub binding: Option<PgConfig>,
+}
+
+impl SharedConfig {
+    /// Defaults for `connection`, no migrations.
+    pub fn new(connection: PgConfig) -> Self {
+        SharedConfig {
+            connection,
+            migrations: Vec::new(),
+            schema: "public".into(),
+            table: "bluegreen_migrations".into(),
+            lock_wait: Duration::from_secs(300),
+            binding: None,
+        }
+    }
+
+    /// Adds a migration.
+    pub fn with_migration(mut self, m: Migration) -> Self {
+        self.migrations.push(m);
+        self
+    }
+
+    /// Adds migrations.
+    pub fn with_migrations(mut self, ms: impl IntoIterator<Item = Migration>) -> Self {
+        self.migrations.extend(ms);
+        self
+    }
+
+    /// With the record table in `schema`.`table`.
+    pub fn with_table(mut self, schema: impl Into<String>, table: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self.table = table.into();
+        self
+    }
+
+    /// How long to wait for the migration lock.
+    pub fn with_lock_wait(mut self, d: Duration) -> Self {
+        self.lock_wait = d;
+        self
+    }
+
+    /// Connection settings handed to releases.
+    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+        self.binding = Some(binding);
+        self
+    }
+}
+
+/// Both slots use one database. Schema changes are plain SQL migrations in two phases:
+///
+/// - **expand** migrations run in `prepare` (before the new release starts) and must keep the old
+///   release working; statements that would break it are refused before anything runs;
+/// - **contract** migrations run in `finalize`, after the old slot is gone, and are reported as
+///   irreversible.
+///
+/// Each migration runs once, in its own transaction, recorded in `bluegreen_migrations` (name,
+/// phase, checksum, time); a recorded migration whose SQL changed is an error. Deployers serialize on
+/// a PostgreSQL advisory lock, so two machines never run the same migration. `rollback` changes
+/// nothing: expand migrations are compatible with the old release and stay.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    config: SharedConfig,
+    table: String,
+}
+
+impl Shared {
+    /// A strategy with `config`; checks names and every expand migration.
+    pub fn new(config: SharedConfig) -> Result<Self> {
+        config.connection.validate()?;
+        validate_ident("schema", &config.schema)?;
+        validate_ident("table", &config.table)?;
+        let mut seen = std::collections::HashSet::new();
+        for m in &config.migrations {
+            validate_ident("migration name", &m.name)?;
+            if !seen.insert(m.name.as_str()) {
+                return Err(Error::invalid(
+                    "migration name",
+                    &m.name,
+                    "used twice; names must be unique",
+                ));
+            }
+            m.check()?;
+        }
+        let table = format!(
+            "{}.{}",
+            quote_ident(&config.schema),
+            quote_ident(&config.table)
+        );
+        Ok(Shared { config, table })
+    }
+
+    fn binding(&self) -> DbBinding {
+        self.config
+            .binding
+            .clone()
+            .unwrap_or_else(|| self.config.connection.clone())
+            .binding()
+    }
+
+    /// Applies the pending migrations of `phase`; returns the names applied.
+    pub async fn migrate(&self, phase: MigrationPhase) -> Result<Vec<String>> {
+        let mut client = self.config.connection.connect(BACKEND).await?;
+        self.lock(&client).await?;
+        let res = self.migrate_locked(&mut client, phase).await;
+        // Closing the session releases the advisory lock even if this unlock fails.
+        let _ = client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtext($1))",
+                &[&self.lock_key()],
+            )
+            .await;
+        res
+    }
+
+    fn lock_key(&self) -> String {
+        format!("bluegreen-migrations:{}", self.table)
+    }
+
+    async fn lock(&self, client: &Client) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let got: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext($1))",
+                    &[&self.lock_key()],
+                )
+                .await
+                .map_err(|e| pg_error(BACKEND, "taking the migration lock", e))?
+                .get(0);
+            if got {
+                return Ok(());
+            }
+            if started.elapsed() > self.config.lock_wait {
+                return Err(Error::Timeout {
+                    what: "the migration lock (another deployer is migrating)".into(),
+                    after: self.config.lock_wait,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn migrate_locked(
+        &self,
+        client: &mut Client,
+        phase: MigrationPhase,
+    ) -> Result<Vec<String>> {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                     name text PRIMARY KEY,
+                     phase text NOT NULL,
+                     checksum text NOT NULL,
+                     applied_at timestamptz NOT NULL DEFAULT now())",
+                self.table
+            ))
+            .await
+            .map_err(|e| pg_error(BACKEND, "creating the migrations table", e))?;
+        let rows = client
+            .query(
+                &format!("SELECT name, phase, checksum FROM {}", self.table),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "reading applied migrations", e))?;
+        let applied: std::collections::HashMap<String, (String, String)> = rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        // Check everything before running anything.
+        let mut pending = Vec::new();
+        for m in self.config.migrations.iter().filter(|m| m.phase == phase) {
+            match applied.get(&m.name) {
+                Some((p, sum)) => {
+                    if *sum != m.checksum() || p != m.phase.as_str() {
+                        return Err(fail(
+                            BACKEND,
+                            "migrate",
+                            format!(
+                                "migration {} was changed after it was applied (recorded as {p}, \
+                                 checksum {sum}); add a new migration instead",
+                                m.name
+                            ),
+                        ));
+                    }
+                }
+                None => {
+                    m.check()?;
+                    pending.push(m);
+                }
+            }
+        }
+        let mut done = Vec::new();
+        for m in pending {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| pg_error(BACKEND, "migrate", e))?;
+            tx.batch_execute(&m.sql).await.map_err(|e| {
+                pg_error(
+                    BACKEND,
+                    &format!("{} migration {}", m.phase.as_str(), m.name),
+                    e,
+                )
+            })?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (name, phase, checksum) VALUES ($1, $2, $3)",
+                    self.table
+                ),
+                &[&m.name, &m.phase.as_str(), &m.checksum()],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "recording a migration", e))?;
+            tx.commit()
+                .await
+                .map_err(|e| pg_error(BACKEND, &format!("committing migration {}", m.name), e))?;
+            tracing::info!(migration = %m.name, phase = m.phase.as_str(), "migration applied");
+            done.push(m.name.clone());
+        }
+        Ok(done)
+    }
+}
+
+#[async_trait]
+impl DatabaseStrategy for Shared {
+    fn name(&self) -> &str {
+        "shared"
+    }
+
+    async fn prepare(&self, _ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
+        let done = self.migrate(MigrationPhase::Expand).await?;
+        let summary = if done.is_empty() {
+            "no pending expand migrations".to_string()
+        } else {
+            format!("applied expand migrations: {}", done.join(", "))
+        };
+        Ok((self.binding(), DbStep::reversible(summary)))
+    }
+
+    async fn before_switch(&self, _ctx: &DbContext) -> Result<DbStep> {
+        Ok(DbStep::reversible("shared database: nothing to sync"))
+    }
+
+    async fn after_switch(&self, _ctx: &DbContext) -> Result<DbStep> {
+        Ok(DbStep::reversible("shared database: nothing to do"))
+    }
+
+    async fn rollback(&self, _ctx: &DbContext) -> Result<()> {
+        // Expand migrations keep the old release working: they stay.
+        Ok(())
+    }
+
+    async fn finalize(&self, _ctx: &DbContext) -> Result<DbStep> {
+        let done = self.migrate(MigrationPhase::Contract).await?;
+        Ok(if done.is_empty() {
+            DbStep::reversible("no pending contract migrations")
+        } else {
+            DbStep::irreversible(format!("applied contract migrations: {}", done.join(", ")))
+        })
+    }
+}

@@ -1,0 +1,152 @@
+//! Running `pg_dump` piped into `psql` (argv only, password through the environment).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bluegreen_core::{Error, Result};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use crate::conn::{fail, PgConfig};
+
+/// Environment variables of the caller that could redirect a child's connection.
+const SCRUBBED: &[&str] = &[
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGOPTIONS",
+    "PGHOSTADDR",
+    "PGSSLMODE",
+    "PGTARGETSESSIONATTRS",
+    "DATABASE_URL",
+];
+
+/// Finds a PostgreSQL client program: in `bin_dir` when given, else the newest
+/// `/usr/lib/postgresql/<major>/bin`, else `PATH`.
+pub(crate) fn program(bin_dir: Option<&Path>, name: &str) -> PathBuf {
+    if let Some(d) = bin_dir {
+        return d.join(name);
+    }
+    let mut best: Option<(u32, PathBuf)> = None;
+    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
+        for e in rd.flatten() {
+            let major = e.file_name().to_string_lossy().parse::<u32>().ok();
+            let p = e.path().join("bin").join(name);
+            if let Some(m) = major {
+                if p.exists() && best.as_ref().map(|(b, _)| m > *b).unwrap_or(true) {
+                    best = Some((m, p));
+                }
+            }
+        }
+    }
+    best.map(|(_, p)| p).unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn command(bin_dir: Option<&Path>, name: &str, cfg: &PgConfig) -> Command {
+    let mut c = Command::new(program(bin_dir, name));
+    for k in SCRUBBED {
+        c.env_remove(k);
+    }
+    for (k, v) in cfg.child_env() {
+        c.env(k, v);
+    }
+    c.kill_on_drop(true);
+    c
+}
+
+/// Runs `pg_dump <dump_args>` against `source` and pipes its output into
+/// `psql -X -v ON_ERROR_STOP=1 --single-transaction` on `target`; fails (naming the program and its
+/// stderr) if either fails. Bounded by `timeout`.
+pub(crate) async fn dump_into(
+    backend: &str,
+    bin_dir: Option<&Path>,
+    source: &PgConfig,
+    dump_args: &[String],
+    target: &PgConfig,
+    timeout: Duration,
+) -> Result<()> {
+    let op = format!("pg_dump {} | psql", dump_args.join(" "));
+    let mut dump = command(bin_dir, "pg_dump", source);
+    dump.arg("--no-password")
+        .args(dump_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut psql = command(bin_dir, "psql", target);
+    psql.args([
+        "--no-password",
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "--single-transaction",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+
+    let run = async {
+        let mut d = dump.spawn().map_err(|e| {
+            Error::io(
+                format!("starting {}", program(bin_dir, "pg_dump").display()),
+                e,
+            )
+        })?;
+        let mut p = psql.spawn().map_err(|e| {
+            Error::io(
+                format!("starting {}", program(bin_dir, "psql").display()),
+                e,
+            )
+        })?;
+        let mut out = d.stdout.take().expect("piped");
+        let mut inp = p.stdin.take().expect("piped");
+        let mut derr = d.stderr.take().expect("piped");
+        let mut perr = p.stderr.take().expect("piped");
+        let pipe = async move {
+            let r = tokio::io::copy(&mut out, &mut inp).await;
+            drop(inp); // EOF for psql
+            r
+        };
+        let read_d = async move {
+            let mut s = String::new();
+            let _ = derr.read_to_string(&mut s).await;
+            s
+        };
+        let read_p = async move {
+            let mut s = String::new();
+            let _ = perr.read_to_string(&mut s).await;
+            s
+        };
+        let (piped, dstderr, pstderr, dstatus, pstatus) =
+            tokio::join!(pipe, read_d, read_p, d.wait(), p.wait());
+        let dstatus = dstatus.map_err(|e| Error::io("waiting for pg_dump", e))?;
+        let pstatus = pstatus.map_err(|e| Error::io("waiting for psql", e))?;
+        if !dstatus.success() {
+            return Err(fail(
+                backend,
+                &op,
+                format!("pg_dump exited with {dstatus}: {}", dstderr.trim()),
+            ));
+        }
+        if !pstatus.success() {
+            return Err(fail(
+                backend,
+                &op,
+                format!("psql exited with {pstatus}: {}", pstderr.trim()),
+            ));
+        }
+        if let Err(e) = piped {
+            return Err(Error::io(format!("piping {op}"), e));
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            what: op,
+            after: timeout,
+        }),
+    }
+}

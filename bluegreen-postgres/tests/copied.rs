@@ -1,0 +1,280 @@
+//! The Copied strategy on a real cluster.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bluegreen_core::testkit::{database_suite, DatabaseSuite};
+use bluegreen_core::{DatabaseStrategy, DbContext, Release, Slot};
+use bluegreen_postgres::{Copied, CopiedConfig};
+use common::{facts, orders_checksum, Cluster, BIN, SEED};
+
+async fn seeded(cluster: &Cluster, db: &str) {
+    cluster.create_db(db).await;
+    cluster
+        .client(db)
+        .await
+        .unwrap()
+        .batch_execute(SEED)
+        .await
+        .unwrap();
+}
+
+fn strategy(cluster: &Cluster, base: &str) -> CopiedConfig {
+    CopiedConfig::new(cluster.config(base))
+        .with_bin_dir(BIN)
+        .with_timeout(Duration::from_secs(120))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copied_passes_the_database_suite() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    seeded(&cluster, "app").await;
+    let db = Copied::new(strategy(&cluster, "app")).unwrap();
+    assert_eq!(db.database_of(Slot::Blue), "app_blue");
+    let expected = facts(&cluster.client("app").await.unwrap()).await;
+    let cfg = cluster.config("postgres");
+    let live_intact: bluegreen_core::testkit::IntactFn = Arc::new(move |slot| {
+        let cfg = cfg.clone();
+        Box::pin(async move {
+            let c = cfg
+                .with_dbname(format!("app_{slot}"))
+                .connect("t")
+                .await
+                .unwrap();
+            facts(&c).await == expected
+        })
+    });
+    let release = Release::new("v1", "app").unwrap();
+    database_suite(
+        &db,
+        &DatabaseSuite {
+            release: release.clone(),
+            live_intact: Some(live_intact),
+        },
+    )
+    .await;
+
+    let admin = cluster.client("postgres").await.unwrap();
+    let exists = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(exists("app_blue").await, "blue's copy must exist");
+    assert!(
+        !exists("app_green").await,
+        "rollback must drop green's copy"
+    );
+
+    // The copy is complete: schema (index, FK, view, quoted names), data, sequences.
+    let blue = cluster.client("app_blue").await.unwrap();
+    assert_eq!(facts(&blue).await, expected);
+    let idx: i64 = blue
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_account'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(idx, 1);
+    let fk: i64 = blue
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'f'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fk, 1);
+    let mixed: i64 = blue
+        .query_one("SELECT count(*) FROM extra.\"Mixed Case\"", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mixed, 200);
+    let view: i64 = blue
+        .query_one("SELECT count(*) FROM order_totals", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(view, 100);
+    // The sequence continues after the copied rows (no duplicate key).
+    let id: i64 = blue
+        .query_one(
+            "INSERT INTO orders (account, amount) VALUES (1, 1) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(id > expected.3, "sequence not copied: {id}");
+
+    // The binding names the slot's database; the password only in secret_env.
+    let ctx = DbContext {
+        live: Some(Slot::Blue),
+        target: Slot::Green,
+        release,
+    };
+    let (binding, step) = db.prepare(&ctx).await.unwrap();
+    assert!(step.is_reversible());
+    assert_eq!(binding.env["PGDATABASE"], "app_green");
+    assert_eq!(binding.env["PGPORT"], cluster.port.to_string());
+    assert_eq!(binding.secret_env["PGPASSWORD"].expose(), cluster.password);
+    assert!(binding.secret_env["DATABASE_URL"]
+        .expose()
+        .ends_with("/app_green"));
+    for v in binding.env.values() {
+        assert!(!v.contains(&cluster.password));
+    }
+    assert!(!format!("{db:?} {binding:?}").contains(&cluster.password));
+
+    // finalize drops the previous live database (irreversible), never the base one.
+    db.before_switch(&ctx).await.unwrap();
+    db.after_switch(&ctx).await.unwrap();
+    let step = db.finalize(&ctx).await.unwrap();
+    assert!(!step.is_reversible(), "{step:?}");
+    assert!(!exists("app_blue").await);
+    assert!(exists("app_green").await);
+    assert!(exists("app").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_equals_one_snapshot_under_concurrent_writes() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    seeded(&cluster, "live").await;
+    let db = Copied::new(strategy(&cluster, "live").with_workers(3)).unwrap();
+    let src = cluster.client("live").await.unwrap();
+    let base_total = facts(&src).await.2;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, commits) = (stop.clone(), commits.clone());
+        let c = cluster.client("live").await.unwrap();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && i < 200_000 {
+                i += 1;
+                c.batch_execute(&common::write_txn(i)).await.unwrap();
+                commits.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Let the writer get going, then copy three times while it writes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while commits.load(Ordering::Relaxed) < 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut during = Vec::new();
+    for round in 0..3 {
+        let before = commits.load(Ordering::Relaxed);
+        let target = format!("copy_{round}");
+        let report = db.copy_database("live", &target).await.unwrap();
+        during.push(commits.load(Ordering::Relaxed) - before);
+        assert_eq!(report.tables, 4, "{report:?}");
+        assert!(report.snapshot.is_some());
+
+        let copy = cluster.client(&target).await.unwrap();
+        let (orders, counter, total, max_id) = facts(&copy).await;
+        assert_eq!(
+            orders, counter,
+            "round {round}: orders and counter from different moments"
+        );
+        assert_eq!(
+            total, base_total,
+            "round {round}: a transfer was copied half"
+        );
+        // The copy holds exactly the orders committed before the snapshot (one writer: a prefix).
+        let src_count: i64 = src
+            .query_one("SELECT count(*) FROM orders WHERE id <= $1", &[&max_id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(orders, src_count, "round {round}");
+        assert_eq!(
+            orders_checksum(&copy, max_id).await,
+            orders_checksum(&src, max_id).await,
+            "round {round}: checksums differ"
+        );
+        println!(
+            "round {round}: copied {} rows ({} bytes) in {:?}; {} writer commits during the copy",
+            report.rows, report.bytes, report.elapsed, during[round]
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    // The writer kept writing: the live side moved on past the copies.
+    let (live_orders, live_counter, live_total, _) = facts(&src).await;
+    assert_eq!(live_orders, live_counter);
+    assert_eq!(live_total, base_total);
+    println!("writer commits during the three copies: {during:?}");
+    // Otherwise the test proved nothing about concurrency.
+    assert!(
+        during.iter().sum::<u64>() > 0,
+        "no write happened during any copy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    seeded(&cluster, "tpl").await;
+    let db = Copied::new(strategy(&cluster, "tpl").with_template(true)).unwrap();
+    let busy = cluster.client("tpl").await.unwrap();
+    let err = db
+        .copy_database("tpl", "tpl_green")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("other connection"), "{err}");
+    drop(busy);
+    // The dropped session may take a moment to leave pg_stat_activity.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        match db.copy_database("tpl", "tpl_green").await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("other connection") => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("template copy failed: {e}"),
+        }
+    };
+    assert!(report.template);
+    let copy = cluster.client("tpl_green").await.unwrap();
+    assert_eq!(facts(&copy).await.0, 3000);
+    drop(copy);
+
+    // A failing pg_dump: an error naming it, and no half-made target left.
+    let broken =
+        Copied::new(strategy(&cluster, "tpl").with_bin_dir(cluster.path().join("no-such-bin")))
+            .unwrap();
+    let err = broken
+        .copy_database("tpl", "tpl_blue")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pg_dump"), "{err}");
+    let admin = cluster.client("postgres").await.unwrap();
+    let left = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = 'tpl_blue'", &[])
+        .await
+        .unwrap();
+    assert!(left.is_none(), "a failed copy left its target behind");
+    // Bad names are refused before anything runs.
+    assert!(broken.copy_database("tpl", "x\";drop").await.is_err());
+}
