@@ -1,0 +1,119 @@
+//! Canary: traffic moves 10 % → 50 % → 100 % with an automatic analysis at each step, and a bad
+//! release is rolled back at its first step, having seen only a tenth of the traffic.
+//!
+//! ```text
+//! cargo run --example canary
+//! ```
+//!
+//! Uses the embedded proxy (weights, per-slot metrics) and local processes, so it runs anywhere.
+//! The engine is the same for every switch with weights (HAProxy, nginx, Traefik).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bluegreen::health::HttpCheck;
+use bluegreen::process::{ProcessConfig, ProcessEnvironment};
+use bluegreen::proxy::{ProxyConfig, ProxySwitch};
+use bluegreen::{
+    CanaryStep, DeployEvent, Deployer, FileStateStore, LiveTraffic, MetricsAnalysis, Phase, Policy,
+    Slot,
+};
+
+mod common;
+use common::{demo_release as release, live, Load};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    common::main_or_demo(canary)
+}
+
+async fn canary() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("bluegreen-canary-{}", std::process::id()));
+    let proxy = ProxySwitch::bind(ProxyConfig::default()).await?;
+    let policy = Policy::default()
+        .with_readiness_timeout(Duration::from_secs(10))
+        .with_canary(vec![
+            CanaryStep::new(10, Duration::from_secs(3)),
+            CanaryStep::new(50, Duration::from_secs(3)),
+        ])
+        .with_observation(Duration::from_secs(2), Duration::from_millis(250));
+    let deployer = Deployer::builder()
+        .environment(Arc::new(ProcessEnvironment::new(ProcessConfig::new(
+            dir.join("process"),
+        ))))
+        .switch(Arc::new(proxy.clone()))
+        .store(Arc::new(FileStateStore::new(dir.join("state"))?))
+        .health_check(Arc::new(HttpCheck::new("/health")))
+        // At most 2 % of the canary's requests may fail; judge only with 10 requests or more.
+        .analysis(Arc::new(MetricsAnalysis::new(0.02).with_min_requests(10)))
+        .policy(policy)
+        .build()?;
+
+    let mut events = deployer.subscribe();
+    let printer = tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            match ev {
+                DeployEvent::Started {
+                    id,
+                    version,
+                    target,
+                    ..
+                } => {
+                    println!("#{id} {version} → {target}")
+                }
+                DeployEvent::Switched { split, .. } => println!("   ⇄ {split}"),
+                DeployEvent::Analysis {
+                    verdict, detail, ..
+                } if verdict == "fail" => {
+                    println!("   ✗ analysis: {detail}")
+                }
+                DeployEvent::PhaseCompleted {
+                    phase: Phase::Observe,
+                    elapsed,
+                    ..
+                } => println!("   ✓ analysis passed over {:.1}s", elapsed.as_secs_f64()),
+                DeployEvent::RollingBack { .. } => println!("   ↩ rolling back"),
+                _ => {}
+            }
+        }
+    });
+
+    let outcome = async {
+        live(deployer.deploy(release("v1")?).await?)?;
+        let load = Load::start(proxy.url("/"), 4);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        println!("\na good release walks through every step:");
+        live(deployer.deploy(release("v2")?).await?)?;
+
+        println!("\na release answering 30 % errors is stopped at 10 %:");
+        let bad = release("v3")?.with_env("DEMO_ERROR_RATE", "0.3");
+        let err = match deployer.deploy(bad).await {
+            Ok(r) => return Err(format!("v3 should have been rolled back: {r:?}").into()),
+            Err(e) => e,
+        };
+        println!("   {err}");
+        if err.live_traffic() != Some(LiveTraffic::RolledBack) {
+            return Err("v3 was not switched back".into());
+        }
+        let (counts, failed) = load.finish().await;
+        let total: u64 = counts.values().sum::<u64>() + failed;
+        println!("\nrequests: {counts:?}, failed {failed} of {total}");
+        println!("   (the failures are v3's own 500s while it held 10 % of the traffic)");
+        let st = deployer.status().await?;
+        if st.state.active != Some(Slot::Green) {
+            return Err("v2 should be live on green".into());
+        }
+        println!(
+            "live: green v2, traffic {}",
+            st.switch.map(|s| s.to_string()).unwrap_or_default()
+        );
+        Ok::<(), Box<dyn std::error::Error>>(())
+    }
+    .await;
+
+    deployer.reset().await?;
+    proxy.shutdown().await;
+    printer.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}

@@ -1,0 +1,548 @@
+//! `bluegreen`: blue-green deployments from a pipeline file, without writing code.
+//!
+//! ```text
+//! bluegreen serve                # run the proxy (client traffic + control API) in the foreground
+//! bluegreen deploy v2            # deploy to the idle slot and switch
+//! bluegreen status | history | rollback | promote | abort | cleanup | reset | validate | plan v2
+//! ```
+//!
+//! Exit codes: 0 success; 1 the operation failed (live traffic untouched or switched back);
+//! 2 usage or pipeline-file error; 3 another operation holds the lock or a deployment is in flight;
+//! 4 waiting for a person (`promote` / `abort`); 5 a decision is needed: live traffic may be
+//! affected; 130 interrupted (Ctrl-C), after rolling back at a safe point.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bluegreen::proxy::{ProxyConfig, ProxySwitch};
+use bluegreen::{
+    DeployEvent, Deployer, Error, LiveTraffic, Report, RunOutcome, TrafficSwitch, Waiting,
+};
+use clap::{Parser, Subcommand};
+
+mod pipeline;
+
+use pipeline::Pipeline;
+
+#[derive(Parser)]
+#[command(
+    name = "bluegreen",
+    version,
+    about = "Zero-downtime blue-green deployments"
+)]
+struct Cli {
+    /// The pipeline file.
+    #[arg(
+        short,
+        long,
+        default_value = "bluegreen.toml",
+        env = "BLUEGREEN_FILE",
+        global = true
+    )]
+    file: PathBuf,
+    /// Machine-readable output: one JSON object per line (events, then the result).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy: client traffic on `switch.listen`, the control API on `switch.admin`.
+    Serve,
+    /// Deploy VERSION to the idle slot and switch traffic to it.
+    Deploy {
+        /// The release's version label.
+        version: String,
+    },
+    /// What `deploy VERSION` would do, changing nothing.
+    Plan {
+        /// The release's version label.
+        version: String,
+    },
+    /// Show the live slot, the split, both slots and anything in flight.
+    Status,
+    /// Switch back to the previous release.
+    Rollback,
+    /// Continue a deployment waiting for a person.
+    Promote,
+    /// Roll back the deployment in flight.
+    Abort,
+    /// Remove the idle slot.
+    Cleanup,
+    /// Remove both slots (history is kept).
+    Reset,
+    /// List finished deployments.
+    History,
+    /// Check the file and reach every backend without changing anything.
+    Validate,
+    /// Remove the deployment lock (for a holder that died on another machine).
+    BreakLock,
+}
+
+/// Output: a spinner on a terminal, plain lines otherwise, JSON lines with `--json`.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Json,
+    Tty,
+    Plain,
+}
+
+fn emit_json(v: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::InvalidInput { .. } => 2,
+        Error::Locked { .. } | Error::InFlight { .. } => 3,
+        Error::NeedsDecision { .. } => 5,
+        Error::Phase { live, source, .. } => match (live, source.as_ref()) {
+            (_, Error::NeedsDecision { .. }) | (LiveTraffic::Affected, _) => 5,
+            (_, Error::Interrupted) => 130,
+            _ => 1,
+        },
+        _ => 1,
+    }
+}
+
+fn fail(mode: Mode, e: &Error) -> ExitCode {
+    let code = exit_code(e);
+    if mode == Mode::Json {
+        emit_json(serde_json::json!({
+            "result": "error",
+            "error": e.to_string(),
+            "phase": e.phase().map(|p| p.to_string()),
+            "live_traffic": e.live_traffic(),
+            "exit_code": code,
+        }));
+    } else {
+        eprintln!("error: {e}");
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            if !e.to_string().contains(&s.to_string()) {
+                eprintln!("  caused by: {s}");
+            }
+            src = s.source();
+        }
+    }
+    ExitCode::from(code)
+}
+
+/// Prints events while a run goes on.
+fn progress(deployer: &Deployer, mode: Mode) -> tokio::task::JoinHandle<()> {
+    let mut rx = deployer.subscribe();
+    tokio::spawn(async move {
+        let mut current: Option<(String, Instant)> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(120));
+        let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+        let mut frame = 0usize;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Ok(ev) = ev else { return };
+                    if mode == Mode::Json {
+                        emit_json(serde_json::to_value(&ev).unwrap_or_default());
+                        continue;
+                    }
+                    let clear = if mode == Mode::Tty { "\r\x1b[2K" } else { "" };
+                    match &ev {
+                        DeployEvent::Started { id, kind, version, target } => {
+                            println!("{clear}#{id} {} {version} → {target}", kind.as_str())
+                        }
+                        DeployEvent::PhaseStarted { phase, .. } => {
+                            current = Some((phase.to_string(), Instant::now()));
+                        }
+                        DeployEvent::PhaseCompleted { phase, elapsed, .. } => {
+                            current = None;
+                            println!("{clear}  ✓ {phase:<22} {:>7.1}s", elapsed.as_secs_f64());
+                        }
+                        DeployEvent::PhaseFailed { phase, error, .. } => {
+                            current = None;
+                            println!("{clear}  ✗ {phase:<22} {error}");
+                        }
+                        DeployEvent::Switched { split, .. } => println!("{clear}  ⇄ traffic: {split}"),
+                        DeployEvent::Waiting { reason, .. } => println!("{clear}  ⏸ {reason}"),
+                        DeployEvent::RollingBack { reason, .. } => println!("{clear}  ↩ rolling back: {reason}"),
+                        DeployEvent::Recovering { phase, action, .. } => {
+                            println!("{clear}  ⟳ recovering a deployment left at {phase}: {action}")
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tick.tick(), if mode == Mode::Tty => {
+                    if let Some((phase, since)) = &current {
+                        frame = (frame + 1) % frames.len();
+                        print!("\r\x1b[2K  {} {phase:<22} {:>7.1}s", frames[frame], since.elapsed().as_secs_f64());
+                        let _ = std::io::stdout().flush();
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn report_result(mode: Mode, r: &Report) -> ExitCode {
+    let (status, code) = match &r.outcome {
+        RunOutcome::Live => ("live", 0),
+        RunOutcome::RolledBack => ("rolled_back", 0),
+        RunOutcome::Waiting(_) => ("waiting", 4),
+    };
+    if mode == Mode::Json {
+        let waiting = match &r.outcome {
+            RunOutcome::Waiting(w) => serde_json::to_value(w).ok(),
+            _ => None,
+        };
+        emit_json(serde_json::json!({
+            "result": "ok",
+            "status": status,
+            "id": r.id,
+            "kind": r.kind.as_str(),
+            "version": r.version.as_str(),
+            "slot": r.target.as_str(),
+            "waiting": waiting,
+            "elapsed_ms": r.elapsed.as_millis() as u64,
+            "exit_code": code,
+        }));
+    } else {
+        match &r.outcome {
+            RunOutcome::Live => println!(
+                "#{} {} {} is live on {} ({:.1}s)",
+                r.id,
+                r.kind.as_str(),
+                r.version,
+                r.target,
+                r.elapsed.as_secs_f64()
+            ),
+            RunOutcome::RolledBack => println!("#{} rolled back; the previous slot serves", r.id),
+            RunOutcome::Waiting(w) => {
+                let why = match w {
+                    Waiting::Gate => "the promotion gate".to_string(),
+                    Waiting::Inconclusive { reason } => {
+                        format!("an inconclusive analysis: {reason}")
+                    }
+                    Waiting::Decision { reason } => format!("a decision: {reason}"),
+                };
+                println!(
+                    "#{} {} waits for {why}\nrun `bluegreen promote` to continue or `bluegreen abort` to roll back",
+                    r.id, r.version
+                )
+            }
+        }
+    }
+    ExitCode::from(code)
+}
+
+/// Runs an engine operation with progress output; Ctrl-C interrupts it at a safe point.
+async fn run_op<F>(deployer: &Deployer, mode: Mode, op: F) -> ExitCode
+where
+    F: std::future::Future<Output = bluegreen::Result<Report>>,
+{
+    let printer = progress(deployer, mode);
+    let mut op = std::pin::pin!(op);
+    let mut interrupted = false;
+    let res = loop {
+        tokio::select! {
+            r = &mut op => break r,
+            _ = tokio::signal::ctrl_c() => {
+                if interrupted {
+                    eprintln!("\ninterrupted again: exiting now; run `bluegreen status` (the next command recovers)");
+                    return ExitCode::from(130);
+                }
+                interrupted = true;
+                eprintln!("\ninterrupt: stopping at the next safe point and rolling back (Ctrl-C again to exit at once)");
+                deployer.interrupt();
+            }
+        }
+    };
+    // Let the printer drain the last events.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    printer.abort();
+    if mode == Mode::Tty {
+        print!("\r\x1b[2K");
+    }
+    match res {
+        Ok(r) => report_result(mode, &r),
+        Err(e) => fail(mode, &e),
+    }
+}
+
+async fn serve(
+    p: &Pipeline,
+    state_dir: &std::path::Path,
+    mode: Mode,
+) -> bluegreen::Result<ExitCode> {
+    let cfg = p.proxy();
+    let token = pipeline::ensure_token(&Pipeline::token_path(state_dir))?;
+    let proxy = ProxySwitch::bind(ProxyConfig::default().with_listen(cfg.listen)).await?;
+    let admin = proxy.serve_admin(cfg.admin, token).await?;
+    // Restore the routing recorded in the state, so a restarted proxy serves at once.
+    let store = bluegreen::FileStateStore::new(state_dir.join("state"))?;
+    if let Some(st) = bluegreen::StateStore::load(&store).await? {
+        if let Some(split) = st.split {
+            let mut eps = bluegreen::Endpoints::default();
+            for slot in bluegreen::Slot::ALL {
+                if let Some(r) = st.slots.get(slot) {
+                    eps.set(slot, r.endpoints.clone());
+                }
+            }
+            if let Err(e) = proxy.apply(&split, &eps).await {
+                eprintln!("warning: could not restore the recorded split {split}: {e}");
+            }
+        }
+    }
+    if mode == Mode::Json {
+        emit_json(
+            serde_json::json!({"result": "serving", "listen": proxy.local_addr().to_string(), "admin": admin.local_addr().to_string()}),
+        );
+    } else {
+        println!(
+            "serving on http://{} (control API on {})",
+            proxy.local_addr(),
+            admin.url()
+        );
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    admin.shutdown().await;
+    proxy.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
+    let st = d.status().await?;
+    if mode == Mode::Json {
+        emit_json(serde_json::json!({
+            "result": "ok",
+            "active": st.state.active,
+            "split": st.switch,
+            "slots": {
+                "blue": st.slots.blue,
+                "green": st.slots.green,
+            },
+            "in_flight": st.state.in_flight.as_ref().map(|f| serde_json::json!({
+                "id": f.id, "version": f.release.version.as_str(), "phase": f.phase, "waiting": f.waiting,
+            })),
+            "lock": st.lock,
+            "drift": st.drift,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "live:    {}",
+        st.state
+            .active
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "nothing deployed".into())
+    );
+    println!(
+        "traffic: {}",
+        st.switch
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "not configured".into())
+    );
+    for slot in bluegreen::Slot::ALL {
+        let s = st.slots.get(slot);
+        let rec = st.state.slots.get(slot);
+        println!(
+            "{slot:<6}   {:?} {}{}",
+            s.state,
+            s.version.as_ref().map(|v| v.as_str()).unwrap_or("-"),
+            rec.as_ref()
+                .map(|r| format!(" (deployment #{}, {})", r.deployment, r.deployed_at))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(f) = &st.state.in_flight {
+        println!(
+            "in flight: #{} {} at {}{}",
+            f.id,
+            f.release.version,
+            f.phase,
+            f.waiting
+                .as_ref()
+                .map(|w| format!(" (waiting: {w:?})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(l) = &st.lock {
+        println!("lock:    held by {l}");
+    }
+    for d in &st.drift {
+        println!("drift:   {d}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn validate(
+    p: &Pipeline,
+    state_dir: &std::path::Path,
+    mode: Mode,
+) -> bluegreen::Result<ExitCode> {
+    let d = p.deployer(state_dir)?;
+    let st = d.status().await?;
+    let lines = [
+        format!("pipeline file ok (project {})", p.project.name),
+        format!(
+            "proxy control API reachable at {} (traffic: {})",
+            p.proxy().admin,
+            st.switch
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "not configured".into())
+        ),
+        format!(
+            "process environment reachable (blue {:?}, green {:?})",
+            st.slots.blue.state, st.slots.green.state
+        ),
+        format!(
+            "state store {:?} readable (revision {}); database strategy {:?}",
+            p.state, st.state.revision, p.database
+        ),
+    ];
+    if mode == Mode::Json {
+        emit_json(serde_json::json!({"result": "ok", "checks": lines, "drift": st.drift}));
+    } else {
+        for l in &lines {
+            println!("ok  {l}");
+        }
+        for d in &st.drift {
+            println!("warn {d}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
+    // Every problem with the pipeline file is a usage error (exit 2).
+    let (p, state_dir) = Pipeline::load(&cli.file).map_err(|e| match e {
+        Error::InvalidInput { .. } => e,
+        other => pipeline::config_error(&cli.file, other),
+    })?;
+    if let Command::Serve = cli.command {
+        return serve(&p, &state_dir, mode).await;
+    }
+    let d = p.deployer(&state_dir)?;
+    Ok(match cli.command {
+        Command::Serve => unreachable!(),
+        Command::Deploy { version } => {
+            let release = p.release(&version)?;
+            run_op(&d, mode, d.deploy(release)).await
+        }
+        Command::Rollback => run_op(&d, mode, d.rollback()).await,
+        Command::Promote => run_op(&d, mode, d.promote()).await,
+        Command::Abort => run_op(&d, mode, d.abort()).await,
+        Command::Plan { version } => {
+            let plan = d.plan(&p.release(&version)?).await?;
+            if mode == Mode::Json {
+                let steps: Vec<_> = plan
+                    .steps
+                    .iter()
+                    .map(|s| serde_json::json!({"phase": s.phase, "backend": s.backend, "action": s.action}))
+                    .collect();
+                emit_json(
+                    serde_json::json!({"result": "ok", "target": plan.target, "steps": steps}),
+                );
+            } else {
+                print!("{plan}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Status => status(&d, mode).await?,
+        Command::History => {
+            let h = d.history().await?;
+            if mode == Mode::Json {
+                emit_json(serde_json::json!({"result": "ok", "history": h}));
+            } else if h.is_empty() {
+                println!("no deployments yet");
+            } else {
+                for e in h {
+                    println!(
+                        "#{:<4} {:<8} {:<12} {:<5} {}  {:?}",
+                        e.id,
+                        e.kind.as_str(),
+                        e.version,
+                        e.slot,
+                        e.finished_at,
+                        e.outcome
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Cleanup => {
+            let removed = d.cleanup().await?;
+            if mode == Mode::Json {
+                emit_json(serde_json::json!({"result": "ok", "removed": removed}));
+            } else {
+                match removed {
+                    Some(s) => println!("removed the idle slot {s}"),
+                    None => println!("nothing to clean up"),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Reset => {
+            d.reset().await?;
+            if mode == Mode::Json {
+                emit_json(serde_json::json!({"result": "ok"}));
+            } else {
+                println!("both slots removed; history kept");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Validate => validate(&p, &state_dir, mode).await?,
+        Command::BreakLock => {
+            let removed = d.break_lock().await?;
+            if mode == Mode::Json {
+                emit_json(serde_json::json!({"result": "ok", "removed": removed}));
+            } else {
+                match removed {
+                    Some(l) => println!("removed the lock held by {l}"),
+                    None => println!("no lock was held"),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let mode = if cli.json {
+        Mode::Json
+    } else if std::io::stdout().is_terminal() {
+        Mode::Tty
+    } else {
+        Mode::Plain
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli, mode)) {
+        Ok(code) => code,
+        Err(e) => fail(mode, &e),
+    }
+}

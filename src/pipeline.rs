@@ -1,0 +1,406 @@
+//! The pipeline file (`bluegreen.toml`) and what it builds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bluegreen::health::{CommandCheck, HttpCheck, TcpCheck};
+use bluegreen::hooks::ExecHook;
+use bluegreen::process::{ProcessConfig, ProcessEnvironment};
+use bluegreen::proxy::RemoteProxySwitch;
+use bluegreen::{
+    Deployer, Error, FileStateStore, HealthCheck, HookOptions, HookPoint, HttpVersionProbe,
+    MetricsAnalysis, Name, OnTimeout, Policy, Release, Secret, VersionMarker,
+};
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Pipeline {
+    pub(crate) project: Project,
+    pub(crate) environment: EnvironmentCfg,
+    pub(crate) switch: SwitchCfg,
+    #[serde(default)]
+    pub(crate) database: DatabaseCfg,
+    #[serde(default)]
+    pub(crate) health_checks: Vec<HealthCfg>,
+    #[serde(default)]
+    pub(crate) hooks: Vec<HookCfg>,
+    #[serde(default)]
+    pub(crate) policy: Policy,
+    #[serde(default)]
+    pub(crate) verify: Option<VerifyCfg>,
+    #[serde(default)]
+    pub(crate) analysis: Option<AnalysisCfg>,
+    #[serde(default)]
+    pub(crate) state: StateCfg,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Project {
+    pub(crate) name: Name,
+    /// Relative to the pipeline file's directory.
+    #[serde(default = "default_state_dir")]
+    pub(crate) state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".bluegreen")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub(crate) enum EnvironmentCfg {
+    Process(ProcessCfg),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProcessCfg {
+    /// The program each release runs (the version is passed as `BLUEGREEN_VERSION`).
+    pub(crate) program: String,
+    #[serde(default)]
+    pub(crate) args: Vec<String>,
+    #[serde(default)]
+    pub(crate) env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub(crate) enum SwitchCfg {
+    Proxy(ProxyCfg),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProxyCfg {
+    /// Where `bluegreen serve` accepts client traffic.
+    pub(crate) listen: SocketAddr,
+    /// Where `bluegreen serve` accepts control requests (keep it on loopback).
+    pub(crate) admin: SocketAddr,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum DatabaseCfg {
+    #[default]
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum HealthCfg {
+    Http {
+        path: String,
+        #[serde(default = "default_status")]
+        status: u16,
+        #[serde(default)]
+        body_contains: Option<String>,
+        #[serde(default)]
+        max_latency_ms: Option<u64>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+    },
+    Tcp {
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    Command {
+        argv: Vec<String>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HookCfg {
+    pub(crate) point: HookPoint,
+    /// Run in the target slot (`Environment::exec`), no shell.
+    pub(crate) argv: Vec<String>,
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    /// Seconds.
+    #[serde(default)]
+    pub(crate) timeout: Option<f64>,
+    #[serde(default)]
+    pub(crate) on_timeout: OnTimeout,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VerifyCfg {
+    #[serde(default = "default_verify_path")]
+    pub(crate) path: String,
+    /// Response header carrying the version; when absent, the body must contain it.
+    #[serde(default)]
+    pub(crate) header: Option<String>,
+}
+
+fn default_verify_path() -> String {
+    "/".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AnalysisCfg {
+    pub(crate) max_error_rate: f64,
+    #[serde(default)]
+    pub(crate) min_requests: Option<u64>,
+    #[serde(default)]
+    pub(crate) max_p99_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum StateCfg {
+    #[default]
+    File,
+}
+
+/// A config error naming the file (and, from toml, the line, column and key).
+pub(crate) fn config_error(file: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::invalid("pipeline file", file.display().to_string(), msg.to_string())
+}
+
+/// Parses a duration from the environment: `300`, `300s`, `5m`, `500ms`.
+pub(crate) fn parse_duration(var: &str, s: &str) -> bluegreen::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| {
+        Error::invalid(
+            "environment variable",
+            var,
+            format!("{s:?} is not a duration (e.g. 300, 30s, 5m, 500ms)"),
+        )
+    })?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(Error::invalid(
+                "environment variable",
+                var,
+                format!("unknown unit {other:?} (use ms, s, m or h)"),
+            ))
+        }
+    };
+    if !(0.0..=1e7).contains(&secs) {
+        return Err(Error::invalid("environment variable", var, "out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Pipeline {
+    /// Reads and checks `file`.
+    pub(crate) fn load(file: &Path) -> bluegreen::Result<(Pipeline, PathBuf)> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Error::io(format!("reading the pipeline file {}", file.display()), e))?;
+        let mut p: Pipeline = toml::from_str(&text).map_err(|e| config_error(file, e))?;
+        let base = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let state_dir = base.join(&p.project.state_dir);
+        // The seed runbook's knobs.
+        for (var, field) in [
+            ("HEALTH_CHECK_TIMEOUT", 0),
+            ("HEALTH_CHECK_INTERVAL", 1),
+            ("DRAIN_TIMEOUT", 2),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                let d = parse_duration(var, &v)?;
+                match field {
+                    0 => p.policy.readiness_timeout = d,
+                    1 => {
+                        p.policy.poll_max = d;
+                        p.policy.poll_initial = p.policy.poll_initial.min(d);
+                    }
+                    _ => p.policy.drain_timeout = d,
+                }
+            }
+        }
+        p.policy
+            .validate()
+            .map_err(|e| config_error(file, format!("[policy]: {e}")))?;
+        for (i, h) in p.hooks.iter().enumerate() {
+            if h.argv.first().map(|a| a.is_empty()).unwrap_or(true) {
+                return Err(config_error(
+                    file,
+                    format!("hooks[{i}]: argv must name a program"),
+                ));
+            }
+        }
+        if let Some(a) = &p.analysis {
+            if !(0.0..=1.0).contains(&a.max_error_rate) {
+                return Err(config_error(
+                    file,
+                    "[analysis] max_error_rate must be between 0 and 1",
+                ));
+            }
+        }
+        Ok((p, state_dir))
+    }
+
+    /// The admin token file of `bluegreen serve`.
+    pub(crate) fn token_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("admin.token")
+    }
+
+    /// A release of `version`.
+    pub(crate) fn release(&self, version: &str) -> bluegreen::Result<Release> {
+        let EnvironmentCfg::Process(pc) = &self.environment;
+        let mut r = Release::new(version, pc.program.clone())?;
+        r.args = pc.args.clone();
+        r.env = pc.env.clone();
+        Ok(r)
+    }
+
+    /// The proxy settings.
+    pub(crate) fn proxy(&self) -> &ProxyCfg {
+        let SwitchCfg::Proxy(p) = &self.switch;
+        p
+    }
+
+    /// Builds the deployer (the switch is the running `bluegreen serve`, reached by its admin API).
+    pub(crate) fn deployer(&self, state_dir: &Path) -> bluegreen::Result<Deployer> {
+        let token = read_token(&Self::token_path(state_dir))?;
+        let proxy = self.proxy();
+        let switch = RemoteProxySwitch::new(format!("http://{}", proxy.admin), token)?;
+        let env = ProcessEnvironment::new(ProcessConfig::new(state_dir.join("process")));
+        let mut b = Deployer::builder()
+            .environment(Arc::new(env))
+            .switch(Arc::new(switch))
+            .store(Arc::new(FileStateStore::new(state_dir.join("state"))?))
+            .policy(self.policy.clone());
+        for h in &self.health_checks {
+            let check: Arc<dyn HealthCheck> = match h {
+                HealthCfg::Http {
+                    path,
+                    status,
+                    body_contains,
+                    max_latency_ms,
+                    timeout_ms,
+                    headers,
+                } => {
+                    let mut c = HttpCheck::new(path.clone()).with_status(*status);
+                    if let Some(b) = body_contains {
+                        c = c.with_body_contains(b.clone());
+                    }
+                    if let Some(ms) = max_latency_ms {
+                        c = c.with_max_latency(Duration::from_millis(*ms));
+                    }
+                    if let Some(ms) = timeout_ms {
+                        c = c.with_timeout(Duration::from_millis(*ms));
+                    }
+                    for (k, v) in headers {
+                        c = c.with_header(k.clone(), v.clone());
+                    }
+                    Arc::new(c)
+                }
+                HealthCfg::Tcp { timeout_ms } => Arc::new(TcpCheck::new(Duration::from_millis(
+                    timeout_ms.unwrap_or(3000),
+                ))),
+                HealthCfg::Command { argv, timeout_ms } => Arc::new(CommandCheck::new(
+                    argv.clone(),
+                    Duration::from_millis(timeout_ms.unwrap_or(10_000)),
+                )?),
+            };
+            b = b.health_check(check);
+        }
+        for (i, h) in self.hooks.iter().enumerate() {
+            let name = h.name.clone().unwrap_or_else(|| format!("hook-{i}"));
+            let mut opts = HookOptions::default().with_on_timeout(h.on_timeout);
+            if let Some(t) = h.timeout {
+                opts = opts.with_timeout(Duration::from_secs_f64(t));
+            }
+            b = b.hook_with(
+                h.point,
+                Arc::new(ExecHook::new(name, h.argv.clone())?),
+                opts,
+            );
+        }
+        if let Some(v) = &self.verify {
+            let marker = match &v.header {
+                Some(h) => VersionMarker::Header(h.clone()),
+                None => VersionMarker::Body,
+            };
+            let url = format!("http://{}{}", proxy.listen, v.path);
+            b = b.verify_data_path(Arc::new(HttpVersionProbe::new(url, marker)));
+        }
+        if let Some(a) = &self.analysis {
+            let mut m = MetricsAnalysis::new(a.max_error_rate);
+            if let Some(n) = a.min_requests {
+                m = m.with_min_requests(n);
+            }
+            if let Some(ms) = a.max_p99_ms {
+                m = m.with_max_p99(Duration::from_millis(ms));
+            }
+            b = b.analysis(Arc::new(m));
+        }
+        b.build()
+    }
+}
+
+/// Reads the admin token written by `bluegreen serve`.
+pub(crate) fn read_token(path: &Path) -> bluegreen::Result<Secret> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
+        Ok(_) => Err(Error::invalid(
+            "admin token",
+            path.display().to_string(),
+            "the file is empty",
+        )),
+        Err(e) => Err(Error::io(
+            format!(
+                "reading the proxy's admin token {} (start the proxy with `bluegreen serve` first)",
+                path.display()
+            ),
+            e,
+        )),
+    }
+}
+
+/// Creates (or reads) the admin token file, mode 0600.
+pub(crate) fn ensure_token(path: &Path) -> bluegreen::Result<Secret> {
+    if let Ok(t) = read_token(path) {
+        return Ok(t);
+    }
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::io("reading /dev/urandom for the admin token", e))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    f.write_all(token.as_bytes())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok(Secret::new(token))
+}

@@ -1,0 +1,362 @@
+//! The `bluegreen` binary end to end: a real `bluegreen serve`, real demo processes, every
+//! command, `--json` parsed back, bad pipeline files, environment overrides and Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bluegreen");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Pipeline {
+    dir: tempfile::TempDir,
+    listen: u16,
+    serve: Option<Child>,
+}
+
+impl Pipeline {
+    fn new(extra: &str) -> Pipeline {
+        let dir = tempfile::tempdir().unwrap();
+        let (listen, admin) = (free_port(), free_port());
+        let demo = bluegreen_demo::binary_path();
+        let text = format!(
+            r#"
+[project]
+name = "cli-test"
+
+[environment]
+kind = "process"
+program = "{}"
+
+[switch]
+kind = "proxy"
+listen = "127.0.0.1:{listen}"
+admin = "127.0.0.1:{admin}"
+
+[[health_checks]]
+kind = "http"
+path = "/health"
+
+[verify]
+header = "x-bluegreen-version"
+{extra}
+"#,
+            demo.display()
+        );
+        std::fs::write(dir.path().join("bluegreen.toml"), text).unwrap();
+        Pipeline {
+            dir,
+            listen,
+            serve: None,
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("bluegreen.toml")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--file").arg(self.file()).args(args);
+        c.env_remove("HEALTH_CHECK_TIMEOUT")
+            .env_remove("HEALTH_CHECK_INTERVAL")
+            .env_remove("DRAIN_TIMEOUT");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs with `--json` and parses the last line (the result).
+    fn json(&self, args: &[&str]) -> (i32, serde_json::Value, Vec<serde_json::Value>) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!(
+                        "not JSON: {l:?} ({e}); stderr: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                })
+            })
+            .collect();
+        let last = lines.last().cloned().unwrap_or_else(|| {
+            panic!(
+                "no output from {args:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), last, lines)
+    }
+
+    fn serve(&mut self) {
+        let mut child = self
+            .cmd(&["serve"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(line.starts_with("serving on"), "{line}");
+        self.serve = Some(child);
+    }
+
+    /// `GET /` through the proxy (a raw HTTP/1.1 request); the answering version.
+    fn get(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.listen)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.to_lowercase().lines().find_map(|l| {
+            l.strip_prefix("x-bluegreen-version: ")
+                .map(|v| v.trim().to_string())
+        })
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["reset"]).output();
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn every_command_end_to_end_with_json_output() {
+    let mut p = Pipeline::new("[policy]\nobservation = { window = 0.5, interval = 100 }\n");
+    p.serve();
+
+    let (code, v, events) = p.json(&["deploy", "v1"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["result"], "ok");
+    assert_eq!(v["status"], "live");
+    assert_eq!(v["slot"], "blue");
+    assert!(
+        events.iter().any(|e| e["event"] == "switched"),
+        "{events:?}"
+    );
+    assert_eq!(p.get().as_deref(), Some("v1"));
+
+    let out = p.run(&["deploy", "v2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("deploy v2 is live on green"), "{text}");
+    assert_eq!(p.get().as_deref(), Some("v2"));
+
+    let (code, st, _) = p.json(&["status"]);
+    assert_eq!(code, 0);
+    assert_eq!(st["active"], "green");
+    assert_eq!(st["slots"]["blue"]["version"], "v1");
+    assert_eq!(st["slots"]["green"]["state"], "running");
+    assert!(st["in_flight"].is_null() && st["lock"].is_null());
+
+    let (_, h, _) = p.json(&["history"]);
+    let h = h["history"].as_array().unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[1]["version"], "v2");
+
+    let (code, plan, _) = p.json(&["plan", "v3"]);
+    assert_eq!(code, 0);
+    assert_eq!(plan["target"], "blue");
+    assert!(plan["steps"].as_array().unwrap().len() >= 5);
+
+    let (code, val, _) = p.json(&["validate"]);
+    assert_eq!(code, 0, "{val}");
+
+    let (code, r, _) = p.json(&["rollback"]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["kind"], "rollback");
+    assert_eq!(p.get().as_deref(), Some("v1"));
+
+    // Nothing is waiting: promote and abort are usage errors.
+    let (code, e, _) = p.json(&["promote"]);
+    assert_eq!(code, 2, "{e}");
+    let (code, _, _) = p.json(&["abort"]);
+    assert_eq!(code, 2);
+
+    let (code, c, _) = p.json(&["cleanup"]);
+    assert_eq!(code, 0);
+    assert_eq!(c["removed"], "green");
+
+    let (code, b, _) = p.json(&["break-lock"]);
+    assert_eq!(code, 0);
+    assert!(b["removed"].is_null());
+
+    let out = p.run(&["reset"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, st, _) = p.json(&["status"]);
+    assert_eq!(st["slots"]["blue"]["state"], "absent");
+}
+
+#[test]
+fn a_manual_gate_exits_4_and_promote_continues() {
+    let mut p = Pipeline::new(
+        "[policy]\npromotion = \"manual\"\nobservation = { window = 0, interval = 100 }\n",
+    );
+    p.serve();
+    assert!(p.run(&["deploy", "v1"]).status.success());
+    let (code, v, _) = p.json(&["deploy", "v2"]);
+    assert_eq!(code, 4, "{v}");
+    assert_eq!(v["status"], "waiting");
+    assert_eq!(p.get().as_deref(), Some("v1"));
+    // Another deploy is refused while one waits.
+    let (code, _, _) = p.json(&["deploy", "v3"]);
+    assert_eq!(code, 3);
+    let (code, v, _) = p.json(&["promote"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(p.get().as_deref(), Some("v2"));
+}
+
+#[test]
+fn bad_pipeline_files_name_the_file_line_and_key() {
+    let p = Pipeline::new("[policy]\nreadiness_timout = 5\n");
+    let out = p.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("bluegreen.toml"), "{err}");
+    assert!(err.contains("readiness_timout"), "{err}");
+    assert!(err.contains("line"), "{err}");
+
+    let p = Pipeline::new("");
+    let text = std::fs::read_to_string(p.file()).unwrap();
+    std::fs::write(
+        p.file(),
+        text.replace("kind = \"proxy\"", "kind = \"squid\""),
+    )
+    .unwrap();
+    let out = p.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("squid"), "{}", stderr(&out));
+
+    let p = Pipeline::new("");
+    let text = std::fs::read_to_string(p.file()).unwrap();
+    std::fs::write(
+        p.file(),
+        text.replace("name = \"cli-test\"", "name = \"bad name;\""),
+    )
+    .unwrap();
+    let out = p.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not allowed"), "{}", stderr(&out));
+
+    let out = Command::new(BIN)
+        .args(["--file", "/nonexistent/bluegreen.toml", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/bluegreen.toml"));
+
+    // JSON errors are JSON too.
+    let p = Pipeline::new("[policy]\nrise = 0\n");
+    let (code, v, _) = p.json(&["status"]);
+    assert_eq!(code, 2);
+    assert_eq!(v["result"], "error");
+    assert!(v["error"].as_str().unwrap().contains("rise"), "{v}");
+}
+
+#[test]
+fn runbook_environment_overrides_apply_and_are_validated() {
+    let mut p = Pipeline::new("");
+    p.serve();
+    // No proxy route yet is fine: a bad value is refused before anything runs.
+    let out = p
+        .cmd(&["deploy", "v1"])
+        .env("HEALTH_CHECK_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("HEALTH_CHECK_TIMEOUT"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A release that never gets healthy fails after HEALTH_CHECK_TIMEOUT, not the default 300 s.
+    let t = Instant::now();
+    let out = p
+        .cmd(&["deploy", "v1"])
+        .env("HEALTH_CHECK_TIMEOUT", "2s")
+        .env("HEALTH_CHECK_INTERVAL", "200ms")
+        .env("DEMO_FAIL_HEALTH", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(60));
+    let err = stderr(&out);
+    assert!(err.contains("wait_ready") && err.contains("2s"), "{err}");
+}
+
+#[test]
+fn ctrl_c_during_a_deploy_stops_at_a_safe_point_and_leaves_a_consistent_state() {
+    let mut p = Pipeline::new(
+        "[policy]\nreadiness_timeout = 120\nobservation = { window = 0, interval = 100 }\n",
+    );
+    p.serve();
+    assert!(p.run(&["deploy", "v1"]).status.success());
+
+    // v2 takes 60 s to start listening: the deploy sits in wait_ready.
+    let mut child = p
+        .cmd(&["deploy", "v2"])
+        .env("DEMO_START_DELAY_MS", "60000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("deploy v2"), "{first}");
+    // Wait until the target is deployed (its log exists), then interrupt.
+    let log = p.dir.path().join(".bluegreen/process/green.log");
+    let start = Instant::now();
+    while !Path::new(&log).exists() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(status.code(), Some(130), "stdout: {rest:?}");
+
+    let (_, st, _) = p.json(&["status"]);
+    assert_eq!(st["active"], "blue", "{st}");
+    assert!(st["in_flight"].is_null(), "{st}");
+    assert!(st["lock"].is_null(), "{st}");
+    assert_eq!(st["slots"]["green"]["state"], "absent", "{st}");
+    assert_eq!(p.get().as_deref(), Some("v1"));
+    let (_, h, _) = p.json(&["history"]);
+    let last = h["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["outcome"]["result"], "failed", "{last}");
+    assert!(
+        last["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted"),
+        "{last}"
+    );
+}
