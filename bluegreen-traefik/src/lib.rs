@@ -1,2 +1,19 @@
-//! `bluegreen-traefik`: not implemented yet (see the open issue for this backend).
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+mod api;
+mod config;
+mod error;
+pub mod render;
+mod switch;
+
+pub use config::{
+    FileFormat, PreviewMatch, RouteName, TraefikConfig, TraefikVersion, MAX_NAME_LEN,
+};
+pub use error::TraefikError;
+pub use render::{render, Routing};
+pub use switch::TraefikSwitch;
+
+/// The name this switch reports (`TrafficSwitch::name`), as found in errors and events.
+pub const NAME: &str = "traefik";
