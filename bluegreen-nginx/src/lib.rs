@@ -1,2 +1,18 @@
-//! `bluegreen-nginx`: not implemented yet (see the open issue for this backend).
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+mod dynamic;
+mod error;
+mod format;
+mod http;
+pub mod loadgen;
+pub mod master;
+pub mod standalone;
+
+pub use dynamic::{DynamicConfig, DynamicSwitch, CONTROL_PATH, TOKEN_HEADER};
+pub use error::{NginxError, Restored, Step};
+pub use format::{Routing, MAX_PEERS_PER_SLOT};
+
+/// The name both switches report (`TrafficSwitch::name`), as found in errors and events.
+pub const NAME: &str = "nginx";
