@@ -126,6 +126,12 @@ pub struct HaproxyConfig {
     /// How long `apply` waits for a server it enabled to be reported up (its health check
     /// passing) before giving up and restoring the previous state. Default 10 s.
     pub ready_timeout: Duration,
+    /// How often `apply` polls HAProxy while it waits (health, drain). Default 50 ms.
+    pub poll_interval: Duration,
+    /// The health-check path in the rendered snippet. Default `/health`.
+    pub health_path: String,
+    /// The health-check interval in the rendered snippet. Default 1 s.
+    pub check_interval: Duration,
 }
 
 impl HaproxyConfig {
@@ -145,6 +151,9 @@ impl HaproxyConfig {
             drain_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(50),
+            health_path: "/health".to_string(),
+            check_interval: Duration::from_secs(1),
         }
     }
 
@@ -184,6 +193,19 @@ impl HaproxyConfig {
         self
     }
 
+    /// The polling interval while waiting for health and drain.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The health-check path and interval of the rendered snippet.
+    pub fn with_health_check(mut self, path: impl Into<String>, interval: Duration) -> Self {
+        self.health_path = path.into();
+        self.check_interval = interval;
+        self
+    }
+
     /// The backend name.
     pub fn backend(&self) -> &str {
         &self.backend
@@ -213,12 +235,86 @@ impl HaproxyConfig {
             ("drain timeout", self.drain_timeout),
             ("command timeout", self.command_timeout),
             ("ready timeout", self.ready_timeout),
+            ("poll interval", self.poll_interval),
+            ("check interval", self.check_interval),
         ] {
             if t.is_zero() {
                 return Err(Error::invalid(what, "0s", "must be greater than zero"));
             }
         }
         Ok((backend, blue, green))
+    }
+}
+
+fn millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+impl HaproxyConfig {
+    /// The lines this switch needs in haproxy.cfg's `global` section: the admin-level stats
+    /// socket and the server-state file a reload restores the runtime state from.
+    ///
+    /// ```
+    /// use bluegreen_haproxy::HaproxyConfig;
+    /// let g = HaproxyConfig::new("/run/haproxy/admin.sock").unwrap()
+    ///     .render_global("/var/lib/haproxy/server-state".as_ref())
+    ///     .unwrap();
+    /// assert!(g.contains("stats socket /run/haproxy/admin.sock mode 600 level admin"));
+    /// assert!(g.contains("server-state-file /var/lib/haproxy/server-state"));
+    /// ```
+    pub fn render_global(&self, state_file: &Path) -> Result<String> {
+        let socket = self.address.stats_socket_spec()?;
+        let state = config_word("server-state-file path", state_file)?;
+        Ok(format!(
+            "    stats socket {socket} mode 600 level admin\n    server-state-file {state}\n"
+        ))
+    }
+
+    /// The `backend` section this switch drives: both servers start in maintenance
+    /// (`disabled`) at a placeholder address until the first `apply` sets their address,
+    /// weight and state; `load-server-state-from-file global` makes a reload keep what the
+    /// runtime API set (dump `show servers state` into the state file first, see
+    /// [`HaproxySwitch::save_server_state`](crate::HaproxySwitch::save_server_state)).
+    ///
+    /// The placeholder is a host name with `init-addr last,127.0.0.1`: HAProxy 2.6 restores a
+    /// runtime-set address from the state file only for servers configured by name.
+    ///
+    /// ```
+    /// use bluegreen_haproxy::HaproxyConfig;
+    /// let b = HaproxyConfig::new("/run/haproxy/admin.sock").unwrap().render_backend().unwrap();
+    /// assert!(b.starts_with("backend app\n"));
+    /// assert!(b.contains("server blue blue.bluegreen.invalid:1 disabled"));
+    /// assert!(b.contains("load-server-state-from-file global"));
+    /// ```
+    pub fn render_backend(&self) -> Result<String> {
+        let (backend, blue, green) = self.validated()?;
+        check_word("health-check path", &self.health_path)?;
+        if !self.health_path.starts_with('/') {
+            return Err(Error::invalid(
+                "health-check path",
+                self.health_path.as_str(),
+                "must start with /",
+            ));
+        }
+        let inter = millis(self.check_interval);
+        let fast = millis((self.check_interval / 4).max(Duration::from_millis(100)));
+        let mut out = format!(
+            "backend {backend}\n\
+             \x20   balance roundrobin\n\
+             \x20   option httpchk GET {path}\n\
+             \x20   http-check expect status 200\n\
+             \x20   option redispatch\n\
+             \x20   retries 3\n\
+             \x20   load-server-state-from-file global\n\
+             \x20   default-server check inter {inter} fastinter {fast} rise 2 fall 2 init-addr last,127.0.0.1\n",
+            path = self.health_path,
+        );
+        for server in [&blue, &green] {
+            out.push_str(&format!(
+                "    server {server} {server}.bluegreen.invalid:1 disabled weight 100\n"
+            ));
+        }
+        Ok(out)
     }
 }
 
@@ -280,6 +376,42 @@ mod tests {
             .validated()
             .is_err());
         assert!(base.validated().is_ok());
+    }
+
+    #[test]
+    fn rendered_snippet_names_both_servers_and_refuses_bad_words() {
+        let c = HaproxyConfig::unix("/tmp/a.sock")
+            .with_backend("web")
+            .with_servers("web_blue", "web_green");
+        let b = c.render_backend().unwrap();
+        assert!(b.contains("backend web\n"), "{b}");
+        assert!(
+            b.contains("    server web_blue web_blue.bluegreen.invalid:1 disabled weight 100\n")
+        );
+        assert!(b.contains("    server web_green "));
+        assert!(b.contains("option httpchk GET /health"));
+        assert!(c
+            .clone()
+            .with_health_check("/health check", Duration::from_secs(1))
+            .render_backend()
+            .is_err());
+        assert!(c
+            .clone()
+            .with_health_check("health", Duration::from_secs(1))
+            .render_backend()
+            .is_err());
+        assert!(c.with_backend("a;b").render_backend().is_err());
+        let g = HaproxyConfig::new("127.0.0.1:9999")
+            .unwrap()
+            .render_global(Path::new("/tmp/state"))
+            .unwrap();
+        assert!(
+            g.contains("stats socket ipv4@127.0.0.1:9999 mode 600 level admin"),
+            "{g}"
+        );
+        assert!(HaproxyConfig::unix("/tmp/a b.sock")
+            .render_global(Path::new("/tmp/state"))
+            .is_err());
     }
 
     #[test]

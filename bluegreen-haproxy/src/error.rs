@@ -105,6 +105,50 @@ pub enum HaproxyError {
         /// What differs.
         detail: String,
     },
+
+    /// A server did not pass its health check in time after being enabled.
+    #[error(
+        "server {backend}/{server} at {endpoint} did not pass HAProxy's health check within \
+         {after:?} (last seen: {last}); is the new release up and answering its health check?"
+    )]
+    NotReady {
+        /// The backend name.
+        backend: String,
+        /// The server name.
+        server: String,
+        /// Where the server points.
+        endpoint: String,
+        /// The bound.
+        after: Duration,
+        /// The server's last state as HAProxy reported it.
+        last: String,
+    },
+
+    /// A command was refused before sending because it could carry a second command.
+    #[error("refusing to send {command:?} to HAProxy: {reason}")]
+    InvalidCommand {
+        /// The command (escaped).
+        command: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// A step of a switch failed; says which step and what HAProxy's state is afterwards.
+    #[error("switching to {target} failed at step {step} `{command}`: {source}; {outcome}")]
+    SwitchFailed {
+        /// The split being applied.
+        target: String,
+        /// The step number and total (`3/5`).
+        step: String,
+        /// The command or action of that step.
+        command: String,
+        /// Why it failed.
+        #[source]
+        source: Box<HaproxyError>,
+        /// What was done about it and the state HAProxy reports now (or that it could not be
+        /// read).
+        outcome: String,
+    },
 }
 
 impl HaproxyError {
@@ -117,7 +161,8 @@ impl HaproxyError {
                 | HaproxyError::Io { .. }
                 | HaproxyError::Timeout { .. }
                 | HaproxyError::Verify { .. }
-        )
+                | HaproxyError::NotReady { .. }
+        ) || matches!(self, HaproxyError::SwitchFailed { source, .. } if source.is_retryable())
     }
 
     /// Converts into [`bluegreen_core::Error::Backend`] for backend `haproxy` and `operation`.

@@ -1,2 +1,19 @@
-//! `bluegreen-haproxy`: not implemented yet (see the open issue for this backend).
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+mod client;
+mod config;
+mod error;
+mod switch;
+
+pub use client::{
+    parse_servers_state, parse_stat_csv, AdminState, Command, OpState, RuntimeClient,
+    RuntimeSession, ServerState, StatRow,
+};
+pub use config::{HaproxyConfig, RuntimeAddress};
+pub use error::HaproxyError;
+pub use switch::HaproxySwitch;
+
+/// The backend name this crate reports in errors and events.
+pub const BACKEND: &str = "haproxy";
