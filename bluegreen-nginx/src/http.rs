@@ -14,7 +14,6 @@ const MAX_ANSWER: u64 = 64 * 1024;
 
 /// An answer.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // headers are read by the Reload mode's verification probe
 pub(crate) struct Answer {
     pub(crate) status: u16,
     /// Lower-cased names.
@@ -23,7 +22,6 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    #[allow(dead_code)]
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
         self.headers

@@ -113,3 +113,37 @@ pub async fn served_by(listen: SocketAddr) -> bluegreen_core::Result<Slot> {
 pub fn served_by_fn(listen: SocketAddr) -> ServedByFn {
     Arc::new(move || -> BoxFuture<bluegreen_core::Result<Slot>> { Box::pin(served_by(listen)) })
 }
+
+pub struct ReloadSetup {
+    pub nginx: NginxProcess,
+    pub switch: bluegreen_nginx::ReloadSwitch,
+    pub listen: SocketAddr,
+    pub backends: Backends,
+    pub dir: tempfile::TempDir,
+}
+
+/// nginx (stock, no modules) including a managed upstream file that starts at 100 % blue.
+pub async fn reload() -> ReloadSetup {
+    use bluegreen_core::TrafficSplit;
+    use bluegreen_nginx::{ReloadConfig, ReloadSwitch, VerifyProbe};
+    let dir = tempdir();
+    let backends = Backends::start().await;
+    let listen = free_addr();
+    let include = dir.path().join("upstream.conf");
+    let standalone = StandaloneConfig::reload(dir.path(), listen, &include, "app");
+    let config = ReloadConfig::new(standalone.command(), &include, "app", standalone.pid_file())
+        .unwrap()
+        .with_verify(VerifyProbe::new(listen));
+    let switch = ReloadSwitch::new(config);
+    switch
+        .write_initial(&TrafficSplit::all(Slot::Blue), &backends.endpoints())
+        .unwrap();
+    let nginx = NginxProcess::start(standalone).unwrap();
+    ReloadSetup {
+        nginx,
+        switch,
+        listen,
+        backends,
+        dir,
+    }
+}

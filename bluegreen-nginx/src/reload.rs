@@ -1,0 +1,715 @@
+//! `Reload` mode (stock nginx): one managed upstream include, changed by candidate → `nginx -t` →
+//! rename → SIGHUP → verification, and restored on any failure.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bluegreen_core::{
+    Capabilities, Endpoints, Error, Name, Result, Slot, TrafficSplit, TrafficSwitch,
+    TrafficSwitchExt,
+};
+use rustix::process::Pid;
+
+use crate::error::{NginxError, Restored, Step};
+use crate::format::{self, Routing};
+use crate::http;
+use crate::master::{self, NginxCommand};
+
+const HEADER: &str = "# bluegreen-nginx Reload include: generated, do not edit (bluegreen refuses to read a hand-edited file).";
+
+/// How the verification probe tells which slot answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SlotMarker {
+    /// A response header whose value is `blue` or `green` (the demo app's `x-bluegreen-slot`).
+    Header(String),
+    /// A response header carrying the upstream address, e.g. from
+    /// `add_header x-upstream $upstream_addr always;` in your location; mapped to a slot through
+    /// the endpoints. Works with any application.
+    UpstreamAddrHeader(String),
+}
+
+/// A request sent through nginx after a reload to check that new requests reach the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyProbe {
+    /// nginx's listener to probe.
+    pub addr: SocketAddr,
+    /// The path to request (`/` by default).
+    pub path: String,
+    /// How to tell the slot.
+    pub marker: SlotMarker,
+    /// Consecutive answers from the target needed.
+    pub consecutive: u32,
+}
+
+impl VerifyProbe {
+    /// Probes `GET /` on `addr`, reading the slot from `x-bluegreen-slot`.
+    pub fn new(addr: SocketAddr) -> Self {
+        VerifyProbe {
+            addr,
+            path: "/".into(),
+            marker: SlotMarker::Header("x-bluegreen-slot".into()),
+            consecutive: 3,
+        }
+    }
+
+    /// With another path (`/`-rooted; letters, digits and `/._-~?=&%` only).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for anything else.
+    pub fn with_path(mut self, path: &str) -> Result<Self> {
+        let ok = path.starts_with('/')
+            && path.len() <= 1024
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-~?=&%".contains(&b));
+        if !ok {
+            return Err(Error::invalid(
+                "verify path",
+                path,
+                "expected a /-rooted path of letters, digits and /._-~?=&%",
+            ));
+        }
+        self.path = path.to_string();
+        Ok(self)
+    }
+
+    /// With another way to tell the slot; the header name must be letters, digits and `-`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad header name.
+    pub fn with_marker(mut self, marker: SlotMarker) -> Result<Self> {
+        let (SlotMarker::Header(h) | SlotMarker::UpstreamAddrHeader(h)) = &marker;
+        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(Error::invalid(
+                "verify header",
+                h,
+                "expected letters, digits and `-`",
+            ));
+        }
+        self.marker = marker;
+        Ok(self)
+    }
+}
+
+/// Settings of a [`ReloadSwitch`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReloadConfig {
+    /// How to run `nginx -t` against the real main configuration.
+    pub nginx: NginxCommand,
+    /// The include this switch owns (your `nginx.conf` includes it at http level).
+    pub include: PathBuf,
+    /// The upstream's name (what your `proxy_pass` names).
+    pub upstream: Name,
+    /// The master's pid file.
+    pub pid_file: PathBuf,
+    /// Probe through nginx after each reload (strongly advised).
+    pub verify: Option<VerifyProbe>,
+    /// `keepalive` connections per worker toward the upstreams (0: none).
+    pub keepalive: u32,
+    /// Bound on `nginx -t`.
+    pub test_timeout: Duration,
+    /// Bound on the master starting new workers, and separately on verification.
+    pub reload_timeout: Duration,
+    /// How long to wait for old workers to finish their requests before reporting them.
+    pub drain_wait: Duration,
+}
+
+impl ReloadConfig {
+    /// A switch owning `include`, rendering `upstream <upstream> { … }`, signalling the master in
+    /// `pid_file`, testing with `nginx`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an upstream name outside letters, digits, `_`, `-`, or an
+    /// include path without a file name.
+    pub fn new(
+        nginx: NginxCommand,
+        include: impl Into<PathBuf>,
+        upstream: &str,
+        pid_file: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        let upstream = Name::new(upstream)?;
+        if upstream.as_str().contains(['.', '+']) {
+            return Err(Error::invalid(
+                "nginx upstream name",
+                upstream.as_str(),
+                "use letters, digits, `_` and `-` only",
+            ));
+        }
+        let include = include.into();
+        if include.file_name().is_none() {
+            return Err(Error::invalid(
+                "include path",
+                include.display().to_string(),
+                "must name a file",
+            ));
+        }
+        Ok(ReloadConfig {
+            nginx,
+            include,
+            upstream,
+            pid_file: pid_file.into(),
+            verify: None,
+            keepalive: 32,
+            test_timeout: Duration::from_secs(30),
+            reload_timeout: Duration::from_secs(15),
+            drain_wait: Duration::from_secs(5),
+        })
+    }
+
+    /// With a verification probe.
+    pub fn with_verify(mut self, probe: VerifyProbe) -> Self {
+        self.verify = Some(probe);
+        self
+    }
+
+    /// With `keepalive` idle connections per worker toward the upstreams (0 turns it off).
+    pub fn with_keepalive(mut self, keepalive: u32) -> Self {
+        self.keepalive = keepalive;
+        self
+    }
+
+    /// With the bound on new workers appearing and on verification.
+    pub fn with_reload_timeout(mut self, t: Duration) -> Self {
+        self.reload_timeout = t;
+        self
+    }
+
+    /// With the wait for old workers.
+    pub fn with_drain_wait(mut self, t: Duration) -> Self {
+        self.drain_wait = t;
+        self
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let name = self
+            .include
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // A leading dot and a suffix no include glob (`*.conf`) matches.
+        self.include
+            .with_file_name(format!(".{name}.bluegreen-tmp"))
+    }
+}
+
+/// What a [`ReloadSwitch::switch_to`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadReport {
+    /// False when the include already held this routing (nothing done).
+    pub changed: bool,
+    /// From the start of the switch to verification done.
+    pub latency: Duration,
+    /// Whether the probe confirmed the target.
+    pub verified: bool,
+    /// Old workers still finishing requests after `drain_wait` (they exit on their own, at the
+    /// latest after nginx's `worker_shutdown_timeout`).
+    pub old_workers_draining: usize,
+}
+
+/// Renders the include for `routing` (no sticky: stock nginx has no sticky cookie).
+pub(crate) fn render_include(upstream: &str, keepalive: u32, routing: &Routing) -> String {
+    let mut out = String::new();
+    out.push_str(HEADER);
+    out.push('\n');
+    out.push_str(&format!("# upstream {upstream} keepalive {keepalive}\n"));
+    for line in format::render(&routing.split, &routing.endpoints).lines() {
+        out.push_str("# ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    let n = |s: Slot| routing.endpoints.get(s).len().max(1) as u32;
+    let mut weights = [
+        u32::from(routing.split.weight(Slot::Blue)) * n(Slot::Green),
+        u32::from(routing.split.weight(Slot::Green)) * n(Slot::Blue),
+    ];
+    let g = gcd(weights[0], weights[1]);
+    if g > 0 {
+        weights.iter_mut().for_each(|w| *w /= g);
+    }
+    out.push_str(&format!("upstream {upstream} {{\n"));
+    for (i, slot) in Slot::ALL.into_iter().enumerate() {
+        // weight=0 is a config error in nginx: a slot without weight is left out.
+        if weights[i] == 0 {
+            continue;
+        }
+        for e in routing.endpoints.get(slot) {
+            out.push_str(&format!(
+                "    server {} weight={}; # {slot}\n",
+                e.authority(),
+                weights[i]
+            ));
+        }
+    }
+    if keepalive > 0 {
+        out.push_str(&format!("    keepalive {keepalive};\n"));
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Parses an include written by [`render_include`]; anything else is an error.
+pub(crate) fn parse_include(text: &str) -> std::result::Result<Routing, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        return Err("the first line is not bluegreen-nginx's header".into());
+    }
+    let meta = lines
+        .next()
+        .and_then(|l| l.strip_prefix("# upstream "))
+        .ok_or("line 2 must be `# upstream <name> keepalive <n>`")?;
+    let (upstream, keepalive) = meta
+        .split_once(" keepalive ")
+        .ok_or("line 2 must be `# upstream <name> keepalive <n>`")?;
+    let keepalive: u32 = keepalive
+        .parse()
+        .map_err(|_| "line 2 has an invalid keepalive")?;
+    Name::new(upstream).map_err(|e| e.to_string())?;
+    let mut split_text = String::new();
+    for _ in 0..5 {
+        let l = lines
+            .next()
+            .and_then(|l| l.strip_prefix("# "))
+            .ok_or("expected the 5 `# ` split lines")?;
+        split_text.push_str(l);
+        split_text.push('\n');
+    }
+    let routing = format::parse(&split_text)?;
+    if routing.split.sticky.is_some() {
+        return Err("a Reload include never has a sticky cookie".into());
+    }
+    if render_include(upstream, keepalive, &routing) != text {
+        return Err("the upstream block differs from what its header describes".into());
+    }
+    Ok(routing)
+}
+
+/// `Reload` mode switch. See the crate docs for the steps and what each failure leaves behind.
+///
+/// Clones share one lock: switches through clones of one handle never interleave. Two separate
+/// processes switching the same include are not coordinated (the engine's deployment lock is).
+#[derive(Debug, Clone)]
+pub struct ReloadSwitch {
+    config: Arc<ReloadConfig>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl ReloadSwitch {
+    /// A switch with `config`.
+    pub fn new(config: ReloadConfig) -> Self {
+        ReloadSwitch {
+            config: Arc::new(config),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReloadConfig {
+        &self.config
+    }
+
+    /// Writes the include for `split` without nginx: for the first setup, before nginx (whose
+    /// configuration includes the file) first starts. Later changes go through
+    /// [`TrafficSwitch::apply`].
+    ///
+    /// # Errors
+    /// Invalid input as for `apply`; the file cannot be written.
+    pub fn write_initial(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
+        self.check_split(split, endpoints)?;
+        format::validate_endpoints(endpoints, false, "Reload")?;
+        let routing = Routing {
+            split: split.clone(),
+            endpoints: endpoints.clone(),
+        };
+        let c = &*self.config;
+        let text = render_include(c.upstream.as_str(), c.keepalive, &routing);
+        let tmp = c.tmp_path();
+        write_synced(&tmp, &text)
+            .and_then(|()| {
+                std::fs::rename(&tmp, &c.include)
+                    .map_err(|e| NginxError::fs("renaming the include over", &c.include, e))
+            })
+            .map_err(|e| e.into_core("write_initial"))
+    }
+
+    /// Reads the include back (`None` when it does not exist yet).
+    ///
+    /// # Errors
+    /// [`NginxError::Unparseable`] for a file this crate did not write (or one edited by hand),
+    /// [`NginxError::PermissionDenied`] or I/O errors when it cannot be read.
+    pub fn read(&self) -> std::result::Result<Option<Routing>, NginxError> {
+        let path = &self.config.include;
+        match read_optional(path)? {
+            None => Ok(None),
+            Some(text) => {
+                parse_include(&text)
+                    .map(Some)
+                    .map_err(|reason| NginxError::Unparseable {
+                        source_desc: format!("include {}", path.display()),
+                        reason,
+                    })
+            }
+        }
+    }
+
+    /// Switches to `routing` (already validated) and reports what happened.
+    ///
+    /// # Errors
+    /// [`NginxError::Switch`] naming the failed step and what was restored.
+    pub async fn switch_to(
+        &self,
+        routing: &Routing,
+    ) -> std::result::Result<ReloadReport, NginxError> {
+        let _guard = self.lock.lock().await;
+        let c = &*self.config;
+        let start = Instant::now();
+        let fail = |step: Step, restored: Restored, e: NginxError| NginxError::Switch {
+            step,
+            restored,
+            source: Box::new(e),
+        };
+
+        let pid = master::master_pid(&c.pid_file)
+            .map_err(|e| fail(Step::Preflight, Restored::NothingChanged, e))?;
+        let previous = read_optional(&c.include)
+            .map_err(|e| fail(Step::Preflight, Restored::NothingChanged, e))?;
+        let candidate = render_include(c.upstream.as_str(), c.keepalive, routing);
+        if previous.as_deref() == Some(candidate.as_str()) {
+            return Ok(ReloadReport {
+                changed: false,
+                latency: start.elapsed(),
+                verified: false,
+                old_workers_draining: 0,
+            });
+        }
+
+        let tmp = c.tmp_path();
+        write_synced(&tmp, &candidate).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(Step::WriteCandidate, Restored::NothingChanged, e)
+        })?;
+        std::fs::rename(&tmp, &c.include).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(
+                Step::Install,
+                Restored::NothingChanged,
+                NginxError::fs("renaming the candidate over", &c.include, e),
+            )
+        })?;
+
+        if let Err(e) = c.nginx.test_config(&c.include, c.test_timeout).await {
+            let restored = self.restore(previous.as_deref(), None).await;
+            return Err(fail(Step::ConfigTest, restored, e));
+        }
+
+        let before = master::workers(pid);
+        if let Err(e) = self.reload_and_wait(pid, &before).await {
+            let restored = self.restore(previous.as_deref(), Some(pid)).await;
+            return Err(fail(Step::Reload, restored, e));
+        }
+
+        let verified = match &c.verify {
+            None => false,
+            Some(probe) => match verify(probe, routing, c.reload_timeout).await {
+                Ok(()) => true,
+                Err(e) => {
+                    let restored = self.restore(previous.as_deref(), Some(pid)).await;
+                    return Err(fail(Step::Verify, restored, e));
+                }
+            },
+        };
+        let latency = start.elapsed();
+
+        let old_workers_draining = wait_old_workers(pid, &before, c.drain_wait).await;
+        if old_workers_draining > 0 {
+            tracing::warn!(
+                backend = crate::NAME,
+                old_workers = old_workers_draining,
+                "old nginx workers still finishing requests after {:?}; they exit on their own (worker_shutdown_timeout bounds them)",
+                c.drain_wait
+            );
+        }
+        Ok(ReloadReport {
+            changed: true,
+            latency,
+            verified,
+            old_workers_draining,
+        })
+    }
+
+    /// SIGHUP, then wait until the master runs a worker that was not there before.
+    async fn reload_and_wait(&self, pid: Pid, before: &[master::Worker]) -> Result<(), NginxError> {
+        master::send_reload(pid)?;
+        let deadline = Instant::now() + self.config.reload_timeout;
+        loop {
+            let now = master::workers(pid);
+            if now
+                .iter()
+                .any(|w| !w.shutting_down && !before.iter().any(|b| b.pid == w.pid))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(NginxError::ReloadNotApplied {
+                    pid: pid.as_raw_nonzero().get(),
+                    after: self.config.reload_timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Puts `previous` back (removes the include if there was none) and, when nginx had been
+    /// reloaded (`pid`), reloads it again.
+    async fn restore(&self, previous: Option<&str>, pid: Option<Pid>) -> Restored {
+        let c = &*self.config;
+        let res = match previous {
+            Some(text) => {
+                let tmp = c.tmp_path();
+                write_synced(&tmp, text).and_then(|()| {
+                    std::fs::rename(&tmp, &c.include).map_err(|e| {
+                        NginxError::fs("renaming the previous include over", &c.include, e)
+                    })
+                })
+            }
+            None => match std::fs::remove_file(&c.include) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(NginxError::fs("removing", &c.include, e)),
+            },
+        };
+        if let Err(e) = res {
+            return Restored::RestoreFailed {
+                reason: e.to_string(),
+            };
+        }
+        let Some(pid) = pid else {
+            return Restored::Restored { reloaded: false };
+        };
+        let before = master::workers(pid);
+        match self.reload_and_wait(pid, &before).await {
+            Ok(()) => Restored::Restored { reloaded: true },
+            Err(e) => Restored::RestoreFailed {
+                reason: format!("the previous include is back but reloading it failed: {e}"),
+            },
+        }
+    }
+}
+
+fn read_optional(path: &Path) -> std::result::Result<Option<String>, NginxError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(NginxError::fs("reading", path, e)),
+    }
+}
+
+fn write_synced(path: &Path, text: &str) -> std::result::Result<(), NginxError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| NginxError::fs("creating", path, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| NginxError::fs("writing", path, e))
+}
+
+/// Probes until `consecutive` answers in a row come from slots the routing sends traffic to
+/// (for a whole split: the target slot).
+async fn verify(
+    probe: &VerifyProbe,
+    routing: &Routing,
+    bound: Duration,
+) -> std::result::Result<(), NginxError> {
+    let expected: Vec<Slot> = Slot::ALL
+        .into_iter()
+        .filter(|s| routing.split.weight(*s) > 0)
+        .collect();
+    let expected_desc = expected
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let deadline = Instant::now() + bound;
+    let mut streak = 0;
+    let mut last = String::from("no answer yet");
+    loop {
+        match http::request(probe.addr, "GET", &probe.path, &[], "", bound).await {
+            Ok(a) if (200..300).contains(&a.status) => {
+                let slot = match &probe.marker {
+                    SlotMarker::Header(h) => a.header(h).and_then(|v| v.parse::<Slot>().ok()),
+                    SlotMarker::UpstreamAddrHeader(h) => a.header(h).and_then(|v| {
+                        // `$upstream_addr` lists every peer tried; the last one answered.
+                        let addr = v.rsplit(", ").next().unwrap_or(v);
+                        Slot::ALL.into_iter().find(|s| {
+                            routing
+                                .endpoints
+                                .get(*s)
+                                .iter()
+                                .any(|e| e.authority() == addr)
+                        })
+                    }),
+                };
+                match slot {
+                    Some(s) if expected.contains(&s) => streak += 1,
+                    other => {
+                        streak = 0;
+                        last = match other {
+                            Some(s) => format!("an answer came from {s}"),
+                            None => "an answer did not say which slot served it".into(),
+                        };
+                    }
+                }
+            }
+            Ok(a) => {
+                streak = 0;
+                last = format!("status {}", a.status);
+            }
+            Err(e) => {
+                streak = 0;
+                last = e.to_string();
+            }
+        }
+        if streak >= probe.consecutive {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(NginxError::Verify {
+                expected: expected_desc,
+                after: bound,
+                detail: last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits up to `bound` for the workers in `before` to exit; returns how many are left.
+async fn wait_old_workers(pid: Pid, before: &[master::Worker], bound: Duration) -> usize {
+    let deadline = Instant::now() + bound;
+    loop {
+        let now = master::workers(pid);
+        let left = before
+            .iter()
+            .filter(|b| now.iter().any(|w| w.pid == b.pid))
+            .count();
+        if left == 0 || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[async_trait]
+impl TrafficSwitch for ReloadSwitch {
+    fn name(&self) -> &str {
+        crate::NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::basic().with_weights(true)
+    }
+
+    async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
+        self.check_split(split, endpoints)?;
+        format::validate_endpoints(endpoints, false, "Reload")?;
+        let routing = Routing {
+            split: split.clone(),
+            endpoints: endpoints.clone(),
+        };
+        self.switch_to(&routing)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.into_core("apply"))
+    }
+
+    async fn current(&self) -> Result<Option<TrafficSplit>> {
+        Ok(self
+            .read()
+            .map_err(|e| e.into_core("current"))?
+            .map(|r| r.split))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bluegreen_core::Endpoint;
+
+    fn routing(b: u8, g: u8) -> Routing {
+        Routing {
+            split: TrafficSplit::new(b, g).unwrap(),
+            endpoints: Endpoints::new(
+                vec![
+                    Endpoint::new("127.0.0.1", 8081),
+                    Endpoint::new("127.0.0.1", 8082),
+                ],
+                vec![Endpoint::new("app-green.internal", 9090)],
+            ),
+        }
+    }
+
+    #[test]
+    fn include_leaves_out_weightless_slots_and_keeps_the_ratio() {
+        let text = render_include("app", 16, &routing(100, 0));
+        assert!(
+            text.contains("server 127.0.0.1:8081 weight=1; # blue"),
+            "{text}"
+        );
+        assert!(!text.contains("9090 weight"), "{text}");
+        assert!(text.contains("keepalive 16;"), "{text}");
+        // 90/10 with two blue peers and one green: blue peers 9 each, green 2 (18:2 = 90:10).
+        let text = render_include("app", 0, &routing(90, 10));
+        assert!(text.contains("server 127.0.0.1:8081 weight=9;"), "{text}");
+        assert!(
+            text.contains("server app-green.internal:9090 weight=2;"),
+            "{text}"
+        );
+        assert!(!text.contains("    keepalive"), "{text}");
+    }
+
+    #[test]
+    fn include_round_trips_and_hand_edits_are_refused() {
+        let r = routing(70, 30);
+        let text = render_include("app", 32, &r);
+        assert_eq!(parse_include(&text).unwrap(), r);
+        let edited = text.replace("weight=7;", "weight=8;");
+        assert!(parse_include(&edited).unwrap_err().contains("differs"));
+        let edited = text.replace("# weights 70 30", "# weights 30 70");
+        assert!(parse_include(&edited).is_err());
+        assert!(parse_include("upstream app { server 127.0.0.1:1; }\n").is_err());
+        assert!(parse_include("").is_err());
+    }
+
+    #[test]
+    fn config_and_probe_validate_their_input() {
+        let cmd = NginxCommand::new("/etc/nginx/nginx.conf");
+        assert!(ReloadConfig::new(cmd.clone(), "/tmp/x.conf", "app", "/run/nginx.pid").is_ok());
+        assert!(ReloadConfig::new(cmd.clone(), "/tmp/x.conf", "a;pp", "/run/nginx.pid").is_err());
+        assert!(ReloadConfig::new(cmd, "/tmp/x.conf", "a.b", "/run/nginx.pid").is_err());
+        let p = VerifyProbe::new("127.0.0.1:80".parse().unwrap());
+        assert!(p.clone().with_path("/health?x=1").is_ok());
+        assert!(p.clone().with_path("/a b").is_err());
+        assert!(p.clone().with_path("/a\r\nHost: x").is_err());
+        assert!(p.clone().with_path("relative").is_err());
+        assert!(p
+            .clone()
+            .with_marker(SlotMarker::Header("x-slot\r\n".into()))
+            .is_err());
+        assert!(p
+            .with_marker(SlotMarker::UpstreamAddrHeader("x-upstream".into()))
+            .is_ok());
+    }
+}

@@ -1,0 +1,275 @@
+//! Reload mode against real, stock nginx: conformance, and every failure path with what the
+//! caller sees and what is left (the previous include, live traffic untouched).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bluegreen_core::testkit::{switch_suite, BoxFuture, SwitchSuite};
+use bluegreen_core::{Endpoint, Error, Slot, TrafficSplit, TrafficSwitch};
+use bluegreen_demo::{DemoConfig, DemoServer};
+use bluegreen_nginx::{NginxError, ReloadConfig, ReloadSwitch, Restored, Routing, Step};
+
+fn nginx_error(e: &Error) -> &NginxError {
+    match e {
+        Error::Backend { source, .. } => source
+            .downcast_ref::<NginxError>()
+            .unwrap_or_else(|| panic!("not an NginxError: {e}")),
+        other => panic!("expected a backend error, got {other:?}"),
+    }
+}
+
+fn include_text(s: &common::ReloadSetup) -> String {
+    std::fs::read_to_string(&s.switch.config().include).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_switch_passes_the_switch_conformance_suite() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let mut suite = SwitchSuite::new(s.backends.endpoints());
+    let config = s.switch.config().clone();
+    suite.reopen = Some(Arc::new(move || -> BoxFuture<Box<dyn TrafficSwitch>> {
+        let config = config.clone();
+        Box::pin(async move { Box::new(ReloadSwitch::new(config)) as Box<dyn TrafficSwitch> })
+    }));
+    suite.served_by = Some(common::served_by_fn(s.listen));
+    switch_suite(&s.switch, &suite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_nginx_t_rejects_is_restored_and_traffic_stays() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let before = include_text(&s);
+    // Valid for our grammar, refused by nginx: the name does not resolve.
+    let mut endpoints = s.backends.endpoints();
+    endpoints.green = vec![Endpoint::new("no-such-host.invalid", 8080)];
+    let err = s
+        .switch
+        .apply(&TrafficSplit::all(Slot::Green), &endpoints)
+        .await
+        .unwrap_err();
+    let ne = nginx_error(&err);
+    assert_eq!(ne.step(), Some(Step::ConfigTest), "{err}");
+    assert_eq!(ne.restored(), Some(&Restored::Restored { reloaded: false }));
+    assert!(matches!(ne.root(), NginxError::ConfigTest { .. }), "{err}");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(
+        msg.contains("nginx -t") && msg.contains("no-such-host.invalid"),
+        "{msg}"
+    );
+    assert!(msg.contains("live traffic untouched"), "{msg}");
+    assert_eq!(
+        include_text(&s),
+        before,
+        "the previous include was not restored"
+    );
+    assert_eq!(
+        s.switch.current().await.unwrap(),
+        Some(TrafficSplit::all(Slot::Blue))
+    );
+    assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Blue);
+    assert!(!s
+        .switch
+        .config()
+        .include
+        .with_file_name(".upstream.conf.bluegreen-tmp")
+        .exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_whose_requests_do_not_reach_the_target_is_rolled_back() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let before = include_text(&s);
+    // "green" is really another blue instance (a misrouted environment): nginx accepts the
+    // config and reloads, but the probe sees blue answering.
+    let wrong = DemoServer::start(DemoConfig::new("v1", "blue"))
+        .await
+        .unwrap();
+    let mut endpoints = s.backends.endpoints();
+    endpoints.green = vec![Endpoint::new("127.0.0.1", wrong.local_addr().port())];
+    let switch = ReloadSwitch::new(
+        s.switch
+            .config()
+            .clone()
+            .with_reload_timeout(Duration::from_secs(2)),
+    );
+    let err = switch
+        .apply(&TrafficSplit::all(Slot::Green), &endpoints)
+        .await
+        .unwrap_err();
+    let ne = nginx_error(&err);
+    assert_eq!(ne.step(), Some(Step::Verify), "{err}");
+    assert_eq!(
+        ne.restored(),
+        Some(&Restored::Restored { reloaded: true }),
+        "{err}"
+    );
+    eprintln!("{err}");
+    assert!(err.to_string().contains("did not reach green"), "{err}");
+    assert_eq!(include_text(&s), before);
+    for _ in 0..5 {
+        assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Blue);
+    }
+    assert!(err.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_not_running_and_a_stale_pid_file_are_told_apart_and_change_nothing() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let endpoints = s.backends.endpoints();
+    let before = include_text(&s);
+
+    // A pid file naming a process that is gone.
+    let stale = s.dir.path().join("stale.pid");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::write(&stale, format!("{dead}\n")).unwrap();
+    let mut config = s.switch.config().clone();
+    config.pid_file = stale;
+    let err = ReloadSwitch::new(config)
+        .apply(&TrafficSplit::all(Slot::Green), &endpoints)
+        .await
+        .unwrap_err();
+    let ne = nginx_error(&err);
+    assert_eq!(ne.step(), Some(Step::Preflight));
+    assert!(
+        matches!(ne.root(), NginxError::StalePidFile { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("stale pid file"), "{err}");
+    assert_eq!(include_text(&s), before);
+
+    // nginx stopped: its pid file is gone.
+    let switch = s.switch.clone();
+    s.nginx.stop();
+    let err = switch
+        .apply(&TrafficSplit::all(Slot::Green), &endpoints)
+        .await
+        .unwrap_err();
+    let ne = nginx_error(&err);
+    assert!(matches!(ne.root(), NginxError::NotRunning { .. }), "{err}");
+    assert!(err.to_string().contains("nginx is not running"), "{err}");
+    assert_eq!(ne.restored(), Some(&Restored::NothingChanged));
+    assert_eq!(
+        std::fs::read_to_string(&switch.config().include).unwrap(),
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_on_the_include_is_reported_with_the_path() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    // Even root cannot create files in sysfs.
+    let mut config = s.switch.config().clone();
+    config.include = "/sys/kernel/bluegreen-nginx-test.conf".into();
+    let err = ReloadSwitch::new(config)
+        .apply(&TrafficSplit::all(Slot::Green), &s.backends.endpoints())
+        .await
+        .unwrap_err();
+    let ne = nginx_error(&err);
+    assert_eq!(ne.step(), Some(Step::WriteCandidate), "{err}");
+    assert!(
+        matches!(ne.root(), NginxError::PermissionDenied { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("/sys/kernel/"), "{err}");
+    assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Blue);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edited_include_is_a_clear_error_for_current() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let path = s.switch.config().include.clone();
+    let text = include_text(&s).replace("weight=1;", "weight=1 max_fails=3;");
+    std::fs::write(&path, text).unwrap();
+    let err = s.switch.current().await.unwrap_err();
+    assert!(
+        matches!(nginx_error(&err), NginxError::Unparseable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("edited by hand"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(s.switch.current().await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_workers_still_serving_are_reported_and_their_request_completes() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let listen = s.listen;
+    let slow =
+        tokio::spawn(async move { bluegreen_demo::client::get(listen, "/slow?ms=2500").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let switch = ReloadSwitch::new(
+        s.switch
+            .config()
+            .clone()
+            .with_drain_wait(Duration::from_millis(200)),
+    );
+    let routing = Routing {
+        split: TrafficSplit::all(Slot::Green),
+        endpoints: s.backends.endpoints(),
+    };
+    let report = switch.switch_to(&routing).await.unwrap();
+    assert!(report.changed && report.verified, "{report:?}");
+    assert!(
+        report.old_workers_draining >= 1,
+        "the old worker serving the slow request was not reported: {report:?}"
+    );
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status, 200, "the in-flight request failed: {r:?}");
+    assert_eq!(r.header("x-bluegreen-slot"), Some("blue"));
+
+    // Same routing again: nothing to do.
+    let again = switch.switch_to(&routing).await.unwrap();
+    assert!(!again.changed);
+    // With a long enough wait, nothing is left.
+    let back = Routing {
+        split: TrafficSplit::all(Slot::Blue),
+        endpoints: s.backends.endpoints(),
+    };
+    let report = ReloadSwitch::new(
+        s.switch
+            .config()
+            .clone()
+            .with_drain_wait(Duration::from_secs(10)),
+    )
+    .switch_to(&back)
+    .await
+    .unwrap();
+    assert_eq!(report.old_workers_draining, 0, "{report:?}");
+}
+
+#[test]
+fn reload_config_refuses_hostile_names() {
+    let cmd = bluegreen_nginx::master::NginxCommand::new("/etc/nginx/nginx.conf");
+    for bad in ["app;", "app\n", "a b", "app}", ""] {
+        assert!(
+            ReloadConfig::new(cmd.clone(), "/tmp/u.conf", bad, "/run/nginx.pid").is_err(),
+            "{bad:?}"
+        );
+    }
+}
