@@ -1,2 +1,21 @@
-//! `bluegreen-docker`: not implemented yet (see the open issue for this backend).
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+
+mod config;
+mod environment;
+mod error;
+mod image;
+
+pub use config::{DockerConfig, Publish, PullPolicy, RestartPolicy};
+pub use environment::{
+    DockerEnvironment, OwnedContainer, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_SLOT, LABEL_VERSION,
+    MAX_LOG_BYTES,
+};
+pub use error::DockerError;
+pub use image::{shared_libraries, ImageHealthcheck, ScratchImage};
+
+/// The bollard client this crate uses, re-exported so callers build clients of the same version.
+pub use bollard;
+
+/// The backend's name, as errors and events report it.
+pub const BACKEND: &str = "docker";

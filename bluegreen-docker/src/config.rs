@@ -1,0 +1,318 @@
+//! Settings of a [`DockerEnvironment`](crate::DockerEnvironment).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use bluegreen_core::{Error, Name, Result};
+
+/// When the image of a release is pulled from a registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Never pull: the image must already be on the engine (built or loaded there).
+    Never,
+    /// Pull only when the engine does not have the image. The default.
+    #[default]
+    IfMissing,
+    /// Pull before every deploy (a moving tag such as `app:stable` then gets its newest image).
+    Always,
+}
+
+impl PullPolicy {
+    /// `never`, `if-missing` or `always`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Never => "never",
+            PullPolicy::IfMissing => "if-missing",
+            PullPolicy::Always => "always",
+        }
+    }
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a slot's container is reached, which decides the endpoints `deploy` returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Publish {
+    /// The container port is published on the engine host's loopback interface
+    /// (`127.0.0.1`, a random free host port); endpoints are
+    /// `<endpoint_host>:<host port>`. For a switch running on the engine's host. The default.
+    #[default]
+    Loopback,
+    /// Nothing is published; endpoints are `<project>-<slot>:<container port>`, the slot's alias
+    /// on the project network. For a switch running as a container on that network.
+    Network,
+}
+
+/// Docker's restart policy for the slot containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Never restarted by the engine.
+    No,
+    /// Restarted when it exits with a non-zero code, at most this many times.
+    OnFailure(u32),
+    /// Restarted unless it was stopped (also across engine restarts). The default.
+    #[default]
+    UnlessStopped,
+    /// Always restarted.
+    Always,
+}
+
+/// Settings of a [`DockerEnvironment`](crate::DockerEnvironment): one project, two slot
+/// containers (`<project>-blue`, `<project>-green`).
+///
+/// ```
+/// use std::time::Duration;
+/// use bluegreen_docker::{DockerConfig, PullPolicy, RestartPolicy};
+///
+/// let config = DockerConfig::new("shop")
+///     .unwrap()
+///     .with_container_port(8069)
+///     .with_memory_limit(512 * 1024 * 1024)
+///     .with_cpus(1.5)
+///     .with_restart(RestartPolicy::OnFailure(3))
+///     .with_pull(PullPolicy::Never)
+///     .with_stop_timeout(Duration::from_secs(20));
+/// assert_eq!(config.container_name(bluegreen_core::Slot::Green), "shop-green");
+/// assert_eq!(config.network_name(), "shop");
+/// assert!(DockerConfig::new("shop;rm -rf").is_err());
+/// ```
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DockerConfig {
+    /// The project: names the containers (`<project>-<slot>`), the default network and the
+    /// `bluegreen.project` label that marks what this environment owns.
+    pub project: Name,
+    /// The user-defined bridge network the slots join (default: the project name). Created with
+    /// our labels when missing; an existing network is used as it is and never removed.
+    pub network: Option<Name>,
+    /// The port the application listens on inside the container (handed to it as `PORT`).
+    /// Default 8080.
+    pub container_port: u16,
+    /// How endpoints are reached. Default [`Publish::Loopback`].
+    pub publish: Publish,
+    /// The host put into [`Publish::Loopback`] endpoints: `127.0.0.1` for a local engine; for a
+    /// remote engine, an address of that host where the switch can reach the published ports.
+    pub endpoint_host: String,
+    /// The host address published ports bind to. Default `127.0.0.1`.
+    pub bind_ip: String,
+    /// When images are pulled. Default [`PullPolicy::IfMissing`].
+    pub pull: PullPolicy,
+    /// Memory limit in bytes (`--memory`); `None` for no limit.
+    pub memory_bytes: Option<i64>,
+    /// CPU limit in CPUs (`--cpus`, e.g. `1.5`); `None` for no limit.
+    pub cpus: Option<f64>,
+    /// Restart policy. Default [`RestartPolicy::UnlessStopped`].
+    pub restart: RestartPolicy,
+    /// Variables given to every container (before the release's own, which win).
+    pub env: BTreeMap<String, String>,
+    /// How long after `start` a deploy watches for an immediate exit. Default 1 s.
+    pub startup_grace: Duration,
+    /// Drain bound when `deploy` replaces a running container and for `remove`. Default 10 s.
+    pub stop_timeout: Duration,
+    /// Bound on one `exec`. Default 10 min.
+    pub exec_timeout: Duration,
+}
+
+impl DockerConfig {
+    /// Defaults for `project`, which must be a valid [`Name`] of at most 40 characters (so that
+    /// `<project>-green` stays a valid DNS label) and start with a letter.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an invalid project name.
+    pub fn new(project: impl Into<String>) -> Result<Self> {
+        let project = project.into();
+        let name = Name::new(project.clone())?;
+        if project.len() > 40 {
+            return Err(Error::invalid(
+                "docker project",
+                project,
+                "at most 40 characters (container names are <project>-<slot>)",
+            ));
+        }
+        if !project.as_bytes()[0].is_ascii_alphabetic()
+            || project.contains(['+', '.', '_'])
+            || project.chars().any(|c| c.is_ascii_uppercase())
+        {
+            return Err(Error::invalid(
+                "docker project",
+                project,
+                "use lower-case letters, digits and `-`, starting with a letter (it becomes a \
+                 DNS alias on the project network)",
+            ));
+        }
+        Ok(DockerConfig {
+            project: name,
+            network: None,
+            container_port: 8080,
+            publish: Publish::Loopback,
+            endpoint_host: "127.0.0.1".to_string(),
+            bind_ip: "127.0.0.1".to_string(),
+            pull: PullPolicy::IfMissing,
+            memory_bytes: None,
+            cpus: None,
+            restart: RestartPolicy::UnlessStopped,
+            env: BTreeMap::new(),
+            startup_grace: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(10),
+            exec_timeout: Duration::from_secs(600),
+        })
+    }
+
+    /// The container of `slot`: `<project>-<slot>` (also its alias on the network).
+    pub fn container_name(&self, slot: bluegreen_core::Slot) -> String {
+        format!("{}-{}", self.project, slot)
+    }
+
+    /// The network the slots join.
+    pub fn network_name(&self) -> &str {
+        self.network.as_ref().unwrap_or(&self.project).as_str()
+    }
+
+    /// With another network (an existing one is used as it is and never removed by
+    /// [`reset`](crate::DockerEnvironment::reset) unless it carries our labels).
+    pub fn with_network(mut self, network: Name) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// With the application's port inside the container.
+    pub fn with_container_port(mut self, port: u16) -> Self {
+        self.container_port = port;
+        self
+    }
+
+    /// With how endpoints are reached.
+    pub fn with_publish(mut self, publish: Publish) -> Self {
+        self.publish = publish;
+        self
+    }
+
+    /// With the host put into loopback endpoints (a remote engine's address).
+    pub fn with_endpoint_host(mut self, host: impl Into<String>) -> Self {
+        self.endpoint_host = host.into();
+        self
+    }
+
+    /// With the host address published ports bind to.
+    pub fn with_bind_ip(mut self, ip: impl Into<String>) -> Self {
+        self.bind_ip = ip.into();
+        self
+    }
+
+    /// With the pull policy.
+    pub fn with_pull(mut self, pull: PullPolicy) -> Self {
+        self.pull = pull;
+        self
+    }
+
+    /// With a memory limit in bytes.
+    pub fn with_memory_limit(mut self, bytes: i64) -> Self {
+        self.memory_bytes = Some(bytes);
+        self
+    }
+
+    /// With a CPU limit (in CPUs).
+    pub fn with_cpus(mut self, cpus: f64) -> Self {
+        self.cpus = Some(cpus);
+        self
+    }
+
+    /// With the restart policy.
+    pub fn with_restart(mut self, restart: RestartPolicy) -> Self {
+        self.restart = restart;
+        self
+    }
+
+    /// With a variable for every container.
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// With the window in which an exit counts as a failed start.
+    pub fn with_startup_grace(mut self, grace: Duration) -> Self {
+        self.startup_grace = grace;
+        self
+    }
+
+    /// With the drain bound for replacing and removing.
+    pub fn with_stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+
+    /// With the bound on `exec`.
+    pub fn with_exec_timeout(mut self, timeout: Duration) -> Self {
+        self.exec_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings that reach the engine.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.container_port == 0 {
+            return Err(Error::invalid(
+                "container port",
+                "0",
+                "the application's port must be set",
+            ));
+        }
+        if self.bind_ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(Error::invalid(
+                "bind ip",
+                &self.bind_ip,
+                "expected an IP address",
+            ));
+        }
+        bluegreen_core::Endpoint::new(self.endpoint_host.clone(), 1).validate()?;
+        if let Some(c) = self.cpus {
+            if !(c > 0.0 && c <= 1024.0) {
+                return Err(Error::invalid(
+                    "cpus",
+                    c.to_string(),
+                    "expected a positive number of CPUs",
+                ));
+            }
+        }
+        if let Some(m) = self.memory_bytes {
+            // The engine refuses less than 6 MiB.
+            if m < 6 * 1024 * 1024 {
+                return Err(Error::invalid(
+                    "memory limit",
+                    m.to_string(),
+                    "at least 6 MiB (6291456 bytes)",
+                ));
+            }
+        }
+        for k in self.env.keys() {
+            crate::environment::validate_env_key(k)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DockerConfig {
+    /// Variable values are left out: they may hold credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DockerConfig")
+            .field("project", &self.project)
+            .field("network", &self.network_name())
+            .field("container_port", &self.container_port)
+            .field("publish", &self.publish)
+            .field("endpoint_host", &self.endpoint_host)
+            .field("bind_ip", &self.bind_ip)
+            .field("pull", &self.pull)
+            .field("memory_bytes", &self.memory_bytes)
+            .field("cpus", &self.cpus)
+            .field("restart", &self.restart)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("startup_grace", &self.startup_grace)
+            .field("stop_timeout", &self.stop_timeout)
+            .field("exec_timeout", &self.exec_timeout)
+            .finish()
+    }
+}

@@ -1,0 +1,220 @@
+//! What can go wrong with the Docker Engine; converted into [`bluegreen_core::Error`] at the
+//! boundary, where retryability is decided.
+
+use bluegreen_core::{Error, Slot};
+
+/// A failure of the Docker environment.
+///
+/// It reaches callers as the source of an [`Error::Backend`] (backend `docker`); downcast the
+/// source to match on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DockerError {
+    /// The Docker Engine could not be reached (or did not answer the version handshake).
+    #[error(
+        "cannot reach the Docker Engine at {host}: {source}; is the daemon running, and is \
+         DOCKER_HOST (or the socket path) right?"
+    )]
+    Unreachable {
+        /// The address tried (`DOCKER_HOST`, or the default socket).
+        host: String,
+        /// The client's error.
+        #[source]
+        source: bollard::errors::Error,
+    },
+
+    /// The Engine answered a call with an error.
+    #[error("Docker Engine call `{call}` failed: {source}")]
+    Engine {
+        /// What was asked (`create container app-blue`, `start container app-blue`, …).
+        call: String,
+        /// The client's error (for an Engine answer: its status code and message).
+        #[source]
+        source: bollard::errors::Error,
+    },
+
+    /// The release's image is not on the engine, and the pull policy forbids pulling it (or the
+    /// pull failed).
+    #[error(
+        "image `{image}` is not on the Docker Engine (pull policy {policy}){detail}; build or \
+         load it there (`docker build -t {image} …` / `docker load`), or allow pulling from a \
+         registry that has it"
+    )]
+    ImageMissing {
+        /// The image reference (the release's artifact).
+        image: String,
+        /// The pull policy in force.
+        policy: &'static str,
+        /// What the pull said, formatted for the message (may be empty).
+        detail: String,
+    },
+
+    /// A container (or network) we did not create holds the name we need.
+    #[error(
+        "a container named `{name}` exists but was not created by bluegreen for project \
+         `{project}` slot {slot} (its labels say {found}); it was left untouched: rename or \
+         remove it yourself, or choose another project name"
+    )]
+    NameClash {
+        /// The contested name.
+        name: String,
+        /// Our project.
+        project: String,
+        /// The slot that needs the name.
+        slot: Slot,
+        /// What its labels say about its owner.
+        found: String,
+    },
+
+    /// The network we need exists with a driver we cannot use.
+    #[error(
+        "network `{name}` exists with driver `{driver}`; bluegreen needs a bridge network: {hint}"
+    )]
+    NetworkUnusable {
+        /// The network.
+        name: String,
+        /// Its driver.
+        driver: String,
+        /// What to do.
+        hint: &'static str,
+    },
+
+    /// The container stopped right after it started.
+    #[error(
+        "container `{name}` (image `{image}`) in slot {slot} exited right after it started \
+         ({how}); last log lines:\n{log_tail}"
+    )]
+    ExitedAtStart {
+        /// The container.
+        name: String,
+        /// The image.
+        image: String,
+        /// The slot.
+        slot: Slot,
+        /// How it ended (`exit code 3`, `restarting after exit code 3`).
+        how: String,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+
+    /// The container runs but its port is not published as expected.
+    #[error(
+        "container `{name}` runs but port {port}/tcp is not published on the host; the image or \
+         another tool changed its port bindings"
+    )]
+    NoPublishedPort {
+        /// The container.
+        name: String,
+        /// The container port.
+        port: u16,
+    },
+
+    /// `exec` on a slot without a running container.
+    #[error(
+        "slot {slot} has no running container; deploy a release before running commands in it"
+    )]
+    NotRunning {
+        /// The slot.
+        slot: Slot,
+    },
+
+    /// `exec` did not finish in time (the command may still run inside the container).
+    #[error("`{program}` in slot {slot} did not finish within {after:?}")]
+    ExecTimeout {
+        /// The command's program.
+        program: String,
+        /// The slot.
+        slot: Slot,
+        /// The bound.
+        after: std::time::Duration,
+    },
+
+    /// A file for an image's build context could not be read, or `ldd` failed.
+    #[error("image build context: {what}: {source}")]
+    Context {
+        /// What was being done (naming the path).
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The Engine reported an error while building an image.
+    #[error("building image `{tag}` failed: {message}")]
+    Build {
+        /// The tag being built.
+        tag: String,
+        /// The builder's message (the failing step's output).
+        message: String,
+    },
+}
+
+impl DockerError {
+    /// An Engine call failure; an unreachable engine is reported as such.
+    pub(crate) fn engine(call: impl Into<String>, source: bollard::errors::Error) -> Self {
+        if is_connection_error(&source) {
+            return DockerError::Unreachable {
+                host: crate::environment::docker_host_for_messages(),
+                source,
+            };
+        }
+        DockerError::Engine {
+            call: call.into(),
+            source,
+        }
+    }
+
+    /// Converts into the core error for `operation`, deciding whether a retry may help.
+    pub(crate) fn into_core(self, operation: &'static str) -> Error {
+        let retryable = match &self {
+            DockerError::Unreachable { .. } | DockerError::ExecTimeout { .. } => true,
+            DockerError::Engine { source, .. } => match source {
+                bollard::errors::Error::DockerResponseServerError { status_code, .. } => {
+                    *status_code >= 500
+                }
+                bollard::errors::Error::RequestTimeoutError => true,
+                e => is_connection_error(e),
+            },
+            DockerError::ImageMissing { .. }
+            | DockerError::NameClash { .. }
+            | DockerError::NetworkUnusable { .. }
+            | DockerError::ExitedAtStart { .. }
+            | DockerError::NoPublishedPort { .. }
+            | DockerError::NotRunning { .. }
+            | DockerError::Context { .. }
+            | DockerError::Build { .. } => false,
+        };
+        Error::backend(crate::BACKEND, operation, retryable, self)
+    }
+}
+
+/// True for a 404 from the Engine.
+pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// True for a 304 (already started / already stopped).
+pub(crate) fn is_not_modified(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 304,
+            ..
+        }
+    )
+}
+
+/// True when the client never got an answer from the Engine.
+pub(crate) fn is_connection_error(e: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as B;
+    matches!(
+        e,
+        B::SocketNotFoundError(_) | B::HyperLegacyError { .. } | B::IOError { .. }
+    )
+}

@@ -1,0 +1,180 @@
+//! Shared helpers of the Docker tests: the engine (or a skip), test images built once per test
+//! binary, unique project names, and guards that remove what a test created.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bluegreen_core::Release;
+use bluegreen_docker::bollard::Docker;
+use bluegreen_docker::{DockerConfig, DockerEnvironment, ImageHealthcheck, ScratchImage};
+use tokio::sync::OnceCell;
+
+/// A client on this machine's engine, or `None` (test skipped) when there is none and `CI` is
+/// unset. With `CI` set, a missing engine fails the test loudly.
+pub async fn engine() -> Option<Docker> {
+    let res = async {
+        let d = Docker::connect_with_defaults().map_err(|e| e.to_string())?;
+        let d = d.negotiate_version().await.map_err(|e| e.to_string())?;
+        d.ping().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(d)
+    }
+    .await;
+    match res {
+        Ok(d) => Some(d),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("the Docker Engine is required in CI but cannot be reached: {e}")
+        }
+        Err(e) => {
+            println!("SKIPPED: no Docker Engine reachable ({e})");
+            None
+        }
+    }
+}
+
+fn binary_tag(what: &str) -> String {
+    format!(
+        "bluegreen-docker-test/{what}:{}",
+        env!("CARGO_CRATE_NAME").replace('_', "-")
+    )
+}
+
+/// The demo app image (plus `/usr/bin/env` and `/usr/bin/true` for exec tests), built once per
+/// test binary. Returns its tag.
+pub async fn demo_image() -> String {
+    static IMAGE: OnceCell<String> = OnceCell::const_new();
+    IMAGE
+        .get_or_init(|| async {
+            let tag = binary_tag("demo");
+            let docker = engine().await.expect("engine checked by the caller");
+            ScratchImage::demo(&tag, bluegreen_demo::binary_path())
+                .unwrap()
+                .with_executable("/usr/bin/env", "/usr/bin/env")
+                .with_executable("/usr/bin/true", "/usr/bin/true")
+                .with_label("bluegreen.test", "1")
+                .build(&docker)
+                .await
+                .unwrap_or_else(|e| panic!("building the demo image failed: {e}"));
+            tag
+        })
+        .await
+        .clone()
+}
+
+/// The demo image with a `HEALTHCHECK` (bash probing `/health` on `$PORT`), built once per test
+/// binary on top of [`demo_image`].
+pub async fn health_image() -> String {
+    static IMAGE: OnceCell<String> = OnceCell::const_new();
+    let base = demo_image().await;
+    IMAGE
+        .get_or_init(|| async {
+            let tag = binary_tag("demo-healthcheck");
+            let docker = engine().await.expect("engine checked by the caller");
+            // A fixed script in the test image, no input reaches it.
+            let probe = "exec 3<>/dev/tcp/127.0.0.1/${PORT:-8080} && \
+                         printf 'GET /health HTTP/1.0\\r\\n\\r\\n' >&3 && \
+                         IFS= read -r line <&3 && [[ $line == *' 200 '* ]]";
+            ScratchImage::new(&tag)
+                .unwrap()
+                .with_base(base)
+                .with_executable("/bin/bash", "/bin/bash")
+                .with_healthcheck(
+                    ImageHealthcheck::new(vec!["/bin/bash".into(), "-c".into(), probe.into()])
+                        .with_interval(Duration::from_millis(500))
+                        .with_retries(2),
+                )
+                .build(&docker)
+                .await
+                .unwrap_or_else(|e| panic!("building the healthcheck image failed: {e}"));
+            tag
+        })
+        .await
+        .clone()
+}
+
+/// A project name unique to this test run and call.
+pub fn project(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("bgt-{prefix}-{}-{n}", std::process::id())
+}
+
+/// A release of `image` with knobs from the test's own environment cleared.
+pub fn release(version: &str, image: &str) -> Release {
+    Release::new(version, image).unwrap()
+}
+
+/// Removes every container and network of `project` (and the named foreign containers) when
+/// dropped, whatever happened in the test: on a thread with its own runtime and client, since
+/// the test's runtime may be gone.
+pub struct Cleanup {
+    pub project: String,
+    pub foreign: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new(project: &str) -> Self {
+        Cleanup {
+            project: project.to_string(),
+            foreign: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let project = self.project.clone();
+        let foreign = std::mem::take(&mut self.foreign);
+        let t = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let Ok(env) = DockerEnvironment::connect(
+                    DockerConfig::new(&project)
+                        .unwrap()
+                        .with_stop_timeout(Duration::from_secs(2)),
+                )
+                .await
+                else {
+                    return;
+                };
+                for name in foreign {
+                    let _ = env
+                        .client()
+                        .remove_container(
+                            &name,
+                            Some(
+                                bluegreen_docker::bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                                    .force(true)
+                                    .build(),
+                            ),
+                        )
+                        .await;
+                }
+                if let Err(e) = env.reset().await {
+                    eprintln!("cleanup of project {project} failed: {e}");
+                }
+            });
+        });
+        let _ = t.join();
+    }
+}
+
+/// An environment for a fresh project with short timeouts, and its cleanup guard.
+pub async fn environment(
+    prefix: &str,
+    config: impl FnOnce(DockerConfig) -> DockerConfig,
+) -> (DockerEnvironment, Cleanup) {
+    let project = project(prefix);
+    let guard = Cleanup::new(&project);
+    let env = DockerEnvironment::connect(config(
+        DockerConfig::new(&project)
+            .unwrap()
+            .with_stop_timeout(Duration::from_secs(5)),
+    ))
+    .await
+    .unwrap();
+    (env, guard)
+}

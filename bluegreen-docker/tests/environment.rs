@@ -1,0 +1,486 @@
+//! DockerEnvironment against the real Docker Engine, with images the tests build themselves.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bluegreen_core::testkit::{environment_suite, EnvironmentSuite};
+use bluegreen_core::{Endpoint, Environment, Error, InstanceState, RuntimeHealth, Slot};
+use bluegreen_docker::bollard::models::{ContainerCreateBody, RestartPolicyNameEnum};
+use bluegreen_docker::bollard::query_parameters::CreateContainerOptionsBuilder;
+use bluegreen_docker::{
+    DockerEnvironment, DockerError, PullPolicy, RestartPolicy, LABEL_DEPLOYMENT, LABEL_PROJECT,
+    LABEL_SLOT, LABEL_VERSION,
+};
+use common::{demo_image, engine, environment, health_image, release};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_environment_suite() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let (env, _guard) = environment("suite", |c| c).await;
+    let img = image.clone();
+    let suite = EnvironmentSuite {
+        release: Arc::new(move |v| release(v, &img)),
+        ready_timeout: Duration::from_secs(30),
+        exec_argv: Some(vec!["/usr/bin/true".into()]),
+    };
+    environment_suite(&env, &suite).await;
+    assert_eq!(
+        env.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Absent
+    );
+}
+
+/// The `DockerError` inside a backend error.
+fn docker_error(e: &Error) -> &DockerError {
+    match e {
+        Error::Backend { source, .. } => source
+            .downcast_ref::<DockerError>()
+            .unwrap_or_else(|| panic!("not a DockerError: {e}")),
+        other => panic!("expected a backend error, got {other}"),
+    }
+}
+
+/// `GET path` on the endpoint, retried until the app answers (bounded).
+async fn get(e: &Endpoint, path: &str) -> reqwest::Response {
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.get(e.url(path)).send().await {
+            Ok(r) => return r,
+            Err(err) if Instant::now() < deadline => {
+                let _ = err;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("{e} never answered {path}: {err}"),
+        }
+    }
+}
+
+/// Polls `status` until `pred` holds (bounded).
+async fn wait_status(
+    env: &DockerEnvironment,
+    slot: Slot,
+    what: &str,
+    pred: impl Fn(&bluegreen_core::SlotStatus) -> bool,
+) -> bluegreen_core::SlotStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = env.status(slot).await.unwrap();
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{slot} never became {what}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_runs_the_release_with_labels_env_network_and_limits() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let (env, _guard) = environment("spec", |c| {
+        c.with_memory_limit(64 * 1024 * 1024)
+            .with_cpus(0.5)
+            .with_restart(RestartPolicy::OnFailure(2))
+            .with_env("FROM_CONFIG", "yes")
+    })
+    .await;
+    let project = env.config().project.to_string();
+    let rel = release("v1", &image)
+        .with_env("APP_MODE", "test")
+        .with_secret_env("DEMO_TOKEN", "hunter2")
+        .with_label("team", "payments");
+    let eps = env.deploy(Slot::Blue, &rel).await.unwrap();
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].host, "127.0.0.1");
+    let res = get(&eps[0], "/").await;
+    assert_eq!(res.headers()["x-bluegreen-version"], "v1");
+    assert_eq!(res.headers()["x-bluegreen-slot"], "blue");
+
+    let st = env.status(Slot::Blue).await.unwrap();
+    assert_eq!(st.state, InstanceState::Running);
+    assert_eq!(st.version.unwrap().as_str(), "v1");
+    assert_eq!(st.endpoints, eps);
+    assert_eq!(st.health, None, "the image has no HEALTHCHECK");
+
+    // What the engine holds.
+    let name = format!("{project}-blue");
+    let c = env.client().inspect_container(&name, None).await.unwrap();
+    let cfg = c.config.unwrap();
+    let labels = cfg.labels.unwrap();
+    assert_eq!(labels[LABEL_PROJECT], project);
+    assert_eq!(labels[LABEL_SLOT], "blue");
+    assert_eq!(labels[LABEL_VERSION], "v1");
+    assert!(!labels[LABEL_DEPLOYMENT].is_empty());
+    assert_eq!(labels["team"], "payments");
+    let cenv = cfg.env.unwrap();
+    for want in [
+        "APP_MODE=test",
+        "DEMO_TOKEN=hunter2",
+        "FROM_CONFIG=yes",
+        "PORT=8080",
+        "BLUEGREEN_SLOT=blue",
+        "BLUEGREEN_VERSION=v1",
+        "HOST=0.0.0.0",
+    ] {
+        assert!(cenv.iter().any(|e| e == want), "{want} missing");
+    }
+    let hc = c.host_config.unwrap();
+    assert_eq!(hc.memory, Some(64 * 1024 * 1024));
+    assert_eq!(hc.nano_cpus, Some(500_000_000));
+    let rp = hc.restart_policy.unwrap();
+    assert_eq!(rp.name, Some(RestartPolicyNameEnum::ON_FAILURE));
+    assert_eq!(rp.maximum_retry_count, Some(2));
+    let bindings = hc.port_bindings.unwrap()["8080/tcp"].clone().unwrap();
+    assert_eq!(bindings[0].host_ip.as_deref(), Some("127.0.0.1"));
+    let nets = c.network_settings.unwrap().networks.unwrap();
+    let ep = &nets[project.as_str()];
+    assert!(
+        ep.aliases.as_ref().unwrap().contains(&name),
+        "alias {name} missing: {:?}",
+        ep.aliases
+    );
+
+    // Secrets stay out of Debug.
+    assert!(!format!("{env:?}").contains("hunter2"));
+
+    // The variables reach the process (exec sees the container's environment).
+    let out = env
+        .exec(Slot::Blue, &["/usr/bin/env".to_string()])
+        .await
+        .unwrap();
+    assert!(out.success());
+    assert!(out.stdout.contains("DEMO_TOKEN=hunter2"), "{}", out.stdout);
+
+    // The same release again changes nothing; another one replaces the container.
+    let id = c.id.unwrap();
+    assert_eq!(env.deploy(Slot::Blue, &rel).await.unwrap(), eps);
+    let again = env.client().inspect_container(&name, None).await.unwrap();
+    assert_eq!(
+        again.id.unwrap(),
+        id,
+        "a redeploy of the same release replaced the container"
+    );
+    env.deploy(Slot::Blue, &rel.clone().with_env("APP_MODE", "other"))
+        .await
+        .unwrap();
+    let replaced = env.client().inspect_container(&name, None).await.unwrap();
+    assert_ne!(
+        replaced.id.unwrap(),
+        id,
+        "changed env did not replace the container"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_argv_and_reports_exit_codes_and_logs_read_since_a_time() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let (env, _guard) = environment("exec", |c| c).await;
+    let before = SystemTime::now() - Duration::from_secs(2);
+    let err = env
+        .exec(Slot::Blue, &["/usr/bin/true".to_string()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            docker_error(&err),
+            DockerError::NotRunning { slot: Slot::Blue }
+        ),
+        "{err}"
+    );
+    env.deploy(Slot::Blue, &release("v1", &image))
+        .await
+        .unwrap();
+
+    // Like a migration run that fails: argv only, exit code and output come back.
+    let argv: Vec<String> = ["/usr/bin/env", "DEMO_EXIT_CODE=4", "/bluegreen-demo"]
+        .map(String::from)
+        .to_vec();
+    let out = env.exec(Slot::Blue, &argv).await.unwrap();
+    assert_eq!(out.code, Some(4), "{out:?}");
+    assert!(out.stderr.contains("DEMO_EXIT_CODE"), "{out:?}");
+    let err = env.exec(Slot::Blue, &[]).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    let err = env
+        .exec(Slot::Blue, &["/no/such/program".to_string()])
+        .await;
+    // The engine either refuses to start it or reports exit code 126/127.
+    match err {
+        Ok(out) => assert!(!out.success(), "{out:?}"),
+        Err(e) => assert!(e.to_string().contains("/no/such/program"), "{e}"),
+    }
+
+    let logs = wait_logs(&env, before).await;
+    assert!(logs.contains("listening on 0.0.0.0:8080"), "{logs}");
+    let future = env
+        .logs(
+            Slot::Blue,
+            Some(SystemTime::now() + Duration::from_secs(120)),
+        )
+        .await
+        .unwrap();
+    assert!(future.is_empty(), "{future}");
+    assert_eq!(env.logs(Slot::Green, None).await.unwrap(), "");
+}
+
+async fn wait_logs(env: &DockerEnvironment, since: SystemTime) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = env.logs(Slot::Blue, Some(since)).await.unwrap();
+        if logs.contains("listening") || Instant::now() > deadline {
+            return logs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_healthcheck_is_reported_as_runtime_health() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = health_image().await;
+    let (env, _guard) = environment("health", |c| c).await;
+    env.deploy(Slot::Blue, &release("v1", &image))
+        .await
+        .unwrap();
+    env.deploy(
+        Slot::Green,
+        &release("v2", &image).with_env("DEMO_FAIL_HEALTH", "1"),
+    )
+    .await
+    .unwrap();
+    let blue = wait_status(&env, Slot::Blue, "healthy", |s| {
+        s.health == Some(RuntimeHealth::Healthy)
+    })
+    .await;
+    assert_eq!(blue.state, InstanceState::Running);
+    let green = wait_status(&env, Slot::Green, "unhealthy", |s| {
+        s.health == Some(RuntimeHealth::Unhealthy)
+    })
+    .await;
+    assert_eq!(green.state, InstanceState::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_image_with_pull_policy_never_fails_clearly() {
+    if engine().await.is_none() {
+        return;
+    }
+    let (env, _guard) = environment("noimage", |c| c.with_pull(PullPolicy::Never)).await;
+    let err = env
+        .deploy(
+            Slot::Blue,
+            &release("v1", "bluegreen-docker-test/absent:nope"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            docker_error(&err),
+            DockerError::ImageMissing {
+                policy: "never",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("bluegreen-docker-test/absent:nope") && msg.contains("docker build"),
+        "{msg}"
+    );
+    assert_eq!(
+        env.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Absent
+    );
+    assert!(env.containers().await.unwrap().is_empty());
+    // An invalid reference never reaches the engine.
+    let err = env
+        .deploy(Slot::Blue, &release("v1", "bad image\nname"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_exits_at_once_fails_the_deploy_with_its_log_lines() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    // The default restart policy (unless-stopped) turns a crash into a restart loop: still a
+    // failed start.
+    let (env, _guard) = environment("crash", |c| c).await;
+    let err = env
+        .deploy(
+            Slot::Blue,
+            &release("v1", &image).with_env("DEMO_EXIT_CODE", "3"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(docker_error(&err), DockerError::ExitedAtStart { .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("exit code 3") || msg.contains("restarted it"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("exiting with code 3 (DEMO_EXIT_CODE)"),
+        "{msg}"
+    );
+    let st = env.status(Slot::Blue).await.unwrap();
+    assert!(!st.is_up(), "{st:?}");
+    env.remove(Slot::Blue).await.unwrap();
+    assert_eq!(
+        env.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Absent
+    );
+
+    // Without restarts the container stays exited, with its code.
+    let (env, _guard2) =
+        environment("crash-norestart", |c| c.with_restart(RestartPolicy::No)).await;
+    let err = env
+        .deploy(
+            Slot::Green,
+            &release("v1", &image).with_env("DEMO_EXIT_CODE", "5"),
+        )
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("exit code 5") && msg.contains("exiting with code 5 (DEMO_EXIT_CODE)"),
+        "{msg}"
+    );
+    let st = env.status(Slot::Green).await.unwrap();
+    assert_eq!(
+        (st.state, st.exit_code),
+        (InstanceState::Exited, Some(5)),
+        "{st:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_container_with_the_slot_name_is_never_touched() {
+    let Some(docker) = engine().await else { return };
+    let image = demo_image().await;
+    let (env, mut guard) = environment("clash", |c| c).await;
+    let project = env.config().project.to_string();
+    let name = format!("{project}-blue");
+    guard.foreign.push(name.clone());
+    let body = ContainerCreateBody {
+        image: Some(image.clone()),
+        labels: Some(HashMap::from([(
+            "owner".to_string(),
+            "someone-else".to_string(),
+        )])),
+        ..Default::default()
+    };
+    let created = docker
+        .create_container(
+            Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+            body,
+        )
+        .await
+        .unwrap();
+    docker.start_container(&created.id, None).await.unwrap();
+
+    let err = env
+        .deploy(Slot::Blue, &release("v1", &image))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(docker_error(&err), DockerError::NameClash { .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&name) && msg.contains("left untouched"),
+        "{msg}"
+    );
+    for res in [
+        env.remove(Slot::Blue).await,
+        env.stop(Slot::Blue, Duration::from_secs(1)).await,
+        env.status(Slot::Blue).await.map(|_| ()),
+    ] {
+        let e = res.unwrap_err();
+        assert!(
+            matches!(docker_error(&e), DockerError::NameClash { .. }),
+            "{e}"
+        );
+    }
+    // The other slot is unaffected; reset removes ours only.
+    env.deploy(Slot::Green, &release("v1", &image))
+        .await
+        .unwrap();
+    let removed = env.reset().await.unwrap();
+    assert!(removed.contains(&format!("{project}-green")), "{removed:?}");
+    assert!(!removed.contains(&name), "{removed:?}");
+    let foreign = docker.inspect_container(&name, None).await.unwrap();
+    assert_eq!(foreign.id.unwrap(), created.id);
+    assert_eq!(
+        foreign.state.unwrap().running,
+        Some(true),
+        "the foreign container was stopped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_and_reset_touch_only_this_project() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let (a, _ga) = environment("own-a", |c| c).await;
+    let (b, _gb) = environment("own-b", |c| c).await;
+    a.deploy(Slot::Blue, &release("v1", &image)).await.unwrap();
+    a.deploy(Slot::Green, &release("v2", &image)).await.unwrap();
+    b.deploy(Slot::Blue, &release("v1", &image)).await.unwrap();
+
+    a.stop(Slot::Green, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        a.status(Slot::Green).await.unwrap().state,
+        InstanceState::Stopped
+    );
+    let removed = a.cleanup().await.unwrap();
+    assert_eq!(removed, vec![a.config().container_name(Slot::Green)]);
+    assert_eq!(
+        a.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Running
+    );
+
+    let removed = a.reset().await.unwrap();
+    let a_name = a.config().project.to_string();
+    assert!(
+        removed.contains(&a.config().container_name(Slot::Blue)) && removed.contains(&a_name),
+        "{removed:?}"
+    );
+    assert!(a.containers().await.unwrap().is_empty());
+    assert!(matches!(
+        a.client().inspect_network(&a_name, None).await,
+        Err(e) if e.to_string().contains("404") || e.to_string().contains("not found")
+    ));
+    assert_eq!(
+        b.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Running,
+        "resetting project a touched project b"
+    );
+}
