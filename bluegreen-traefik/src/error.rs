@@ -29,8 +29,12 @@ pub enum TraefikError {
         source: io::Error,
     },
 
-    /// The dynamic configuration file could not be read.
-    #[error("cannot read Traefik's dynamic configuration {path}: {source}")]
+    /// The dynamic configuration file (or its directory) could not be read. Nothing was changed.
+    #[error(
+        "cannot read Traefik's dynamic configuration {path}: {source}; nothing was changed \
+         (check that the file provider's directory exists, is a directory and is readable and \
+         writable by this process)"
+    )]
     Read {
         /// The file.
         path: PathBuf,

@@ -274,3 +274,33 @@ impl TrafficSwitch for TraefikSwitch {
         self.write_and_verify(&routing, endpoints).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_rename_removes_the_temporary_file_and_keeps_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        // The target name is a directory: the temporary file is written, the rename fails.
+        std::fs::create_dir(dir.path().join("app.yml")).unwrap();
+        let err = write_atomic(dir.path(), "app.yml", b"http: {}\n").unwrap_err();
+        assert!(matches!(err, TraefikError::Write { .. }), "{err:?}");
+        assert!(err.to_string().contains("app.yml"), "{err}");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("app.yml")]);
+        assert!(dir.path().join("app.yml").is_dir());
+    }
+
+    #[test]
+    fn a_write_replaces_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(dir.path(), "app.yml", b"a long first version\n").unwrap();
+        write_atomic(dir.path(), "app.yml", b"short\n").unwrap();
+        assert_eq!(fs::read(dir.path().join("app.yml")).unwrap(), b"short\n");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
