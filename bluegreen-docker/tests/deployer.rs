@@ -1,0 +1,298 @@
+//! End to end: the Deployer with Docker containers, the embedded proxy switch and the file state
+//! store, on the real engine with the demo image the test builds.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bluegreen_core::health::HttpCheck;
+use bluegreen_core::{
+    Deployer, Environment, FileStateStore, HttpVersionProbe, InstanceState, KeepOld, LiveTraffic,
+    MetricsAnalysis, Phase, Policy, Release, RunOutcome, Slot, TrafficSplit, VersionMarker,
+};
+use bluegreen_docker::DockerEnvironment;
+use bluegreen_proxy::{ProxyConfig, ProxySwitch};
+use common::{demo_image, engine, environment, health_image, release, Cleanup};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    proxy: ProxySwitch,
+    env: DockerEnvironment,
+    deployer: Deployer,
+    _cleanup: Cleanup,
+}
+
+async fn setup(prefix: &str, policy: Policy, http_check: bool) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxySwitch::bind(ProxyConfig::default()).await.unwrap();
+    let (env, cleanup) = environment(prefix, |c| c).await;
+    let mut builder = Deployer::builder()
+        .environment(Arc::new(env.clone()))
+        .switch(Arc::new(proxy.clone()))
+        .store(Arc::new(
+            FileStateStore::new(dir.path().join("state")).unwrap(),
+        ))
+        .verify_data_path(Arc::new(HttpVersionProbe::new(
+            proxy.url("/"),
+            VersionMarker::Header("x-bluegreen-version".into()),
+        )))
+        .analysis(Arc::new(MetricsAnalysis::new(0.05).with_min_requests(20)))
+        .policy(policy);
+    if http_check {
+        builder = builder.health_check(Arc::new(HttpCheck::new("/health")));
+    }
+    Setup {
+        _dir: dir,
+        proxy,
+        env,
+        deployer: builder.build().unwrap(),
+        _cleanup: cleanup,
+    }
+}
+
+fn policy() -> Policy {
+    Policy::default()
+        .with_readiness_timeout(Duration::from_secs(60))
+        .with_observation(Duration::from_secs(2), Duration::from_millis(100))
+        .with_drain_timeout(Duration::from_secs(5))
+}
+
+/// Keep-alive clients through the proxy; counts answers and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicU64>,
+    ok: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String) -> Load {
+        let (stop, failed, ok) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let tasks = (0..4)
+            .map(|_| {
+                let (url, stop, failed, ok) =
+                    (url.clone(), stop.clone(), failed.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+                    // Bounded: the test stops it, and it never runs past five minutes.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+                    while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+                        match c.get(&url).send().await {
+                            Ok(r) if r.status().is_success() => {
+                                let _ = r.bytes().await;
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => {
+                                eprintln!("failed request: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failed,
+            ok,
+            tasks,
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+async fn served_version(s: &Setup) -> String {
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = c.get(s.proxy.url("/")).send().await.unwrap();
+    r.headers()["x-bluegreen-version"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_to_v2_under_load_fails_no_request_and_rollback_switches_back() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let s = setup("e2e", policy(), true).await;
+    s.deployer.deploy(release("v1", &image)).await.unwrap();
+    assert_eq!(served_version(&s).await, "v1");
+
+    let load = Load::start(s.proxy.url("/"));
+    let report = s.deployer.deploy(release("v2", &image)).await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
+    let (ok, failed) = load.counts();
+    assert_eq!(
+        failed, 0,
+        "requests failed during the v1 -> v2 deploy ({ok} ok)"
+    );
+    assert!(ok > 20, "too little load went through: {ok}");
+    assert_eq!(served_version(&s).await, "v2");
+    assert_eq!(
+        s.env
+            .status(Slot::Green)
+            .await
+            .unwrap()
+            .version
+            .unwrap()
+            .as_str(),
+        "v2"
+    );
+
+    // The old slot was kept warm: rollback is a switch back, still under load.
+    let report = s.deployer.rollback().await.unwrap();
+    assert_eq!(report.version.as_str(), "v1");
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed, 0,
+        "requests failed during deploy + rollback ({ok} ok)"
+    );
+    assert_eq!(served_version(&s).await, "v1");
+    let st = s.deployer.status().await.unwrap();
+    assert_eq!(st.state.active, Some(Slot::Blue));
+    assert_eq!(st.switch, Some(TrafficSplit::all(Slot::Blue)));
+    assert!(st.drift.is_empty(), "{:?}", st.drift);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_redeploys_a_stopped_old_slot_under_load() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let s = setup("e2e-stop", policy().with_keep_old(KeepOld::Stop), true).await;
+    s.deployer.deploy(release("v1", &image)).await.unwrap();
+    let load = Load::start(s.proxy.url("/"));
+    let report = s.deployer.deploy(release("v2", &image)).await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
+    assert!(
+        !s.env.status(Slot::Blue).await.unwrap().is_up(),
+        "KeepOld::Stop left the old slot running"
+    );
+    let report = s.deployer.rollback().await.unwrap();
+    assert_eq!(report.version.as_str(), "v1");
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed, 0,
+        "requests failed during deploy + rollback ({ok} ok)"
+    );
+    assert!(ok > 20);
+    assert_eq!(served_version(&s).await, "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_exits_at_once_is_refused_with_its_log_lines() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let s = setup("e2e-crash", policy(), true).await;
+    s.deployer.deploy(release("v1", &image)).await.unwrap();
+    let crash: Release = release("v2", &image).with_env("DEMO_EXIT_CODE", "3");
+    let err = s.deployer.deploy(crash).await.unwrap_err();
+    assert_eq!(err.phase(), Some(Phase::DeployTarget), "{err}");
+    assert_eq!(err.live_traffic(), Some(LiveTraffic::Untouched), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("exiting with code 3 (DEMO_EXIT_CODE)"),
+        "{msg}"
+    );
+    assert_eq!(served_version(&s).await, "v1");
+    assert_eq!(
+        s.env.status(Slot::Green).await.unwrap().state,
+        InstanceState::Absent,
+        "the crashed target was not removed"
+    );
+    assert_eq!(
+        s.env.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Running
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_that_never_passes_removes_the_target_and_leaves_live_untouched() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let s = setup(
+        "e2e-unhealthy",
+        policy().with_readiness_timeout(Duration::from_secs(5)),
+        true,
+    )
+    .await;
+    s.deployer.deploy(release("v1", &image)).await.unwrap();
+    let load = Load::start(s.proxy.url("/"));
+    let bad = release("v2", &image).with_env("DEMO_FAIL_HEALTH", "1");
+    let err = s.deployer.deploy(bad).await.unwrap_err();
+    let (ok, failed) = load.finish().await;
+    assert_eq!(err.phase(), Some(Phase::WaitReady), "{err}");
+    assert_eq!(err.live_traffic(), Some(LiveTraffic::Untouched), "{err}");
+    assert!(err.to_string().contains("/health"), "{err}");
+    assert_eq!(
+        failed, 0,
+        "live traffic failed while the target was refused ({ok} ok)"
+    );
+    assert_eq!(served_version(&s).await, "v1");
+    assert_eq!(
+        s.env.status(Slot::Green).await.unwrap().state,
+        InstanceState::Absent,
+        "the unhealthy target was not removed"
+    );
+    assert_eq!(
+        s.env.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Running
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_image_healthcheck_fails_the_deploy_without_http_checks() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = health_image().await;
+    // No HTTP check: readiness is the image's own HEALTHCHECK.
+    let s = setup(
+        "e2e-imghealth",
+        policy().with_readiness_timeout(Duration::from_secs(20)),
+        false,
+    )
+    .await;
+    s.deployer.deploy(release("v1", &image)).await.unwrap();
+    let bad = release("v2", &image).with_env("DEMO_FAIL_HEALTH", "1");
+    let err = s.deployer.deploy(bad).await.unwrap_err();
+    assert_eq!(err.phase(), Some(Phase::WaitReady), "{err}");
+    assert_eq!(err.live_traffic(), Some(LiveTraffic::Untouched), "{err}");
+    assert!(err.to_string().contains("platform"), "{err}");
+    assert_eq!(served_version(&s).await, "v1");
+    assert_eq!(
+        s.env.status(Slot::Green).await.unwrap().state,
+        InstanceState::Absent
+    );
+}
