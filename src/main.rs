@@ -22,6 +22,7 @@ use bluegreen::{
 };
 use clap::{Parser, Subcommand};
 
+mod backends;
 mod pipeline;
 
 use pipeline::Pipeline;
@@ -277,7 +278,13 @@ async fn serve(
     state_dir: &std::path::Path,
     mode: Mode,
 ) -> bluegreen::Result<ExitCode> {
-    let cfg = p.proxy();
+    let cfg = p.proxy().ok_or_else(|| {
+        Error::invalid(
+            "pipeline file",
+            format!("switch kind \"{}\"", p.switch_kind()),
+            "`bluegreen serve` runs the embedded proxy; with this switch, run the proxy server itself",
+        )
+    })?;
     let token = pipeline::ensure_token(&Pipeline::token_path(state_dir))?;
     let proxy = ProxySwitch::bind(ProxyConfig::default().with_listen(cfg.listen)).await?;
     let admin = proxy.serve_admin(cfg.admin, token).await?;
@@ -393,8 +400,8 @@ async fn validate(
     let lines = [
         format!("pipeline file ok (project {})", p.project.name),
         format!(
-            "proxy control API reachable at {} (traffic: {})",
-            p.proxy().admin,
+            "{} switch reachable (traffic: {})",
+            p.switch_kind(),
             st.switch
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "not configured".into())

@@ -1,4 +1,14 @@
 //! The pipeline file (`bluegreen.toml`) and what it builds.
+// Settings of backends compiled out of this binary are parsed (so the file is checked) but unused.
+#![cfg_attr(
+    not(all(
+        feature = "haproxy",
+        feature = "nginx",
+        feature = "traefik",
+        feature = "postgres"
+    )),
+    allow(dead_code)
+)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,10 +19,9 @@ use std::time::Duration;
 use bluegreen::health::{CommandCheck, HttpCheck, TcpCheck};
 use bluegreen::hooks::ExecHook;
 use bluegreen::process::{ProcessConfig, ProcessEnvironment};
-use bluegreen::proxy::RemoteProxySwitch;
 use bluegreen::{
-    Deployer, Error, FileStateStore, HealthCheck, HookOptions, HookPoint, HttpVersionProbe,
-    MetricsAnalysis, Name, OnTimeout, Policy, Release, Secret, VersionMarker,
+    Deployer, Error, HealthCheck, HookOptions, HookPoint, HttpVersionProbe, MetricsAnalysis, Name,
+    OnTimeout, Policy, Release, Secret, VersionMarker,
 };
 use serde::Deserialize;
 
@@ -37,6 +46,9 @@ pub(crate) struct Pipeline {
     pub(crate) analysis: Option<AnalysisCfg>,
     #[serde(default)]
     pub(crate) state: StateCfg,
+    /// The pipeline file's directory (relative paths in the file start there).
+    #[serde(skip)]
+    pub(crate) base: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +85,91 @@ pub(crate) struct ProcessCfg {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub(crate) enum SwitchCfg {
     Proxy(ProxyCfg),
+    Haproxy(HaproxyCfg),
+    Nginx(NginxCfg),
+    Traefik(TraefikCfg),
+}
+
+/// HAProxy through its runtime API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HaproxyCfg {
+    /// The runtime API: a unix socket path or `host:port`.
+    pub(crate) runtime: String,
+    #[serde(default = "default_backend")]
+    pub(crate) backend: String,
+    #[serde(default = "default_blue")]
+    pub(crate) blue_server: String,
+    #[serde(default = "default_green")]
+    pub(crate) green_server: String,
+    /// Where clients reach HAProxy (used by `[verify]`).
+    #[serde(default)]
+    pub(crate) public: Option<SocketAddr>,
+}
+
+fn default_backend() -> String {
+    "app".into()
+}
+fn default_blue() -> String {
+    "blue".into()
+}
+fn default_green() -> String {
+    "green".into()
+}
+
+/// nginx with the Lua balancer (`Dynamic` mode) driven through its control listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NginxCfg {
+    /// Base name of the upstream (`bluegreen_<name>`).
+    pub(crate) name: String,
+    /// The control listener (loopback).
+    pub(crate) control: SocketAddr,
+    /// File holding the control token (relative to the pipeline file).
+    pub(crate) token_file: PathBuf,
+    /// Where clients reach nginx (used by `[verify]`).
+    #[serde(default)]
+    pub(crate) public: Option<SocketAddr>,
+}
+
+/// Traefik's file provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TraefikCfg {
+    /// Router name; services are `<name>-blue` and `<name>-green`.
+    pub(crate) name: String,
+    /// The router rule, e.g. ``Host(`shop.example`)``.
+    pub(crate) rule: String,
+    /// The directory the file provider watches (relative to the pipeline file).
+    pub(crate) dir: PathBuf,
+    #[serde(default)]
+    pub(crate) format: TraefikFormat,
+    #[serde(default)]
+    pub(crate) version: TraefikVer,
+    #[serde(default)]
+    pub(crate) entry_points: Vec<String>,
+    /// Traefik's API base URL, to verify the change was loaded.
+    #[serde(default)]
+    pub(crate) api: Option<String>,
+    /// Where clients reach Traefik (used by `[verify]`).
+    #[serde(default)]
+    pub(crate) public: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TraefikFormat {
+    #[default]
+    Yaml,
+    Toml,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TraefikVer {
+    V2,
+    #[default]
+    V3,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +186,49 @@ pub(crate) struct ProxyCfg {
 pub(crate) enum DatabaseCfg {
     #[default]
     None,
+    /// One database for both slots, expand/contract migrations.
+    Shared {
+        connection: PgCfg,
+        /// `<name>.expand.sql` / `<name>.contract.sql` files (relative to the pipeline file).
+        #[serde(default)]
+        migrations: Option<PathBuf>,
+    },
+    /// The live database cloned into the target slot's database.
+    Copied {
+        connection: PgCfg,
+        /// Parallel copy workers.
+        #[serde(default)]
+        workers: Option<usize>,
+        /// Use `CREATE DATABASE … TEMPLATE` (only when the source has no other connections).
+        #[serde(default)]
+        template: bool,
+    },
+}
+
+/// A PostgreSQL connection. The password comes from an environment variable, never the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PgCfg {
+    #[serde(default = "default_pg_host")]
+    pub(crate) host: String,
+    #[serde(default = "default_pg_port")]
+    pub(crate) port: u16,
+    pub(crate) dbname: String,
+    #[serde(default = "default_pg_user")]
+    pub(crate) user: String,
+    /// The environment variable holding the password.
+    #[serde(default)]
+    pub(crate) password_env: Option<String>,
+}
+
+fn default_pg_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_pg_user() -> String {
+    "postgres".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +306,8 @@ pub(crate) struct AnalysisCfg {
 pub(crate) enum StateCfg {
     #[default]
     File,
+    /// Tables in PostgreSQL, for teams that deploy from several machines.
+    Postgres { connection: PgCfg },
 }
 
 /// A config error naming the file (and, from toml, the line, column and key).
@@ -218,6 +360,7 @@ impl Pipeline {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let state_dir = base.join(&p.project.state_dir);
+        p.base = base;
         // The seed runbook's knobs.
         for (var, field) in [
             ("HEALTH_CHECK_TIMEOUT", 0),
@@ -272,23 +415,47 @@ impl Pipeline {
         Ok(r)
     }
 
-    /// The proxy settings.
-    pub(crate) fn proxy(&self) -> &ProxyCfg {
-        let SwitchCfg::Proxy(p) = &self.switch;
-        p
+    /// The embedded proxy's settings, when the switch is the embedded proxy.
+    pub(crate) fn proxy(&self) -> Option<&ProxyCfg> {
+        match &self.switch {
+            SwitchCfg::Proxy(p) => Some(p),
+            _ => None,
+        }
     }
 
-    /// Builds the deployer (the switch is the running `bluegreen serve`, reached by its admin API).
+    /// The switch's kind, as written in the file.
+    pub(crate) fn switch_kind(&self) -> &'static str {
+        match &self.switch {
+            SwitchCfg::Proxy(_) => "proxy",
+            SwitchCfg::Haproxy(_) => "haproxy",
+            SwitchCfg::Nginx(_) => "nginx",
+            SwitchCfg::Traefik(_) => "traefik",
+        }
+    }
+
+    /// Where clients reach the switch, when known (the `[verify]` probe goes there).
+    pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
+        match &self.switch {
+            SwitchCfg::Proxy(p) => Some(p.listen),
+            SwitchCfg::Haproxy(h) => h.public,
+            SwitchCfg::Nginx(n) => n.public,
+            SwitchCfg::Traefik(t) => t.public,
+        }
+    }
+
+    /// Builds the deployer. With the embedded proxy, the switch is the running `bluegreen serve`,
+    /// reached by its admin API; the other switches are driven directly.
     pub(crate) fn deployer(&self, state_dir: &Path) -> bluegreen::Result<Deployer> {
-        let token = read_token(&Self::token_path(state_dir))?;
-        let proxy = self.proxy();
-        let switch = RemoteProxySwitch::new(format!("http://{}", proxy.admin), token)?;
+        let switch = crate::backends::switch(self, state_dir)?;
         let env = ProcessEnvironment::new(ProcessConfig::new(state_dir.join("process")));
         let mut b = Deployer::builder()
             .environment(Arc::new(env))
-            .switch(Arc::new(switch))
-            .store(Arc::new(FileStateStore::new(state_dir.join("state"))?))
+            .switch(switch)
+            .store(crate::backends::store(self, state_dir)?)
             .policy(self.policy.clone());
+        if let Some(db) = crate::backends::database(self)? {
+            b = b.database(db);
+        }
         for h in &self.health_checks {
             let check: Arc<dyn HealthCheck> = match h {
                 HealthCfg::Http {
@@ -341,7 +508,14 @@ impl Pipeline {
                 Some(h) => VersionMarker::Header(h.clone()),
                 None => VersionMarker::Body,
             };
-            let url = format!("http://{}{}", proxy.listen, v.path);
+            let public = self.public_addr().ok_or_else(|| {
+                Error::invalid(
+                    "pipeline file",
+                    "[verify]",
+                    "set `public` in [switch] (where clients reach it) so the probe can go through it",
+                )
+            })?;
+            let url = format!("http://{public}{}", v.path);
             b = b.verify_data_path(Arc::new(HttpVersionProbe::new(url, marker)));
         }
         if let Some(a) = &self.analysis {
@@ -355,6 +529,23 @@ impl Pipeline {
             b = b.analysis(Arc::new(m));
         }
         b.build()
+    }
+}
+
+/// Reads a secret (a token) from a file, trimmed; an empty file is an error.
+#[allow(dead_code)]
+pub(crate) fn read_secret_file(path: &Path, what: &str) -> bluegreen::Result<Secret> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
+        Ok(_) => Err(Error::invalid(
+            "token file",
+            path.display().to_string(),
+            format!("the {what} file is empty"),
+        )),
+        Err(e) => Err(Error::io(
+            format!("reading the {what} {}", path.display()),
+            e,
+        )),
     }
 }
 

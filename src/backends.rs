@@ -1,0 +1,154 @@
+//! Builds the backends a pipeline file names. Each backend is behind its cargo feature; a file
+//! naming a backend this binary was built without is a usage error that says how to get it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bluegreen::{DatabaseStrategy, Error, FileStateStore, StateStore, TrafficSwitch};
+
+#[cfg(feature = "postgres")]
+use crate::pipeline::PgCfg;
+use crate::pipeline::{DatabaseCfg, Pipeline, StateCfg, SwitchCfg};
+
+/// The error for a backend compiled out of this binary.
+#[allow(dead_code)]
+fn not_built(what: &str, feature: &str) -> Error {
+    Error::invalid(
+        "pipeline file",
+        what.to_string(),
+        format!(
+            "this bluegreen binary was built without the `{feature}` feature; \
+             install it with `cargo install bluegreen --features {feature}` (or `--features full`)"
+        ),
+    )
+}
+
+/// The traffic switch.
+pub(crate) fn switch(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Arc<dyn TrafficSwitch>> {
+    match &p.switch {
+        SwitchCfg::Proxy(cfg) => {
+            let token = crate::pipeline::read_token(&Pipeline::token_path(state_dir))?;
+            Ok(Arc::new(bluegreen::proxy::RemoteProxySwitch::new(
+                format!("http://{}", cfg.admin),
+                token,
+            )?))
+        }
+        #[cfg(feature = "haproxy")]
+        SwitchCfg::Haproxy(cfg) => {
+            use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
+            let c = HaproxyConfig::new(&cfg.runtime)?
+                .with_backend(cfg.backend.clone())
+                .with_servers(cfg.blue_server.clone(), cfg.green_server.clone())
+                .with_drain_timeout(p.policy.drain_timeout);
+            Ok(Arc::new(HaproxySwitch::new(c)?))
+        }
+        #[cfg(not(feature = "haproxy"))]
+        SwitchCfg::Haproxy(_) => Err(not_built("switch kind \"haproxy\"", "haproxy")),
+        #[cfg(feature = "nginx")]
+        SwitchCfg::Nginx(cfg) => {
+            use bluegreen::nginx::{DynamicConfig, DynamicSwitch};
+            let token_path = p.base.join(&cfg.token_file);
+            let token = crate::pipeline::read_secret_file(&token_path, "nginx control token")?;
+            Ok(Arc::new(DynamicSwitch::new(DynamicConfig::new(
+                &cfg.name,
+                cfg.control,
+                token,
+            )?)))
+        }
+        #[cfg(not(feature = "nginx"))]
+        SwitchCfg::Nginx(_) => Err(not_built("switch kind \"nginx\"", "nginx")),
+        #[cfg(feature = "traefik")]
+        SwitchCfg::Traefik(cfg) => {
+            use crate::pipeline::{TraefikFormat, TraefikVer};
+            use bluegreen::traefik::{FileFormat, TraefikConfig, TraefikSwitch, TraefikVersion};
+            let mut c =
+                TraefikConfig::new(cfg.name.clone(), cfg.rule.clone(), p.base.join(&cfg.dir))?
+                    .with_format(match cfg.format {
+                        TraefikFormat::Yaml => FileFormat::Yaml,
+                        TraefikFormat::Toml => FileFormat::Toml,
+                    })
+                    .with_version(match cfg.version {
+                        TraefikVer::V2 => TraefikVersion::V2,
+                        TraefikVer::V3 => TraefikVersion::V3,
+                    })
+                    .with_entry_points(cfg.entry_points.clone());
+            if let Some(api) = &cfg.api {
+                c = c.with_api(api.clone());
+            }
+            Ok(Arc::new(TraefikSwitch::new(c)?))
+        }
+        #[cfg(not(feature = "traefik"))]
+        SwitchCfg::Traefik(_) => Err(not_built("switch kind \"traefik\"", "traefik")),
+    }
+}
+
+/// A PostgreSQL connection from the file, the password from its environment variable.
+#[cfg(feature = "postgres")]
+fn pg(c: &PgCfg, what: &str) -> bluegreen::Result<bluegreen::postgres::PgConfig> {
+    let mut cfg = bluegreen::postgres::PgConfig::new(c.host.clone(), c.port, c.dbname.clone())
+        .with_user(c.user.clone());
+    if let Some(var) = &c.password_env {
+        let pw = std::env::var(var).map_err(|_| {
+            Error::invalid(
+                "pipeline file",
+                format!("{what}.connection.password_env"),
+                format!("the environment variable {var} is not set"),
+            )
+        })?;
+        cfg = cfg.with_password(pw);
+    }
+    Ok(cfg)
+}
+
+/// The database strategy, if any.
+pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn DatabaseStrategy>>> {
+    match &p.database {
+        DatabaseCfg::None => Ok(None),
+        #[cfg(feature = "postgres")]
+        DatabaseCfg::Shared {
+            connection,
+            migrations,
+        } => {
+            use bluegreen::postgres::{Migration, Shared, SharedConfig};
+            let mut c = SharedConfig::new(pg(connection, "database")?);
+            if let Some(dir) = migrations {
+                c = c.with_migrations(Migration::from_dir(p.base.join(dir))?);
+            }
+            Ok(Some(Arc::new(Shared::new(c)?)))
+        }
+        #[cfg(feature = "postgres")]
+        DatabaseCfg::Copied {
+            connection,
+            workers,
+            template,
+        } => {
+            use bluegreen::postgres::{Copied, CopiedConfig};
+            let mut c = CopiedConfig::new(pg(connection, "database")?).with_template(*template);
+            if let Some(n) = workers {
+                c = c.with_workers(*n);
+            }
+            Ok(Some(Arc::new(Copied::new(c)?)))
+        }
+        #[cfg(not(feature = "postgres"))]
+        DatabaseCfg::Shared { .. } | DatabaseCfg::Copied { .. } => {
+            Err(not_built("database kind \"shared\"/\"copied\"", "postgres"))
+        }
+    }
+}
+
+/// The state store.
+pub(crate) fn store(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Arc<dyn StateStore>> {
+    match &p.state {
+        StateCfg::File => Ok(Arc::new(FileStateStore::new(state_dir.join("state"))?)),
+        #[cfg(feature = "postgres")]
+        StateCfg::Postgres { connection } => {
+            use bluegreen::postgres::{PostgresStateStore, PostgresStoreConfig};
+            Ok(Arc::new(PostgresStateStore::new(
+                PostgresStoreConfig::new(pg(connection, "state")?)
+                    .with_deployment(p.project.name.as_str()),
+            )?))
+        }
+        #[cfg(not(feature = "postgres"))]
+        StateCfg::Postgres { .. } => Err(not_built("state kind \"postgres\"", "postgres")),
+    }
+}

@@ -1,0 +1,249 @@
+//! The `bluegreen` binary driving the real HAProxy and nginx (Dynamic mode) from a pipeline file:
+//! deploy, status, rollback and validate, with the answers read back through the real server.
+//! These need the `haproxy` / `nginx` features (on with `--all-features`) and the servers
+//! installed; outside CI a missing server skips with a printed reason, in CI it fails.
+#![cfg(all(feature = "haproxy", feature = "nginx"))]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use bluegreen::haproxy::HaproxyConfig;
+use bluegreen::nginx::standalone::{lua_available, NginxProcess, StandaloneConfig};
+use bluegreen::nginx::DynamicConfig;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bluegreen");
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Skips (outside CI) or fails (in CI) when a server is missing.
+fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is required in CI and is not installed");
+    }
+    eprintln!("SKIPPED: {what} is not installed");
+    false
+}
+
+/// A pipeline file in a temp dir with the demo app as the process environment.
+fn pipeline(dir: &Path, switch: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[project]
+name = "cli-backend"
+
+[environment]
+kind = "process"
+program = "{}"
+
+{switch}
+
+[[health_checks]]
+kind = "http"
+path = "/health"
+
+[verify]
+header = "x-bluegreen-version"
+
+[policy]
+drain_timeout = 2
+"#,
+        bluegreen_demo::binary_path().display()
+    );
+    let file = dir.join("bluegreen.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn run(file: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--file")
+        .arg(file)
+        .args(args)
+        .env_remove("HEALTH_CHECK_TIMEOUT")
+        .env_remove("HEALTH_CHECK_INTERVAL")
+        .env_remove("DRAIN_TIMEOUT")
+        .output()
+        .unwrap()
+}
+
+fn ok(file: &Path, args: &[&str]) -> String {
+    let out = run(file, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?} exited with {:?}\nstdout: {stdout}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The version answering `GET /` at `port` (raw HTTP/1.1).
+fn version_at(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.to_lowercase().lines().find_map(|l| {
+        l.strip_prefix("x-bluegreen-version: ")
+            .map(|v| v.trim().to_string())
+    })
+}
+
+fn status_json(file: &Path) -> serde_json::Value {
+    let out = ok(file, &["--json", "status"]);
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+/// deploy v1, deploy v2, status, validate, rollback, reset — each checked through `port`.
+fn drive(file: &Path, port: u16) {
+    ok(file, &["deploy", "v1"]);
+    assert_eq!(version_at(port).as_deref(), Some("v1"));
+    ok(file, &["deploy", "v2"]);
+    assert_eq!(version_at(port).as_deref(), Some("v2"));
+    let st = status_json(file);
+    assert_eq!(st["active"], "green", "{st}");
+    let v = ok(file, &["validate"]);
+    assert!(v.contains("switch reachable"), "{v}");
+    ok(file, &["rollback"]);
+    assert_eq!(version_at(port).as_deref(), Some("v1"));
+    let st = status_json(file);
+    assert_eq!(st["active"], "blue", "{st}");
+    ok(file, &["reset"]);
+}
+
+struct Haproxy {
+    child: std::process::Child,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_cli_drives_real_haproxy() {
+    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("admin.sock");
+    let port = free_port();
+    let config =
+        HaproxyConfig::unix(&sock).with_health_check("/health", Duration::from_millis(100));
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n{global}\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    \
+             timeout server 30s\n\nfrontend fe\n    bind 127.0.0.1:{port}\n    default_backend app\n\n{backend}",
+            global = config.render_global(&dir.path().join("state")).unwrap(),
+            backend = config.render_backend().unwrap(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("haproxy.log")).unwrap();
+    let _haproxy = Haproxy {
+        child: Command::new(HAPROXY)
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    };
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "haproxy did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let file = pipeline(
+        dir.path(),
+        &format!(
+            "[switch]\nkind = \"haproxy\"\nruntime = \"{}\"\npublic = \"127.0.0.1:{port}\"",
+            sock.display()
+        ),
+    );
+    drive(&file, port);
+}
+
+#[test]
+fn the_cli_drives_real_nginx_in_dynamic_mode() {
+    if !require(
+        bluegreen::nginx::standalone::nginx_available() && lua_available(),
+        "nginx with libnginx-mod-http-lua",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (port, control) = (free_port(), free_port());
+    let token = DynamicConfig::generate_token().unwrap();
+    std::fs::write(dir.path().join("nginx.token"), token.expose()).unwrap();
+    let config = DynamicConfig::new(
+        "shop",
+        format!("127.0.0.1:{control}").parse().unwrap(),
+        token,
+    )
+    .unwrap();
+    let prefix = dir.path().join("nginx");
+    std::fs::create_dir_all(&prefix).unwrap();
+    let _nginx = NginxProcess::start(StandaloneConfig::dynamic(
+        &prefix,
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &config,
+    ))
+    .unwrap();
+    let file = pipeline(
+        dir.path(),
+        &format!(
+            "[switch]\nkind = \"nginx\"\nname = \"shop\"\ncontrol = \"127.0.0.1:{control}\"\n\
+             token_file = \"nginx.token\"\npublic = \"127.0.0.1:{port}\""
+        ),
+    );
+    drive(&file, port);
+}
+
+#[test]
+fn a_missing_token_file_or_unset_password_variable_is_a_clear_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = pipeline(
+        dir.path(),
+        "[switch]\nkind = \"nginx\"\nname = \"shop\"\ncontrol = \"127.0.0.1:9\"\n\
+         token_file = \"missing.token\"",
+    );
+    let out = run(&file, &["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("missing.token"), "{err}");
+
+    let file = pipeline(
+        dir.path(),
+        "[switch]\nkind = \"haproxy\"\nruntime = \"/nonexistent/admin.sock\"\n\n\
+         [state]\nkind = \"postgres\"\n[state.connection]\ndbname = \"x\"\n\
+         password_env = \"BLUEGREEN_TEST_UNSET_PASSWORD\"",
+    );
+    let out = run(&file, &["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("BLUEGREEN_TEST_UNSET_PASSWORD"), "{err}");
+}
