@@ -249,6 +249,10 @@ pub struct TraefikConfig {
     pub sticky_http_only: bool,
     /// `secure` on the sticky cookie.
     pub sticky_secure: bool,
+    /// When set (e.g. `docker`), the slots' services are not written into the file: the weighted
+    /// service and the preview router refer to `<name>-<slot>@<provider>`, defined by that
+    /// provider (for Docker: [`DockerLabels::service_only`](crate::DockerLabels::service_only)).
+    pub slot_services_from: Option<String>,
 }
 
 impl TraefikConfig {
@@ -274,6 +278,7 @@ impl TraefikConfig {
             preview_match: PreviewMatch::default(),
             sticky_http_only: true,
             sticky_secure: false,
+            slot_services_from: None,
         })
     }
 
@@ -349,6 +354,22 @@ impl TraefikConfig {
         self
     }
 
+    /// Refer to the slots' services as defined by another provider (`docker`: the containers'
+    /// labels) instead of writing `loadBalancer` services into the file.
+    pub fn with_slot_services_from(mut self, provider: impl Into<String>) -> Self {
+        self.slot_services_from = Some(provider.into());
+        self
+    }
+
+    /// How the router and the weighted service refer to `slot`'s service: `<name>-<slot>`, or
+    /// `<name>-<slot>@<provider>` with [`with_slot_services_from`](Self::with_slot_services_from).
+    pub fn slot_service_ref(&self, slot: Slot) -> String {
+        match &self.slot_services_from {
+            Some(p) => format!("{}@{p}", self.name.slot_service(slot)),
+            None => self.name.slot_service(slot),
+        }
+    }
+
     /// Sticky cookie attributes.
     pub fn with_sticky_cookie_attributes(mut self, http_only: bool, secure: bool) -> Self {
         self.sticky_http_only = http_only;
@@ -398,6 +419,16 @@ impl TraefikConfig {
             validate_token("entry point", ep, 63)?;
         }
         self.preview_match.validate()?;
+        if let Some(p) = &self.slot_services_from {
+            validate_token("provider", p, 63)?;
+            if p == "file" {
+                return Err(Error::invalid(
+                    "provider",
+                    p,
+                    "`file` is this provider: leave slot_services_from unset",
+                ));
+            }
+        }
         if let Some(api) = &self.api {
             let ok = (api.starts_with("http://") || api.starts_with("https://"))
                 && !api.chars().any(|c| c.is_whitespace() || c.is_control());

@@ -5,6 +5,7 @@
 mod api;
 mod config;
 mod error;
+mod labels;
 pub mod render;
 mod switch;
 
@@ -12,6 +13,7 @@ pub use config::{
     FileFormat, PreviewMatch, RouteName, TraefikConfig, TraefikVersion, MAX_NAME_LEN,
 };
 pub use error::TraefikError;
+pub use labels::DockerLabels;
 pub use render::{render, Routing};
 pub use switch::TraefikSwitch;
 

@@ -99,17 +99,20 @@ pub fn dynamic_config(
         if eps.is_empty() {
             continue;
         }
-        let servers: Vec<Value> = eps
-            .iter()
-            .map(|e| json!({ "url": server_url(e) }))
-            .collect();
-        services.insert(
-            name.slot_service(slot),
-            json!({ "loadBalancer": { "servers": servers } }),
-        );
+        if config.slot_services_from.is_none() {
+            let servers: Vec<Value> = eps
+                .iter()
+                .map(|e| json!({ "url": server_url(e) }))
+                .collect();
+            services.insert(
+                name.slot_service(slot),
+                json!({ "loadBalancer": { "servers": servers } }),
+            );
+        }
         // Weight 0 is kept in the file so that both slots stay visible; Traefik's weighted
         // round robin ignores children with a non-positive weight.
-        weighted.push(json!({ "name": name.slot_service(slot), "weight": split.weight(slot) }));
+        weighted
+            .push(json!({ "name": config.slot_service_ref(slot), "weight": split.weight(slot) }));
     }
     let mut wrr = Map::new();
     wrr.insert("services".into(), Value::Array(weighted));
@@ -136,7 +139,7 @@ pub fn dynamic_config(
         let rule = config.preview_rule();
         routers.insert(
             name.preview_router(),
-            router(config, &rule, &name.slot_service(slot)),
+            router(config, &rule, &config.slot_service_ref(slot)),
         );
     }
     Ok(json!({ "http": { "routers": routers, "services": services } }))

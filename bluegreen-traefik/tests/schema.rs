@@ -99,6 +99,10 @@ fn configs() -> Vec<(String, TraefikConfig)> {
             .with_format(format);
             out.push((format!("{version:?}/{format:?}"), base.clone()));
             out.push((
+                format!("{version:?}/{format:?}/slot services from docker"),
+                base.clone().with_slot_services_from("docker"),
+            ));
+            out.push((
                 format!("{version:?}/{format:?}/entry points, preview cookie"),
                 base.with_entry_points(["web", "websecure"])
                     .with_preview_cookie("bg_preview", "yes-1")
@@ -132,6 +136,31 @@ fn every_rendered_configuration_validates_against_both_schemas() {
                 Some(&routing),
                 "{config_label} {label}:\n{text}"
             );
+            let children: Vec<&str> = parsed["http"]["services"]["shop_web-1"]["weighted"]
+                ["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap())
+                .collect();
+            let suffix = if config.slot_services_from.is_some() {
+                "@docker"
+            } else {
+                ""
+            };
+            assert_eq!(
+                children,
+                vec![
+                    format!("shop_web-1-blue{suffix}"),
+                    format!("shop_web-1-green{suffix}")
+                ],
+                "{config_label} {label}"
+            );
+            assert_eq!(
+                parsed["http"]["services"].get("shop_web-1-blue").is_some(),
+                config.slot_services_from.is_none(),
+                "{config_label} {label}"
+            );
             let weights: Vec<i64> = parsed["http"]["services"]["shop_web-1"]["weighted"]
                 ["services"]
                 .as_array()
@@ -159,7 +188,7 @@ fn every_rendered_configuration_validates_against_both_schemas() {
         }
     }
     assert_eq!(checked, configs().len() * routings().len());
-    assert!(checked >= 8 * 22, "{checked}");
+    assert!(checked >= 12 * 22, "{checked}");
 }
 
 #[test]

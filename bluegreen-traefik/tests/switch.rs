@@ -204,3 +204,53 @@ async fn changing_the_format_replaces_the_other_file() {
         traefik.rejections()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_services_from_docker_are_weighted_without_load_balancers_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let traefik = FakeTraefik::start(dir.path(), THROTTLE).await;
+    // What the Docker provider defines from `DockerLabels::service_only` on each container.
+    for (slot, port) in [("blue", 8001), ("green", 8002)] {
+        traefik.set_external_service(
+            &format!("app-{slot}@docker"),
+            Some(serde_json::json!({ "loadBalancer": { "servers": [
+                { "url": format!("http://172.17.0.2:{port}") } ] } })),
+        );
+    }
+    let config = config(dir.path(), Some(&traefik.url))
+        .with_slot_services_from("docker")
+        .with_verify_timeout(Duration::from_secs(3));
+    let switch = TraefikSwitch::new(config).unwrap();
+    let canary = TrafficSplit::canary(Slot::Green, 25).unwrap();
+    switch
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
+        .await
+        .unwrap();
+    switch.apply(&canary, &endpoints()).await.unwrap();
+    assert_eq!(
+        weights(&traefik.service("app@file").unwrap()),
+        vec![
+            ("app-blue@docker".into(), 75),
+            ("app-green@docker".into(), 25)
+        ]
+    );
+    assert_eq!(switch.current().await.unwrap(), Some(canary.clone()));
+    let text = std::fs::read_to_string(dir.path().join("app.bluegreen.yml")).unwrap();
+    assert!(!text.contains("loadBalancer"), "{text}");
+
+    // The green container is gone: Traefik disables the weighted service, the switch says so.
+    traefik.set_external_service("app-green@docker", None);
+    let err = switch
+        .apply(&TrafficSplit::all(Slot::Green), &endpoints())
+        .await
+        .unwrap_err();
+    assert!(
+        bluegreen_traefik::TraefikError::is_not_loaded(&err),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("app-green@docker") && msg.contains("does not exist"),
+        "{msg}"
+    );
+}

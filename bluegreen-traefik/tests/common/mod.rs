@@ -106,6 +106,7 @@ struct Shared {
     published: AtomicU64,
     api_requests: AtomicU64,
     rejections: Mutex<Vec<String>>,
+    external: Mutex<BTreeMap<String, Value>>,
 }
 
 /// The running test double; everything stops on drop.
@@ -135,7 +136,11 @@ fn qualify(name: &str) -> String {
 }
 
 /// Reads the directory like the file provider; `Err` when the configuration cannot be loaded.
-fn load_dir(dir: &Path, validator: &jsonschema::Validator) -> Result<(Runtime, String), String> {
+fn load_dir(
+    dir: &Path,
+    validator: &jsonschema::Validator,
+    external: &BTreeMap<String, Value>,
+) -> Result<(Runtime, String), String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -148,7 +153,7 @@ fn load_dir(dir: &Path, validator: &jsonschema::Validator) -> Result<(Runtime, S
         })
         .collect();
     files.sort();
-    let mut fingerprint = String::new();
+    let mut fingerprint = format!("{external:?}");
     let mut routers: BTreeMap<String, Value> = BTreeMap::new();
     let mut services: BTreeMap<String, Value> = BTreeMap::new();
     for path in &files {
@@ -175,6 +180,11 @@ fn load_dir(dir: &Path, validator: &jsonschema::Validator) -> Result<(Runtime, S
                 }
             }
         }
+    }
+
+    // Services of other providers (`app-blue@docker`), as registered by the test.
+    for (name, svc) in external {
+        services.insert(name.clone(), svc.clone());
     }
 
     // Runtime view: the configuration plus the fields the API adds.
@@ -210,7 +220,8 @@ fn load_dir(dir: &Path, validator: &jsonschema::Validator) -> Result<(Runtime, S
             .map(|(n, _)| n.clone())
             .collect();
         out.insert("name".into(), json!(name));
-        out.insert("provider".into(), json!("file"));
+        let provider = name.split_once('@').map_or("file", |(_, p)| p);
+        out.insert("provider".into(), json!(provider));
         out.insert("type".into(), json!(kind));
         out.insert("usedBy".into(), json!(used_by));
         out.insert(
@@ -338,7 +349,8 @@ impl FakeTraefik {
                 if s.frozen.load(Ordering::SeqCst) {
                     continue;
                 }
-                match load_dir(&watched, &validator) {
+                let external = s.external.lock().unwrap().clone();
+                match load_dir(&watched, &validator, &external) {
                     Ok((rt, fp)) => {
                         if last_fingerprint.as_deref() == Some(fp.as_str()) {
                             pending = None;
@@ -384,6 +396,16 @@ impl FakeTraefik {
     /// Resumes reloading.
     pub fn unfreeze(&self) {
         self.shared.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Registers (or with `None` removes) a service of another provider, e.g. `app-blue@docker`
+    /// as the Docker provider would define it from a container's labels.
+    pub fn set_external_service(&self, qualified: &str, service: Option<Value>) {
+        let mut ext = self.shared.external.lock().unwrap();
+        match service {
+            Some(v) => ext.insert(qualified.to_string(), v),
+            None => ext.remove(qualified),
+        };
     }
 
     /// How many configurations were published.
