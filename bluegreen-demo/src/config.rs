@@ -35,6 +35,8 @@ pub struct DemoConfig {
     /// Ignore SIGTERM (binary only; SIGINT and SIGKILL still stop it): a stuck release, for
     /// testing forced stops.
     pub ignore_sigterm: bool,
+    /// When set, `POST /jsonrpc` requires `Authorization: Bearer <token>` (`DEMO_RPC_TOKEN`).
+    pub rpc_token: Option<String>,
 }
 
 impl Default for DemoConfig {
@@ -50,6 +52,7 @@ impl Default for DemoConfig {
             exit_code: None,
             drain_timeout: Duration::from_secs(30),
             ignore_sigterm: false,
+            rpc_token: None,
         }
     }
 }
@@ -121,7 +124,14 @@ impl DemoConfig {
         if let Some(d) = set("DEMO_DRAIN_MS") {
             c.drain_timeout = Duration::from_millis(parse("DEMO_DRAIN_MS", &d, "milliseconds")?);
         }
+        c.rpc_token = set("DEMO_RPC_TOKEN");
         Ok(c)
+    }
+
+    /// With a token `POST /jsonrpc` requires.
+    pub fn with_rpc_token(mut self, token: impl Into<String>) -> Self {
+        self.rpc_token = Some(token.into());
+        self
     }
 
     /// With the listen address.

@@ -9,6 +9,12 @@
 //! | `/`           | `200 version=<v> slot=<s>\n` (or 500 for the `error_rate` share)  |
 //! | `/health`     | `200 ok` (`503 unhealthy` with `DEMO_FAIL_HEALTH=1`)              |
 //! | `/slow?ms=N`  | sleeps `N` ms (at most [`MAX_SLOW_MS`]) then answers like `/`     |
+//! | `/web/health` | like `/health` (Odoo's health path, for the Odoo-style example)   |
+//! | `/web/login`  | a small HTML login page                                           |
+//! | `POST /jsonrpc` | `{"jsonrpc":"2.0","result":{"server_version":"<v>"}}`; with `DEMO_RPC_TOKEN` set it needs `Authorization: Bearer <token>` (else 401) |
+//!
+//! Started as `bluegreen-demo -u <modules> --stop-after-init` it stands in for an Odoo module
+//! update: it prints the modules it "updated" and exits 0 without serving.
 //!
 //! Every answer carries the headers `x-bluegreen-version` and `x-bluegreen-slot`.
 //!

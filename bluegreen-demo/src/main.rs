@@ -7,6 +7,25 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--stop-after-init") {
+        // Stands in for `odoo -u <modules> --stop-after-init`: a migration run in the target.
+        let modules = args
+            .iter()
+            .position(|a| a == "-u")
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+            .unwrap_or("base");
+        let version = std::env::var("BLUEGREEN_VERSION").unwrap_or_else(|_| "dev".into());
+        println!("bluegreen-demo version={version}: updated modules {modules} (stop after init)");
+        return ExitCode::SUCCESS;
+    }
+    if let Some(unknown) = args.first() {
+        eprintln!(
+            "bluegreen-demo: unknown argument {unknown:?} (settings come from the environment)"
+        );
+        return ExitCode::from(2);
+    }
     let config = match DemoConfig::from_env() {
         Ok(c) => c,
         Err(e) => {

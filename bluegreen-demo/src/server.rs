@@ -29,6 +29,7 @@ struct App {
     fail_health: bool,
     error_rate: f64,
     requests: AtomicU64,
+    rpc_token: Option<String>,
 }
 
 impl App {
@@ -48,6 +49,7 @@ impl App {
             fail_health: config.fail_health,
             error_rate: config.error_rate.clamp(0.0, 1.0),
             requests: AtomicU64::new(0),
+            rpc_token: config.rpc_token.clone(),
         })
     }
 
@@ -82,7 +84,37 @@ impl App {
         }
     }
 
+    /// `POST /jsonrpc`, an Odoo-style authenticated smoke call: answers the server version.
+    fn jsonrpc(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        if let Some(token) = &self.rpc_token {
+            let sent = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if sent != Some(token.as_str()) {
+                return self.respond(
+                    StatusCode::UNAUTHORIZED,
+                    Bytes::from_static(b"{\"jsonrpc\":\"2.0\",\"error\":{\"code\":401,\"message\":\"access denied\"}}"),
+                );
+            }
+        }
+        let mut res = self.respond(
+            StatusCode::OK,
+            Bytes::from(format!(
+                "{{\"jsonrpc\":\"2.0\",\"result\":{{\"server_version\":{:?}}}}}",
+                self.version.to_str().unwrap_or_default()
+            )),
+        );
+        res.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        res
+    }
+
     async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        if req.method() == Method::POST && req.uri().path() == "/jsonrpc" {
+            return self.jsonrpc(&req);
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return self.respond(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -91,11 +123,23 @@ impl App {
         }
         match req.uri().path() {
             "/" => self.index(),
-            "/health" if self.fail_health => self.respond(
+            "/web/login" => {
+                let mut res = self.respond(
+                    StatusCode::OK,
+                    Bytes::from(format!(
+                        "<html><body><form action=\"/web/login\">login ({})</form></body></html>\n",
+                        self.version.to_str().unwrap_or_default()
+                    )),
+                );
+                res.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+                res
+            }
+            "/health" | "/web/health" if self.fail_health => self.respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Bytes::from_static(b"unhealthy\n"),
             ),
-            "/health" => self.respond(StatusCode::OK, Bytes::from_static(b"ok\n")),
+            "/health" | "/web/health" => self.respond(StatusCode::OK, Bytes::from_static(b"ok\n")),
             "/slow" => match slow_ms(req.uri().query()) {
                 Ok(ms) => {
                     tokio::time::sleep(Duration::from_millis(ms)).await;

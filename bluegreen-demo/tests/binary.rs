@@ -222,3 +222,21 @@ async fn ignore_sigterm_knob_keeps_serving_until_sigint() {
     let status = wait_bounded(&mut child.0, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn stop_after_init_stands_in_for_a_module_update_and_exits_0() {
+    let out = demo(free_port(), &[])
+        .args(["-u", "sale,stock", "--stop-after-init"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("version=v9: updated modules sale,stock"),
+        "{stdout}"
+    );
+
+    let out = demo(free_port(), &[]).arg("--bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
+}

@@ -144,3 +144,67 @@ async fn drain_is_bounded() {
     );
     slow.abort();
 }
+
+/// A raw HTTP/1.1 request; returns the status and body.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+#[tokio::test]
+async fn odoo_style_routes_answer_and_jsonrpc_checks_the_token() {
+    let server = DemoServer::start(DemoConfig::new("v3", "green").with_rpc_token("t0ken"))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    assert_eq!(client::get(addr, "/web/health").await.unwrap().status, 200);
+    let login = client::get(addr, "/web/login").await.unwrap();
+    assert_eq!(login.status, 200);
+    assert!(login.body.contains("<form"), "{}", login.body);
+
+    let call = |auth: &str| {
+        format!(
+            "POST /jsonrpc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{auth}\
+             Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+    };
+    let (status, body) = raw(addr, &call("Authorization: Bearer t0ken\r\n")).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["result"]["server_version"], "v3");
+    assert_eq!(
+        raw(addr, &call("Authorization: Bearer wrong\r\n")).await.0,
+        401
+    );
+    assert_eq!(raw(addr, &call("")).await.0, 401);
+    server.shutdown().await.unwrap();
+
+    let failing = DemoServer::start(DemoConfig::new("v4", "blue").with_fail_health(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        client::get(failing.local_addr(), "/web/health")
+            .await
+            .unwrap()
+            .status,
+        503
+    );
+    failing.shutdown().await.unwrap();
+}
