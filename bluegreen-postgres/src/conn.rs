@@ -144,7 +144,6 @@ impl PgConfig {
     }
 
     /// A libpq connection string with the password (for `CREATE SUBSCRIPTION`; never logged).
-    #[allow(dead_code)] // TODO(replicated)
     pub(crate) fn conninfo_with_password(&self) -> Secret {
         let q = |s: &str| {
             let mut o = String::from("'");

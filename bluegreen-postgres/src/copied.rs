@@ -151,7 +151,8 @@ pub struct CopyReport {
 /// is applied. On any failure the target database is dropped.
 ///
 /// **Writes made to the live database after the snapshot are not in the copy.** When the target
-/// must have every write, use the replicated strategy (not yet available).
+/// must have every write, use [`Replicated`](crate::Replicated), which streams them by logical
+/// replication until the cutover.
 #[derive(Debug, Clone)]
 pub struct Copied {
     config: CopiedConfig,

@@ -53,7 +53,6 @@ pub fn validate_ident(what: &'static str, ident: &str) -> Result<()> {
 
 /// A name safe for replication slots (`[a-z0-9_]`, at most 63 bytes): lower-cased, other
 /// characters mapped to `_`.
-#[allow(dead_code)] // TODO(replicated)
 pub(crate) fn slot_safe(s: &str) -> String {
     let mut out: String = s
         .chars()

@@ -4,6 +4,7 @@
 mod conn;
 mod copied;
 mod ident;
+mod replicated;
 mod shared;
 mod sqlcheck;
 mod store;
@@ -13,5 +14,8 @@ mod util;
 pub use conn::{PgConfig, PgError};
 pub use copied::{Copied, CopiedConfig, CopyReport};
 pub use ident::{quote_ident, quote_literal, validate_ident};
+pub use replicated::{
+    AfterCutover, CutoverReport, Replicated, ReplicatedConfig, ReplicationStatus,
+};
 pub use shared::{Migration, MigrationPhase, Shared, SharedConfig};
 pub use store::{PostgresStateStore, PostgresStoreConfig};

@@ -80,6 +80,11 @@ fn run(argv: &[&str]) -> Result<(), String> {
 impl Cluster {
     /// Starts a cluster, or returns `None` (skip) when the binaries are missing outside CI.
     pub async fn start() -> Option<Cluster> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra `name=value` settings (they override the defaults).
+    pub async fn start_with(settings: &[&str]) -> Option<Cluster> {
         let bin = Path::new(BIN);
         for b in ["initdb", "postgres", "pg_ctl", "pg_dump", "psql"] {
             if !bin.join(b).exists() {
@@ -178,6 +183,7 @@ impl Cluster {
                     "-c",
                     "wal_sender_timeout=60s",
                 ])
+                .args(settings.iter().flat_map(|s| ["-c", s]))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)

@@ -1,0 +1,1314 @@
+//! [`Replicated`]: each slot has its own database, kept current by logical replication from the
+//! live one until the cutover.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bluegreen_core::{
+    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, PerSlot, Result, Slot, Timestamp,
+};
+use tokio_postgres::Client;
+
+use crate::conn::{fail, pg_error, PgConfig};
+use crate::ident::{quote_ident, quote_literal, slot_safe, validate_ident};
+use crate::tools::dump_into;
+use crate::util::{
+    copy_sequences, database_comment, database_exists, distinct, drop_database,
+    set_database_comment, user_tables, SlotDatabases,
+};
+
+const BACKEND: &str = "postgres replicated";
+const MARK_READY: &str = "bluegreen replicated:";
+const MARK_SWITCHED: &str = "bluegreen replicated (switched):";
+
+/// What happens to the replication at the cutover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AfterCutover {
+    /// Drop it: the old database stops receiving changes.
+    Drop,
+    /// Reverse it: the old database subscribes to the new one and stays current, so a rollback
+    /// after the switch finds every write made since. Dropped at `finalize`.
+    #[default]
+    Reverse,
+}
+
+/// Settings of [`Replicated`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReplicatedConfig {
+    /// The server holding the live database; its `dbname` is the base database (live before the
+    /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured). Its user
+    /// needs the `REPLICATION` attribute and ownership of the tables (or superuser). These
+    /// settings are also how the target server reaches it for the subscription.
+    pub server: PgConfig,
+    /// The server the slot databases live on (default: the same server). Its user must be a
+    /// superuser (PostgreSQL 15 requires it for `CREATE SUBSCRIPTION`).
+    pub target_server: Option<PgConfig>,
+    /// Per-slot database names overriding `<base>_<slot>`.
+    pub slot_databases: PerSlot<Option<String>>,
+    /// Directory of `pg_dump` and `psql` (default: the newest `/usr/lib/postgresql/*/bin`, else
+    /// `PATH`).
+    pub bin_dir: Option<PathBuf>,
+    /// Bound for the initial copy in `prepare` (default 1 hour).
+    pub sync_timeout: Duration,
+    /// Bound for the replication to catch up at the cutover, once before and once after writes are
+    /// frozen (default 60 s). When it is exceeded, the cutover fails and the live side is left
+    /// writable and untouched.
+    pub lag_bound: Duration,
+    /// Freeze writes on the live database during the cutover (default true):
+    /// `ALTER DATABASE … SET default_transaction_read_only = on` and ending its client sessions,
+    /// so a write that slips past the proxy's pause fails instead of being lost. The old database
+    /// stays read-only after the switch (a rollback makes it writable again).
+    pub freeze_source: bool,
+    /// Drop or reverse the replication at the cutover (default reverse).
+    pub after_cutover: AfterCutover,
+    /// Added to every sequence value copied at the cutover (default 0: with writes frozen the
+    /// values are exact).
+    pub sequence_margin: i64,
+    /// Drop the previous live slot's database in `finalize` (default true). The base database is
+    /// never dropped.
+    pub drop_old_on_finalize: bool,
+    /// Settings handed to releases instead of the target server's (e.g. an application role);
+    /// the database name is replaced by the slot's.
+    pub binding: Option<PgConfig>,
+}
+
+impl ReplicatedConfig {
+    /// Defaults for `server` (whose `dbname` is the base database).
+    pub fn new(server: PgConfig) -> Self {
+        ReplicatedConfig {
+            server,
+            target_server: None,
+            slot_databases: Default::default(),
+            bin_dir: None,
+            sync_timeout: Duration::from_secs(3600),
+            lag_bound: Duration::from_secs(60),
+            freeze_source: true,
+            after_cutover: AfterCutover::Reverse,
+            sequence_margin: 0,
+            drop_old_on_finalize: true,
+            binding: None,
+        }
+    }
+
+    /// Slot databases live on another server.
+    pub fn with_target_server(mut self, target: PgConfig) -> Self {
+        self.target_server = Some(target);
+        self
+    }
+
+    /// Names `slot`'s database.
+    pub fn with_slot_database(mut self, slot: Slot, db: impl Into<String>) -> Self {
+        self.slot_databases.set(slot, Some(db.into()));
+        self
+    }
+
+    /// Where `pg_dump` and `psql` are.
+    pub fn with_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bin_dir = Some(dir.into());
+        self
+    }
+
+    /// Bound for the initial copy.
+    pub fn with_sync_timeout(mut self, d: Duration) -> Self {
+        self.sync_timeout = d;
+        self
+    }
+
+    /// Bound for catching up at the cutover.
+    pub fn with_lag_bound(mut self, d: Duration) -> Self {
+        self.lag_bound = d;
+        self
+    }
+
+    /// Whether to freeze writes on the live database during the cutover.
+    pub fn with_freeze_source(mut self, yes: bool) -> Self {
+        self.freeze_source = yes;
+        self
+    }
+
+    /// Drop or reverse the replication at the cutover.
+    pub fn with_after_cutover(mut self, what: AfterCutover) -> Self {
+        self.after_cutover = what;
+        self
+    }
+
+    /// Margin added to sequence values at the cutover.
+    pub fn with_sequence_margin(mut self, margin: i64) -> Self {
+        self.sequence_margin = margin.max(0);
+        self
+    }
+
+    /// Whether `finalize` drops the previous live slot's database.
+    pub fn with_drop_old_on_finalize(mut self, yes: bool) -> Self {
+        self.drop_old_on_finalize = yes;
+        self
+    }
+
+    /// Connection settings handed to releases (user, password); the database is the slot's.
+    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+        self.binding = Some(binding);
+        self
+    }
+}
+
+/// Replication progress of one target, read from the servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicationStatus {
+    /// `pg_current_wal_lsn()` on the source.
+    pub source_lsn: String,
+    /// The slot's `confirmed_flush_lsn` (what the target has applied and flushed).
+    pub confirmed_lsn: Option<String>,
+    /// Bytes of WAL the target is behind.
+    pub lag_bytes: Option<i64>,
+    /// Tables in the subscription.
+    pub tables: usize,
+    /// Tables whose initial copy is not finished.
+    pub tables_syncing: usize,
+    /// Errors of the apply worker since the subscription was created (details in the target
+    /// server's log).
+    pub apply_errors: i64,
+    /// Errors of the initial-copy workers.
+    pub sync_errors: i64,
+}
+
+/// What one cutover did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CutoverReport {
+    /// The source LSN the target caught up to, with writes frozen.
+    pub lsn: String,
+    /// How long writes to the live database were frozen before the target had everything.
+    pub frozen: Duration,
+    /// Sequences set on the target.
+    pub sequences: usize,
+    /// Whether the replication was reversed (else dropped).
+    pub reversed: bool,
+}
+
+/// Each slot gets its own database, kept current by PostgreSQL logical replication from the live
+/// database (same server, or another one), so the switch loses no write made before it.
+///
+/// - `prepare` checks the source first (`wal_level = logical`, privileges, a replica identity on
+///   every table) and creates nothing when a check fails. It then creates the target database
+///   with the live schema (`pg_dump --schema-only | psql`), a publication and a logical
+///   replication slot on the source, and a subscription on the target with the initial copy, and
+///   waits until every table is synchronized. The slot is created separately and the subscription
+///   uses `create_slot = false`, which PostgreSQL requires when both databases are on one server.
+/// - `before_switch` is the cutover: it waits until the lag is within bounds, freezes writes on
+///   the live database (see [`ReplicatedConfig::freeze_source`]), reads the source's current LSN,
+///   waits until the target has confirmed it, copies the sequence values, drops the subscription
+///   and either reverses the replication or stops it. Pause new requests at the proxy around it
+///   (`Policy::with_pause_during_cutover(true)` with a switch that can pause) so clients wait
+///   instead of failing. If the target does not catch up within
+///   [`ReplicatedConfig::lag_bound`], it fails and the live database is writable again.
+/// - `rollback` drops the subscription, the slot (a forgotten slot keeps WAL on the source until
+///   its disk is full) and the publication, makes the live database writable again, and drops the
+///   target database, or keeps it renamed (`<db>_rolled_back_<time>`) if traffic may have reached it.
+/// - `finalize` drops the reverse replication and the previous live database.
+///
+/// Not replicated by PostgreSQL: DDL (do not change the schema during a deploy; a table created
+/// on the source after `prepare` makes the cutover fail with its name), sequence values (copied
+/// at the cutover) and large objects.
+///
+/// The subscription's connection string holds the source password: it is passed to the server
+/// inside `CREATE SUBSCRIPTION` (never argv), and is removed from any error this crate returns,
+/// but superusers of the target server can read it in `pg_subscription`.
+#[derive(Debug, Clone)]
+pub struct Replicated {
+    config: ReplicatedConfig,
+    dbs: SlotDatabases,
+}
+
+/// Names of the replication objects for one target database.
+struct Names {
+    publication: String,
+    slot: String,
+    subscription: String,
+    rev_publication: String,
+    rev_slot: String,
+    rev_subscription: String,
+}
+
+impl Names {
+    fn for_target(target: &str) -> Names {
+        let t = slot_safe(target);
+        let n = |p: &str| {
+            let mut s = format!("bg_{p}_{t}");
+            s.truncate(63);
+            s
+        };
+        Names {
+            publication: n("pub"),
+            slot: n("slot"),
+            subscription: n("sub"),
+            rev_publication: n("rpub"),
+            rev_slot: n("rslot"),
+            rev_subscription: n("rsub"),
+        }
+    }
+}
+
+impl Replicated {
+    /// A strategy with `config`; validates the database names.
+    pub fn new(config: ReplicatedConfig) -> Result<Self> {
+        config.server.validate()?;
+        if let Some(t) = &config.target_server {
+            t.validate()?;
+        }
+        let mut dbs = SlotDatabases::new(&config.server.dbname);
+        dbs.per_slot = config.slot_databases.clone();
+        dbs.validate()?;
+        Ok(Replicated { config, dbs })
+    }
+
+    /// The database `slot` uses.
+    pub fn database_of(&self, slot: Slot) -> String {
+        self.dbs.of(slot)
+    }
+
+    fn target_server(&self) -> &PgConfig {
+        self.config
+            .target_server
+            .as_ref()
+            .unwrap_or(&self.config.server)
+    }
+
+    fn binding_for(&self, db: &str) -> DbBinding {
+        self.config
+            .binding
+            .clone()
+            .unwrap_or_else(|| self.target_server().clone())
+            .db(db)
+            .binding()
+    }
+
+    /// Replication progress into `ctx.target`'s database.
+    pub async fn status(&self, ctx: &DbContext) -> Result<ReplicationStatus> {
+        let (source, target) = (self.dbs.live(ctx), self.dbs.of(ctx.target));
+        let names = Names::for_target(&target);
+        let src = connect_rw(&self.config.server.db(&source)).await?;
+        let tgt = connect_rw(&self.target_server().db(&target)).await?;
+        let row = src
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text,
+                        (SELECT confirmed_flush_lsn::text FROM pg_replication_slots
+                          WHERE slot_name = $1),
+                        (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                           FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&names.slot],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "reading the replication slot", e))?;
+        let (tables, syncing) = sync_state(&tgt, &names.subscription).await?;
+        let (apply_errors, sync_errors) = error_counts(&tgt, &names.subscription).await?;
+        Ok(ReplicationStatus {
+            source_lsn: row.get(0),
+            confirmed_lsn: row.get(1),
+            lag_bytes: row.get(2),
+            tables,
+            tables_syncing: syncing,
+            apply_errors,
+            sync_errors,
+        })
+    }
+
+    /// Checks, before anything is created, that `source` can be replicated by these settings.
+    async fn preflight(&self, src: &Client, admin_t: &Client, source: &str) -> Result<bool> {
+        let op = "checking the source for logical replication";
+        let wal_level: String = src
+            .query_one("SELECT current_setting('wal_level')", &[])
+            .await
+            .map_err(|e| pg_error(BACKEND, op, e))?
+            .get(0);
+        if wal_level != "logical" {
+            return Err(fail(
+                BACKEND,
+                op,
+                format!(
+                    "wal_level is '{wal_level}' on the source server {}; logical replication \
+                     needs wal_level = logical: set it in postgresql.conf (or ALTER SYSTEM SET \
+                     wal_level = logical) and restart that server",
+                    self.config.server.describe()
+                ),
+            ));
+        }
+        let free: i64 = src
+            .query_one(
+                "SELECT current_setting('max_replication_slots')::bigint
+                        - (SELECT count(*) FROM pg_replication_slots)",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, op, e))?
+            .get(0);
+        // One for the subscription, one per table being synchronized at a time.
+        if free < 2 {
+            return Err(fail(
+                BACKEND,
+                op,
+                format!(
+                    "the source server has {free} free replication slot(s); raise \
+                     max_replication_slots (restart needed) or drop unused slots \
+                     (pg_replication_slots)"
+                ),
+            ));
+        }
+        let r = src
+            .query_one(
+                "SELECT current_user::text, r.rolsuper, r.rolreplication,
+                        has_database_privilege(current_database(), 'CREATE'),
+                        d.datdba = r.oid
+                 FROM pg_roles r, pg_database d
+                 WHERE r.rolname = current_user AND d.datname = current_database()",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, op, e))?;
+        let (user, superuser, replication, create, owner): (String, bool, bool, bool, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let mut missing = Vec::new();
+        if !superuser {
+            if !replication {
+                missing.push(format!(
+                    "the REPLICATION attribute (ALTER ROLE {} REPLICATION)",
+                    quote_ident(&user)
+                ));
+            }
+            if !create {
+                missing.push(format!(
+                    "CREATE on database {source} (GRANT CREATE ON DATABASE {} TO {})",
+                    quote_ident(source),
+                    quote_ident(&user)
+                ));
+            }
+            if self.config.freeze_source && !owner {
+                missing.push(format!(
+                    "ownership of database {source} (to freeze writes at the cutover), or \
+                     turn freeze_source off"
+                ));
+            }
+            let not_owned: Vec<String> = src
+                .query(
+                    &format!(
+                        "SELECT format('%I.%I', n.nspname, c.relname) {TABLES_FROM}
+                           AND NOT pg_has_role(c.relowner, 'USAGE') ORDER BY 1"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_error(BACKEND, op, e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !not_owned.is_empty() {
+                missing.push(format!(
+                    "ownership of table(s) {} (needed to publish them)",
+                    not_owned.join(", ")
+                ));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(fail(
+                BACKEND,
+                op,
+                format!(
+                    "user {user} on the source server {} lacks privileges: {}",
+                    self.config.server.describe(),
+                    missing.join("; ")
+                ),
+            ));
+        }
+        let r = admin_t
+            .query_one(
+                "SELECT current_user::text, rolsuper, rolcreatedb,
+                        current_setting('server_version_num')::int
+                 FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, op, e))?;
+        let (tuser, tsuper, tcreatedb, version): (String, bool, bool, i32) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        if !tsuper {
+            return Err(fail(
+                BACKEND,
+                op,
+                format!(
+                    "user {tuser} on the target server {} is not a superuser; CREATE SUBSCRIPTION \
+                     needs one on PostgreSQL {}{}",
+                    self.target_server().describe(),
+                    version / 10000,
+                    if version >= 160000 {
+                        " (or membership in pg_create_subscription)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        let _ = tcreatedb;
+        let no_identity: Vec<String> = src
+            .query(
+                &format!(
+                    "SELECT format('%I.%I', n.nspname, c.relname) {TABLES_FROM}
+                       AND (c.relreplident = 'n'
+                            OR (c.relreplident = 'd' AND NOT EXISTS (
+                                  SELECT 1 FROM pg_index i
+                                  WHERE i.indrelid = c.oid AND i.indisprimary))
+                            OR (c.relreplident = 'i' AND NOT EXISTS (
+                                  SELECT 1 FROM pg_index i
+                                  WHERE i.indrelid = c.oid AND i.indisreplident)))
+                     ORDER BY 1"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, op, e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !no_identity.is_empty() {
+            return Err(fail(
+                BACKEND,
+                op,
+                format!(
+                    "table(s) {} in {source} have no replica identity (no primary key): once \
+                     published, UPDATE and DELETE on them would fail on the live database. Add a \
+                     primary key, or ALTER TABLE … REPLICA IDENTITY FULL (or USING INDEX on a \
+                     unique index), then deploy again",
+                    no_identity.join(", ")
+                ),
+            ));
+        }
+        Ok(superuser)
+    }
+
+    async fn prepare_inner(
+        &self,
+        src: &Client,
+        admin_t: &Client,
+        source: &str,
+        target: &str,
+        all_tables: bool,
+    ) -> Result<(usize, Duration)> {
+        let names = Names::for_target(target);
+        let src_cfg = self.config.server.db(source);
+        let tgt_cfg = self.target_server().db(target);
+        admin_t
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(target)))
+            .await
+            .map_err(|e| pg_error(BACKEND, &format!("creating database {target}"), e))?;
+        dump_into(
+            BACKEND,
+            self.config.bin_dir.as_deref(),
+            &src_cfg,
+            &[
+                "--schema-only".into(),
+                "--no-publications".into(),
+                "--no-subscriptions".into(),
+            ],
+            &tgt_cfg,
+            self.config.sync_timeout,
+        )
+        .await?;
+        create_publication(src, &names.publication, all_tables).await?;
+        create_slot(src, &names.slot).await?;
+        let tgt = connect_rw(&tgt_cfg).await?;
+        create_subscription(
+            &tgt,
+            &names.subscription,
+            &src_cfg,
+            &names.publication,
+            &names.slot,
+            true,
+        )
+        .await?;
+        let started = Instant::now();
+        loop {
+            let (tables, syncing) = sync_state(&tgt, &names.subscription).await?;
+            if syncing == 0 {
+                return Ok((tables, started.elapsed()));
+            }
+            if started.elapsed() > self.config.sync_timeout {
+                let (_, sync_errors) = error_counts(&tgt, &names.subscription).await?;
+                return Err(fail(
+                    BACKEND,
+                    "initial copy",
+                    format!(
+                        "{syncing} of {tables} table(s) not synchronized into {target} within \
+                         {:?} ({sync_errors} copy error(s); see the target server's log)",
+                        self.config.sync_timeout
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Drops the subscription from `source` into `target` (and its slot) and the publication.
+    async fn drop_forward(&self, source: &str, target: &str) -> Result<()> {
+        let names = Names::for_target(target);
+        let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
+        if database_exists(BACKEND, &admin_t, target).await? {
+            let tgt = connect_rw(&self.target_server().db(target)).await?;
+            drop_subscription(&tgt, &names.subscription).await?;
+        }
+        let admin_s = connect_rw(&self.config.server.db("postgres")).await?;
+        drop_slot(&admin_s, &names.slot).await?;
+        if database_exists(BACKEND, &admin_s, source).await? {
+            let src = connect_rw(&self.config.server.db(source)).await?;
+            drop_publication(&src, &names.publication).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the reverse replication (from `target` back into `source`).
+    async fn drop_reverse(&self, source: &str, target: &str) -> Result<()> {
+        let names = Names::for_target(target);
+        let admin_s = connect_rw(&self.config.server.db("postgres")).await?;
+        if database_exists(BACKEND, &admin_s, source).await? {
+            let src = connect_rw(&self.config.server.db(source)).await?;
+            drop_subscription(&src, &names.rev_subscription).await?;
+        }
+        let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
+        drop_slot(&admin_t, &names.rev_slot).await?;
+        if database_exists(BACKEND, &admin_t, target).await? {
+            let tgt = connect_rw(&self.target_server().db(target)).await?;
+            drop_publication(&tgt, &names.rev_publication).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops every bluegreen subscription inside `db` (left by an earlier deploy: a database
+    /// holding a subscription cannot be dropped).
+    async fn drop_subscriptions_in(&self, server: &PgConfig, db: &str) -> Result<()> {
+        let admin = connect_rw(&server.db("postgres")).await?;
+        if !database_exists(BACKEND, &admin, db).await? {
+            return Ok(());
+        }
+        let c = connect_rw(&server.db(db)).await?;
+        let subs = c
+            .query(
+                "SELECT subname::text FROM pg_subscription
+                 WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND subname LIKE 'bg\\_%'",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "listing subscriptions", e))?;
+        for r in subs {
+            drop_subscription(&c, &r.get::<_, String>(0)).await?;
+        }
+        Ok(())
+    }
+
+    /// Freezes writes on `db` through `src` (a session on it, which stays usable): new sessions
+    /// are read-only, the other client sessions are ended.
+    async fn freeze(&self, src: &Client, db: &str) -> Result<()> {
+        let op = format!("freezing writes on {db}");
+        src.batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = on",
+            quote_ident(db)
+        ))
+        .await
+        .map_err(|e| pg_error(BACKEND, &op, e))?;
+        let pids: Vec<i32> = src
+            .query(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                &[&db],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, &op, e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        src.execute(
+            "SELECT pg_terminate_backend(p) FROM unnest($1::int4[]) p",
+            &[&pids],
+        )
+        .await
+        .map_err(|e| pg_error(BACKEND, &op, e))?;
+        // Wait until they are gone, so their last commits are in the WAL before the LSN the target
+        // must reach is read.
+        let started = Instant::now();
+        loop {
+            let left: i64 = src
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                    &[&pids],
+                )
+                .await
+                .map_err(|e| pg_error(BACKEND, &op, e))?
+                .get(0);
+            if left == 0 {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(fail(
+                    BACKEND,
+                    &op,
+                    format!("{left} session(s) on {db} did not end within 10 s"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn unfreeze(&self, db: &str) -> Result<()> {
+        let admin = connect_rw(&self.config.server.db("postgres")).await?;
+        if !database_exists(BACKEND, &admin, db).await? {
+            return Ok(());
+        }
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} RESET default_transaction_read_only",
+                quote_ident(db)
+            ))
+            .await
+            .map_err(|e| pg_error(BACKEND, &format!("allowing writes on {db} again"), e))
+    }
+
+    /// The cutover; see the type's docs. Idempotent: a target already cut over reports so. On
+    /// failure the source is writable again and nothing was switched.
+    pub async fn cutover(&self, ctx: &DbContext) -> Result<Option<CutoverReport>> {
+        let (source, target) = (self.dbs.live(ctx), self.dbs.of(ctx.target));
+        distinct(BACKEND, "cutover", &source, &target)?;
+        let names = Names::for_target(&target);
+        // Two sessions only: connections are the slow part of a short cutover.
+        let tgt = connect_rw(&self.target_server().db(&target)).await?;
+        let comment = database_comment(BACKEND, &tgt, &target).await?;
+        if comment
+            .as_deref()
+            .is_some_and(|c| c.starts_with(MARK_SWITCHED))
+        {
+            return Ok(None);
+        }
+        let src = connect_rw(&self.config.server.db(&source)).await?;
+        if !subscription_exists(&tgt, &names.subscription).await? {
+            return Err(fail(
+                BACKEND,
+                "cutover",
+                format!("no replication from {source} into {target}; run prepare first"),
+            ));
+        }
+        self.check_tables(&src, &tgt, &source, &names).await?;
+        // Catch up while writes still flow, so the frozen window is short.
+        let l0 = current_lsn(&src).await?;
+        self.wait_confirmed(&src, &tgt, &names, &l0, &source, &target)
+            .await?;
+        let frozen_at = Instant::now();
+        let res = async {
+            if self.config.freeze_source {
+                self.freeze(&src, &source).await?;
+            }
+            let l = current_lsn(&src).await?;
+            self.wait_confirmed(&src, &tgt, &names, &l, &source, &target)
+                .await?;
+            let frozen = frozen_at.elapsed();
+            let sequences =
+                copy_sequences(BACKEND, &src, &tgt, self.config.sequence_margin).await?;
+            drop_subscription(&tgt, &names.subscription).await?;
+            drop_slot(&src, &names.slot).await?;
+            drop_publication(&src, &names.publication).await?;
+            let reversed = self.config.after_cutover == AfterCutover::Reverse;
+            if reversed {
+                let all_tables = is_superuser(&tgt).await?;
+                create_publication(&tgt, &names.rev_publication, all_tables).await?;
+                create_slot(&tgt, &names.rev_slot).await?;
+                create_subscription(
+                    &src,
+                    &names.rev_subscription,
+                    &self.target_server().db(&target),
+                    &names.rev_publication,
+                    &names.rev_slot,
+                    false,
+                )
+                .await?;
+            }
+            let rest = comment
+                .as_deref()
+                .and_then(|c| c.strip_prefix(MARK_READY))
+                .unwrap_or("");
+            set_database_comment(BACKEND, &tgt, &target, &format!("{MARK_SWITCHED}{rest}")).await?;
+            Ok(CutoverReport {
+                lsn: l,
+                frozen,
+                sequences,
+                reversed,
+            })
+        }
+        .await;
+        match res {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                if self.config.freeze_source {
+                    let undo = src
+                        .batch_execute(&format!(
+                            "ALTER DATABASE {} RESET default_transaction_read_only",
+                            quote_ident(&source)
+                        ))
+                        .await;
+                    if undo.is_err() {
+                        if let Err(u) = self.unfreeze(&source).await {
+                            tracing::error!(error = %u, source, "could not make the live database writable again");
+                            return Err(fail(
+                                BACKEND,
+                                "cutover",
+                                format!(
+                                    "{e}; and {source} could not be made writable again ({u}): \
+                                     run ALTER DATABASE {} RESET default_transaction_read_only",
+                                    quote_ident(&source)
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Fails naming the tables that exist on the source but are not replicated (created after
+    /// `prepare`: DDL is not replicated).
+    async fn check_tables(
+        &self,
+        src: &Client,
+        tgt: &Client,
+        source: &str,
+        names: &Names,
+    ) -> Result<()> {
+        let on_source = user_tables(BACKEND, src).await?;
+        let replicated: std::collections::HashSet<(String, String)> = tgt
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_subscription_rel r
+                 JOIN pg_subscription s ON s.oid = r.srsubid
+                 JOIN pg_class c ON c.oid = r.srrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE s.subname = $1",
+                &[&names.subscription],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "listing replicated tables", e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let missing: Vec<String> = on_source
+            .iter()
+            .filter(|t| !replicated.contains(&(t.schema.clone(), t.name.clone())))
+            .map(|t| t.qualified())
+            .collect();
+        if !missing.is_empty() {
+            return Err(fail(
+                BACKEND,
+                "cutover",
+                format!(
+                    "table(s) {} exist in {source} but are not replicated (created after prepare? \
+                     DDL is not replicated); nothing was switched: roll back and deploy again",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until the slot has confirmed `lsn`, bounded by the lag bound.
+    async fn wait_confirmed(
+        &self,
+        src: &Client,
+        tgt: &Client,
+        names: &Names,
+        lsn: &str,
+        source: &str,
+        target: &str,
+    ) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let row = src
+                .query_opt(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn, confirmed_flush_lsn::text,
+                            pg_wal_lsn_diff($1::text::pg_lsn, confirmed_flush_lsn)::bigint
+                     FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&lsn, &names.slot],
+                )
+                .await
+                .map_err(|e| pg_error(BACKEND, "reading the replication lag", e))?
+                .ok_or_else(|| {
+                    fail(
+                        BACKEND,
+                        "cutover",
+                        format!(
+                            "replication slot {} is missing on the source; run prepare again",
+                            names.slot
+                        ),
+                    )
+                })?;
+            let (done, confirmed, behind): (Option<bool>, Option<String>, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2));
+            if done == Some(true) {
+                return Ok(());
+            }
+            if started.elapsed() > self.config.lag_bound {
+                let (apply_errors, _) = error_counts(tgt, &names.subscription).await?;
+                return Err(fail(
+                    BACKEND,
+                    "cutover",
+                    format!(
+                        "the replication from {source} into {target} did not catch up within \
+                         {:?}: the source is at LSN {lsn}, the target has confirmed {} ({} bytes \
+                         behind; {apply_errors} apply error(s)). Nothing was switched and {source} \
+                         accepts writes again; check the target server's log (is the apply worker \
+                         failing or blocked by a lock?) or raise lag_bound",
+                        self.config.lag_bound,
+                        confirmed.as_deref().unwrap_or("nothing"),
+                        behind.map(|b| b.to_string()).unwrap_or_else(|| "?".into()),
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The `FROM … WHERE` of user tables (same filter as `user_tables`); callers add `AND …`.
+const TABLES_FROM: &str = "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+       AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                       WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                         AND d.deptype = 'e')";
+
+/// Connects with `default_transaction_read_only` off for this session (the database may be
+/// frozen by a cutover).
+async fn connect_rw(cfg: &PgConfig) -> Result<Client> {
+    let c = cfg.connect(BACKEND).await?;
+    c.batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| pg_error(BACKEND, "opening a session", e))?;
+    Ok(c)
+}
+
+async fn is_superuser(c: &Client) -> Result<bool> {
+    Ok(c.query_one(
+        "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+        &[],
+    )
+    .await
+    .map_err(|e| pg_error(BACKEND, "reading the role", e))?
+    .get(0))
+}
+
+async fn current_lsn(c: &Client) -> Result<String> {
+    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| pg_error(BACKEND, "reading the current LSN", e))?
+        .get(0))
+}
+
+async fn create_publication(c: &Client, name: &str, all_tables: bool) -> Result<()> {
+    let what = if all_tables {
+        "FOR ALL TABLES".to_string()
+    } else {
+        let tables = user_tables(BACKEND, c).await?;
+        if tables.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "FOR TABLE {}",
+                tables
+                    .iter()
+                    .map(|t| t.qualified())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    c.batch_execute(&format!(
+        "DROP PUBLICATION IF EXISTS {q}; CREATE PUBLICATION {q} {what}",
+        q = quote_ident(name)
+    ))
+    .await
+    .map_err(|e| pg_error(BACKEND, &format!("creating publication {name}"), e))
+}
+
+async fn drop_publication(c: &Client, name: &str) -> Result<()> {
+    c.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
+        .await
+        .map_err(|e| pg_error(BACKEND, &format!("dropping publication {name}"), e))
+}
+
+async fn create_slot(c: &Client, name: &str) -> Result<()> {
+    drop_slot(c, name).await?;
+    c.query_one(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&name],
+    )
+    .await
+    .map_err(|e| pg_error(BACKEND, &format!("creating replication slot {name}"), e))?;
+    Ok(())
+}
+
+/// Drops replication slot `name` if it exists, ending the session that still uses it.
+async fn drop_slot(c: &Client, name: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let row = c
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, "reading replication slots", e))?;
+        let Some(row) = row else { return Ok(()) };
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            let _ = c
+                .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
+                .await;
+        }
+        match c
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE slot_name = $1 AND NOT active",
+                &[&name],
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                tracing::debug!(error = %e, slot = name, "dropping the slot, trying again");
+            }
+            Err(e) => {
+                return Err(pg_error(
+                    BACKEND,
+                    &format!("dropping replication slot {name}"),
+                    e,
+                ))
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(fail(
+                BACKEND,
+                &format!("dropping replication slot {name}"),
+                "the slot stayed in use for 30 s; drop it with pg_drop_replication_slot (a \
+                 forgotten slot keeps WAL until the disk is full)",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn subscription_exists(c: &Client, name: &str) -> Result<bool> {
+    Ok(c.query_opt(
+        "SELECT 1 FROM pg_subscription WHERE subname = $1
+               AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        &[&name],
+    )
+    .await
+    .map_err(|e| pg_error(BACKEND, "reading subscriptions", e))?
+    .is_some())
+}
+
+/// Creates a subscription using an existing slot (required when both sides share a server).
+async fn create_subscription(
+    c: &Client,
+    name: &str,
+    publisher: &PgConfig,
+    publication: &str,
+    slot: &str,
+    copy_data: bool,
+) -> Result<()> {
+    let conninfo = publisher.conninfo_with_password();
+    let sql = format!(
+        "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (create_slot = false, \
+         slot_name = {}, copy_data = {copy_data}, binary = true)",
+        quote_ident(name),
+        quote_literal(conninfo.expose()),
+        quote_ident(publication),
+        quote_literal(slot),
+    );
+    c.batch_execute(&sql).await.map_err(|e| {
+        let op = format!(
+            "creating subscription {name} to {} (publication {publication})",
+            publisher.describe()
+        );
+        redact(pg_error(BACKEND, &op, e), publisher, &op)
+    })
+}
+
+/// Removes the password from an error's text (the server may echo a connection string).
+fn redact(e: Error, cfg: &PgConfig, op: &str) -> Error {
+    let Some(pw) = cfg.password.as_ref().map(|p| p.expose().to_string()) else {
+        return e;
+    };
+    let text = match &e {
+        Error::Backend { source, .. } => source.to_string(),
+        other => other.to_string(),
+    };
+    // As given, and as escaped inside the connection string.
+    let escaped = pw.replace('\\', "\\\\").replace('\'', "\\'");
+    if pw.is_empty() || !(text.contains(&pw) || text.contains(&escaped)) {
+        return e;
+    }
+    fail(
+        BACKEND,
+        op,
+        text.replace(&escaped, "<redacted>")
+            .replace(&pw, "<redacted>"),
+    )
+}
+
+/// Drops subscription `name` (and its slot on the publisher) if it exists.
+async fn drop_subscription(c: &Client, name: &str) -> Result<()> {
+    if !subscription_exists(c, name).await? {
+        return Ok(());
+    }
+    let q = quote_ident(name);
+    let r = c
+        .batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {q}"))
+        .await;
+    if let Err(e) = r {
+        // The publisher may be gone: detach the slot and drop the subscription alone. The slot
+        // on the publisher is dropped by its own cleanup (`drop_slot`).
+        tracing::warn!(error = %e, subscription = name, "DROP SUBSCRIPTION failed; detaching the slot");
+        for stmt in [
+            format!("ALTER SUBSCRIPTION {q} DISABLE"),
+            format!("ALTER SUBSCRIPTION {q} SET (slot_name = NONE)"),
+            format!("DROP SUBSCRIPTION IF EXISTS {q}"),
+        ] {
+            c.batch_execute(&stmt)
+                .await
+                .map_err(|e| pg_error(BACKEND, &format!("dropping subscription {name}"), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// (tables in the subscription, tables not yet synchronized).
+async fn sync_state(c: &Client, sub: &str) -> Result<(usize, usize)> {
+    let r = c
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE r.srsubstate <> 'r')
+             FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
+             WHERE s.subname = $1",
+            &[&sub],
+        )
+        .await
+        .map_err(|e| pg_error(BACKEND, "reading the synchronization state", e))?;
+    Ok((r.get::<_, i64>(0) as usize, r.get::<_, i64>(1) as usize))
+}
+
+/// (apply errors, sync errors) of the subscription.
+async fn error_counts(c: &Client, sub: &str) -> Result<(i64, i64)> {
+    let r = c
+        .query_opt(
+            "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats
+             WHERE subname = $1",
+            &[&sub],
+        )
+        .await
+        .map_err(|e| pg_error(BACKEND, "reading subscription errors", e))?;
+    Ok(r.map(|r| (r.get(0), r.get(1))).unwrap_or((0, 0)))
+}
+
+#[async_trait]
+impl DatabaseStrategy for Replicated {
+    fn name(&self) -> &str {
+        "replicated"
+    }
+
+    async fn prepare(&self, ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
+        let source = self.dbs.live(ctx);
+        let target = self.dbs.of(ctx.target);
+        validate_ident("database", &source)?;
+        distinct(BACKEND, "prepare", &source, &target)?;
+        let names = Names::for_target(&target);
+        let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
+        let mark = format!(
+            "{MARK_READY} from {source} for release {}",
+            ctx.release.version
+        );
+        if database_comment(BACKEND, &admin_t, &target)
+            .await?
+            .as_deref()
+            == Some(mark.as_str())
+        {
+            let tgt = connect_rw(&self.target_server().db(&target)).await?;
+            if subscription_exists(&tgt, &names.subscription).await? {
+                return Ok((
+                    self.binding_for(&target),
+                    DbStep::reversible(format!("{target} already replicating from {source}")),
+                ));
+            }
+        }
+        let src = connect_rw(&self.config.server.db(&source)).await?;
+        let superuser = self.preflight(&src, &admin_t, &source).await?;
+        // Leftovers of an earlier attempt or deploy (a database holding a subscription or a slot
+        // cannot be dropped).
+        self.drop_subscriptions_in(self.target_server(), &target)
+            .await?;
+        self.drop_forward(&source, &target).await?;
+        self.drop_reverse(&source, &target).await?;
+        drop_database(BACKEND, &admin_t, &target).await?;
+        let res = tokio::time::timeout(
+            self.config.sync_timeout + Duration::from_secs(60),
+            self.prepare_inner(&src, &admin_t, &source, &target, superuser),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                what: format!("replicating {source} into {target}"),
+                after: self.config.sync_timeout,
+            })
+        });
+        match res {
+            Ok((tables, took)) => {
+                set_database_comment(BACKEND, &admin_t, &target, &mark).await?;
+                tracing::info!(source, target, tables, ?took, "replication running");
+                Ok((
+                    self.binding_for(&target),
+                    DbStep::reversible(format!(
+                        "replicating {source} into {target}: {tables} tables copied in \
+                         {took:.1?}, changes streaming"
+                    )),
+                ))
+            }
+            Err(e) => {
+                if let Err(c) = self.drop_forward(&source, &target).await {
+                    tracing::warn!(error = %c, "cleaning up the failed replication");
+                }
+                if let Err(d) = drop_database(BACKEND, &admin_t, &target).await {
+                    tracing::warn!(error = %d, target, "could not drop the failed target");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep> {
+        let target = self.dbs.of(ctx.target);
+        let Some(r) = self.cutover(ctx).await? else {
+            return Ok(DbStep::reversible(format!("{target} already cut over")));
+        };
+        Ok(DbStep::reversible(format!(
+            "{target} caught up to LSN {} (writes frozen {:.0?}); {} sequences set; replication {}",
+            r.lsn,
+            r.frozen,
+            r.sequences,
+            if r.reversed {
+                "reversed (the old database follows the new one until finalize)"
+            } else {
+                "dropped"
+            }
+        )))
+    }
+
+    async fn after_switch(&self, ctx: &DbContext) -> Result<DbStep> {
+        let _ = ctx;
+        Ok(DbStep::reversible("nothing to do"))
+    }
+
+    async fn rollback(&self, ctx: &DbContext) -> Result<()> {
+        let source = self.dbs.live(ctx);
+        let target = self.dbs.of(ctx.target);
+        if source == target || target == self.dbs.base {
+            return Ok(());
+        }
+        self.drop_reverse(&source, &target).await?;
+        self.drop_forward(&source, &target).await?;
+        self.drop_subscriptions_in(self.target_server(), &target)
+            .await?;
+        if self.config.freeze_source {
+            self.unfreeze(&source).await?;
+        }
+        let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
+        if !database_exists(BACKEND, &admin_t, &target).await? {
+            return Ok(());
+        }
+        let comment = database_comment(BACKEND, &admin_t, &target).await?;
+        if comment
+            .as_deref()
+            .is_some_and(|c| c.starts_with(MARK_SWITCHED))
+        {
+            // Traffic may have written to it: keep it under another name.
+            let mut kept = format!("{target}_rolled_back_{}", Timestamp::now().0 / 1000);
+            kept.truncate(63);
+            tracing::warn!(
+                target,
+                kept,
+                "keeping the rolled-back database: it may hold writes"
+            );
+            admin_t
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {};
+                     ALTER DATABASE {} RENAME TO {}",
+                    quote_literal(&target),
+                    quote_ident(&target),
+                    quote_ident(&kept)
+                ))
+                .await
+                .map_err(|e| pg_error(BACKEND, &format!("renaming {target}"), e))?;
+            return Ok(());
+        }
+        drop_database(BACKEND, &admin_t, &target).await
+    }
+
+    async fn finalize(&self, ctx: &DbContext) -> Result<DbStep> {
+        let old_db = self.dbs.live(ctx);
+        let target = self.dbs.of(ctx.target);
+        if old_db == target {
+            return Ok(DbStep::reversible("nothing to finalize"));
+        }
+        self.drop_reverse(&old_db, &target).await?;
+        if ctx.live.is_none() || !self.config.drop_old_on_finalize || old_db == self.dbs.base {
+            return Ok(DbStep::irreversible(format!(
+                "stopped the replication into {old_db}; it no longer follows {target}"
+            )));
+        }
+        let admin = connect_rw(&self.config.server.db("postgres")).await?;
+        self.drop_subscriptions_in(&self.config.server, &old_db)
+            .await?;
+        drop_database(BACKEND, &admin, &old_db).await?;
+        Ok(DbStep::irreversible(format!(
+            "dropped the previous live database {old_db}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_never_show_the_subscription_password() {
+        let cfg = PgConfig::new("db.internal", 5432, "app").with_password("pa ss'word");
+        let e = fail(BACKEND, "x", "conninfo password='pa ss\\'word' is wrong");
+        let shown = redact(e, &cfg, "creating subscription").to_string();
+        assert!(!shown.contains("pa ss"), "{shown}");
+        let e = fail(BACKEND, "x", "server said: pa ss'word is wrong");
+        let shown = redact(e, &cfg, "creating subscription").to_string();
+        assert!(!shown.contains("pa ss'word"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        // Errors without the password are returned unchanged.
+        let e = fail(BACKEND, "x", "connection refused");
+        assert_eq!(
+            redact(e, &cfg, "creating subscription").to_string(),
+            "postgres replicated: x failed: connection refused"
+        );
+        assert!(!format!("{:?}", cfg.conninfo_with_password()).contains("pa ss"));
+    }
+
+    #[test]
+    fn object_names_are_safe_and_distinct() {
+        let n = Names::for_target("App-v2.Green");
+        assert_eq!(n.slot, "bg_slot_app_v2_green");
+        assert_eq!(n.publication, "bg_pub_app_v2_green");
+        assert_eq!(n.rev_subscription, "bg_rsub_app_v2_green");
+        let long = Names::for_target(&"x".repeat(63));
+        assert_eq!(long.rev_slot.len(), 63);
+        assert_ne!(long.slot, long.rev_slot);
+    }
+}
