@@ -19,6 +19,7 @@ use crate::render::{preview_from_router, split_from_service, Routing};
 pub(crate) struct Api {
     base: String,
     client: reqwest::Client,
+    auth: Option<(String, bluegreen_core::Secret)>,
 }
 
 /// What the API reports about the three objects this switch owns.
@@ -30,7 +31,11 @@ pub(crate) struct ApiView {
 }
 
 impl Api {
-    pub(crate) fn new(base: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(
+        base: &str,
+        timeout: Duration,
+        auth: Option<(String, bluegreen_core::Secret)>,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -38,21 +43,24 @@ impl Api {
         Ok(Api {
             base: base.trim_end_matches('/').to_string(),
             client,
+            auth,
         })
     }
 
     /// GET `path`; `None` on 404.
     pub(crate) async fn get(&self, path: &str) -> Result<Option<Value>, TraefikError> {
         let url = format!("{}{}", self.base, path);
-        let resp =
-            self.client
-                .get(&url)
-                .send()
-                .await
-                .map_err(|source| TraefikError::ApiUnreachable {
-                    url: url.clone(),
-                    source,
-                })?;
+        let mut req = self.client.get(&url);
+        if let Some((user, password)) = &self.auth {
+            req = req.basic_auth(user, Some(password.expose()));
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| TraefikError::ApiUnreachable {
+                url: url.clone(),
+                source,
+            })?;
         let status = resp.status();
         let body = resp
             .bytes()

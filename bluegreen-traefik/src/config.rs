@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bluegreen_core::{Error, Result, Slot};
+use bluegreen_core::{Error, Result, Secret, Slot};
 
 /// Longest [`RouteName`]: the derived names (`<name>-preview`) stay within 63 characters.
 pub const MAX_NAME_LEN: usize = 55;
@@ -243,6 +243,9 @@ pub struct TraefikConfig {
     pub poll_interval: Duration,
     /// Bound of one API request.
     pub request_timeout: Duration,
+    /// HTTP basic-auth credentials for the API (user, password), when Traefik's API is behind a
+    /// `basicAuth` middleware. The password is a [`Secret`]: never in `Debug` or logs.
+    pub api_basic_auth: Option<(String, Secret)>,
     /// What makes a request a preview request.
     pub preview_match: PreviewMatch,
     /// `httpOnly` on the sticky cookie.
@@ -275,6 +278,7 @@ impl TraefikConfig {
             verify_timeout: Duration::from_secs(15),
             poll_interval: Duration::from_millis(200),
             request_timeout: Duration::from_secs(5),
+            api_basic_auth: None,
             preview_match: PreviewMatch::default(),
             sticky_http_only: true,
             sticky_secure: false,
@@ -307,6 +311,16 @@ impl TraefikConfig {
     /// Verify through (and read `current` from) Traefik's API at `base_url`.
     pub fn with_api(mut self, base_url: impl Into<String>) -> Self {
         self.api = Some(base_url.into());
+        self
+    }
+
+    /// Authenticate to the API with HTTP basic auth.
+    pub fn with_api_basic_auth(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.api_basic_auth = Some((user.into(), Secret::new(password)));
         self
     }
 
@@ -437,6 +451,15 @@ impl TraefikConfig {
                     "traefik api url",
                     api,
                     "expected an http:// or https:// URL without spaces",
+                ));
+            }
+        }
+        if let Some((user, _)) = &self.api_basic_auth {
+            if user.is_empty() || user.contains(':') || user.chars().any(|c| c.is_control()) {
+                return Err(Error::invalid(
+                    "api user",
+                    user,
+                    "must be non-empty, without `:` or control characters",
                 ));
             }
         }

@@ -40,7 +40,7 @@ impl TraefikSwitch {
         config.validate()?;
         let api = match &config.api {
             Some(url) => Some(
-                Api::new(url, config.request_timeout)
+                Api::new(url, config.request_timeout, config.api_basic_auth.clone())
                     .map_err(|e| Error::backend(crate::NAME, "build the API client", false, e))?,
             ),
             None => None,
@@ -218,8 +218,13 @@ fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> std::result::Result<
         drop(f);
         fs::rename(&tmp, &target)?;
         created = false;
-        // Make the rename itself durable.
-        File::open(dir)?.sync_all()
+        // Make the rename itself durable. The new file is in place already, so a failure here
+        // is logged, not reported as "nothing was changed".
+        #[cfg(unix)]
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync the directory after the rename");
+        }
+        Ok(())
     })();
     result.map_err(|source| {
         if created {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bluegreen_core::{Endpoint, Endpoints, Error, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_traefik::{TraefikConfig, TraefikError, TraefikSwitch};
-use common::{closed_port_url, FakeTraefik};
+use common::{closed_port_url, silent_server_url, FakeTraefik};
 
 const THROTTLE: Duration = Duration::from_millis(200);
 
@@ -334,4 +334,88 @@ fn readers_never_see_a_half_written_file() {
     assert!(reads > 0);
     // No temporary files are left.
     assert_eq!(entries(dir.path()), vec!["app.bluegreen.yml".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_that_never_answers_is_bounded_by_the_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, server) = silent_server_url().await;
+    let switch = TraefikSwitch::new(
+        config(dir.path(), Some(&url)).with_request_timeout(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let err = switch
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            TraefikError::from_core(&err),
+            Some(TraefikError::ApiUnreachable { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(entries(dir.path()).is_empty(), "nothing written");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_credentials_are_sent_and_a_refusal_stops_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let traefik = FakeTraefik::start(dir.path(), THROTTLE).await;
+    traefik.require_basic_auth("ops", "s3cret-pw");
+
+    let anonymous = TraefikSwitch::new(config(dir.path(), Some(&traefik.url))).unwrap();
+    let err = anonymous
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            TraefikError::from_core(&err),
+            Some(TraefikError::ApiStatus { status: 401, .. })
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert!(entries(dir.path()).is_empty(), "nothing written");
+
+    let config = config(dir.path(), Some(&traefik.url)).with_api_basic_auth("ops", "s3cret-pw");
+    assert!(!format!("{config:?}").contains("s3cret-pw"));
+    let switch = TraefikSwitch::new(config).unwrap();
+    switch
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
+        .await
+        .unwrap();
+    assert_eq!(
+        switch.current().await.unwrap(),
+        Some(TrafficSplit::all(Slot::Blue))
+    );
+    assert!(!format!("{switch:?}").contains("s3cret-pw"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_own_file_is_refused_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.bluegreen.yml");
+    std::fs::write(&path, "http: [unclosed\n").unwrap();
+    let switch = TraefikSwitch::new(config(dir.path(), None)).unwrap();
+    let err = switch
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            TraefikError::from_core(&err),
+            Some(TraefikError::Parse { .. })
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("app.bluegreen.yml") && msg.contains("fix or remove it"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "http: [unclosed\n");
+    assert!(switch.current().await.is_err());
 }

@@ -107,6 +107,30 @@ struct Shared {
     api_requests: AtomicU64,
     rejections: Mutex<Vec<String>>,
     external: Mutex<BTreeMap<String, Value>>,
+    /// The `Authorization` header value required, if any.
+    auth: Mutex<Option<String>>,
+}
+
+/// Standard base64 (for the expected basic-auth header).
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// The running test double; everything stops on drop.
@@ -279,6 +303,18 @@ fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
             json!({ "message": "method not allowed" }),
         );
     }
+    if let Some(want) = shared.auth.lock().unwrap().as_deref() {
+        let got = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if got != Some(want) {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                json!({ "message": "401 Unauthorized" }),
+            );
+        }
+    }
     let path = req.uri().path();
     let rt = shared.runtime.lock().unwrap();
     if path == "/api/version" {
@@ -408,6 +444,13 @@ impl FakeTraefik {
         };
     }
 
+    /// Answers 401 unless requests carry these basic-auth credentials (like an API router behind
+    /// a `basicAuth` middleware).
+    pub fn require_basic_auth(&self, user: &str, password: &str) {
+        let header = format!("Basic {}", base64(format!("{user}:{password}").as_bytes()));
+        *self.shared.auth.lock().unwrap() = Some(header);
+    }
+
     /// How many configurations were published.
     pub fn published(&self) -> u64 {
         self.shared.published.load(Ordering::SeqCst)
@@ -452,4 +495,31 @@ pub async fn closed_port_url() -> String {
     let url = format!("http://{}", l.local_addr().unwrap());
     drop(l);
     url
+}
+
+/// A base URL whose server accepts connections and never answers.
+pub async fn silent_server_url() -> (String, JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (url, task)
+}
+
+#[test]
+fn base64_matches_rfc4648_vectors() {
+    for (i, o) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg=="),
+        ("fooba", "Zm9vYmE="),
+    ] {
+        assert_eq!(base64(i.as_bytes()), o);
+    }
 }
