@@ -204,6 +204,14 @@ impl PreviewMatch {
     }
 }
 
+/// TLS settings of the routers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouterTls {
+    /// The certificate resolver (`certResolver`), if any.
+    pub cert_resolver: Option<String>,
+}
+
 /// Configuration of a [`TraefikSwitch`](crate::TraefikSwitch).
 ///
 /// ```
@@ -233,6 +241,10 @@ pub struct TraefikConfig {
     pub version: TraefikVersion,
     /// Entry points of the routers (empty: all entry points).
     pub entry_points: Vec<String>,
+    /// Middlewares of the routers, in order (`compress`, `auth@docker`, …).
+    pub middlewares: Vec<String>,
+    /// Whether the routers are TLS routers (`tls: {}`), and with which certificate resolver.
+    pub tls: Option<RouterTls>,
     /// Base URL of Traefik's API (`http://127.0.0.1:8080`); when set, every change is verified
     /// there and `current` reads it. When unset, `current` reads the file.
     pub api: Option<String>,
@@ -274,6 +286,8 @@ impl TraefikConfig {
             format: FileFormat::default(),
             version: TraefikVersion::default(),
             entry_points: Vec::new(),
+            middlewares: Vec::new(),
+            tls: None,
             api: None,
             verify_timeout: Duration::from_secs(15),
             poll_interval: Duration::from_millis(200),
@@ -305,6 +319,25 @@ impl TraefikConfig {
         S: Into<String>,
     {
         self.entry_points = entry_points.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// With these router middlewares, in order: `name` or `name@provider` (validated when
+    /// rendering).
+    pub fn with_middlewares<I, S>(mut self, middlewares: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.middlewares = middlewares.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// TLS routers (`tls: {}`), with `cert_resolver` when given (`tls: {certResolver: …}`).
+    pub fn with_tls(mut self, cert_resolver: Option<&str>) -> Self {
+        self.tls = Some(RouterTls {
+            cert_resolver: cert_resolver.map(str::to_string),
+        });
         self
     }
 
@@ -431,6 +464,14 @@ impl TraefikConfig {
         validate_rule(&self.rule)?;
         for ep in &self.entry_points {
             validate_token("entry point", ep, 63)?;
+        }
+        for m in &self.middlewares {
+            let (name, provider) = m.split_once('@').unwrap_or((m, "file"));
+            validate_token("middleware", name, 63)?;
+            validate_token("middleware provider", provider, 63)?;
+        }
+        if let Some(r) = self.tls.as_ref().and_then(|t| t.cert_resolver.as_ref()) {
+            validate_token("cert resolver", r, 63)?;
         }
         self.preview_match.validate()?;
         if let Some(p) = &self.slot_services_from {

@@ -10,7 +10,7 @@ pub mod render;
 mod switch;
 
 pub use config::{
-    FileFormat, PreviewMatch, RouteName, TraefikConfig, TraefikVersion, MAX_NAME_LEN,
+    FileFormat, PreviewMatch, RouteName, RouterTls, TraefikConfig, TraefikVersion, MAX_NAME_LEN,
 };
 pub use error::TraefikError;
 pub use labels::DockerLabels;

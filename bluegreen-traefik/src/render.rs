@@ -150,8 +150,18 @@ fn router(config: &TraefikConfig, rule: &str, service: &str) -> Value {
     if !config.entry_points.is_empty() {
         r.insert("entryPoints".into(), json!(config.entry_points));
     }
+    if !config.middlewares.is_empty() {
+        r.insert("middlewares".into(), json!(config.middlewares));
+    }
     r.insert("rule".into(), json!(rule));
     r.insert("service".into(), json!(service));
+    if let Some(tls) = &config.tls {
+        let mut t = Map::new();
+        if let Some(resolver) = &tls.cert_resolver {
+            t.insert("certResolver".into(), json!(resolver));
+        }
+        r.insert("tls".into(), Value::Object(t));
+    }
     Value::Object(r)
 }
 

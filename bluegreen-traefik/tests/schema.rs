@@ -105,6 +105,8 @@ fn configs() -> Vec<(String, TraefikConfig)> {
             out.push((
                 format!("{version:?}/{format:?}/entry points, preview cookie"),
                 base.with_entry_points(["web", "websecure"])
+                    .with_middlewares(["compress", "auth@docker"])
+                    .with_tls(Some("le"))
                     .with_preview_cookie("bg_preview", "yes-1")
                     .with_sticky_cookie_attributes(true, true),
             ));
@@ -320,6 +322,16 @@ fn names_and_values_are_refused_before_rendering() {
         &endpoints(),
     );
     refused(
+        &base.clone().with_middlewares(["a@b@c"]),
+        &routing,
+        &endpoints(),
+    );
+    refused(
+        &base.clone().with_tls(Some("le resolver")),
+        &routing,
+        &endpoints(),
+    );
+    refused(
         &base.clone().with_preview_header("X-Preview", "a\"b"),
         &routing,
         &endpoints(),
@@ -371,6 +383,42 @@ fn a_slot_without_endpoints_is_left_out_and_still_valid() {
             "{text}"
         );
         for (schema, v) in &schemas {
+            assert!(v.is_valid(&parsed), "{schema}: {:?}", errors(v, &parsed));
+        }
+    }
+}
+
+#[test]
+fn tls_and_middlewares_reach_both_routers() {
+    let config = TraefikConfig::new("app", "Host(`a.test`)", "/unused")
+        .unwrap()
+        .with_middlewares(["compress", "auth@docker"])
+        .with_tls(Some("le"));
+    let routing = Routing::new(TrafficSplit::all(Slot::Blue)).with_preview(Some(Slot::Green));
+    for format in [FileFormat::Yaml, FileFormat::Toml] {
+        let text = render_as(format, &config, &routing, &endpoints()).unwrap();
+        let parsed = parse(format, &text).unwrap();
+        for router in ["app", "app-preview"] {
+            let r = &parsed["http"]["routers"][router];
+            assert_eq!(r["tls"], json!({ "certResolver": "le" }), "{text}");
+            assert_eq!(
+                r["middlewares"],
+                json!(["compress", "auth@docker"]),
+                "{text}"
+            );
+        }
+        for (schema, v) in &schemas() {
+            assert!(v.is_valid(&parsed), "{schema}: {:?}", errors(v, &parsed));
+        }
+    }
+    let plain_tls = TraefikConfig::new("app", "Host(`a.test`)", "/unused")
+        .unwrap()
+        .with_tls(None);
+    for format in [FileFormat::Yaml, FileFormat::Toml] {
+        let text = render_as(format, &plain_tls, &routing, &endpoints()).unwrap();
+        let parsed = parse(format, &text).unwrap();
+        assert_eq!(parsed["http"]["routers"]["app"]["tls"], json!({}), "{text}");
+        for (schema, v) in &schemas() {
             assert!(v.is_valid(&parsed), "{schema}: {:?}", errors(v, &parsed));
         }
     }
