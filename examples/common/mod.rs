@@ -133,3 +133,149 @@ pub(crate) fn demo_release(version: &str) -> bluegreen::Result<bluegreen::Releas
         .map_err(|e| bluegreen::Error::io("locating the example binary", e))?;
     Ok(bluegreen::Release::new(version, exe.to_string_lossy())?.with_arg(SERVE_DEMO))
 }
+
+/// Prints one line per phase, switch and rollback of `deployer`'s runs.
+pub(crate) fn print_events(deployer: &bluegreen::Deployer) -> tokio::task::JoinHandle<()> {
+    use bluegreen::DeployEvent;
+    let mut events = deployer.subscribe();
+    tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            match ev {
+                DeployEvent::Started {
+                    id,
+                    kind,
+                    version,
+                    target,
+                    ..
+                } => println!("  #{id} {} {version} → {target}", kind.as_str()),
+                DeployEvent::PhaseCompleted { phase, elapsed, .. } => {
+                    println!("      ✓ {phase:<22} {:>6} ms", elapsed.as_millis())
+                }
+                DeployEvent::PhaseFailed { phase, error, .. } => {
+                    println!("      ✗ {phase}: {error}")
+                }
+                DeployEvent::Switched { split, .. } => println!("      ⇄ traffic: {split}"),
+                DeployEvent::RollingBack { reason, .. } => {
+                    println!("      ↩ rolling back: {reason}")
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// A service an example needs is missing: in CI (`CI` set) that is an error; elsewhere the
+/// example prints why it skips and exits 0.
+pub(crate) fn missing(what: &str) -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("CI").is_some() {
+        return Err(format!("{what} is required in CI").into());
+    }
+    println!("skipped: {what}");
+    Ok(())
+}
+
+/// HAProxy started by an example on a rendered configuration, stopped on drop.
+#[cfg(feature = "haproxy")]
+pub(crate) struct LocalHaproxy {
+    child: std::process::Child,
+    /// The runtime API socket.
+    pub(crate) socket: std::path::PathBuf,
+    /// Where clients connect.
+    pub(crate) port: u16,
+}
+
+#[cfg(feature = "haproxy")]
+impl LocalHaproxy {
+    /// `haproxy -db` in `dir` with a frontend on a free loopback port and the backend `config`
+    /// renders; `None` when HAProxy is not installed.
+    pub(crate) fn start(
+        dir: &std::path::Path,
+        config: &bluegreen::haproxy::HaproxyConfig,
+    ) -> Result<Option<LocalHaproxy>, Box<dyn std::error::Error>> {
+        let bin = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        let Some(bin) = bin else { return Ok(None) };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n{}\ndefaults\n    mode http\n    timeout connect 2s\n    \
+                 timeout client 30s\n    timeout server 30s\n\n\
+                 frontend fe\n    bind 127.0.0.1:{port}\n    default_backend {}\n\n{}",
+                config.render_global(&dir.join("haproxy-state"))?,
+                config.backend(),
+                config.render_backend()?
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("haproxy.log"))?;
+        let child = std::process::Command::new(bin)
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let bluegreen::haproxy::RuntimeAddress::Unix(socket) = config.address.clone() else {
+            return Err("the examples use a unix runtime socket".into());
+        };
+        let me = LocalHaproxy {
+            child,
+            socket,
+            port,
+        };
+        let start = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&me.socket).is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!(
+                    "haproxy did not start: {}",
+                    std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Some(me))
+    }
+}
+
+#[cfg(feature = "haproxy")]
+impl Drop for LocalHaproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The PostgreSQL server from the standard libpq variables (`PGHOST`, `PGPORT`, `PGUSER`,
+/// `PGPASSWORD`), connected to database `dbname`; `None` when `PGHOST` is not set.
+#[cfg(feature = "postgres")]
+pub(crate) fn pg_from_env(dbname: &str) -> Option<bluegreen::postgres::PgConfig> {
+    let host = std::env::var("PGHOST").ok()?;
+    let port = std::env::var("PGPORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5432);
+    let mut c = bluegreen::postgres::PgConfig::new(host, port, dbname)
+        .with_user(std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into()));
+    if let Ok(pw) = std::env::var("PGPASSWORD") {
+        c = c.with_password(pw);
+    }
+    Some(c)
+}
+
+/// The demo app as a `FROM scratch` image on the local engine (built, no registry).
+#[cfg(feature = "docker")]
+pub(crate) async fn demo_image(
+    env: &bluegreen::docker::DockerEnvironment,
+    tag: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
+    bluegreen::docker::ScratchImage::demo(tag, bluegreen_demo::binary_path())?
+        .build(env.client())
+        .await?;
+    Ok(tag.to_string())
+}

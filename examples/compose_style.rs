@@ -1,0 +1,218 @@
+//! compose_style: seed 003's runbook (Docker Compose services behind HAProxy, one shared database)
+//! as code — Docker containers, the HAProxy runtime API, and a shared PostgreSQL database with
+//! expand/contract migrations.
+//!
+//! ```text
+//! PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres PGPASSWORD=… \
+//!   cargo run --example compose_style --features docker,haproxy,postgres
+//! ```
+//!
+//! Needs the Docker Engine, HAProxy (`apt-get install haproxy`) and a PostgreSQL server given by
+//! the standard libpq variables (the example creates and drops its own database there). It builds
+//! the demo app into a `FROM scratch` image (no registry), starts HAProxy with the backend snippet
+//! `bluegreen-haproxy` renders, and then:
+//!
+//! 1. deploys v1 (migration 001 creates `orders` with a `legacy_code` column);
+//! 2. deploys v2 while clients send requests through HAProxy (0 failed): its *expand* migration
+//!    adds `orders.customer`, which v1, still warm on the other slot, simply ignores;
+//! 3. runs `cleanup`: the old slot goes away, and only then v2's *contract* migration drops
+//!    `legacy_code`, which v1 was still reading;
+//! 4. tries v3, whose expand migration drops a column the live release reads: refused before
+//!    anything runs, naming the statement, live traffic untouched.
+//!
+//! Outside CI a missing service makes the example print why it skips; in CI it fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bluegreen::docker::{DockerConfig, DockerEnvironment};
+use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
+use bluegreen::health::HttpCheck;
+use bluegreen::postgres::{Migration, Shared, SharedConfig};
+use bluegreen::{Deployer, FileStateStore, HttpVersionProbe, Policy, Release, VersionMarker};
+
+mod common;
+use common::{live, missing, Load, LocalHaproxy};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    common::main_or_demo(compose_style)
+}
+
+/// The migrations each release ships with.
+fn migrations(version: &str) -> Vec<Migration> {
+    let mut m = vec![Migration::expand(
+        "001_orders",
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, total_cents int NOT NULL, legacy_code text);
+         INSERT INTO orders (total_cents, legacy_code) VALUES (1250, 'A-1'), (990, 'A-2');",
+    )];
+    if version >= "v2" {
+        m.push(Migration::expand(
+            "002_customer",
+            "ALTER TABLE orders ADD COLUMN customer text;",
+        ));
+        m.push(Migration::contract(
+            "002_drop_legacy_code",
+            "ALTER TABLE orders DROP COLUMN legacy_code;",
+        ));
+    }
+    if version >= "v3" {
+        // Breaks v2, which is live and reads `customer`: the expand check refuses it.
+        m.push(Migration::expand(
+            "003_rename",
+            "ALTER TABLE orders RENAME COLUMN customer TO client;",
+        ));
+    }
+    m
+}
+
+async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
+    let Some(admin) = common::pg_from_env("postgres") else {
+        return missing("a PostgreSQL server (set PGHOST, PGPORT, PGUSER, PGPASSWORD)");
+    };
+    let dir = tempfile::tempdir()?;
+    let project = format!("compose-style-{}", std::process::id());
+    let env = match DockerEnvironment::connect(
+        DockerConfig::new(&project)?.with_stop_timeout(Duration::from_secs(5)),
+    )
+    .await
+    {
+        Ok(env) => env,
+        Err(e) => return missing(&format!("the Docker Engine ({e})")),
+    };
+    let config = HaproxyConfig::unix(dir.path().join("admin.sock"))
+        .with_health_check("/health", Duration::from_millis(200))
+        .with_drain_timeout(Duration::from_secs(5));
+    let Some(haproxy) = LocalHaproxy::start(dir.path(), &config)? else {
+        return missing("HAProxy (apt-get install haproxy)");
+    };
+    println!(
+        "HAProxy on 127.0.0.1:{}, runtime API {}",
+        haproxy.port,
+        haproxy.socket.display()
+    );
+    let image = common::demo_image(&env, &format!("bluegreen-demo:{project}")).await?;
+    println!("built image {image} (FROM scratch, the demo app and its libraries)");
+
+    // A database of our own on the server, dropped at the end.
+    let db = format!("compose_style_{}", std::process::id());
+    let admin_client = admin.connect("example").await?;
+    admin_client
+        .batch_execute(&format!(
+            "CREATE DATABASE {}",
+            bluegreen::postgres::quote_ident(&db)
+        ))
+        .await?;
+    let shared_db = admin.clone().with_dbname(&db);
+
+    let public = format!("http://127.0.0.1:{}/", haproxy.port);
+    let deployer_for = |version: &str| -> bluegreen::Result<Deployer> {
+        Deployer::builder()
+            .environment(Arc::new(env.clone()))
+            .switch(Arc::new(HaproxySwitch::new(config.clone())?))
+            .database(Arc::new(Shared::new(
+                SharedConfig::new(shared_db.clone()).with_migrations(migrations(version)),
+            )?))
+            .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))
+            .health_check(Arc::new(HttpCheck::new("/health")))
+            .verify_data_path(Arc::new(HttpVersionProbe::new(
+                public.clone(),
+                VersionMarker::Header("x-bluegreen-version".into()),
+            )))
+            .policy(
+                Policy::default()
+                    .with_readiness_timeout(Duration::from_secs(60))
+                    .with_observation(Duration::from_secs(2), Duration::from_millis(250))
+                    .with_drain_timeout(Duration::from_secs(5)),
+            )
+            .build()
+    };
+    let release = |v: &str| Release::new(v, image.clone());
+    let columns = || async {
+        let c = shared_db.connect("example").await?;
+        let rows = c
+            .query(
+                "SELECT column_name::text FROM information_schema.columns
+                 WHERE table_name = 'orders' ORDER BY ordinal_position",
+                &[],
+            )
+            .await
+            .map_err(|e| bluegreen::Error::backend("example", "reading columns", false, e))?;
+        Ok::<Vec<String>, bluegreen::Error>(rows.iter().map(|r| r.get(0)).collect())
+    };
+
+    let outcome = async {
+        println!("\n1. deploy v1 (expand: 001_orders)");
+        let d = deployer_for("v1")?;
+        let printer = common::print_events(&d);
+        live(d.deploy(release("v1")?).await?)?;
+        printer.abort();
+        println!("   orders columns: {:?}", columns().await?);
+
+        let load = Load::start(public.clone(), 4);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!(
+            "\n2. deploy v2 through HAProxy while clients send requests (expand: 002_customer)"
+        );
+        let d = deployer_for("v2")?;
+        let printer = common::print_events(&d);
+        live(d.deploy(release("v2")?).await?)?;
+        printer.abort();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (counts, failed) = load.finish().await;
+        println!("   requests per version: {counts:?}, failed = {failed}");
+        println!("   orders columns (v1 still warm): {:?}", columns().await?);
+        if failed > 0 {
+            return Err(format!("{failed} requests failed during the switch").into());
+        }
+
+        println!("\n3. cleanup: remove the old slot, then contract (drop legacy_code)");
+        let removed = d.cleanup().await?;
+        println!(
+            "   removed {removed:?}; orders columns: {:?}",
+            columns().await?
+        );
+        if columns().await?.iter().any(|c| c == "legacy_code") {
+            return Err("the contract migration did not run".into());
+        }
+
+        println!("\n4. deploy v3, whose expand migration renames a column v2 reads");
+        // The check runs when the strategy is built (and again before the migration runs).
+        let refused = match deployer_for("v3") {
+            Err(e) => e,
+            Ok(d3) => match d3.deploy(release("v3")?).await {
+                Ok(r) => return Err(format!("v3 should have been refused: {r:?}").into()),
+                Err(e) => e,
+            },
+        };
+        println!("   refused as expected:\n   {refused}");
+        let st = d.status().await?;
+        println!(
+            "   live: {:?} ({}), traffic: {}",
+            st.state.active,
+            st.state
+                .live_release()
+                .map(|r| r.version.to_string())
+                .unwrap_or_default(),
+            st.switch.map(|s| s.to_string()).unwrap_or_default()
+        );
+        if st.state.live_release().map(|r| r.version.as_str()) != Some("v2") {
+            return Err("v2 should still be live".into());
+        }
+        d.reset().await?;
+        Ok::<(), Box<dyn std::error::Error>>(())
+    }
+    .await;
+
+    // Stop what we started, whatever happened.
+    let _ = env.reset().await;
+    drop(haproxy);
+    let _ = admin_client
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            bluegreen::postgres::quote_ident(&db)
+        ))
+        .await;
+    outcome?;
+    println!("\ndone");
+    Ok(())
+}
