@@ -351,7 +351,19 @@ impl DockerEnvironment {
                 detail: String::new(),
             });
         }
-        if let Err(detail) = self.pull(image).await {
+        if let Err(message) = self.pull(image).await {
+            if policy == PullPolicy::Always {
+                return Err(DockerError::PullFailed {
+                    image: image.to_string(),
+                    local: if local.is_some() {
+                        ", a local copy exists".into()
+                    } else {
+                        String::new()
+                    },
+                    message,
+                });
+            }
+            let detail = message;
             return Err(DockerError::ImageMissing {
                 image: image.to_string(),
                 policy: policy.as_str(),
@@ -726,12 +738,17 @@ impl DockerEnvironment {
                 Some(e) if !e.is_empty() => format!("{how}: {e}"),
                 _ => how,
             };
+            let log_tail = self.log_tail(&name, TAIL_LINES).await;
+            // Keep it for inspection, but end a restart loop: the deploy has failed either way.
+            if let Err(e) = self.stop_container(&name, Duration::from_secs(1)).await {
+                tracing::warn!(container = %name, error = %e, "cannot stop the failed container");
+            }
             return Err(DockerError::ExitedAtStart {
                 name: name.clone(),
                 image: release.artifact.clone(),
                 slot,
                 how,
-                log_tail: self.log_tail(&name, TAIL_LINES).await,
+                log_tail,
             });
         }
         self.endpoints_of(&c)

@@ -49,6 +49,20 @@ pub enum DockerError {
         detail: String,
     },
 
+    /// Pull policy `always`: the pull failed, and a local copy is not used in its place.
+    #[error(
+        "pulling image `{image}` failed (pull policy always{local}): {message}; check the \
+         registry and its credentials, or use pull policy if-missing to run the local copy"
+    )]
+    PullFailed {
+        /// The image reference.
+        image: String,
+        /// `, a local copy exists` when the engine has one (formatted for the message).
+        local: String,
+        /// What the engine said.
+        message: String,
+    },
+
     /// A container (or network) we did not create holds the name we need.
     #[error(
         "a container named `{name}` exists but was not created by bluegreen for project \
@@ -175,6 +189,8 @@ impl DockerError {
                 bollard::errors::Error::RequestTimeoutError => true,
                 e => is_connection_error(e),
             },
+            // A registry that does not answer may answer later.
+            DockerError::PullFailed { .. } => true,
             DockerError::ImageMissing { .. }
             | DockerError::NameClash { .. }
             | DockerError::NetworkUnusable { .. }

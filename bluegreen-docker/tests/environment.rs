@@ -484,3 +484,147 @@ async fn cleanup_and_reset_touch_only_this_project() {
         "resetting project a touched project b"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_policies_fail_clearly_when_the_registry_cannot_be_reached() {
+    let Some(docker) = engine().await else { return };
+    let image = demo_image().await;
+    // A registry address on loopback where nothing listens: the pull fails at once, locally.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let repo = format!("127.0.0.1:{port}/bluegreen-test/demo");
+    let absent = format!("127.0.0.1:{port}/bluegreen-test/absent:nope");
+
+    let (if_missing, _g1) = environment("pull-ifmissing", |c| c).await;
+    let err = if_missing
+        .deploy(Slot::Blue, &release("v1", &absent))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            docker_error(&err),
+            DockerError::ImageMissing {
+                policy: "if-missing",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&absent) && msg.contains("pulling it failed"),
+        "{msg}"
+    );
+    assert!(if_missing.containers().await.unwrap().is_empty());
+
+    // A local copy under the registry's name: `always` still pulls, fails, and says so;
+    // `if-missing` runs the local copy without pulling.
+    docker
+        .tag_image(
+            &image,
+            Some(
+                bluegreen_docker::bollard::query_parameters::TagImageOptionsBuilder::default()
+                    .repo(&repo)
+                    .tag("present")
+                    .build(),
+            ),
+        )
+        .await
+        .unwrap();
+    let present = format!("{repo}:present");
+    let (always, _g2) = environment("pull-always", |c| c.with_pull(PullPolicy::Always)).await;
+    let err = always
+        .deploy(Slot::Blue, &release("v1", &present))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(docker_error(&err), DockerError::PullFailed { .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&present) && msg.contains("a local copy exists"),
+        "{msg}"
+    );
+    assert!(always.containers().await.unwrap().is_empty());
+    let eps = if_missing
+        .deploy(Slot::Blue, &release("v1", &present))
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&eps[0], "/").await.headers()["x-bluegreen-version"],
+        "v1"
+    );
+    if_missing.reset().await.unwrap();
+    docker
+        .remove_image(
+            &present,
+            None::<bluegreen_docker::bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_endpoints_are_reached_by_alias_from_another_container() {
+    if engine().await.is_none() {
+        return;
+    }
+    // The healthcheck image has bash, whose /dev/tcp makes a tiny HTTP client.
+    let image = health_image().await;
+    let (env, _guard) = environment("net", |c| {
+        c.with_publish(bluegreen_docker::Publish::Network)
+    })
+    .await;
+    let project = env.config().project.to_string();
+    let eps = env
+        .deploy(Slot::Blue, &release("v1", &image))
+        .await
+        .unwrap();
+    assert_eq!(eps, vec![Endpoint::new(format!("{project}-blue"), 8080)]);
+    env.deploy(Slot::Green, &release("v2", &image))
+        .await
+        .unwrap();
+    let c = env
+        .client()
+        .inspect_container(&format!("{project}-blue"), None)
+        .await
+        .unwrap();
+    assert!(
+        c.host_config
+            .unwrap()
+            .port_bindings
+            .unwrap_or_default()
+            .is_empty(),
+        "Publish::Network published a port"
+    );
+
+    // From green, ask blue by its alias (host and port are arguments, not part of the script).
+    let script = "exec 3<>/dev/tcp/$1/$2 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && \
+                  while IFS= read -r l <&3; do printf '%s\\n' \"$l\"; done";
+    let argv: Vec<String> = vec![
+        "/bin/bash".into(),
+        "-c".into(),
+        script.into(),
+        "probe".into(),
+        eps[0].host.clone(),
+        eps[0].port.to_string(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = env.exec(Slot::Green, &argv).await.unwrap();
+        if out.success() {
+            assert!(out.stdout.contains("version=v1 slot=blue"), "{out:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blue never answered green: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
