@@ -7,7 +7,10 @@
 //! a router is its configuration (`rule`, `service`, `entryPoints`, …) plus `status`, `err`,
 //! `using`, `name`, `provider`. An unknown name answers 404 with `{"message": "… not found: …"}`.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
+
+use bluegreen_core::Slot;
 
 use serde_json::Value;
 
@@ -28,6 +31,19 @@ pub(crate) struct ApiView {
     pub(crate) service: Option<Value>,
     pub(crate) router: Option<Value>,
     pub(crate) preview_router: Option<Value>,
+    /// `<name>-blue@file` and `<name>-green@file`, when they were asked for.
+    pub(crate) slots: [Option<Value>; 2],
+}
+
+/// What the API should report after a write.
+#[derive(Debug, Clone)]
+pub(crate) struct Expected<'a> {
+    pub(crate) routing: &'a Routing,
+    pub(crate) rule: &'a str,
+    pub(crate) preview_rule: &'a str,
+    /// The server URLs of each slot's `loadBalancer` (blue, green) when they are in our file;
+    /// `None` when another provider defines the slots' services.
+    pub(crate) servers: Option<[Vec<String>; 2]>,
 }
 
 impl Api {
@@ -102,13 +118,27 @@ impl Api {
         format!("/api/http/routers/{name}@file")
     }
 
-    /// Reads the weighted service, the router and the preview router.
-    pub(crate) async fn view(&self, name: &RouteName) -> Result<ApiView, TraefikError> {
-        Ok(ApiView {
+    /// Reads the weighted service, the router, the preview router and (with `slots`) the slots'
+    /// load balancers.
+    pub(crate) async fn view(
+        &self,
+        name: &RouteName,
+        slots: bool,
+    ) -> Result<ApiView, TraefikError> {
+        let mut view = ApiView {
             service: self.get(&Self::service_path(name.as_str())).await?,
             router: self.get(&Self::router_path(name.as_str())).await?,
             preview_router: self.get(&Self::router_path(&name.preview_router())).await?,
-        })
+            slots: [None, None],
+        };
+        if slots {
+            for (i, slot) in Slot::ALL.into_iter().enumerate() {
+                view.slots[i] = self
+                    .get(&Self::service_path(&name.slot_service(slot)))
+                    .await?;
+            }
+        }
+        Ok(view)
     }
 
     /// The routing Traefik has loaded; `None` when it has no service `<name>@file`.
@@ -122,8 +152,8 @@ impl Api {
                 url: format!("{}{}", self.base, path),
                 reason: format!(
                     "{name}@file is not a weighted service over {} and {}",
-                    name.slot_service(bluegreen_core::Slot::Blue),
-                    name.slot_service(bluegreen_core::Slot::Green)
+                    name.slot_service(Slot::Blue),
+                    name.slot_service(Slot::Green)
                 ),
             })?;
         let preview = self
@@ -132,6 +162,16 @@ impl Api {
             .and_then(|r| preview_from_router(name, &r));
         Ok(Some(Routing::new(split).with_preview(preview)))
     }
+}
+
+/// The server URLs of a `loadBalancer` service.
+fn server_urls(v: &Value) -> BTreeSet<&str> {
+    v.pointer("/loadBalancer/servers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.get("url").and_then(Value::as_str))
+        .collect()
 }
 
 fn status(v: &Value) -> &str {
@@ -152,14 +192,20 @@ fn errors(v: &Value) -> String {
 }
 
 impl ApiView {
-    /// Whether Traefik has exactly `routing` with these rules loaded and enabled.
-    pub(crate) fn matches(
-        &self,
-        name: &RouteName,
-        routing: &Routing,
-        rule: &str,
-        preview_rule: &str,
-    ) -> bool {
+    /// Whether Traefik has exactly what is expected loaded, and not disabled.
+    pub(crate) fn matches(&self, name: &RouteName, expected: &Expected<'_>) -> bool {
+        let (routing, rule, preview_rule) =
+            (expected.routing, expected.rule, expected.preview_rule);
+        if let Some(servers) = &expected.servers {
+            for (i, want) in servers.iter().enumerate() {
+                let want: BTreeSet<&str> = want.iter().map(String::as_str).collect();
+                match &self.slots[i] {
+                    None if want.is_empty() => {}
+                    Some(svc) if status(svc) != "disabled" && server_urls(svc) == want => {}
+                    _ => return false,
+                }
+            }
+        }
         let Some(service) = &self.service else {
             return false;
         };
@@ -224,6 +270,18 @@ impl ApiView {
                 None => "a preview router to an unknown service".into(),
             },
         };
-        format!("{service}; {router}; {preview}")
+        let mut slots = String::new();
+        for (i, slot) in Slot::ALL.into_iter().enumerate() {
+            if let Some(s) = &self.slots[i] {
+                let urls: Vec<&str> = server_urls(s).into_iter().collect();
+                slots.push_str(&format!(
+                    "; {}@file servers {urls:?} (status {}){}",
+                    name.slot_service(slot),
+                    status(s),
+                    errors(s)
+                ));
+            }
+        }
+        format!("{service}; {router}; {preview}{slots}")
     }
 }

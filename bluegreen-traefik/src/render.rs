@@ -48,7 +48,7 @@ impl std::fmt::Display for Routing {
     }
 }
 
-fn server_url(e: &Endpoint) -> String {
+pub(crate) fn server_url(e: &Endpoint) -> String {
     format!("{}://{}", e.scheme, e.authority())
 }
 

@@ -12,10 +12,10 @@ use bluegreen_core::{
     Capabilities, Endpoints, Error, Result, Slot, TrafficSplit, TrafficSwitch, TrafficSwitchExt,
 };
 
-use crate::api::Api;
+use crate::api::{Api, Expected};
 use crate::config::TraefikConfig;
 use crate::error::TraefikError;
-use crate::render::{parse, render, routing_from_file, Routing};
+use crate::render::{parse, render, routing_from_file, server_url, Routing};
 
 /// A [`TrafficSwitch`] that writes Traefik's dynamic configuration into the file provider's
 /// watched directory and verifies through Traefik's API that it was loaded.
@@ -153,20 +153,38 @@ impl TraefikSwitch {
         }
 
         if let Some(api) = &self.inner.api {
-            self.verify(api, routing, &path).await?;
+            self.verify(api, routing, endpoints, &path).await?;
         }
         Ok(())
     }
 
     /// Polls the API until it reports `routing`, within the configured bound.
-    async fn verify(&self, api: &Api, routing: &Routing, path: &Path) -> Result<()> {
+    async fn verify(
+        &self,
+        api: &Api,
+        routing: &Routing,
+        endpoints: &Endpoints,
+        path: &Path,
+    ) -> Result<()> {
         let config = &self.inner.config;
         let preview_rule = config.preview_rule();
+        // The slots' load balancers are ours only when the file defines them.
+        let servers = config
+            .slot_services_from
+            .is_none()
+            .then(|| Slot::ALL.map(|slot| endpoints.get(slot).iter().map(server_url).collect()));
+        let expected = Expected {
+            routing,
+            rule: &config.rule,
+            preview_rule: &preview_rule,
+            servers,
+        };
+        let with_slots = expected.servers.is_some();
         let start = Instant::now();
         let mut seen;
         loop {
-            seen = match api.view(&config.name).await {
-                Ok(view) if view.matches(&config.name, routing, &config.rule, &preview_rule) => {
+            seen = match api.view(&config.name, with_slots).await {
+                Ok(view) if view.matches(&config.name, &expected) => {
                     tracing::debug!(waited = ?start.elapsed(), "Traefik reports the new configuration");
                     return Ok(());
                 }

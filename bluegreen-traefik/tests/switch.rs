@@ -254,3 +254,41 @@ async fn slot_services_from_docker_are_weighted_without_load_balancers_in_the_fi
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_endpoints_with_the_same_weights_are_verified_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let traefik = FakeTraefik::start(dir.path(), THROTTLE).await;
+    let switch = TraefikSwitch::new(config(dir.path(), Some(&traefik.url))).unwrap();
+    let split = TrafficSplit::all(Slot::Green);
+    switch.apply(&split, &endpoints()).await.unwrap();
+    // Green was redeployed on another port: same weights, new server. `apply` returns only once
+    // Traefik serves the new URL.
+    let mut moved = endpoints();
+    moved.green = vec![
+        Endpoint::new("127.0.0.1", 9002),
+        Endpoint::new("127.0.0.2", 9002),
+    ];
+    switch.apply(&split, &moved).await.unwrap();
+    let green = traefik.service("app-green@file").unwrap();
+    let urls: Vec<&str> = green["loadBalancer"]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(urls, vec!["http://127.0.0.1:9002", "http://127.0.0.2:9002"]);
+
+    // And when Traefik does not pick the new servers up, that is reported, naming them.
+    traefik.freeze();
+    let fast = TraefikSwitch::new(
+        config(dir.path(), Some(&traefik.url)).with_verify_timeout(Duration::from_millis(500)),
+    )
+    .unwrap();
+    let err = fast.apply(&split, &endpoints()).await.unwrap_err();
+    assert!(
+        bluegreen_traefik::TraefikError::is_not_loaded(&err),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("127.0.0.2:9002"), "{err}");
+}
