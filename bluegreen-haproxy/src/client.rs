@@ -106,10 +106,11 @@ impl Command {
         )
     }
 
-    /// `set weight <backend>/<server> <weight>` (0 to 256).
-    pub fn set_weight(backend: &Name, server: &Name, weight: u8) -> Self {
+    /// `set weight <backend>/<server> <weight>`; HAProxy's range is 0 to 256, larger values
+    /// are sent as 256.
+    pub fn set_weight(backend: &Name, server: &Name, weight: u16) -> Self {
         Command::for_server(
-            format!("set weight {backend}/{server} {weight}"),
+            format!("set weight {backend}/{server} {}", weight.min(256)),
             backend,
             server,
             Expect::Empty,
@@ -796,6 +797,10 @@ mod tests {
         assert_eq!(
             Command::set_weight(&app, &blue, 30).line(),
             "set weight app/blue 30"
+        );
+        assert_eq!(
+            Command::set_weight(&app, &blue, 1000).line(),
+            "set weight app/blue 256"
         );
     }
 }

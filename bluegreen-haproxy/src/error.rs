@@ -188,7 +188,10 @@ pub(crate) fn classify(
             server: server.unwrap_or("").to_string(),
         });
     }
-    if first.starts_with("No such backend") || first.starts_with("Can't find backend") {
+    if first.starts_with("No such backend")
+        || first.starts_with("Can't find backend")
+        || first.starts_with("No such proxy")
+    {
         return Some(HaproxyError::NoSuchBackend {
             backend: backend.to_string(),
         });
@@ -224,6 +227,10 @@ mod tests {
         ));
         assert!(matches!(
             c("Can't find backend.\n\n"),
+            Some(HaproxyError::NoSuchBackend { .. })
+        ));
+        assert!(matches!(
+            c("No such proxy.\n\n"),
             Some(HaproxyError::NoSuchBackend { .. })
         ));
         assert!(matches!(

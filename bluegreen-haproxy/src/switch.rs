@@ -209,7 +209,7 @@ impl HaproxySwitch {
         let moves = before.addr != Some(target.0) || before.port != target.1;
         if before.in_rotation() && !moves {
             if before.weight != u16::from(weight) {
-                self.run(Command::set_weight(backend, server, weight))
+                self.run(Command::set_weight(backend, server, weight.into()))
                     .await?;
             }
             return Ok(());
@@ -236,7 +236,7 @@ impl HaproxySwitch {
         if !now.in_rotation() {
             self.wait_healthy(slot, target).await?;
         }
-        self.run(Command::set_weight(backend, server, weight))
+        self.run(Command::set_weight(backend, server, weight.into()))
             .await?;
         self.run(Command::set_state(backend, server, AdminState::Ready))
             .await?;
@@ -344,8 +344,7 @@ impl HaproxySwitch {
             let send = |c: Command| async move { self.inner.client.send(&c).await.map(|_| ()) };
             if was.in_rotation() {
                 if is.weight != was.weight {
-                    let w = u8::try_from(was.weight.min(255)).unwrap_or(255);
-                    send(Command::set_weight(backend, server, w)).await?;
+                    send(Command::set_weight(backend, server, was.weight)).await?;
                 }
                 if !is.in_rotation() {
                     send(Command::set_state(backend, server, AdminState::Ready)).await?;

@@ -128,6 +128,8 @@ async fn haproxy_error_answers_become_typed_errors() {
     assert!(matches!(e, HaproxyError::NoSuchBackend { .. }), "{e}");
     let e = c.servers_state(&name("nosuch")).await.unwrap_err();
     assert!(matches!(e, HaproxyError::NoSuchBackend { .. }), "{e}");
+    let e = c.server_stats(&name("nosuch")).await.unwrap_err();
+    assert!(matches!(e, HaproxyError::NoSuchBackend { .. }), "{e}");
 
     let e = c
         .send(&Command::raw("frobnicate the servers").unwrap())

@@ -52,6 +52,6 @@ async fn fifty_switches_under_keep_alive_load_fail_no_request() {
     let (ok, failed) = load.finish().await;
     eprintln!("50 switches: {ok} requests ok, {failed} failed, per slot {per_slot:?}");
     assert_eq!(failed, 0, "requests failed during switches: {errors:?}");
-    assert!(ok > 500, "too little load to mean anything: {ok}");
+    assert!(ok > 100, "too little load to mean anything: {ok}");
     assert!(per_slot[0] > 0 && per_slot[1] > 0, "{per_slot:?}");
 }
