@@ -2,6 +2,7 @@
 //! control location on a loopback listener updates it. No reload, no dropped connection.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,8 @@ pub struct DynamicConfig {
     pub timeout: Duration,
     /// `keepalive` connections per worker toward the upstreams (0: none).
     pub keepalive: u32,
+    /// Where the last applied split is kept so that nginx resumes it after a restart.
+    pub state_file: Option<PathBuf>,
 }
 
 impl DynamicConfig {
@@ -87,6 +90,7 @@ impl DynamicConfig {
             token,
             timeout: Duration::from_secs(5),
             keepalive: 32,
+            state_file: None,
         })
     }
 
@@ -117,13 +121,48 @@ impl DynamicConfig {
         self
     }
 
+    /// With a state file: `apply` writes the split there (atomically, mode 0644, before sending it)
+    /// and the Lua code loads it when the shared dict is empty, so a restarted nginx resumes the
+    /// last split instead of failing requests until the next `apply`. nginx's workers must be able
+    /// to read it. It holds no secret.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] unless the path is absolute and made of letters, digits and
+    /// `/._-` (it is written into the Lua code).
+    pub fn with_state_file(mut self, path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let text = path.to_string_lossy();
+        let ok = path.is_absolute()
+            && text.len() <= 1024
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+            && path.file_name().is_some();
+        if !ok {
+            return Err(Error::invalid(
+                "state file",
+                text.into_owned(),
+                "expected an absolute path of letters, digits and /._-",
+            ));
+        }
+        self.state_file = Some(path);
+        Ok(self)
+    }
+
     /// The upstream to `proxy_pass` to: `bluegreen_<name>`.
     pub fn upstream_name(&self) -> String {
         format!("bluegreen_{}", self.name)
     }
 
     fn lua_module(&self) -> String {
-        LUA_MODULE.replace("@KEY@", &format!("bluegreen.{}", self.name))
+        let state = self
+            .state_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        LUA_MODULE
+            .replace("@KEY@", &format!("bluegreen.{}", self.name))
+            .replace("@STATE@", &state)
     }
 
     /// The http-level snippet to `include`: the shared dict, the upstream with the Lua balancer,
@@ -232,12 +271,24 @@ const LUA_MODULE: &str = r#"        local m = package.loaded["@KEY@"]
                 end
                 return { w = { blue = wb, green = wg }, sticky = sticky, peers = { blue = pb, green = pg } }
             end
+            -- The split in the dict; after a restart (empty dict), the one in the state file.
+            function m.get(dict)
+                local body = dict:get("split")
+                if body or m.state == "" then return body end
+                local f = io.open(m.state, "r")
+                if not f then return nil end
+                local text = f:read("*a")
+                f:close()
+                if m.parse(text) then dict:add("split", text) end
+                return dict:get("split")
+            end
+            m.state = "@STATE@"
             package.loaded["@KEY@"] = m
         end
 "#;
 
 const LUA_BALANCER: &str = r#"@MODULE@
-        local body = ngx.shared["@DICT@"]:get("split")
+        local body = m.get(ngx.shared["@DICT@"])
         if not body then
             ngx.log(ngx.ERR, "bluegreen: no traffic split set for @NAME@; apply one through the control listener")
             return ngx.exit(503)
@@ -288,7 +339,7 @@ const LUA_CONTROL: &str = r#"@MODULE@
         end
         local method = ngx.req.get_method()
         if method == "GET" then
-            local body = dict:get("split")
+            local body = m.get(dict)
             if not body then return reply(404, "no split set\n") end
             return reply(200, body)
         elseif method == "PUT" then
@@ -362,21 +413,43 @@ impl DynamicSwitch {
         Ok(answer)
     }
 
-    /// Sends `split` over `endpoints` to nginx. Validates like [`TrafficSwitch::apply`] first.
-    ///
-    /// # Errors
-    /// The control listener is unreachable, refuses the token, or refuses the split.
-    pub async fn send(&self, routing: &Routing) -> Result<(), NginxError> {
+    /// Sends a validated routing: state file first (restored if the PUT fails), then nginx.
+    async fn send(&self, routing: &Routing) -> Result<(), NginxError> {
         let body = format::render(&routing.split, &routing.endpoints);
-        let answer = self.call("PUT", &body).await?;
-        if answer.status != 200 {
-            return Err(NginxError::ControlRejected {
-                addr: self.config.control.to_string(),
-                status: answer.status,
-                body: answer.body.trim().to_string(),
-            });
+        let previous = match &self.config.state_file {
+            Some(path) => {
+                let previous = match std::fs::read_to_string(path) {
+                    Ok(t) => Some(t),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(NginxError::fs("reading state file", path, e)),
+                };
+                write_state(path, &body)?;
+                Some((path, previous))
+            }
+            None => None,
+        };
+        let res = async {
+            let answer = self.call("PUT", &body).await?;
+            if answer.status != 200 {
+                return Err(NginxError::ControlRejected {
+                    addr: self.config.control.to_string(),
+                    status: answer.status,
+                    body: answer.body.trim().to_string(),
+                });
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        if res.is_err() {
+            if let Some((path, previous)) = previous {
+                let _ = match previous {
+                    Some(text) => write_state(path, &text),
+                    None => std::fs::remove_file(path)
+                        .map_err(|e| NginxError::fs("removing state file", path, e)),
+                };
+            }
+        }
+        res
     }
 
     /// Reads the split and endpoints nginx holds (`None` when nothing was set since nginx
@@ -403,6 +476,34 @@ impl DynamicSwitch {
             }),
         }
     }
+}
+
+fn write_state(path: &Path, text: &str) -> Result<(), NginxError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.bluegreen-tmp"));
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .map_err(|e| NginxError::fs("writing state file", &tmp, e))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(|e| NginxError::fs("renaming state file", path, e))
+        });
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }
 
 #[async_trait]

@@ -114,8 +114,10 @@ pub struct ReloadConfig {
     pub keepalive: u32,
     /// Bound on `nginx -t`.
     pub test_timeout: Duration,
-    /// Bound on the master starting new workers, and separately on verification.
+    /// Bound on the master starting new workers after SIGHUP.
     pub reload_timeout: Duration,
+    /// Bound on verification through nginx.
+    pub verify_timeout: Duration,
     /// How long to wait for old workers to finish their requests before reporting them.
     pub drain_wait: Duration,
 }
@@ -158,6 +160,7 @@ impl ReloadConfig {
             keepalive: 32,
             test_timeout: Duration::from_secs(30),
             reload_timeout: Duration::from_secs(15),
+            verify_timeout: Duration::from_secs(15),
             drain_wait: Duration::from_secs(5),
         })
     }
@@ -174,9 +177,15 @@ impl ReloadConfig {
         self
     }
 
-    /// With the bound on new workers appearing and on verification.
+    /// With the bound on new workers appearing after SIGHUP.
     pub fn with_reload_timeout(mut self, t: Duration) -> Self {
         self.reload_timeout = t;
+        self
+    }
+
+    /// With the bound on verification through nginx.
+    pub fn with_verify_timeout(mut self, t: Duration) -> Self {
+        self.verify_timeout = t;
         self
     }
 
@@ -424,7 +433,7 @@ impl ReloadSwitch {
 
         let verified = match &c.verify {
             None => false,
-            Some(probe) => match verify(probe, routing, c.reload_timeout).await {
+            Some(probe) => match verify(probe, routing, c.verify_timeout).await {
                 Ok(()) => true,
                 Err(e) => {
                     let restored = self.restore(previous.as_deref(), Some(pid)).await;
@@ -452,8 +461,20 @@ impl ReloadSwitch {
     }
 
     /// SIGHUP, then wait until the master runs a worker that was not there before.
+    ///
+    /// When the master's workers cannot be seen (another PID namespace, `/proc` mounted with
+    /// `hidepid`), the wait is skipped with a warning and only the verification probe (if any)
+    /// confirms the reload.
     async fn reload_and_wait(&self, pid: Pid, before: &[master::Worker]) -> Result<(), NginxError> {
         master::send_reload(pid)?;
+        if before.is_empty() {
+            tracing::warn!(
+                backend = crate::NAME,
+                "cannot see the workers of nginx master {} in /proc: not waiting for new workers; only verification confirms the reload",
+                pid.as_raw_nonzero()
+            );
+            return Ok(());
+        }
         let deadline = Instant::now() + self.config.reload_timeout;
         loop {
             let now = master::workers(pid);

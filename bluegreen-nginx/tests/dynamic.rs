@@ -275,3 +275,68 @@ async fn raw_put(addr: std::net::SocketAddr, token: &str, body: &str) -> u16 {
     s.read_to_string(&mut raw).await.unwrap();
     raw.split(' ').nth(1).unwrap().parse().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_state_file_a_restarted_nginx_resumes_the_last_split() {
+    if !common::require(true) {
+        return;
+    }
+    use bluegreen_nginx::standalone::{NginxProcess, StandaloneConfig};
+    let dir = common::tempdir();
+    let backends = common::Backends::start().await;
+    let endpoints = backends.endpoints();
+    let listen = common::free_addr();
+    let state = dir.path().join("split.state");
+    let config = DynamicConfig::new(
+        "app",
+        common::free_addr(),
+        DynamicConfig::generate_token().unwrap(),
+    )
+    .unwrap()
+    .with_state_file(&state)
+    .unwrap();
+    let standalone = StandaloneConfig::dynamic(dir.path().join("nginx"), listen, &config);
+    let nginx = NginxProcess::start(standalone.clone()).unwrap();
+    let switch = DynamicSwitch::new(config);
+    let canary = TrafficSplit::canary(Slot::Green, 40).unwrap();
+    switch.apply(&canary, &endpoints).await.unwrap();
+    switch
+        .apply(&TrafficSplit::all(Slot::Green), &endpoints)
+        .await
+        .unwrap();
+    nginx.stop();
+
+    // nginx down: apply fails and the state file keeps the split nginx last had.
+    let err = switch
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(nginx_error(&err), NginxError::ControlUnreachable { .. }),
+        "{err}"
+    );
+    assert!(std::fs::read_to_string(&state)
+        .unwrap()
+        .contains("weights 0 100"));
+
+    let _nginx = NginxProcess::start(standalone).unwrap();
+    assert_eq!(common::served_by(listen).await.unwrap(), Slot::Green);
+    assert_eq!(
+        switch.current().await.unwrap(),
+        Some(TrafficSplit::all(Slot::Green))
+    );
+}
+
+#[test]
+fn state_file_paths_are_validated() {
+    let c = DynamicConfig::new(
+        "app",
+        "127.0.0.1:9000".parse().unwrap(),
+        DynamicConfig::generate_token().unwrap(),
+    )
+    .unwrap();
+    assert!(c.clone().with_state_file("/var/lib/bg/split").is_ok());
+    for bad in ["relative/x", "/a b", "/x\"]]..os.exit()", "/a\nb", "/"] {
+        assert!(c.clone().with_state_file(bad).is_err(), "{bad:?}");
+    }
+}

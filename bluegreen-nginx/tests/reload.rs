@@ -102,7 +102,7 @@ async fn a_switch_whose_requests_do_not_reach_the_target_is_rolled_back() {
         s.switch
             .config()
             .clone()
-            .with_reload_timeout(Duration::from_secs(2)),
+            .with_verify_timeout(Duration::from_secs(2)),
     );
     let err = switch
         .apply(&TrafficSplit::all(Slot::Green), &endpoints)
@@ -221,7 +221,7 @@ async fn old_workers_still_serving_are_reported_and_their_request_completes() {
     let s = common::reload().await;
     let listen = s.listen;
     let slow =
-        tokio::spawn(async move { bluegreen_demo::client::get(listen, "/slow?ms=2500").await });
+        tokio::spawn(async move { bluegreen_demo::client::get(listen, "/slow?ms=5000").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let switch = ReloadSwitch::new(
         s.switch
