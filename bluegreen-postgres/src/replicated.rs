@@ -583,6 +583,41 @@ impl Replicated {
         Ok(())
     }
 
+    /// Waits (bounded by the lag bound) until the reverse replication out of `target`, if any,
+    /// has confirmed the target server's current LSN. False when there is none.
+    async fn wait_reverse(&self, target: &str) -> Result<bool> {
+        let names = Names::for_target(target);
+        let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
+        let lsn = current_lsn(&admin_t).await?;
+        let started = Instant::now();
+        loop {
+            let row = admin_t
+                .query_opt(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots
+                     WHERE slot_name = $2",
+                    &[&lsn, &names.rev_slot],
+                )
+                .await
+                .map_err(|e| pg_error(BACKEND, "reading the reverse replication lag", e))?;
+            match row.map(|r| r.get::<_, Option<bool>>(0)) {
+                None => return Ok(false),
+                Some(Some(true)) => return Ok(true),
+                _ => {}
+            }
+            if started.elapsed() > self.config.lag_bound {
+                return Err(fail(
+                    BACKEND,
+                    "rollback",
+                    format!(
+                        "the reverse replication out of {target} did not reach LSN {lsn} within {:?}",
+                        self.config.lag_bound
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Drops every bluegreen subscription inside `db` (left by an earlier deploy: a database
     /// holding a subscription cannot be dropped).
     async fn drop_subscriptions_in(&self, server: &PgConfig, db: &str) -> Result<()> {
@@ -1216,6 +1251,22 @@ impl DatabaseStrategy for Replicated {
         let target = self.dbs.of(ctx.target);
         if source == target || target == self.dbs.base {
             return Ok(());
+        }
+        // After a switch with reversed replication, the old side gets the writes made to the
+        // new one: let it catch up before the replication goes. If it cannot, the target is kept
+        // (renamed, below) with those writes.
+        match self.wait_reverse(&target).await {
+            Ok(true) => {
+                // Sequences are not replicated: without this, the old side hands out ids the new
+                // side already used (primary-key conflicts after a rollback).
+                let tgt = connect_rw(&self.target_server().db(&target)).await?;
+                let src = connect_rw(&self.config.server.db(&source)).await?;
+                copy_sequences(BACKEND, &tgt, &src, self.config.sequence_margin).await?;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, target, "the old database did not catch up before the rollback");
+            }
         }
         self.drop_reverse(&source, &target).await?;
         self.drop_forward(&source, &target).await?;

@@ -518,3 +518,64 @@ async fn refuses_a_source_without_wal_level_logical() {
     let admin = cluster.client("postgres").await.unwrap();
     assert!(!db_exists(&admin, "plain_blue").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back() {
+    let (a, b) = tokio::join!(Cluster::start(), Cluster::start());
+    let (Some(a), Some(b)) = (a, b) else {
+        return;
+    };
+    let src = seeded(&a, "shop").await;
+    let db = Replicated::new(
+        config(&a, "shop")
+            .with_target_server(b.config("postgres"))
+            .with_after_cutover(AfterCutover::Reverse),
+    )
+    .unwrap();
+    let c = ctx(None, Slot::Blue);
+    let (binding, _) = db.prepare(&c).await.unwrap();
+    assert_eq!(binding.env["PGPORT"], b.port.to_string());
+    assert_eq!(binding.secret_env["PGPASSWORD"].expose(), b.password);
+    // Streaming: a write on the source after the initial copy.
+    src.execute("INSERT INTO orders (account, amount) VALUES (1, 7)", &[])
+        .await
+        .unwrap();
+    db.before_switch(&c).await.unwrap();
+    db.after_switch(&c).await.unwrap();
+    let new = b.client("shop_blue").await.unwrap();
+    let old_ids = ids(&a.client("shop").await.unwrap()).await;
+    assert_eq!(ids(&new).await, old_ids, "the target missed a write");
+    // Traffic on the new side, then a rollback straight away.
+    for i in 0..50i64 {
+        new.execute("INSERT INTO orders (account, amount) VALUES (2, $1)", &[&i])
+            .await
+            .unwrap();
+    }
+    let on_new = ids(&new).await;
+    assert_eq!(on_new.len(), old_ids.len() + 50);
+    drop(new);
+    db.rollback(&c).await.unwrap();
+    // The old side has every write made on the new side, and takes writes again.
+    let old = a.client("shop").await.unwrap();
+    assert_eq!(
+        ids(&old).await,
+        on_new,
+        "writes made after the switch were lost"
+    );
+    old.execute("INSERT INTO orders (account, amount) VALUES (3, 9)", &[])
+        .await
+        .unwrap();
+    // The new side is kept (renamed), and no replication object is left on either cluster.
+    let admin_b = b.client("postgres").await.unwrap();
+    assert!(!db_exists(&admin_b, "shop_blue").await);
+    assert_eq!(
+        one_i64(
+            &admin_b,
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'shop\\_blue\\_rolled\\_back\\_%'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(leftovers(&a, &["shop"]).await, Vec::<String>::new());
+    assert_eq!(leftovers(&b, &[]).await, Vec::<String>::new());
+}
