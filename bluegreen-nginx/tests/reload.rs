@@ -273,3 +273,57 @@ fn reload_config_refuses_hostile_names() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_the_master_rejects_is_reported_and_the_previous_include_restored() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let before = include_text(&s);
+    // `nginx -t` runs against another (valid) main config, as happens when the switch is given
+    // other -p/-c than the master uses: the test passes, the master's reload fails to resolve
+    // the new peer and keeps its old workers.
+    let other = s.dir.path().join("other");
+    std::fs::create_dir_all(other.join("logs")).unwrap();
+    let other_conf = other.join("nginx.conf");
+    std::fs::write(
+        &other_conf,
+        format!(
+            "error_log {0}/logs/error.log;\npid {0}/nginx.pid;\nevents {{}}\nhttp {{}}\n",
+            other.display()
+        ),
+    )
+    .unwrap();
+    let mut config = s
+        .switch
+        .config()
+        .clone()
+        .with_reload_timeout(Duration::from_secs(3));
+    config.nginx = bluegreen_nginx::master::NginxCommand::new(&other_conf).with_prefix(&other);
+    let mut endpoints = s.backends.endpoints();
+    endpoints.green = vec![Endpoint::new("no-such-host.invalid", 8080)];
+    let err = ReloadSwitch::new(config)
+        .apply(&TrafficSplit::all(Slot::Green), &endpoints)
+        .await
+        .unwrap_err();
+    let ne = nginx_error(&err);
+    assert_eq!(ne.step(), Some(Step::Reload), "{err}");
+    assert!(
+        matches!(ne.root(), NginxError::ReloadNotApplied { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("rejected the reload"), "{err}");
+    assert!(
+        matches!(ne.restored(), Some(Restored::Restored { reloaded: true })),
+        "{err}"
+    );
+    assert_eq!(include_text(&s), before);
+    assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Blue);
+    // The master still answers a normal switch afterwards.
+    s.switch
+        .apply(&TrafficSplit::all(Slot::Green), &s.backends.endpoints())
+        .await
+        .unwrap();
+    assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Green);
+}
