@@ -703,25 +703,39 @@ impl DockerEnvironment {
             %slot, container = %name, image = %release.artifact, version = %release.version,
             "starting container"
         );
-        self.docker()
-            .start_container(&created.id, None)
-            .await
-            .map_err(|e| DockerError::engine(format!("start container {name}"), e))?;
+        if let Err(e) = self.docker().start_container(&created.id, None).await {
+            // A container that never ran (missing entrypoint, port taken, …) is of no use for
+            // inspection: remove it so the slot reads `Absent`, not `Starting` forever.
+            if let Err(rm) = self.remove_container(&created.id).await {
+                tracing::warn!(container = %name, error = %rm, "cannot remove the unstarted container");
+            }
+            return Err(DockerError::engine(format!("start container {name}"), e));
+        }
 
-        tokio::time::sleep(cfg.startup_grace).await;
-        let c = self
-            .inspect(slot)
-            .await?
-            .ok_or_else(|| DockerError::ExitedAtStart {
-                name: name.clone(),
-                image: release.artifact.clone(),
-                slot,
-                how: "the container disappeared (removed by someone else, or `--rm`)".into(),
-                log_tail: String::new(),
-            })?;
+        // Watch the start: an exit (or a restart) within the grace period is a failed start, and
+        // is reported as soon as it is seen.
+        let grace_end = tokio::time::Instant::now() + cfg.startup_grace;
+        let (c, up) = loop {
+            let c = self
+                .inspect(slot)
+                .await?
+                .ok_or_else(|| DockerError::ExitedAtStart {
+                    name: name.clone(),
+                    image: release.artifact.clone(),
+                    slot,
+                    how: "the container disappeared (removed by someone else, or `--rm`)".into(),
+                    log_tail: String::new(),
+                })?;
+            let running = Self::state_of(&c) == Some(ContainerStateStatusEnum::RUNNING);
+            let up = running && c.restart_count.unwrap_or(0) == 0;
+            let now = tokio::time::Instant::now();
+            if !up || now >= grace_end {
+                break (c, up);
+            }
+            tokio::time::sleep((grace_end - now).min(Duration::from_millis(100))).await;
+        };
         let state = c.state.clone().unwrap_or_default();
         let restarts = c.restart_count.unwrap_or(0);
-        let up = state.status == Some(ContainerStateStatusEnum::RUNNING) && restarts == 0;
         if !up {
             let code = state.exit_code.unwrap_or(-1);
             let how = match state.status {

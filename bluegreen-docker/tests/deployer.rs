@@ -12,7 +12,7 @@ use bluegreen_core::{
     Deployer, Environment, FileStateStore, HttpVersionProbe, InstanceState, KeepOld, LiveTraffic,
     MetricsAnalysis, Phase, Policy, Release, RunOutcome, Slot, TrafficSplit, VersionMarker,
 };
-use bluegreen_docker::DockerEnvironment;
+use bluegreen_docker::{DockerConfig, DockerEnvironment};
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
 use common::{demo_image, engine, environment, health_image, release, Cleanup};
 
@@ -25,9 +25,18 @@ struct Setup {
 }
 
 async fn setup(prefix: &str, policy: Policy, http_check: bool) -> Setup {
+    setup_with(prefix, policy, http_check, |c| c).await
+}
+
+async fn setup_with(
+    prefix: &str,
+    policy: Policy,
+    http_check: bool,
+    config: impl FnOnce(DockerConfig) -> DockerConfig,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxySwitch::bind(ProxyConfig::default()).await.unwrap();
-    let (env, cleanup) = environment(prefix, |c| c).await;
+    let (env, cleanup) = environment(prefix, config).await;
     let mut builder = Deployer::builder()
         .environment(Arc::new(env.clone()))
         .switch(Arc::new(proxy.clone()))
@@ -212,7 +221,12 @@ async fn a_container_that_exits_at_once_is_refused_with_its_log_lines() {
         return;
     }
     let image = demo_image().await;
-    let s = setup("e2e-crash", policy(), true).await;
+    // A crash is reported as soon as it is seen: a long grace costs nothing and keeps a loaded
+    // machine from starting the crash after it.
+    let s = setup_with("e2e-crash", policy(), true, |c| {
+        c.with_startup_grace(Duration::from_secs(5))
+    })
+    .await;
     s.deployer.deploy(release("v1", &image)).await.unwrap();
     let crash: Release = release("v2", &image).with_env("DEMO_EXIT_CODE", "3");
     let err = s.deployer.deploy(crash).await.unwrap_err();

@@ -326,7 +326,10 @@ async fn a_container_that_exits_at_once_fails_the_deploy_with_its_log_lines() {
     let image = demo_image().await;
     // The default restart policy (unless-stopped) turns a crash into a restart loop: still a
     // failed start.
-    let (env, _guard) = environment("crash", |c| c).await;
+    // A generous grace: a crash is reported as soon as it is seen, so it costs nothing here and
+    // keeps a loaded machine from starting the crash after the grace.
+    let grace = Duration::from_secs(15);
+    let (env, _guard) = environment("crash", |c| c.with_startup_grace(grace)).await;
     let err = env
         .deploy(
             Slot::Blue,
@@ -356,8 +359,10 @@ async fn a_container_that_exits_at_once_fails_the_deploy_with_its_log_lines() {
     );
 
     // Without restarts the container stays exited, with its code.
-    let (env, _guard2) =
-        environment("crash-norestart", |c| c.with_restart(RestartPolicy::No)).await;
+    let (env, _guard2) = environment("crash-norestart", |c| {
+        c.with_restart(RestartPolicy::No).with_startup_grace(grace)
+    })
+    .await;
     let err = env
         .deploy(
             Slot::Green,
@@ -627,4 +632,33 @@ async fn network_endpoints_are_reached_by_alias_from_another_container() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_cannot_start_is_removed_and_the_error_says_why() {
+    let Some(docker) = engine().await else { return };
+    let base = demo_image().await;
+    let tag = "bluegreen-docker-test/bad-entrypoint:environment";
+    bluegreen_docker::ScratchImage::new(tag)
+        .unwrap()
+        .with_base(base)
+        .with_entrypoint(["/no-such-program"])
+        .build(&docker)
+        .await
+        .unwrap();
+    let (env, _guard) = environment("nostart", |c| c).await;
+    let err = env
+        .deploy(Slot::Blue, &release("v1", tag))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("start container") && msg.contains("/no-such-program"),
+        "{msg}"
+    );
+    assert_eq!(
+        env.status(Slot::Blue).await.unwrap().state,
+        InstanceState::Absent,
+        "the unstarted container was left behind"
+    );
 }
