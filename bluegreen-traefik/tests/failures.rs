@@ -156,7 +156,7 @@ async fn an_unreachable_api_fails_before_anything_is_written() {
         .unwrap();
     let before = std::fs::read(dir.path().join("app.bluegreen.yml")).unwrap();
 
-    let url = closed_port_url().await;
+    let (url, _reserved) = closed_port_url();
     let switch = TraefikSwitch::new(
         config(dir.path(), Some(&url)).with_request_timeout(Duration::from_secs(5)),
     )
@@ -209,14 +209,17 @@ async fn an_unreachable_api_fails_before_anything_is_written() {
 async fn an_api_that_never_reflects_the_change_is_reported_as_written_but_not_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let traefik = FakeTraefik::start(dir.path(), THROTTLE).await;
+    // The first apply may take as long as a loaded machine needs; the failing one is bounded
+    // short.
+    TraefikSwitch::new(config(dir.path(), Some(&traefik.url)))
+        .unwrap()
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
+        .await
+        .unwrap();
     let switch = TraefikSwitch::new(
         config(dir.path(), Some(&traefik.url)).with_verify_timeout(Duration::from_secs(1)),
     )
     .unwrap();
-    switch
-        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
-        .await
-        .unwrap();
 
     // Traefik stops picking up changes (e.g. the provider does not watch this directory).
     traefik.freeze();
@@ -254,14 +257,17 @@ async fn an_api_that_never_reflects_the_change_is_reported_as_written_but_not_lo
 async fn a_configuration_traefik_refuses_is_reported_as_not_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let traefik = FakeTraefik::start(dir.path(), THROTTLE).await;
+    // The first apply may take as long as a loaded machine needs; the failing one is bounded
+    // short.
+    TraefikSwitch::new(config(dir.path(), Some(&traefik.url)))
+        .unwrap()
+        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
+        .await
+        .unwrap();
     let switch = TraefikSwitch::new(
         config(dir.path(), Some(&traefik.url)).with_verify_timeout(Duration::from_secs(2)),
     )
     .unwrap();
-    switch
-        .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
-        .await
-        .unwrap();
     // Someone drops a broken file into the same directory: the provider's whole configuration is
     // refused, so our new weights never load.
     std::fs::write(

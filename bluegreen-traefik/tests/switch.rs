@@ -217,10 +217,8 @@ async fn slot_services_from_docker_are_weighted_without_load_balancers_in_the_fi
                 { "url": format!("http://172.17.0.2:{port}") } ] } })),
         );
     }
-    let config = config(dir.path(), Some(&traefik.url))
-        .with_slot_services_from("docker")
-        .with_verify_timeout(Duration::from_secs(3));
-    let switch = TraefikSwitch::new(config).unwrap();
+    let config = config(dir.path(), Some(&traefik.url)).with_slot_services_from("docker");
+    let switch = TraefikSwitch::new(config.clone()).unwrap();
     let canary = TrafficSplit::canary(Slot::Green, 25).unwrap();
     switch
         .apply(&TrafficSplit::all(Slot::Blue), &endpoints())
@@ -240,7 +238,8 @@ async fn slot_services_from_docker_are_weighted_without_load_balancers_in_the_fi
 
     // The green container is gone: Traefik disables the weighted service, the switch says so.
     traefik.set_external_service("app-green@docker", None);
-    let err = switch
+    let fast = TraefikSwitch::new(config.with_verify_timeout(Duration::from_secs(2))).unwrap();
+    let err = fast
         .apply(&TrafficSplit::all(Slot::Green), &endpoints())
         .await
         .unwrap_err();

@@ -489,12 +489,13 @@ impl FakeTraefik {
     }
 }
 
-/// A base URL on which nothing listens (a port bound, then released).
-pub async fn closed_port_url() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    drop(l);
-    url
+/// A base URL on which nothing listens: the port stays bound (so no parallel test can take it)
+/// but never listens, so connections are refused. Keep the socket alive while using the URL.
+pub fn closed_port_url() -> (String, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("http://{}", socket.local_addr().unwrap());
+    (url, socket)
 }
 
 /// A base URL whose server accepts connections and never answers.
