@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use bluegreen::{DatabaseStrategy, Error, FileStateStore, StateStore, TrafficSwitch};
+use bluegreen::{DatabaseStrategy, Environment, Error, FileStateStore, StateStore, TrafficSwitch};
 
 #[cfg(feature = "postgres")]
 use crate::pipeline::PgCfg;
-use crate::pipeline::{DatabaseCfg, Pipeline, StateCfg, SwitchCfg};
+use crate::pipeline::{DatabaseCfg, EnvironmentCfg, Pipeline, StateCfg, SwitchCfg};
 
 /// The error for a backend compiled out of this binary.
 #[allow(dead_code)]
@@ -21,6 +21,51 @@ fn not_built(what: &str, feature: &str) -> Error {
              install it with `cargo install bluegreen --features {feature}` (or `--features full`)"
         ),
     )
+}
+
+/// The environment.
+pub(crate) async fn environment(
+    p: &Pipeline,
+    state_dir: &Path,
+) -> bluegreen::Result<Arc<dyn Environment>> {
+    match &p.environment {
+        EnvironmentCfg::Process(_) => {
+            use bluegreen::process::{ProcessConfig, ProcessEnvironment};
+            Ok(Arc::new(ProcessEnvironment::new(ProcessConfig::new(
+                state_dir.join("process"),
+            ))))
+        }
+        #[cfg(feature = "docker")]
+        EnvironmentCfg::Docker(cfg) => {
+            use crate::pipeline::PullCfg;
+            use bluegreen::docker::{DockerConfig, DockerEnvironment, PullPolicy};
+            let mut c = DockerConfig::new(p.project.name.as_str())?
+                .with_pull(match cfg.pull {
+                    PullCfg::Never => PullPolicy::Never,
+                    PullCfg::IfMissing => PullPolicy::IfMissing,
+                    PullCfg::Always => PullPolicy::Always,
+                })
+                .with_stop_timeout(p.policy.drain_timeout);
+            if let Some(port) = cfg.port {
+                c = c.with_container_port(port);
+            }
+            if let Some(mb) = cfg.memory_mb {
+                let bytes = i64::try_from(mb.saturating_mul(1024 * 1024)).map_err(|_| {
+                    Error::invalid("pipeline file", "environment.memory_mb", "too large")
+                })?;
+                c = c.with_memory_limit(bytes);
+            }
+            if let Some(cpus) = cfg.cpus {
+                c = c.with_cpus(cpus);
+            }
+            for (k, v) in &cfg.env {
+                c = c.with_env(k.clone(), v.clone());
+            }
+            Ok(Arc::new(DockerEnvironment::connect(c).await?))
+        }
+        #[cfg(not(feature = "docker"))]
+        EnvironmentCfg::Docker(_) => Err(not_built("environment kind \"docker\"", "docker")),
+    }
 }
 
 /// The traffic switch.

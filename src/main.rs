@@ -395,7 +395,7 @@ async fn validate(
     state_dir: &std::path::Path,
     mode: Mode,
 ) -> bluegreen::Result<ExitCode> {
-    let d = p.deployer(state_dir)?;
+    let d = p.deployer(state_dir).await?;
     let st = d.status().await?;
     let lines = [
         format!("pipeline file ok (project {})", p.project.name),
@@ -407,8 +407,10 @@ async fn validate(
                 .unwrap_or_else(|| "not configured".into())
         ),
         format!(
-            "process environment reachable (blue {:?}, green {:?})",
-            st.slots.blue.state, st.slots.green.state
+            "{} environment reachable (blue {:?}, green {:?})",
+            p.environment_kind(),
+            st.slots.blue.state,
+            st.slots.green.state
         ),
         format!(
             "state store {:?} readable (revision {}); database strategy {:?}",
@@ -437,7 +439,7 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
     if let Command::Serve = cli.command {
         return serve(&p, &state_dir, mode).await;
     }
-    let d = p.deployer(&state_dir)?;
+    let d = p.deployer(&state_dir).await?;
     Ok(match cli.command {
         Command::Serve => unreachable!(),
         Command::Deploy { version } => {

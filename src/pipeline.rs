@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bluegreen::health::{CommandCheck, HttpCheck, TcpCheck};
 use bluegreen::hooks::ExecHook;
-use bluegreen::process::{ProcessConfig, ProcessEnvironment};
 use bluegreen::{
     Deployer, Error, HealthCheck, HookOptions, HookPoint, HttpVersionProbe, MetricsAnalysis, Name,
     OnTimeout, Policy, Release, Secret, VersionMarker,
@@ -68,6 +67,38 @@ fn default_state_dir() -> PathBuf {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub(crate) enum EnvironmentCfg {
     Process(ProcessCfg),
+    Docker(DockerCfg),
+}
+
+/// Containers on a Docker Engine (`DOCKER_HOST` or the local socket).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DockerCfg {
+    /// The release's image; `{version}` is replaced by the version label (`shop:{version}`).
+    pub(crate) image: String,
+    /// The port the application listens on inside the container.
+    #[serde(default)]
+    pub(crate) port: Option<u16>,
+    /// `never`, `if-missing` (default) or `always`.
+    #[serde(default)]
+    pub(crate) pull: PullCfg,
+    /// Memory limit in MiB.
+    #[serde(default)]
+    pub(crate) memory_mb: Option<u64>,
+    /// CPU limit (e.g. 1.5).
+    #[serde(default)]
+    pub(crate) cpus: Option<f64>,
+    #[serde(default)]
+    pub(crate) env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum PullCfg {
+    Never,
+    #[default]
+    IfMissing,
+    Always,
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,11 +439,27 @@ impl Pipeline {
 
     /// A release of `version`.
     pub(crate) fn release(&self, version: &str) -> bluegreen::Result<Release> {
-        let EnvironmentCfg::Process(pc) = &self.environment;
-        let mut r = Release::new(version, pc.program.clone())?;
-        r.args = pc.args.clone();
-        r.env = pc.env.clone();
-        Ok(r)
+        match &self.environment {
+            EnvironmentCfg::Process(pc) => {
+                let mut r = Release::new(version, pc.program.clone())?;
+                r.args = pc.args.clone();
+                r.env = pc.env.clone();
+                Ok(r)
+            }
+            EnvironmentCfg::Docker(dc) => {
+                // Validate first: the version is spliced into an image reference.
+                let v = bluegreen::Version::new(version)?;
+                Release::new(version, dc.image.replace("{version}", v.as_str()))
+            }
+        }
+    }
+
+    /// The environment's kind, as written in the file.
+    pub(crate) fn environment_kind(&self) -> &'static str {
+        match &self.environment {
+            EnvironmentCfg::Process(_) => "process",
+            EnvironmentCfg::Docker(_) => "docker",
+        }
     }
 
     /// The embedded proxy's settings, when the switch is the embedded proxy.
@@ -445,11 +492,11 @@ impl Pipeline {
 
     /// Builds the deployer. With the embedded proxy, the switch is the running `bluegreen serve`,
     /// reached by its admin API; the other switches are driven directly.
-    pub(crate) fn deployer(&self, state_dir: &Path) -> bluegreen::Result<Deployer> {
+    pub(crate) async fn deployer(&self, state_dir: &Path) -> bluegreen::Result<Deployer> {
         let switch = crate::backends::switch(self, state_dir)?;
-        let env = ProcessEnvironment::new(ProcessConfig::new(state_dir.join("process")));
+        let env = crate::backends::environment(self, state_dir).await?;
         let mut b = Deployer::builder()
-            .environment(Arc::new(env))
+            .environment(env)
             .switch(switch)
             .store(crate::backends::store(self, state_dir)?)
             .policy(self.policy.clone());

@@ -2,7 +2,7 @@
 //! deploy, status, rollback and validate, with the answers read back through the real server.
 //! These need the `haproxy` / `nginx` features (on with `--all-features`) and the servers
 //! installed; outside CI a missing server skips with a printed reason, in CI it fails.
-#![cfg(all(feature = "haproxy", feature = "nginx"))]
+#![cfg(all(feature = "haproxy", feature = "nginx", feature = "docker"))]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -37,14 +37,21 @@ fn require(ok: bool, what: &str) -> bool {
 
 /// A pipeline file in a temp dir with the demo app as the process environment.
 fn pipeline(dir: &Path, switch: &str) -> PathBuf {
+    let env = format!(
+        "[environment]\nkind = \"process\"\nprogram = \"{}\"",
+        bluegreen_demo::binary_path().display()
+    );
+    pipeline_with(dir, "cli-backend", &env, switch)
+}
+
+fn pipeline_with(dir: &Path, project: &str, env: &str, switch: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let text = format!(
         r#"
 [project]
-name = "cli-backend"
+name = "{project}"
 
-[environment]
-kind = "process"
-program = "{}"
+{env}
 
 {switch}
 
@@ -57,8 +64,7 @@ header = "x-bluegreen-version"
 
 [policy]
 drain_timeout = 2
-"#,
-        bluegreen_demo::binary_path().display()
+"#
     );
     let file = dir.join("bluegreen.toml");
     std::fs::write(&file, text).unwrap();
@@ -137,29 +143,25 @@ impl Drop for Haproxy {
     }
 }
 
-#[test]
-fn the_cli_drives_real_haproxy() {
-    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("admin.sock");
+/// HAProxy on a rendered configuration in `dir`; returns it, its runtime socket and its port.
+fn start_haproxy(dir: &Path) -> (Haproxy, PathBuf, u16) {
+    let sock = dir.join("admin.sock");
     let port = free_port();
     let config =
         HaproxyConfig::unix(&sock).with_health_check("/health", Duration::from_millis(100));
-    let cfg = dir.path().join("haproxy.cfg");
+    let cfg = dir.join("haproxy.cfg");
     std::fs::write(
         &cfg,
         format!(
             "global\n{global}\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    \
              timeout server 30s\n\nfrontend fe\n    bind 127.0.0.1:{port}\n    default_backend app\n\n{backend}",
-            global = config.render_global(&dir.path().join("state")).unwrap(),
+            global = config.render_global(&dir.join("state")).unwrap(),
             backend = config.render_backend().unwrap(),
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("haproxy.log")).unwrap();
-    let _haproxy = Haproxy {
+    let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
+    let haproxy = Haproxy {
         child: Command::new(HAPROXY)
             .arg("-f")
             .arg(&cfg)
@@ -177,6 +179,16 @@ fn the_cli_drives_real_haproxy() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    (haproxy, sock, port)
+}
+
+#[test]
+fn the_cli_drives_real_haproxy() {
+    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_haproxy, sock, port) = start_haproxy(dir.path());
     let file = pipeline(
         dir.path(),
         &format!(
@@ -246,4 +258,79 @@ fn a_missing_token_file_or_unset_password_variable_is_a_clear_usage_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("BLUEGREEN_TEST_UNSET_PASSWORD"), "{err}");
+}
+
+#[test]
+fn the_cli_deploys_docker_containers_behind_haproxy() {
+    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let docker = rt.block_on(async {
+        let d = bluegreen::docker::bollard::Docker::connect_with_defaults().ok()?;
+        d.negotiate_version().await.ok()
+    });
+    let Some(docker) = docker else {
+        require(false, "the Docker Engine");
+        return;
+    };
+    let tag = format!("bluegreen-demo:cli-{}", std::process::id());
+    rt.block_on(
+        bluegreen::docker::ScratchImage::demo(&tag, bluegreen_demo::binary_path())
+            .unwrap()
+            .build(&docker),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_haproxy, sock, port) = start_haproxy(dir.path());
+    let project = format!("cli-docker-{}", std::process::id());
+    let file = pipeline_with(
+        dir.path(),
+        &project,
+        &format!(
+            "[environment]\nkind = \"docker\"\nimage = \"{tag}\"\nport = 8080\npull = \"never\"\n\
+             memory_mb = 64"
+        ),
+        &format!(
+            "[switch]\nkind = \"haproxy\"\nruntime = \"{}\"\npublic = \"127.0.0.1:{port}\"",
+            sock.display()
+        ),
+    );
+    // A version label that cannot be part of an image reference: a usage error.
+    let out = run(&file, &["deploy", "v0:bad"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // An image that is not there, with pull = never: the deploy fails naming the image, and
+    // nothing is left behind.
+    let missing = pipeline_with(
+        &dir.path().join("missing"),
+        &project,
+        "[environment]\nkind = \"docker\"\nimage = \"bluegreen-missing:{version}\"\npull = \"never\"",
+        &format!(
+            "[switch]\nkind = \"haproxy\"\nruntime = \"{}\"\npublic = \"127.0.0.1:{port}\"",
+            sock.display()
+        ),
+    );
+    let out = run(&missing, &["deploy", "v1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bluegreen-missing:v1"), "{err}");
+    drive(&file, port);
+    let left = rt.block_on(async {
+        use bluegreen::docker::bollard::query_parameters::ListContainersOptionsBuilder;
+        let mut filters = std::collections::HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![format!("bluegreen.project={project}")],
+        );
+        docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .unwrap()
+    });
+    assert!(left.is_empty(), "reset left containers: {left:?}");
 }
