@@ -19,8 +19,7 @@ use bluegreen::health::HttpCheck;
 use bluegreen::process::{ProcessConfig, ProcessEnvironment};
 use bluegreen::proxy::{ProxyConfig, ProxySwitch};
 use bluegreen::{
-    DeployEvent, Deployer, FileStateStore, HttpVersionProbe, KeepOld, MetricsAnalysis, Policy,
-    VersionMarker,
+    Deployer, FileStateStore, HttpVersionProbe, KeepOld, MetricsAnalysis, Policy, VersionMarker,
 };
 
 mod common;
@@ -58,29 +57,7 @@ async fn quickstart() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
 
     // Progress: one line per phase.
-    let mut events = deployer.subscribe();
-    let printer = tokio::spawn(async move {
-        while let Ok(ev) = events.recv().await {
-            match ev {
-                DeployEvent::Started {
-                    id,
-                    kind,
-                    version,
-                    target,
-                    ..
-                } => {
-                    println!("  #{id} {} {version} → {target}", kind.as_str())
-                }
-                DeployEvent::PhaseCompleted { phase, elapsed, .. } => {
-                    println!("      ✓ {phase:<22} {:>6} ms", elapsed.as_millis())
-                }
-                DeployEvent::PhaseFailed { phase, .. } => println!("      ✗ {phase}"),
-                DeployEvent::Switched { split, .. } => println!("      ⇄ traffic: {split}"),
-                DeployEvent::RollingBack { .. } => println!("      ↩ rolling back"),
-                _ => {}
-            }
-        }
-    });
+    let printer = common::print_events(&deployer);
 
     let outcome = async {
         println!("\n1. deploy v1 to blue (first deploy)");
