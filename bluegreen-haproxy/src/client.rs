@@ -117,6 +117,17 @@ impl Command {
         )
     }
 
+    /// `set server <backend>/<server> health down`: forgets the server's last check results,
+    /// so it is up again only after `rise` passing checks.
+    pub fn set_health_down(backend: &Name, server: &Name) -> Self {
+        Command::for_server(
+            format!("set server {backend}/{server} health down"),
+            backend,
+            server,
+            Expect::Empty,
+        )
+    }
+
     /// `set server <backend>/<server> addr <ip> port <port>`.
     pub fn set_addr(backend: &Name, server: &Name, ip: IpAddr, port: u16) -> Self {
         Command::for_server(

@@ -306,7 +306,7 @@ impl HaproxyConfig {
              \x20   option redispatch\n\
              \x20   retries 3\n\
              \x20   load-server-state-from-file global\n\
-             \x20   default-server check inter {inter} fastinter {fast} rise 2 fall 2 init-addr last,127.0.0.1\n",
+             \x20   default-server check inter {inter} fastinter {fast} downinter {fast} rise 2 fall 2 init-addr last,127.0.0.1\n",
             path = self.health_path,
         );
         for server in [&blue, &green] {

@@ -234,6 +234,12 @@ impl HaproxySwitch {
                 .await?;
         }
         if !now.in_rotation() {
+            if now.has_check() {
+                // HAProxy keeps the last check result through maintenance and an address change,
+                // and assumes a server leaving maintenance is up: without this, a stale "passed"
+                // would let a dead endpoint into rotation. Now `rise` fresh checks must pass.
+                self.run(Command::set_health_down(backend, server)).await?;
+            }
             self.wait_healthy(slot, target).await?;
         }
         self.run(Command::set_weight(backend, server, weight.into()))
@@ -246,6 +252,7 @@ impl HaproxySwitch {
             .map_err(at("verify with show servers state"))?;
         let s = after.get(slot);
         if !s.in_rotation()
+            || s.op_state != crate::client::OpState::Running
             || s.weight != u16::from(weight)
             || s.addr != Some(target.0)
             || s.port != target.1

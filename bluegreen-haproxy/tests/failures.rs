@@ -371,6 +371,14 @@ impl Fake {
                 };
                 "\n".into()
             }
+            ["set", "server", target, "health", "down"] => {
+                // The fake's checks pass at once: it reports a server out of maintenance as up.
+                if t.contains_key(target.trim_start_matches("app/")) {
+                    "\n".into()
+                } else {
+                    "No such server.\n\n".into()
+                }
+            }
             ["set", "weight", target, w] => {
                 let server = target.trim_start_matches("app/");
                 let Some(e) = t.get_mut(server) else {
@@ -453,6 +461,7 @@ async fn a_connection_dropped_mid_switch_names_the_step_and_restores() {
         pos("set server app/green addr 127.0.0.1 port 9002")
             < pos("set server app/green state ready")
     );
+    assert!(pos("set server app/green health down") < pos("set server app/green state ready"));
     assert!(pos("set server app/green state ready") < pos("set server app/blue state drain"));
     assert!(
         log.iter()
@@ -470,4 +479,47 @@ async fn a_connection_dropped_mid_switch_names_the_step_and_restores() {
         switch.current().await.unwrap(),
         Some(TrafficSplit::all(Slot::Blue))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_passed_check_does_not_let_a_dead_endpoint_into_rotation() {
+    if !haproxy_available("failures") {
+        return;
+    }
+    let h = Haproxy::start();
+    let demos = Demos::start().await;
+    let mut config = h.config.clone();
+    config.ready_timeout = Duration::from_secs(2);
+    let switch = HaproxySwitch::new(config).unwrap();
+    // Green served once, so HAProxy remembers a passed check for it while it sits in
+    // maintenance.
+    for slot in [Slot::Blue, Slot::Green, Slot::Blue] {
+        switch
+            .apply(&TrafficSplit::all(slot), &demos.endpoints())
+            .await
+            .unwrap();
+    }
+    assert_eq!(switch.servers().await.unwrap().green.check_result, 3);
+    // Now green's endpoint moves to a port where nothing listens.
+    let mut eps = demos.endpoints();
+    eps.green = vec![Endpoint::new("127.0.0.1", common::free_port())];
+    let e = switch
+        .apply(&TrafficSplit::all(Slot::Green), &eps)
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    match haproxy_error(&e) {
+        HaproxyError::SwitchFailed { source, .. } => {
+            assert!(matches!(**source, HaproxyError::NotReady { .. }), "{msg}")
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(
+        switch.current().await.unwrap(),
+        Some(TrafficSplit::all(Slot::Blue))
+    );
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(served_by(&c, &h.url("/")).await.unwrap(), Slot::Blue);
+    }
 }
