@@ -316,3 +316,60 @@ impl fmt::Debug for DockerConfig {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bluegreen_core::Slot;
+
+    #[test]
+    fn project_names_become_container_names_and_dns_aliases() {
+        let c = DockerConfig::new("shop-2").unwrap();
+        assert_eq!(c.container_name(Slot::Blue), "shop-2-blue");
+        assert_eq!(c.network_name(), "shop-2");
+        for bad in [
+            "",
+            "Shop",
+            "shop_2",
+            "shop.io",
+            "2shop",
+            "-shop",
+            "shop;rm",
+            "a b",
+            &"x".repeat(41),
+        ] {
+            let err = DockerConfig::new(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput { .. }), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn settings_reaching_the_engine_are_validated() {
+        let ok = DockerConfig::new("shop").unwrap();
+        assert!(ok.validate().is_ok());
+        let bad = [
+            ok.clone().with_container_port(0),
+            ok.clone().with_bind_ip("localhost"),
+            ok.clone().with_endpoint_host("evil host"),
+            ok.clone().with_cpus(0.0),
+            ok.clone().with_cpus(f64::NAN),
+            ok.clone().with_memory_limit(1024),
+            ok.clone().with_env("A=B", "x"),
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?} accepted");
+        }
+    }
+
+    #[test]
+    fn debug_hides_variable_values() {
+        let c = DockerConfig::new("shop")
+            .unwrap()
+            .with_env("DB_PASSWORD", "hunter2");
+        let dbg = format!("{c:?}");
+        assert!(
+            dbg.contains("DB_PASSWORD") && !dbg.contains("hunter2"),
+            "{dbg}"
+        );
+    }
+}

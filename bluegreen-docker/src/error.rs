@@ -234,3 +234,38 @@ pub(crate) fn is_connection_error(e: &bollard::errors::Error) -> bool {
         B::SocketNotFoundError(_) | B::HyperLegacyError { .. } | B::IOError { .. }
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(status_code: u16) -> bollard::errors::Error {
+        bollard::errors::Error::DockerResponseServerError {
+            status_code,
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn retryability_is_decided_at_the_boundary() {
+        let e = DockerError::engine("start container a-blue", server(500)).into_core("deploy");
+        assert!(e.is_retryable());
+        let e = DockerError::engine("create container a-blue", server(409)).into_core("deploy");
+        assert!(!e.is_retryable());
+        let e = DockerError::engine(
+            "inspect container a-blue",
+            bollard::errors::Error::SocketNotFoundError("/x.sock".into()),
+        );
+        assert!(matches!(e, DockerError::Unreachable { .. }), "{e}");
+        assert!(e.into_core("status").is_retryable());
+        let e = DockerError::NameClash {
+            name: "a-blue".into(),
+            project: "a".into(),
+            slot: Slot::Blue,
+            found: "bluegreen.project=(none) bluegreen.slot=(none)".into(),
+        }
+        .into_core("deploy");
+        assert!(!e.is_retryable());
+        assert!(e.to_string().starts_with("docker: deploy failed: "), "{e}");
+    }
+}

@@ -181,6 +181,15 @@ async fn deploy_runs_the_release_with_labels_env_network_and_limits() {
         id,
         "changed env did not replace the container"
     );
+
+    // A new handle (the next CLI invocation) reads the same slot from the engine.
+    let other = DockerEnvironment::connect(env.config().clone())
+        .await
+        .unwrap();
+    let mine = env.status(Slot::Blue).await.unwrap();
+    let theirs = other.status(Slot::Blue).await.unwrap();
+    assert_eq!(theirs.state, InstanceState::Running);
+    assert_eq!(theirs, mine);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
