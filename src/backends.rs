@@ -181,6 +181,32 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
     }
 }
 
+/// Reaches the database server without changing anything; what it found, or `None` without a
+/// database.
+pub(crate) async fn check_database(p: &Pipeline) -> bluegreen::Result<Option<String>> {
+    match &p.database {
+        DatabaseCfg::None => Ok(None),
+        #[cfg(feature = "postgres")]
+        DatabaseCfg::Shared { connection, .. } | DatabaseCfg::Copied { connection, .. } => {
+            let cfg = pg(connection, "database")?;
+            let client = cfg.connect("validate").await?;
+            let row = client
+                .query_one("SELECT current_setting('server_version')", &[])
+                .await
+                .map_err(|e| Error::backend("postgres", "reading the server version", true, e))?;
+            let version: String = row.get(0);
+            Ok(Some(format!(
+                "PostgreSQL {version} reachable at {}",
+                cfg.describe()
+            )))
+        }
+        #[cfg(not(feature = "postgres"))]
+        DatabaseCfg::Shared { .. } | DatabaseCfg::Copied { .. } => {
+            Err(not_built("database kind \"shared\"/\"copied\"", "postgres"))
+        }
+    }
+}
+
 /// The state store.
 pub(crate) fn store(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Arc<dyn StateStore>> {
     match &p.state {

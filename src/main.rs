@@ -397,7 +397,8 @@ async fn validate(
 ) -> bluegreen::Result<ExitCode> {
     let d = p.deployer(state_dir).await?;
     let st = d.status().await?;
-    let lines = [
+    let database = backends::check_database(p).await?;
+    let mut lines = vec![
         format!("pipeline file ok (project {})", p.project.name),
         format!(
             "{} switch reachable (traffic: {})",
@@ -413,10 +414,12 @@ async fn validate(
             st.slots.green.state
         ),
         format!(
-            "state store {:?} readable (revision {}); database strategy {:?}",
-            p.state, st.state.revision, p.database
+            "state store {} readable (revision {})",
+            p.state_kind(),
+            st.state.revision
         ),
     ];
+    lines.push(database.unwrap_or_else(|| "no database strategy".into()));
     if mode == Mode::Json {
         emit_json(serde_json::json!({"result": "ok", "checks": lines, "drift": st.drift}));
     } else {

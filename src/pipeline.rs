@@ -454,6 +454,14 @@ impl Pipeline {
         }
     }
 
+    /// The state store's kind, as written in the file.
+    pub(crate) fn state_kind(&self) -> &'static str {
+        match &self.state {
+            StateCfg::File => "file",
+            StateCfg::Postgres { .. } => "postgres",
+        }
+    }
+
     /// The environment's kind, as written in the file.
     pub(crate) fn environment_kind(&self) -> &'static str {
         match &self.environment {
