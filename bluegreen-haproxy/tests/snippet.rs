@@ -101,8 +101,16 @@ async fn a_reload_keeps_the_runtime_state_when_it_was_saved() {
         .unwrap();
     let before = switch.servers().await.unwrap();
 
+    // A state file that cannot be written is an error naming it.
+    let bad = h.dir.path().join("missing-dir").join("server-state");
+    let e = switch.save_server_state(&bad).await.unwrap_err();
+    assert!(matches!(e, bluegreen_core::Error::Io { .. }), "{e}");
+    assert!(e.to_string().contains("missing-dir"), "{e}");
+
     // Saved state: the reloaded process keeps addresses, weights and states.
     switch.save_server_state(&h.state_file).await.unwrap();
+    let saved = std::fs::read_to_string(&h.state_file).unwrap();
+    assert!(saved.starts_with("1\n# be_id "), "{saved}");
     reload(&mut h).await;
     let after = switch.servers().await.unwrap();
     assert_eq!(
