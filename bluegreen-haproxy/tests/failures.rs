@@ -166,6 +166,29 @@ async fn injection_names_are_refused_before_anything_is_sent() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    // So are shapes this switch cannot drive: two endpoints for one slot, https servers.
+    let two = Endpoints::new(
+        vec![
+            Endpoint::new("127.0.0.1", 8001),
+            Endpoint::new("127.0.0.1", 8002),
+        ],
+        vec![],
+    );
+    let e = switch
+        .apply(&TrafficSplit::all(Slot::Blue), &two)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    let mut tls = Endpoint::new("127.0.0.1", 8443);
+    tls.scheme = "https".into();
+    let e = switch
+        .apply(
+            &TrafficSplit::all(Slot::Blue),
+            &Endpoints::new(vec![tls], vec![]),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(*connections.lock().unwrap(), 0);
     task.abort();
