@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bluegreen_core::health::HttpCheck;
+use bluegreen_core::hooks::ExecHook;
 use bluegreen_core::{
-    Deployer, Environment, FileStateStore, HttpVersionProbe, InstanceState, KeepOld, LiveTraffic,
-    MetricsAnalysis, Phase, Policy, Release, RunOutcome, Slot, TrafficSplit, VersionMarker,
+    Deployer, DeployerBuilder, Environment, FileStateStore, HookPoint, HttpVersionProbe,
+    InstanceState, KeepOld, LiveTraffic, MetricsAnalysis, Phase, Policy, Release, RunOutcome, Slot,
+    TrafficSplit, VersionMarker,
 };
 use bluegreen_docker::{DockerConfig, DockerEnvironment};
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
@@ -25,7 +27,7 @@ struct Setup {
 }
 
 async fn setup(prefix: &str, policy: Policy, http_check: bool) -> Setup {
-    setup_with(prefix, policy, http_check, |c| c).await
+    setup_with(prefix, policy, http_check, |c| c, |b| b).await
 }
 
 async fn setup_with(
@@ -33,6 +35,7 @@ async fn setup_with(
     policy: Policy,
     http_check: bool,
     config: impl FnOnce(DockerConfig) -> DockerConfig,
+    extra: impl FnOnce(DeployerBuilder) -> DeployerBuilder,
 ) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxySwitch::bind(ProxyConfig::default()).await.unwrap();
@@ -52,6 +55,7 @@ async fn setup_with(
     if http_check {
         builder = builder.health_check(Arc::new(HttpCheck::new("/health")));
     }
+    let builder = extra(builder);
     Setup {
         _dir: dir,
         proxy,
@@ -223,9 +227,13 @@ async fn a_container_that_exits_at_once_is_refused_with_its_log_lines() {
     let image = demo_image().await;
     // A crash is reported as soon as it is seen: a long grace costs nothing and keeps a loaded
     // machine from starting the crash after it.
-    let s = setup_with("e2e-crash", policy(), true, |c| {
-        c.with_startup_grace(Duration::from_secs(5))
-    })
+    let s = setup_with(
+        "e2e-crash",
+        policy(),
+        true,
+        |c| c.with_startup_grace(Duration::from_secs(5)),
+        |b| b,
+    )
     .await;
     s.deployer.deploy(release("v1", &image)).await.unwrap();
     let crash: Release = release("v2", &image).with_env("DEMO_EXIT_CODE", "3");
@@ -309,4 +317,67 @@ async fn an_unhealthy_image_healthcheck_fails_the_deploy_without_http_checks() {
         s.env.status(Slot::Green).await.unwrap().state,
         InstanceState::Absent
     );
+}
+
+/// `argv` for a one-off run of the demo binary inside the container that exits with `code`, like
+/// a migration (`odoo -u modules --stop-after-init`).
+fn migration(code: u8) -> Vec<String> {
+    vec![
+        "/usr/bin/env".into(),
+        format!("DEMO_EXIT_CODE={code}"),
+        "/bluegreen-demo".into(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_runs_in_the_target_container_and_a_failing_one_stops_the_deploy() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let ok = setup_with(
+        "e2e-migrate",
+        policy(),
+        true,
+        |c| c,
+        |b| {
+            b.hook(
+                HookPoint::AfterDeploy,
+                Arc::new(ExecHook::new("migrate", migration(0)).unwrap()),
+            )
+        },
+    )
+    .await;
+    ok.deployer.deploy(release("v1", &image)).await.unwrap();
+    assert_eq!(served_version(&ok).await, "v1");
+    drop(ok);
+
+    let s = setup_with(
+        "e2e-migrate-fail",
+        policy(),
+        true,
+        |c| c,
+        |b| {
+            b.hook(
+                HookPoint::AfterDeploy,
+                Arc::new(ExecHook::new("migrate", migration(7)).unwrap()),
+            )
+        },
+    )
+    .await;
+    // The first deploy of this deployer runs the failing migration: nothing goes live.
+    let err = s.deployer.deploy(release("v1", &image)).await.unwrap_err();
+    assert_eq!(err.phase(), Some(Phase::AfterDeployHook), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("migrate") && msg.contains("DEMO_EXIT_CODE"),
+        "{msg}"
+    );
+    for slot in Slot::ALL {
+        assert_eq!(
+            s.env.status(slot).await.unwrap().state,
+            InstanceState::Absent,
+            "the target of the failed migration was not removed"
+        );
+    }
 }
