@@ -13,7 +13,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::conn::{fail, pg_error, PgConfig};
 use crate::ident::quote_ident;
-use crate::tools::dump_into;
+use crate::tools::{dump_into, dump_restore_parallel};
 use crate::util::{
     copy_sequences, database_comment, database_exists, distinct, drop_database,
     set_database_comment, user_tables, SlotDatabases, TableRef,
@@ -148,7 +148,8 @@ pub struct CopyReport {
 /// parallel workers each join the snapshot (`SET TRANSACTION SNAPSHOT`) and stream
 /// `COPY … TO STDOUT (FORMAT binary)` into `COPY … FROM STDIN (FORMAT binary)` on the target, then
 /// sequences are set from the source and `--section=post-data` (indexes, constraints, triggers)
-/// is applied. On any failure the target database is dropped.
+/// is applied with `pg_restore -j <workers>` (indexes of different tables built in parallel). On
+/// any failure the target database is dropped.
 ///
 /// **Writes made to the live database after the snapshot are not in the copy.** When the target
 /// must have every write, use [`Replicated`](crate::Replicated), which streams them by logical
@@ -314,7 +315,8 @@ impl Copied {
 
         let tgt_client = tgt_cfg.connect(BACKEND).await?;
         let sequences = copy_sequences(BACKEND, &snap_client, &tgt_client, 0).await?;
-        dump_into(
+        // Indexes and constraints after the data, several at a time.
+        dump_restore_parallel(
             BACKEND,
             bin,
             &src_cfg,
@@ -323,6 +325,7 @@ impl Copied {
                 "--section=post-data".into(),
             ],
             &tgt_cfg,
+            self.config.workers,
             self.config.timeout,
         )
         .await?;
@@ -401,6 +404,9 @@ impl Copied {
     }
 }
 
+/// Bytes of COPY data sent to the target per message.
+const BATCH: usize = 256 * 1024;
+
 /// One worker: joins the snapshot, then copies tables from the queue until it is empty.
 async fn copy_worker(
     queue: Arc<Mutex<VecDeque<TableRef>>>,
@@ -431,10 +437,21 @@ async fn copy_worker(
             .map_err(|e| pg_error(BACKEND, &format!("COPY {q} FROM STDIN"), e))?;
         pin_mut!(out);
         pin_mut!(sink);
+        // The source sends one message per row; batching rows into large messages saves the
+        // per-message work on the target and here.
+        let mut buf = bytes::BytesMut::with_capacity(BATCH * 2);
         while let Some(chunk) = out.next().await {
             let chunk = chunk.map_err(|e| pg_error(BACKEND, &format!("reading {q}"), e))?;
             bytes += chunk.len() as u64;
-            sink.feed(chunk)
+            buf.extend_from_slice(&chunk);
+            if buf.len() >= BATCH {
+                sink.feed(buf.split().freeze())
+                    .await
+                    .map_err(|e| pg_error(BACKEND, &format!("writing {q}"), e))?;
+            }
+        }
+        if !buf.is_empty() {
+            sink.feed(buf.split().freeze())
                 .await
                 .map_err(|e| pg_error(BACKEND, &format!("writing {q}"), e))?;
         }

@@ -150,3 +150,75 @@ pub(crate) async fn dump_into(
         }),
     }
 }
+
+/// Runs one client program to completion; fails naming it with its stderr.
+async fn run_tool(backend: &str, mut cmd: Command, what: &str) -> Result<()> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| Error::io(format!("starting {what}"), e))?;
+    if !out.status.success() {
+        return Err(fail(
+            backend,
+            what,
+            format!(
+                "exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `pg_dump -Fc <dump_args>` against `source` into a temporary file, then
+/// `pg_restore -j <jobs> --exit-on-error` into `target` (independent objects, such as the indexes
+/// of different tables, are built in parallel). Bounded by `timeout`; the file is removed.
+pub(crate) async fn dump_restore_parallel(
+    backend: &str,
+    bin_dir: Option<&Path>,
+    source: &PgConfig,
+    dump_args: &[String],
+    target: &PgConfig,
+    jobs: usize,
+    timeout: Duration,
+) -> Result<()> {
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let file =
+        Remove(std::env::temp_dir().join(format!("bluegreen-{}-{nanos}.dump", std::process::id())));
+    let op = format!("pg_dump -Fc {} + pg_restore -j {jobs}", dump_args.join(" "));
+    let run = async {
+        let mut dump = command(bin_dir, "pg_dump", source);
+        dump.args(["--no-password", "-Fc", "-f"])
+            .arg(&file.0)
+            .args(dump_args);
+        run_tool(backend, dump, &format!("pg_dump {}", dump_args.join(" "))).await?;
+        let mut restore = command(bin_dir, "pg_restore", target);
+        restore
+            .args(["--no-password", "--exit-on-error", "-j"])
+            .arg(jobs.max(1).to_string())
+            .arg("-d")
+            .arg(&target.dbname)
+            .arg(&file.0);
+        run_tool(backend, restore, "pg_restore").await
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            what: op,
+            after: timeout,
+        }),
+    }
+}

@@ -220,8 +220,8 @@ impl Drop for Cluster {
 /// Fills `bench` with about `size_mb` MB: a wide orders table (most of the data), customers,
 /// order lines, an event log; primary keys, foreign keys, secondary indexes, a sequence.
 async fn generate(c: &Client, size_mb: u64) -> Result<()> {
-    // About 530 bytes per order on disk with its lines, events and indexes (measured).
-    let orders = size_mb * 1024 * 1024 / 530;
+    // About 460 bytes per order on disk with its lines, events and indexes (measured).
+    let orders = size_mb * 1024 * 1024 / 460;
     let customers = (orders / 50).max(1000);
     c.batch_execute(&format!(
         "CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
