@@ -3,16 +3,16 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bluegreen_core::{
-    Capabilities, Endpoint, Endpoints, Error, Name, PerSlot, Result, Slot, TrafficSplit,
-    TrafficSwitch, TrafficSwitchExt,
+    Capabilities, Endpoint, Endpoints, Error, Name, PerSlot, Result, Slot, SlotMetrics,
+    TrafficSplit, TrafficSwitch, TrafficSwitchExt,
 };
 use tokio::sync::Mutex;
 
-use crate::client::{AdminState, Command, RuntimeClient, ServerState};
+use crate::client::{AdminState, Command, RuntimeClient, ServerState, StatRow};
 use crate::config::HaproxyConfig;
 use crate::error::HaproxyError;
 use crate::BACKEND;
@@ -502,10 +502,13 @@ impl TrafficSwitch for HaproxySwitch {
         BACKEND
     }
 
-    /// Weights (`set weight`) and real in-flight counts (`scur`); no sticky sessions, preview
-    /// or pause.
+    /// Weights (`set weight`), real in-flight counts (`scur`) and per-server metrics (`show
+    /// stat`); no sticky sessions, preview or pause.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::basic().with_weights(true).with_drain(true)
+        Capabilities::basic()
+            .with_weights(true)
+            .with_drain(true)
+            .with_metrics(true)
     }
 
     async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
@@ -526,6 +529,52 @@ impl TrafficSwitch for HaproxySwitch {
             .await
             .map_err(|e| e.into_core("in_flight"))
     }
+
+    /// The slot's server counters from `show stat`: responses (`hrsp_*`), 5xx (`hrsp_5xx`),
+    /// connection and response errors (`econ` + `eresp`). HAProxy keeps no latency percentiles:
+    /// `p50` is its average response time over the last 1024 requests (`rtime`) and `p99` the
+    /// largest response time it has seen (`rtime_max`), a conservative bound. The counters are
+    /// cumulative; analyses compare them with a baseline taken when observation starts.
+    async fn metrics(&self, slot: Slot) -> Result<SlotMetrics> {
+        let rows = self
+            .inner
+            .client
+            .server_stats(&self.inner.backend)
+            .await
+            .map_err(|e| e.into_core("metrics"))?;
+        let name = self.server(slot).as_str();
+        let row = rows.iter().find(|r| r.server() == name).ok_or_else(|| {
+            HaproxyError::NoSuchServer {
+                backend: self.inner.backend.to_string(),
+                server: name.to_string(),
+            }
+            .into_core("metrics")
+        })?;
+        Ok(metrics_of(row))
+    }
+}
+
+/// [`SlotMetrics`] from one server row of `show stat`.
+fn metrics_of(row: &StatRow) -> SlotMetrics {
+    let n = |f: &str| row.get(f).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let requests = [
+        "hrsp_1xx",
+        "hrsp_2xx",
+        "hrsp_3xx",
+        "hrsp_4xx",
+        "hrsp_5xx",
+        "hrsp_other",
+    ]
+    .iter()
+    .map(|f| n(f))
+    .sum();
+    SlotMetrics::new(
+        requests,
+        n("hrsp_5xx"),
+        n("econ") + n("eresp"),
+        Duration::from_millis(n("rtime")),
+        Duration::from_millis(n("rtime_max").max(n("rtime"))),
+    )
 }
 
 #[cfg(test)]
