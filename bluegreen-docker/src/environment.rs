@@ -69,6 +69,8 @@ struct Inner {
     stopped: Mutex<PerSlot<Option<String>>>,
     /// Distinguishes deploys started in the same millisecond.
     seq: AtomicU64,
+    /// Serializes network creation: engines before API 1.44 accept two networks of one name.
+    network: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for DockerEnvironment {
@@ -169,6 +171,7 @@ impl DockerEnvironment {
                 ops: PerSlot::default(),
                 stopped: Mutex::new(PerSlot::default()),
                 seq: AtomicU64::new(0),
+                network: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -411,6 +414,7 @@ impl DockerEnvironment {
     /// Creates the project network when missing.
     async fn ensure_network(&self) -> std::result::Result<(), DockerError> {
         let name = self.cfg().network_name();
+        let _guard = self.inner.network.lock().await;
         if name == "bridge" {
             return Err(DockerError::NetworkUnusable {
                 name: name.to_string(),
@@ -462,7 +466,8 @@ impl DockerEnvironment {
         release: &Release,
         env: &BTreeMap<String, String>,
     ) -> bool {
-        if !Self::is_running(c) || c.image.as_deref() != Some(image_id) {
+        let running = Self::state_of(c) == Some(ContainerStateStatusEnum::RUNNING);
+        if !running || c.image.as_deref() != Some(image_id) {
             return false;
         }
         let Some(cfg) = &c.config else { return false };
@@ -860,7 +865,9 @@ impl DockerEnvironment {
             .map_err(|e| DockerError::engine("list networks", e).into_core("reset"))?;
         for n in nets {
             let Some(name) = n.name else { continue };
-            match self.docker().remove_network(&name).await {
+            // By id: an older engine may hold two networks of one name.
+            let id = n.id.unwrap_or_else(|| name.clone());
+            match self.docker().remove_network(&id).await {
                 Ok(()) => removed.push(name),
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {

@@ -671,3 +671,32 @@ async fn a_container_that_cannot_start_is_removed_and_the_error_says_why() {
         "the unstarted container was left behind"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deploys_of_both_slots_share_one_network() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let (env, _guard) = environment("concurrent", |c| c).await;
+    let (v1, v2) = (release("v1", &image), release("v2", &image));
+    let (blue, green) = tokio::join!(env.deploy(Slot::Blue, &v1), env.deploy(Slot::Green, &v2));
+    let (blue, green) = (blue.unwrap(), green.unwrap());
+    assert_ne!(blue, green, "both slots got the same endpoint");
+    let project = env.config().project.to_string();
+    let filters = HashMap::from([("name".to_string(), vec![project.clone()])]);
+    let nets = env
+        .client()
+        .list_networks(Some(
+            bluegreen_docker::bollard::query_parameters::ListNetworksOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap();
+    let exact: Vec<_> = nets
+        .iter()
+        .filter(|n| n.name.as_deref() == Some(project.as_str()))
+        .collect();
+    assert_eq!(exact.len(), 1, "{nets:?}");
+}
