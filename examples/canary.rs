@@ -2,11 +2,15 @@
 //! release is rolled back at its first step, having seen only a tenth of the traffic.
 //!
 //! ```text
-//! cargo run --example canary
+//! cargo run --example canary --features haproxy   # through a real HAProxy (set weight, show stat)
+//! cargo run --example canary                       # through the embedded proxy, runs anywhere
 //! ```
 //!
-//! Uses the embedded proxy (weights, per-slot metrics) and local processes, so it runs anywhere.
-//! The engine is the same for every switch with weights (HAProxy, nginx, Traefik).
+//! Releases run as local processes. With the `haproxy` feature and HAProxy installed, the example
+//! starts HAProxy on the backend snippet `bluegreen-haproxy` renders: the canary weights are
+//! `set weight` commands on its runtime API and the analysis reads each server's counters from
+//! `show stat`. Otherwise the embedded proxy (weights, per-slot metrics) does the same. The engine
+//! is the same for every switch with weights and metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +20,7 @@ use bluegreen::process::{ProcessConfig, ProcessEnvironment};
 use bluegreen::proxy::{ProxyConfig, ProxySwitch};
 use bluegreen::{
     CanaryStep, DeployEvent, Deployer, FileStateStore, LiveTraffic, MetricsAnalysis, Phase, Policy,
-    Slot,
+    Slot, TrafficSwitch,
 };
 
 mod common;
@@ -26,9 +30,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     common::main_or_demo(canary)
 }
 
+/// The switch: HAProxy when built in and installed, else the embedded proxy. Returns it, the
+/// public URL, and what must stay alive while it runs.
+#[cfg_attr(not(feature = "haproxy"), allow(unused_variables))]
+async fn switch(
+    dir: &std::path::Path,
+) -> Result<(Arc<dyn TrafficSwitch>, String, Box<dyn std::any::Any>), Box<dyn std::error::Error>> {
+    #[cfg(feature = "haproxy")]
+    {
+        use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
+        std::fs::create_dir_all(dir)?;
+        let config = HaproxyConfig::unix(dir.join("admin.sock"))
+            .with_health_check("/health", Duration::from_millis(200))
+            .with_drain_timeout(Duration::from_secs(5));
+        match common::LocalHaproxy::start(dir, &config)? {
+            Some(h) => {
+                println!("switch: HAProxy on 127.0.0.1:{} (runtime API)", h.port);
+                let url = format!("http://127.0.0.1:{}/", h.port);
+                return Ok((Arc::new(HaproxySwitch::new(config)?), url, Box::new(h)));
+            }
+            None => {
+                common::missing("HAProxy (apt-get install haproxy)")?;
+            }
+        }
+    }
+    let proxy = ProxySwitch::bind(ProxyConfig::default()).await?;
+    println!("switch: the embedded proxy on {}", proxy.url("/"));
+    let url = proxy.url("/");
+    Ok((Arc::new(proxy.clone()), url, Box::new(ShutDown(proxy))))
+}
+
+/// Shuts the embedded proxy down when dropped.
+struct ShutDown(ProxySwitch);
+
+impl Drop for ShutDown {
+    fn drop(&mut self) {
+        let proxy = self.0.clone();
+        tokio::spawn(async move { proxy.shutdown().await });
+    }
+}
+
 async fn canary() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("bluegreen-canary-{}", std::process::id()));
-    let proxy = ProxySwitch::bind(ProxyConfig::default()).await?;
+    let (switch, url, guard) = switch(&dir).await?;
     let policy = Policy::default()
         .with_readiness_timeout(Duration::from_secs(10))
         .with_canary(vec![
@@ -40,7 +84,7 @@ async fn canary() -> Result<(), Box<dyn std::error::Error>> {
         .environment(Arc::new(ProcessEnvironment::new(ProcessConfig::new(
             dir.join("process"),
         ))))
-        .switch(Arc::new(proxy.clone()))
+        .switch(switch)
         .store(Arc::new(FileStateStore::new(dir.join("state"))?))
         .health_check(Arc::new(HttpCheck::new("/health")))
         // At most 2 % of the canary's requests may fail; judge only with 10 requests or more.
@@ -79,7 +123,7 @@ async fn canary() -> Result<(), Box<dyn std::error::Error>> {
 
     let outcome = async {
         live(deployer.deploy(release("v1")?).await?)?;
-        let load = Load::start(proxy.url("/"), 4);
+        let load = Load::start(url.clone(), 4);
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         println!("\na good release walks through every step:");
@@ -112,7 +156,7 @@ async fn canary() -> Result<(), Box<dyn std::error::Error>> {
     .await;
 
     deployer.reset().await?;
-    proxy.shutdown().await;
+    drop(guard);
     printer.abort();
     let _ = std::fs::remove_dir_all(&dir);
     outcome
