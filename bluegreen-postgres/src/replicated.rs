@@ -361,15 +361,21 @@ impl Replicated {
             .query_one(
                 "SELECT current_user::text, r.rolsuper, r.rolreplication,
                         has_database_privilege(current_database(), 'CREATE'),
-                        d.datdba = r.oid
+                        d.datdba = r.oid, pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')
                  FROM pg_roles r, pg_database d
                  WHERE r.rolname = current_user AND d.datname = current_database()",
                 &[],
             )
             .await
             .map_err(|e| pg_error(BACKEND, op, e))?;
-        let (user, superuser, replication, create, owner): (String, bool, bool, bool, bool) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let (user, superuser, replication, create, owner, signal): (
+            String,
+            bool,
+            bool,
+            bool,
+            bool,
+            bool,
+        ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
         let mut missing = Vec::new();
         if !superuser {
             if !replication {
@@ -389,6 +395,13 @@ impl Replicated {
                 missing.push(format!(
                     "ownership of database {source} (to freeze writes at the cutover), or \
                      turn freeze_source off"
+                ));
+            }
+            if self.config.freeze_source && !signal {
+                missing.push(format!(
+                    "membership in pg_signal_backend (to end the sessions on {source} at the \
+                     cutover: GRANT pg_signal_backend TO {}), or turn freeze_source off",
+                    quote_ident(&user)
                 ));
             }
             let not_owned: Vec<String> = src

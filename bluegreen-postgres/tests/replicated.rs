@@ -410,8 +410,28 @@ async fn lag_that_never_converges_fails_the_cutover_and_leaves_live_writable() {
         .await
         .unwrap();
 
-    // Once the blocker goes, the same cutover succeeds with every write.
+    // A table created on the source after prepare (DDL is not replicated) is named, and nothing
+    // is switched.
+    fresh
+        .batch_execute("CREATE TABLE late (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let err = db.before_switch(&c).await.unwrap_err().to_string();
+    assert!(
+        err.contains("\"public\".\"late\"") && err.contains("not replicated"),
+        "{err}"
+    );
+    fresh.batch_execute("DROP TABLE late").await.unwrap();
+
+    // Once the blocker goes, the same cutover succeeds with every write (a generous bound here:
+    // the machine may be loaded).
     tx.rollback().await.unwrap();
+    let db = Replicated::new(
+        config(&cluster, "lag")
+            .with_lag_bound(Duration::from_secs(60))
+            .with_after_cutover(AfterCutover::Drop),
+    )
+    .unwrap();
     let step = db.before_switch(&c).await.unwrap();
     println!("{}", step.summary);
     // The cutover ended the live database's sessions (src among them).
