@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use bluegreen_core::{Error, Name, Result};
 
+use crate::image::Healthcheck;
+
 /// When the image of a release is pulled from a registry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum PullPolicy {
@@ -62,6 +64,18 @@ pub enum RestartPolicy {
     Always,
 }
 
+/// The health check of the slot containers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ContainerHealth {
+    /// The image's own `HEALTHCHECK`, if it has one. The default.
+    #[default]
+    Image,
+    /// No engine health check, even if the image has one.
+    Disabled,
+    /// This check instead of the image's.
+    Check(Healthcheck),
+}
+
 /// Settings of a [`DockerEnvironment`](crate::DockerEnvironment): one project, two slot
 /// containers (`<project>-blue`, `<project>-green`).
 ///
@@ -110,6 +124,8 @@ pub struct DockerConfig {
     pub restart: RestartPolicy,
     /// Variables given to every container (before the release's own, which win).
     pub env: BTreeMap<String, String>,
+    /// The engine's health check of the containers. Default: the image's.
+    pub health: ContainerHealth,
     /// How long after `start` a deploy watches for an immediate exit. Default 1 s.
     pub startup_grace: Duration,
     /// Drain bound when `deploy` replaces a running container and for `remove`. Default 10 s.
@@ -157,6 +173,7 @@ impl DockerConfig {
             cpus: None,
             restart: RestartPolicy::UnlessStopped,
             env: BTreeMap::new(),
+            health: ContainerHealth::Image,
             startup_grace: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(10),
             exec_timeout: Duration::from_secs(600),
@@ -234,6 +251,18 @@ impl DockerConfig {
         self
     }
 
+    /// With the engine health check `check` instead of the image's `HEALTHCHECK`.
+    pub fn with_healthcheck(mut self, check: Healthcheck) -> Self {
+        self.health = ContainerHealth::Check(check);
+        self
+    }
+
+    /// With the containers' engine health check chosen explicitly.
+    pub fn with_health(mut self, health: ContainerHealth) -> Self {
+        self.health = health;
+        self
+    }
+
     /// With the window in which an exit counts as a failed start.
     pub fn with_startup_grace(mut self, grace: Duration) -> Self {
         self.startup_grace = grace;
@@ -291,6 +320,22 @@ impl DockerConfig {
         for k in self.env.keys() {
             crate::environment::validate_env_key(k)?;
         }
+        if let ContainerHealth::Check(h) = &self.health {
+            if h.argv.is_empty() || h.argv.iter().any(|a| a.contains('\0')) {
+                return Err(Error::invalid(
+                    "healthcheck",
+                    format!("{:?}", h.argv),
+                    "needs a command, without NUL characters",
+                ));
+            }
+            if h.interval < Duration::from_millis(1) || h.timeout < Duration::from_millis(1) {
+                return Err(Error::invalid(
+                    "healthcheck",
+                    format!("{:?}", h.argv),
+                    "interval and timeout must be at least 1 ms",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -310,6 +355,7 @@ impl fmt::Debug for DockerConfig {
             .field("cpus", &self.cpus)
             .field("restart", &self.restart)
             .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("health", &self.health)
             .field("startup_grace", &self.startup_grace)
             .field("stop_timeout", &self.stop_timeout)
             .field("exec_timeout", &self.exec_timeout)

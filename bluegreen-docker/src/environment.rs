@@ -15,8 +15,8 @@ use bollard::container::LogOutput;
 use bollard::exec::StartExecResults;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings,
-    ExecConfig, HealthStatusEnum, HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
-    RestartPolicyNameEnum,
+    ExecConfig, HealthConfig, HealthStatusEnum, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    PortBinding, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
@@ -26,7 +26,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures_util::StreamExt;
 
-use crate::config::{DockerConfig, Publish, PullPolicy, RestartPolicy};
+use crate::config::{ContainerHealth, DockerConfig, Publish, PullPolicy, RestartPolicy};
 use crate::error::{is_not_found, is_not_modified, DockerError};
 
 /// Label naming the project that owns a container or network.
@@ -556,6 +556,27 @@ impl DockerEnvironment {
             env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
             exposed_ports: Some(vec![self.port_key()]),
+            healthcheck: match &cfg.health {
+                ContainerHealth::Image => None,
+                ContainerHealth::Disabled => Some(HealthConfig {
+                    test: Some(vec!["NONE".into()]),
+                    ..Default::default()
+                }),
+                ContainerHealth::Check(h) => {
+                    let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+                    let mut test = vec!["CMD".to_string()];
+                    test.extend(h.argv.iter().cloned());
+                    Some(HealthConfig {
+                        test: Some(test),
+                        interval: Some(nanos(h.interval)),
+                        timeout: Some(nanos(h.timeout)),
+                        retries: Some(i64::from(h.retries.max(1))),
+                        // 0 would mean "inherit the image's".
+                        start_period: Some(nanos(h.start_period.max(Duration::from_millis(1)))),
+                        ..Default::default()
+                    })
+                }
+            },
             stop_timeout: Some(cfg.stop_timeout.as_secs().max(1) as i64),
             host_config: Some(HostConfig {
                 port_bindings,

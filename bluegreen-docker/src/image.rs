@@ -13,11 +13,12 @@ use futures_util::StreamExt;
 
 use crate::error::DockerError;
 
-/// A `HEALTHCHECK` baked into an image: the engine runs `argv` inside the container every
-/// `interval`; exit 0 is healthy.
+/// A health check the engine runs inside a container: `argv` every `interval`; exit 0 is
+/// healthy. Baked into an image ([`ScratchImage::with_healthcheck`]) or set per environment
+/// ([`DockerConfig::with_healthcheck`](crate::DockerConfig::with_healthcheck)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct ImageHealthcheck {
+pub struct Healthcheck {
     /// The command (exec form, no shell unless the command is one).
     pub argv: Vec<String>,
     /// Time between checks. Default 1 s.
@@ -30,10 +31,10 @@ pub struct ImageHealthcheck {
     pub retries: u32,
 }
 
-impl ImageHealthcheck {
+impl Healthcheck {
     /// A health check running `argv`.
     pub fn new(argv: Vec<String>) -> Self {
-        ImageHealthcheck {
+        Healthcheck {
             argv,
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(3),
@@ -90,7 +91,7 @@ pub struct ScratchImage {
     expose: Vec<u16>,
     entrypoint: Vec<String>,
     cmd: Vec<String>,
-    healthcheck: Option<ImageHealthcheck>,
+    healthcheck: Option<Healthcheck>,
 }
 
 fn checked_tag(tag: &str) -> Result<()> {
@@ -331,7 +332,7 @@ impl ScratchImage {
     }
 
     /// Bakes a `HEALTHCHECK` into the image.
-    pub fn with_healthcheck(mut self, check: ImageHealthcheck) -> Self {
+    pub fn with_healthcheck(mut self, check: Healthcheck) -> Self {
         self.healthcheck = Some(check);
         self
     }

@@ -11,8 +11,8 @@ use bluegreen_core::{Endpoint, Environment, Error, InstanceState, RuntimeHealth,
 use bluegreen_docker::bollard::models::{ContainerCreateBody, RestartPolicyNameEnum};
 use bluegreen_docker::bollard::query_parameters::CreateContainerOptionsBuilder;
 use bluegreen_docker::{
-    DockerEnvironment, DockerError, PullPolicy, RestartPolicy, LABEL_DEPLOYMENT, LABEL_PROJECT,
-    LABEL_SLOT, LABEL_VERSION,
+    DockerEnvironment, DockerError, Healthcheck, PullPolicy, RestartPolicy, LABEL_DEPLOYMENT,
+    LABEL_PROJECT, LABEL_SLOT, LABEL_VERSION,
 };
 use common::{demo_image, engine, environment, health_image, release};
 
@@ -699,4 +699,64 @@ async fn concurrent_deploys_of_both_slots_share_one_network() {
         .filter(|n| n.name.as_deref() == Some(project.as_str()))
         .collect();
     assert_eq!(exact.len(), 1, "{nets:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_healthcheck_replaces_or_disables_the_images() {
+    if engine().await.is_none() {
+        return;
+    }
+    let with_check = health_image().await;
+    let without_check = demo_image().await;
+    let fast = |argv: &[&str]| {
+        Healthcheck::new(argv.iter().map(|s| s.to_string()).collect())
+            .with_interval(Duration::from_millis(500))
+            .with_retries(1)
+    };
+
+    // The image's check passes; the configured one (a command exiting 1) wins.
+    let (failing, _g1) = environment("hc-fail", |c| {
+        c.with_healthcheck(fast(&[
+            "/usr/bin/env",
+            "DEMO_EXIT_CODE=1",
+            "/bluegreen-demo",
+        ]))
+    })
+    .await;
+    failing
+        .deploy(Slot::Blue, &release("v1", &with_check))
+        .await
+        .unwrap();
+    // An image without a HEALTHCHECK gets one from the configuration.
+    let (added, _g2) =
+        environment("hc-add", |c| c.with_healthcheck(fast(&["/usr/bin/true"]))).await;
+    added
+        .deploy(Slot::Blue, &release("v1", &without_check))
+        .await
+        .unwrap();
+    // Disabled: no runtime health even though the image has a check.
+    let (disabled, _g3) = environment("hc-off", |c| {
+        c.with_health(bluegreen_docker::ContainerHealth::Disabled)
+    })
+    .await;
+    disabled
+        .deploy(Slot::Blue, &release("v1", &with_check))
+        .await
+        .unwrap();
+
+    wait_status(&failing, Slot::Blue, "unhealthy", |s| {
+        s.health == Some(RuntimeHealth::Unhealthy)
+    })
+    .await;
+    wait_status(&added, Slot::Blue, "healthy", |s| {
+        s.health == Some(RuntimeHealth::Healthy)
+    })
+    .await;
+    // By now the image's check (every 500 ms) would have reported.
+    let st = disabled.status(Slot::Blue).await.unwrap();
+    assert_eq!(
+        (st.state, st.health),
+        (InstanceState::Running, None),
+        "{st:?}"
+    );
 }

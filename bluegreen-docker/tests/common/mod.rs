@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bluegreen_core::Release;
 use bluegreen_docker::bollard::Docker;
-use bluegreen_docker::{DockerConfig, DockerEnvironment, ImageHealthcheck, ScratchImage};
+use bluegreen_docker::{DockerConfig, DockerEnvironment, Healthcheck, ScratchImage};
 use tokio::sync::OnceCell;
 
 /// A client on this machine's engine, or `None` (test skipped) when there is none and `CI` is
@@ -79,7 +79,7 @@ pub async fn health_image() -> String {
                 .with_base(base)
                 .with_executable("/bin/bash", "/bin/bash")
                 .with_healthcheck(
-                    ImageHealthcheck::new(vec!["/bin/bash".into(), "-c".into(), probe.into()])
+                    Healthcheck::new(vec!["/bin/bash".into(), "-c".into(), probe.into()])
                         .with_interval(Duration::from_millis(500))
                         .with_retries(2),
                 )
