@@ -186,6 +186,11 @@ impl DockerEnvironment {
         &self.inner.config
     }
 
+    /// An engine call failure; an unreachable engine is named by this handle's address.
+    fn engine_err(&self, call: impl Into<String>, source: bollard::errors::Error) -> DockerError {
+        DockerError::engine_at(&self.inner.host, call, source)
+    }
+
     fn cfg(&self) -> &DockerConfig {
         &self.inner.config
     }
@@ -233,7 +238,7 @@ impl DockerEnvironment {
                 Ok(Some(c))
             }
             Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(DockerError::engine(format!("inspect container {name}"), e)),
+            Err(e) => Err(self.engine_err(format!("inspect container {name}"), e)),
         }
     }
 
@@ -340,7 +345,7 @@ impl DockerEnvironment {
         let local = match self.docker().inspect_image(image).await {
             Ok(i) => i.id,
             Err(e) if is_not_found(&e) => None,
-            Err(e) => return Err(DockerError::engine(format!("inspect image {image}"), e)),
+            Err(e) => return Err(self.engine_err(format!("inspect image {image}"), e)),
         };
         let must_pull = match policy {
             PullPolicy::Never => false,
@@ -379,7 +384,7 @@ impl DockerEnvironment {
                 policy: policy.as_str(),
                 detail: "; the engine reports no id after the pull".into(),
             }),
-            Err(e) => Err(DockerError::engine(format!("inspect image {image}"), e)),
+            Err(e) => Err(self.engine_err(format!("inspect image {image}"), e)),
         }
     }
 
@@ -450,10 +455,10 @@ impl DockerEnvironment {
                         status_code: 409,
                         ..
                     }) => Ok(()),
-                    Err(e) => Err(DockerError::engine(format!("create network {name}"), e)),
+                    Err(e) => Err(self.engine_err(format!("create network {name}"), e)),
                 }
             }
-            Err(e) => Err(DockerError::engine(format!("inspect network {name}"), e)),
+            Err(e) => Err(self.engine_err(format!("inspect network {name}"), e)),
         }
     }
 
@@ -615,7 +620,7 @@ impl DockerEnvironment {
         match client.stop_container(name, Some(opts)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_modified(&e) || is_not_found(&e) => Ok(()),
-            Err(e) => Err(DockerError::engine(format!("stop container {name}"), e)),
+            Err(e) => Err(self.engine_err(format!("stop container {name}"), e)),
         }
     }
 
@@ -632,7 +637,7 @@ impl DockerEnvironment {
                 status_code: 409,
                 message,
             }) if message.contains("already in progress") => Ok(()),
-            Err(e) => Err(DockerError::engine(format!("remove container {name}"), e)),
+            Err(e) => Err(self.engine_err(format!("remove container {name}"), e)),
         }
     }
 
@@ -680,7 +685,7 @@ impl DockerEnvironment {
                     }
                 }
                 Err(e) if is_not_found(&e) => break,
-                Err(e) => return Err(DockerError::engine(format!("logs of {name}"), e)),
+                Err(e) => return Err(self.engine_err(format!("logs of {name}"), e)),
             }
         }
         if buf.len() > MAX_LOG_BYTES {
@@ -723,7 +728,7 @@ impl DockerEnvironment {
             .docker()
             .create_container(Some(opts), body)
             .await
-            .map_err(|e| DockerError::engine(format!("create container {name}"), e))?;
+            .map_err(|e| self.engine_err(format!("create container {name}"), e))?;
         self.mark_stopped(slot, None);
         tracing::info!(
             %slot, container = %name, image = %release.artifact, version = %release.version,
@@ -735,7 +740,7 @@ impl DockerEnvironment {
             if let Err(rm) = self.remove_container(&created.id).await {
                 tracing::warn!(container = %name, error = %rm, "cannot remove the unstarted container");
             }
-            return Err(DockerError::engine(format!("start container {name}"), e));
+            return Err(self.engine_err(format!("start container {name}"), e));
         }
 
         // Watch the start: an exit (or a restart) within the grace period is a failed start, and
@@ -811,7 +816,10 @@ impl DockerEnvironment {
             .docker()
             .list_containers(Some(opts))
             .await
-            .map_err(|e| DockerError::engine("list containers", e).into_core("containers"))?;
+            .map_err(|e| {
+                self.engine_err("list containers", e)
+                    .into_core("containers")
+            })?;
         Ok(list
             .into_iter()
             .map(|c| {
@@ -883,7 +891,7 @@ impl DockerEnvironment {
             .docker()
             .list_networks(Some(opts))
             .await
-            .map_err(|e| DockerError::engine("list networks", e).into_core("reset"))?;
+            .map_err(|e| self.engine_err("list networks", e).into_core("reset"))?;
         for n in nets {
             let Some(name) = n.name else { continue };
             // By id: an older engine may hold two networks of one name.
@@ -892,9 +900,9 @@ impl DockerEnvironment {
                 Ok(()) => removed.push(name),
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
-                    return Err(
-                        DockerError::engine(format!("remove network {name}"), e).into_core("reset")
-                    )
+                    return Err(self
+                        .engine_err(format!("remove network {name}"), e)
+                        .into_core("reset"))
                 }
             }
         }
@@ -1052,7 +1060,7 @@ impl Environment for DockerEnvironment {
                     },
                 )
                 .await
-                .map_err(|e| DockerError::engine(format!("create exec {program}"), e))?;
+                .map_err(|e| self.engine_err(format!("create exec {program}"), e))?;
             let mut out = ExecOutput {
                 code: None,
                 stdout: String::new(),
@@ -1063,12 +1071,10 @@ impl Environment for DockerEnvironment {
                 .docker()
                 .start_exec(&exec.id, None)
                 .await
-                .map_err(|e| DockerError::engine(format!("start exec {program}"), e))?
+                .map_err(|e| self.engine_err(format!("start exec {program}"), e))?
             {
                 while let Some(item) = output.next().await {
-                    match item
-                        .map_err(|e| DockerError::engine(format!("output of {program}"), e))?
-                    {
+                    match item.map_err(|e| self.engine_err(format!("output of {program}"), e))? {
                         LogOutput::StdErr { message } => se.extend_from_slice(&message),
                         LogOutput::StdOut { message } | LogOutput::Console { message } => {
                             so.extend_from_slice(&message)
@@ -1081,7 +1087,7 @@ impl Environment for DockerEnvironment {
                 .docker()
                 .inspect_exec(&exec.id)
                 .await
-                .map_err(|e| DockerError::engine(format!("inspect exec {program}"), e))?;
+                .map_err(|e| self.engine_err(format!("inspect exec {program}"), e))?;
             out.code = info.exit_code.and_then(|c| i32::try_from(c).ok());
             out.stdout = String::from_utf8_lossy(&so).into_owned();
             out.stderr = String::from_utf8_lossy(&se).into_owned();

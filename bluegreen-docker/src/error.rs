@@ -166,9 +166,22 @@ pub enum DockerError {
 impl DockerError {
     /// An Engine call failure; an unreachable engine is reported as such.
     pub(crate) fn engine(call: impl Into<String>, source: bollard::errors::Error) -> Self {
+        Self::engine_at(
+            &crate::environment::docker_host_for_messages(),
+            call,
+            source,
+        )
+    }
+
+    /// As [`engine`](Self::engine), naming `host` when the engine cannot be reached.
+    pub(crate) fn engine_at(
+        host: &str,
+        call: impl Into<String>,
+        source: bollard::errors::Error,
+    ) -> Self {
         if is_connection_error(&source) {
             return DockerError::Unreachable {
-                host: crate::environment::docker_host_for_messages(),
+                host: host.to_string(),
                 source,
             };
         }

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use bluegreen_core::{Environment, InstanceState, Slot};
-use bluegreen_docker::{DockerConfig, DockerEnvironment};
+use bluegreen_docker::{DockerConfig, DockerEnvironment, DockerError};
 use common::{demo_image, engine, release, Cleanup};
 
 /// Forwards TCP connections on a loopback port to the engine's unix socket until dropped.
@@ -28,15 +28,19 @@ async fn forwarder(socket: &'static str) -> Forwarder {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(async move {
+        // Connections live in this set: aborting the task closes them all, like an engine host
+        // going away.
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((mut tcp, _)) = listener.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 if let Ok(mut unix) = tokio::net::UnixStream::connect(socket).await {
                     let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
                 }
             });
+            while conns.try_join_next().is_some() {}
         }
     });
     Forwarder { port, task }
@@ -84,6 +88,24 @@ async fn an_engine_named_by_a_tcp_docker_host_runs_the_slots() {
         env.status(Slot::Blue).await.unwrap().state,
         InstanceState::Absent
     );
-    // The guard's own client reads DOCKER_HOST too: point it back at the socket.
+
+    // The engine's host goes away: calls fail as unreachable (retryable), naming the address.
+    let addr = format!("tcp://127.0.0.1:{}", fwd.port);
+    // The cleanup guard's own client reads DOCKER_HOST too: point it back at the socket first.
     std::env::remove_var("DOCKER_HOST");
+    drop(fwd);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = env.status(Slot::Blue).await.unwrap_err();
+    match &err {
+        bluegreen_core::Error::Backend { source, .. } => assert!(
+            matches!(
+                source.downcast_ref::<DockerError>(),
+                Some(DockerError::Unreachable { .. })
+            ),
+            "{err}"
+        ),
+        other => panic!("expected a backend error, got {other}"),
+    }
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains(&addr), "{err}");
 }
