@@ -760,3 +760,60 @@ async fn a_configured_healthcheck_replaces_or_disables_the_images() {
         "{st:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_drains_in_flight_requests_and_forces_a_stuck_container() {
+    if engine().await.is_none() {
+        return;
+    }
+    let image = demo_image().await;
+    let (env, _guard) = environment("stop", |c| c).await;
+    let eps = env
+        .deploy(Slot::Blue, &release("v1", &image))
+        .await
+        .unwrap();
+    env.deploy(
+        Slot::Green,
+        &release("v1", &image).with_env("DEMO_IGNORE_SIGTERM", "1"),
+    )
+    .await
+    .unwrap();
+    // The app answers before the slow request starts.
+    assert!(get(&eps[0], "/health").await.status().is_success());
+
+    // A request in flight when the stop starts still gets its answer.
+    let url = eps[0].url("/slow?ms=1500");
+    let slow = tokio::spawn(async move {
+        let c = reqwest::Client::builder().no_proxy().build().unwrap();
+        let r = c.get(url).send().await?;
+        let status = r.status();
+        let body = r.text().await?;
+        Ok::<_, reqwest::Error>((status, body))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.stop(Slot::Blue, Duration::from_secs(20)).await.unwrap();
+    let (status, body) = slow.await.unwrap().unwrap();
+    assert!(status.is_success(), "{status} {body}");
+    assert!(body.contains("version=v1"), "{body}");
+    let st = env.status(Slot::Blue).await.unwrap();
+    assert_eq!(
+        (st.state, st.exit_code),
+        (InstanceState::Stopped, Some(0)),
+        "a graceful stop ends with exit code 0: {st:?}"
+    );
+
+    // A container that ignores SIGTERM is killed once the drain bound has passed.
+    let started = Instant::now();
+    env.stop(Slot::Green, Duration::from_secs(2)).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "stop did not wait for the drain bound: {:?}",
+        started.elapsed()
+    );
+    let st = env.status(Slot::Green).await.unwrap();
+    assert_eq!(
+        (st.state, st.exit_code),
+        (InstanceState::Stopped, Some(137)),
+        "{st:?}"
+    );
+}
