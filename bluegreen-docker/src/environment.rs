@@ -38,7 +38,8 @@ pub const LABEL_VERSION: &str = "bluegreen.version";
 /// Label identifying the deploy that created a container.
 pub const LABEL_DEPLOYMENT: &str = "bluegreen.deployment";
 
-/// Most log bytes [`Environment::logs`] returns (the end is kept).
+/// Most bytes [`Environment::logs`] returns, and `exec` keeps of each output stream (the end is
+/// kept).
 pub const MAX_LOG_BYTES: usize = 4 * 1024 * 1024;
 
 /// How many log lines error messages quote.
@@ -113,6 +114,21 @@ pub(crate) fn validate_env_key(k: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Appends `chunk`, keeping memory bounded: past twice the limit, the oldest bytes go.
+fn keep_tail(buf: &mut Vec<u8>, chunk: &[u8]) {
+    buf.extend_from_slice(chunk);
+    if buf.len() > 2 * MAX_LOG_BYTES {
+        trim_to(buf, MAX_LOG_BYTES);
+    }
+}
+
+/// Keeps the last `max` bytes.
+fn trim_to(buf: &mut Vec<u8>, max: usize) {
+    if buf.len() > max {
+        buf.drain(..buf.len() - max);
+    }
 }
 
 fn now_ms() -> u128 {
@@ -678,19 +694,12 @@ impl DockerEnvironment {
         let mut buf: Vec<u8> = Vec::new();
         while let Some(item) = stream.next().await {
             match item {
-                Ok(out) => {
-                    buf.extend_from_slice(&out.into_bytes());
-                    if buf.len() > 2 * MAX_LOG_BYTES {
-                        buf.drain(..buf.len() - MAX_LOG_BYTES);
-                    }
-                }
+                Ok(out) => keep_tail(&mut buf, &out.into_bytes()),
                 Err(e) if is_not_found(&e) => break,
                 Err(e) => return Err(self.engine_err(format!("logs of {name}"), e)),
             }
         }
-        if buf.len() > MAX_LOG_BYTES {
-            buf.drain(..buf.len() - MAX_LOG_BYTES);
-        }
+        trim_to(&mut buf, MAX_LOG_BYTES);
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
@@ -1075,14 +1084,16 @@ impl Environment for DockerEnvironment {
             {
                 while let Some(item) = output.next().await {
                     match item.map_err(|e| self.engine_err(format!("output of {program}"), e))? {
-                        LogOutput::StdErr { message } => se.extend_from_slice(&message),
+                        LogOutput::StdErr { message } => keep_tail(&mut se, &message),
                         LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                            so.extend_from_slice(&message)
+                            keep_tail(&mut so, &message)
                         }
                         LogOutput::StdIn { .. } => {}
                     }
                 }
             }
+            trim_to(&mut so, MAX_LOG_BYTES);
+            trim_to(&mut se, MAX_LOG_BYTES);
             let info = self
                 .docker()
                 .inspect_exec(&exec.id)
@@ -1121,5 +1132,32 @@ impl Environment for DockerEnvironment {
         self.collect_logs(&id, opts.build())
             .await
             .map_err(|e| e.into_core("logs"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_buffers_keep_the_end_within_bounds() {
+        let mut buf = Vec::new();
+        let chunk = vec![b'a'; MAX_LOG_BYTES / 2];
+        for _ in 0..9 {
+            keep_tail(&mut buf, &chunk);
+            assert!(buf.len() <= 2 * MAX_LOG_BYTES);
+        }
+        keep_tail(&mut buf, b"END");
+        trim_to(&mut buf, MAX_LOG_BYTES);
+        assert_eq!(buf.len(), MAX_LOG_BYTES);
+        assert!(buf.ends_with(b"aEND"));
+    }
+
+    #[test]
+    fn environment_names_are_checked() {
+        assert!(validate_env_key("DATABASE_URL").is_ok());
+        for bad in ["", "A=B", "A\0"] {
+            assert!(validate_env_key(bad).is_err(), "{bad:?}");
+        }
     }
 }
