@@ -745,17 +745,29 @@ impl Replicated {
             ));
         }
         self.check_tables(&src, &tgt, &source, &names).await?;
-        // Catch up while writes still flow, so the frozen window is short.
-        let l0 = current_lsn(&src).await?;
-        self.wait_confirmed(&src, &tgt, &names, &l0, &source, &target)
-            .await?;
+        // Catch up while writes still flow, so the frozen window is short: again while rounds
+        // get markedly shorter (the target gains on the writers), within the lag bound.
+        let deadline = Instant::now() + self.config.lag_bound;
+        let mut previous = Duration::MAX;
+        for _round in 0..4 {
+            let round = Instant::now();
+            let l0 = current_lsn(&src).await?;
+            self.wait_confirmed(&src, &tgt, &names, &l0, &source, &target, deadline)
+                .await?;
+            let took = round.elapsed();
+            if took < Duration::from_millis(50) || took > previous / 2 {
+                break;
+            }
+            previous = took;
+        }
         let frozen_at = Instant::now();
         let res = async {
             if self.config.freeze_source {
                 self.freeze(&src, &source).await?;
             }
             let l = current_lsn(&src).await?;
-            self.wait_confirmed(&src, &tgt, &names, &l, &source, &target)
+            let deadline = Instant::now() + self.config.lag_bound;
+            self.wait_confirmed(&src, &tgt, &names, &l, &source, &target, deadline)
                 .await?;
             let frozen = frozen_at.elapsed();
             let sequences =
@@ -763,7 +775,9 @@ impl Replicated {
             drop_subscription(&tgt, &names.subscription).await?;
             drop_slot(&src, &names.slot).await?;
             drop_publication(&src, &names.publication).await?;
-            let reversed = self.config.after_cutover == AfterCutover::Reverse;
+            // On the first deploy there is no previous release to roll back to: nothing to
+            // keep current.
+            let reversed = self.config.after_cutover == AfterCutover::Reverse && ctx.live.is_some();
             if reversed {
                 let all_tables = is_superuser(&tgt).await?;
                 create_publication(&tgt, &names.rev_publication, all_tables).await?;
@@ -864,7 +878,8 @@ impl Replicated {
         Ok(())
     }
 
-    /// Waits until the slot has confirmed `lsn`, bounded by the lag bound.
+    /// Waits until the slot has confirmed `lsn`, until `deadline`.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_confirmed(
         &self,
         src: &Client,
@@ -873,9 +888,30 @@ impl Replicated {
         lsn: &str,
         source: &str,
         target: &str,
+        deadline: Instant,
     ) -> Result<()> {
-        let started = Instant::now();
+        // The walsender sends only WAL flushed on the source: flush it instead of waiting for the
+        // WAL writer.
+        flush_wal(src).await?;
         loop {
+            // Fast path: the apply worker has processed a keepalive at or past `lsn`. It handles
+            // messages one after another, so every change before it is applied (committed and
+            // visible); flushing the target's WAL then makes them durable. The slot's
+            // confirmed_flush_lsn says the same, but the worker reports it only about once a
+            // second.
+            let seen: Option<bool> = tgt
+                .query_opt(
+                    "SELECT latest_end_lsn >= $1::text::pg_lsn FROM pg_stat_subscription
+                     WHERE subname = $2 AND relid IS NULL",
+                    &[&lsn, &names.subscription],
+                )
+                .await
+                .map_err(|e| pg_error(BACKEND, "reading the subscription's progress", e))?
+                .and_then(|r| r.get(0));
+            if seen == Some(true) {
+                flush_wal(tgt).await?;
+                return Ok(());
+            }
             let row = src
                 .query_opt(
                     "SELECT confirmed_flush_lsn >= $1::text::pg_lsn, confirmed_flush_lsn::text,
@@ -900,7 +936,7 @@ impl Replicated {
             if done == Some(true) {
                 return Ok(());
             }
-            if started.elapsed() > self.config.lag_bound {
+            if Instant::now() > deadline {
                 let (apply_errors, _) = error_counts(tgt, &names.subscription).await?;
                 return Err(fail(
                     BACKEND,
@@ -917,7 +953,7 @@ impl Replicated {
                     ),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
@@ -934,10 +970,17 @@ const TABLES_FROM: &str = "FROM pg_class c JOIN pg_namespace n ON n.oid = c.reln
 /// frozen by a cutover).
 async fn connect_rw(cfg: &PgConfig) -> Result<Client> {
     let c = cfg.connect(BACKEND).await?;
-    c.batch_execute("SET default_transaction_read_only = off")
+    c.batch_execute("SET default_transaction_read_only = off; SET synchronous_commit = on")
         .await
         .map_err(|e| pg_error(BACKEND, "opening a session", e))?;
     Ok(c)
+}
+
+/// Flushes the server's WAL up to now: a transaction with an id, committed synchronously.
+async fn flush_wal(c: &Client) -> Result<()> {
+    c.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
+        .await
+        .map_err(|e| pg_error(BACKEND, "flushing the WAL", e))
 }
 
 async fn is_superuser(c: &Client) -> Result<bool> {
@@ -1047,6 +1090,25 @@ async fn drop_slot(c: &Client, name: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Drops the bluegreen replication slots of database `db` (left by an earlier deploy whose
+/// subscriber is gone or unknown): a database with slots cannot be dropped.
+async fn drop_slots_in(admin: &Client, db: &str) -> Result<()> {
+    let slots = admin
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots
+             WHERE database = $1 AND slot_name LIKE 'bg\\_%'",
+            &[&db],
+        )
+        .await
+        .map_err(|e| pg_error(BACKEND, "listing replication slots", e))?;
+    for r in slots {
+        let name: String = r.get(0);
+        tracing::warn!(slot = %name, db, "dropping a leftover replication slot");
+        drop_slot(admin, &name).await?;
+    }
+    Ok(())
 }
 
 async fn subscription_exists(c: &Client, name: &str) -> Result<bool> {
@@ -1200,6 +1262,7 @@ impl DatabaseStrategy for Replicated {
             .await?;
         self.drop_forward(&source, &target).await?;
         self.drop_reverse(&source, &target).await?;
+        drop_slots_in(&admin_t, &target).await?;
         drop_database(BACKEND, &admin_t, &target).await?;
         let res = tokio::time::timeout(
             self.config.sync_timeout + Duration::from_secs(60),
@@ -1335,6 +1398,7 @@ impl DatabaseStrategy for Replicated {
         let admin = connect_rw(&self.config.server.db("postgres")).await?;
         self.drop_subscriptions_in(&self.config.server, &old_db)
             .await?;
+        drop_slots_in(&admin, &old_db).await?;
         drop_database(BACKEND, &admin, &old_db).await?;
         Ok(DbStep::irreversible(format!(
             "dropped the previous live database {old_db}"

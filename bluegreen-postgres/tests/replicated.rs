@@ -151,6 +151,8 @@ struct Writer {
     /// Every committed write: (database, order id).
     committed: Mutex<Vec<(String, i64)>>,
     failed: AtomicU64,
+    /// Pause between writes, in milliseconds.
+    think_ms: AtomicU64,
 }
 
 impl Writer {
@@ -212,6 +214,10 @@ impl Writer {
                 Ok::<_, tokio_postgres::Error>(id)
             }
             .await;
+            let think = self.think_ms.load(Ordering::SeqCst);
+            if think > 0 {
+                tokio::time::sleep(Duration::from_millis(think)).await;
+            }
             match res {
                 Ok(id) => self.committed.lock().unwrap().push((db, id)),
                 Err(_) => {
@@ -247,20 +253,27 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
     let Some(cluster) = Cluster::start().await else {
         return;
     };
-    seeded(&cluster, "live").await;
-    let db = Replicated::new(config(&cluster, "live").with_after_cutover(AfterCutover::Reverse))
-        .unwrap();
-    let c = ctx(None, Slot::Blue);
+    seeded(&cluster, "live_green").await;
+    let db = Replicated::new(
+        config(&cluster, "live")
+            .with_after_cutover(AfterCutover::Reverse)
+            .with_drop_old_on_finalize(false),
+    )
+    .unwrap();
+    // A second deploy: green (`live_green`) is live, blue is the target.
+    let c = ctx(Some(Slot::Green), Slot::Blue);
     let target = db.database_of(Slot::Blue);
 
     let w = Arc::new(Writer::default());
-    *w.db.lock().unwrap() = "live".into();
-    let task = tokio::spawn(w.clone().run(cluster.config("live")));
+    *w.db.lock().unwrap() = "live_green".into();
+    let task = tokio::spawn(w.clone().run(cluster.config("live_green")));
     // A client that ignores the pause and keeps writing to the old side: the freeze makes its
     // late writes fail instead of being lost.
     let rogue = Arc::new(Writer::default());
-    *rogue.db.lock().unwrap() = "live".into();
-    let rogue_task = tokio::spawn(rogue.clone().run(cluster.config("live")));
+    // A stray client, not a flood: one write every few milliseconds.
+    rogue.think_ms.store(3, Ordering::SeqCst);
+    *rogue.db.lock().unwrap() = "live_green".into();
+    let rogue_task = tokio::spawn(rogue.clone().run(cluster.config("live_green")));
     wait_commits(&w, 20).await;
     wait_commits(&rogue, 20).await;
 
@@ -310,7 +323,7 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
     );
 
     let mut committed = w.committed.lock().unwrap().clone();
-    let on_old = committed.iter().filter(|(d, _)| d == "live").count();
+    let on_old = committed.iter().filter(|(d, _)| d == "live_green").count();
     let on_new = committed.iter().filter(|(d, _)| *d == target).count();
     println!(
         "writer: {} committed ({on_old} on the old side, {on_new} on the new side), {} failed",
@@ -344,7 +357,7 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
 
     // Reversed: the old side follows the new one (for a rollback after the switch) and is
     // read-only for anyone else.
-    let old = cluster.client("live").await.unwrap();
+    let old = cluster.client("live_green").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while ids(&old).await != present && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -366,7 +379,7 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(one_i64(&old, "SELECT count(*) FROM orders").await, before);
     assert_eq!(
-        leftovers(&cluster, &["live", &target]).await,
+        leftovers(&cluster, &["live_green", &target]).await,
         Vec::<String>::new()
     );
 }
@@ -545,14 +558,14 @@ async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back
     let (Some(a), Some(b)) = (a, b) else {
         return;
     };
-    let src = seeded(&a, "shop").await;
+    let src = seeded(&a, "shop_green").await;
     let db = Replicated::new(
         config(&a, "shop")
             .with_target_server(b.config("postgres"))
             .with_after_cutover(AfterCutover::Reverse),
     )
     .unwrap();
-    let c = ctx(None, Slot::Blue);
+    let c = ctx(Some(Slot::Green), Slot::Blue);
     let (binding, _) = db.prepare(&c).await.unwrap();
     assert_eq!(binding.env["PGPORT"], b.port.to_string());
     assert_eq!(binding.secret_env["PGPASSWORD"].expose(), b.password);
@@ -563,7 +576,7 @@ async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back
     db.before_switch(&c).await.unwrap();
     db.after_switch(&c).await.unwrap();
     let new = b.client("shop_blue").await.unwrap();
-    let old_ids = ids(&a.client("shop").await.unwrap()).await;
+    let old_ids = ids(&a.client("shop_green").await.unwrap()).await;
     assert_eq!(ids(&new).await, old_ids, "the target missed a write");
     // Traffic on the new side, then a rollback straight away.
     for i in 0..50i64 {
@@ -576,7 +589,7 @@ async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back
     drop(new);
     db.rollback(&c).await.unwrap();
     // The old side has every write made on the new side, and takes writes again.
-    let old = a.client("shop").await.unwrap();
+    let old = a.client("shop_green").await.unwrap();
     assert_eq!(
         ids(&old).await,
         on_new,
@@ -596,6 +609,6 @@ async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back
         .await,
         1
     );
-    assert_eq!(leftovers(&a, &["shop"]).await, Vec::<String>::new());
+    assert_eq!(leftovers(&a, &["shop_green"]).await, Vec::<String>::new());
     assert_eq!(leftovers(&b, &[]).await, Vec::<String>::new());
 }

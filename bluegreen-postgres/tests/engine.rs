@@ -1,0 +1,134 @@
+//! Replicated driven by the real engine (`Deployer`), with core's fake environment and switch and a
+//! real PostgreSQL cluster: the engine pauses the switch around the cutover.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bluegreen_core::testkit::Fakes;
+use bluegreen_core::{Deployer, KeepOld, Policy, Release, RetryConfig, RunOutcome, Slot};
+use bluegreen_postgres::{Replicated, ReplicatedConfig};
+use common::{facts, one_i64, Cluster, BIN, SEED};
+
+fn policy() -> Policy {
+    Policy::default()
+        .with_poll(Duration::from_millis(1), Duration::from_millis(5))
+        .with_readiness_timeout(Duration::from_millis(500))
+        .with_observation(Duration::ZERO, Duration::from_millis(5))
+        .with_verify_timeout(Duration::from_millis(500))
+        .with_drain_timeout(Duration::from_millis(100))
+        .with_retry(RetryConfig {
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+        })
+        .with_pause_during_cutover(true)
+        .with_keep_old(KeepOld::Stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_deploys_twice_and_rolls_back_with_replicated() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    cluster.create_db("app").await;
+    let base = cluster.client("app").await.unwrap();
+    base.batch_execute(SEED).await.unwrap();
+    let db = Replicated::new(
+        ReplicatedConfig::new(cluster.config("app"))
+            .with_bin_dir(BIN)
+            .with_sync_timeout(Duration::from_secs(120)),
+    )
+    .unwrap();
+    let fakes = Fakes::new();
+    let deployer = Deployer::builder()
+        .environment(Arc::new(fakes.environment()))
+        .switch(Arc::new(fakes.switch()))
+        .store(Arc::new(fakes.store()))
+        .health_check(Arc::new(fakes.health_check()))
+        .database(Arc::new(db))
+        .policy(policy())
+        .build()
+        .unwrap();
+
+    // v1: the base database replicated into blue's, cut over while the switch is paused.
+    let r = deployer
+        .deploy(Release::new("v1", "app").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, RunOutcome::Live, "{r:?}");
+    assert_eq!(fakes.live(), Some(Slot::Blue));
+    assert!(
+        !fakes.is_paused(),
+        "the engine must resume after the switch"
+    );
+    let calls = fakes.calls();
+    let pause = calls.iter().position(|c| c.contains("pause"));
+    let resume = calls.iter().position(|c| c.contains("resume"));
+    assert!(
+        matches!((pause, resume), (Some(p), Some(q)) if p < q),
+        "{calls:?}"
+    );
+    let blue = cluster.client("app_blue").await.unwrap();
+    // The cutover ended the base database's sessions (and left it read-only).
+    let base = cluster.client("app").await.unwrap();
+    assert_eq!(facts(&blue).await, facts(&base).await);
+    assert!(base
+        .execute("INSERT INTO orders (account, amount) VALUES (1, 1)", &[])
+        .await
+        .is_err());
+
+    // Live traffic writes to blue; v2 replicates blue into green and keeps every row.
+    for i in 0..25i64 {
+        blue.execute("INSERT INTO orders (account, amount) VALUES (1, $1)", &[&i])
+            .await
+            .unwrap();
+    }
+    let expected = facts(&blue).await;
+    drop(blue);
+    let r = deployer
+        .deploy(Release::new("v2", "app").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, RunOutcome::Live, "{r:?}");
+    assert_eq!(fakes.live(), Some(Slot::Green));
+    let green = cluster.client("app_green").await.unwrap();
+    assert_eq!(facts(&green).await, expected);
+    // KeepOld::Stop: finalize dropped the old database and the reverse replication.
+    let admin = cluster.client("postgres").await.unwrap();
+    assert_eq!(
+        one_i64(
+            &admin,
+            "SELECT count(*) FROM pg_database WHERE datname = 'app_blue'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        one_i64(&admin, "SELECT count(*) FROM pg_replication_slots").await,
+        0
+    );
+
+    // v3 never gets healthy: rolled back before the switch; green keeps serving and writing.
+    fakes.set_unhealthy_version("v3");
+    let r = deployer.deploy(Release::new("v3", "app").unwrap()).await;
+    println!("v3: {r:?}");
+    assert_eq!(fakes.live(), Some(Slot::Green));
+    assert_eq!(
+        one_i64(
+            &admin,
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'app\\_blue%'"
+        )
+        .await,
+        0,
+        "the failed target must be dropped"
+    );
+    assert_eq!(
+        one_i64(&admin, "SELECT count(*) FROM pg_replication_slots").await,
+        0
+    );
+    green
+        .execute("INSERT INTO orders (account, amount) VALUES (1, 1)", &[])
+        .await
+        .unwrap();
+}
