@@ -345,7 +345,14 @@ impl DockerEnvironment {
                 "environment values and arguments must not contain NUL",
             ));
         }
-        if let Some(k) = release.labels.keys().find(|k| k.starts_with("bluegreen.")) {
+        if let Some(id) = release.labels.get(LABEL_DEPLOYMENT) {
+            bluegreen_core::Name::new(id.clone())?;
+        }
+        if let Some(k) = release
+            .labels
+            .keys()
+            .find(|k| k.starts_with("bluegreen.") && k.as_str() != LABEL_DEPLOYMENT)
+        {
             return Err(Error::invalid(
                 "release label",
                 k.as_str(),
@@ -726,11 +733,18 @@ impl DockerEnvironment {
             self.remove_container(&name).await?;
         }
 
-        let deployment = format!(
-            "{}-{}",
-            now_ms(),
-            self.inner.seq.fetch_add(1, Ordering::Relaxed)
-        );
+        // The caller's deployment id (e.g. the engine's) when it gives one, else a unique id.
+        let deployment = release
+            .labels
+            .get(LABEL_DEPLOYMENT)
+            .cloned()
+            .unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    now_ms(),
+                    self.inner.seq.fetch_add(1, Ordering::Relaxed)
+                )
+            });
         let body = self.create_body(slot, release, &env, &deployment);
         let opts = CreateContainerOptionsBuilder::default().name(&name).build();
         let created = self

@@ -172,10 +172,23 @@ async fn deploy_runs_the_release_with_labels_env_network_and_limits() {
         id,
         "a redeploy of the same release replaced the container"
     );
-    env.deploy(Slot::Blue, &rel.clone().with_env("APP_MODE", "other"))
-        .await
-        .unwrap();
+    // A caller-given deployment id is used as the label; other `bluegreen.` labels are refused.
+    let spoof = rel.clone().with_label(LABEL_PROJECT, "someone-else");
+    let err = env.deploy(Slot::Blue, &spoof).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    env.deploy(
+        Slot::Blue,
+        &rel.clone()
+            .with_env("APP_MODE", "other")
+            .with_label(LABEL_DEPLOYMENT, "deploy-7"),
+    )
+    .await
+    .unwrap();
     let replaced = env.client().inspect_container(&name, None).await.unwrap();
+    assert_eq!(
+        replaced.config.as_ref().unwrap().labels.as_ref().unwrap()[LABEL_DEPLOYMENT],
+        "deploy-7"
+    );
     assert_ne!(
         replaced.id.unwrap(),
         id,
