@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{parse_args, target, Options, Result};
+
 use bluegreen_core::{Endpoint, Endpoints, Name, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
 use bluegreen_haproxy::{AdminState, Command, HaproxyConfig, HaproxySwitch, RuntimeClient};
@@ -28,42 +31,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
 const HAPROXY: &str = "/usr/sbin/haproxy";
-
-#[derive(Debug, Clone, Copy)]
-struct Options {
-    clients: usize,
-    switches: usize,
-    pause: Duration,
-}
-
-fn parse_args() -> Result<Options> {
-    let mut o = Options {
-        clients: 16,
-        switches: 50,
-        pause: Duration::from_millis(150),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| -> Result<u64> {
-            let v = args.next().ok_or(format!("{name} needs a value"))?;
-            Ok(v.parse::<u64>().map_err(|e| format!("{name} {v}: {e}"))?)
-        };
-        match a.as_str() {
-            "--clients" => o.clients = value("--clients")?.max(1) as usize,
-            "--switches" => o.switches = value("--switches")?.max(1) as usize,
-            "--pause-ms" => o.pause = Duration::from_millis(value("--pause-ms")?),
-            "-h" | "--help" => {
-                println!("usage: haproxy_switch [--clients N] [--switches K] [--pause-ms MS]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other}").into()),
-        }
-    }
-    Ok(o)
-}
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -242,14 +210,6 @@ impl Outcome {
     }
 }
 
-fn target(i: usize) -> Slot {
-    if i.is_multiple_of(2) {
-        Slot::Green
-    } else {
-        Slot::Blue
-    }
-}
-
 async fn ours(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
     let h = Haproxy::start(dir)?;
     let switch = HaproxySwitch::new(h.config.clone())?;
@@ -333,7 +293,7 @@ fn scratch(name: &str) -> Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let o = parse_args()?;
+    let o = parse_args("haproxy_switch")?;
     if !Path::new(HAPROXY).exists() {
         return Err(format!("{HAPROXY} is not installed (Debian package haproxy)").into());
     }

@@ -18,46 +18,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{parse_args, target, Options, Result};
+
 use bluegreen_core::{Endpoint, Endpoints, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
 use bluegreen_nginx::loadgen::{Load, LoadStats};
 use bluegreen_nginx::standalone::{self, NginxProcess, StandaloneConfig};
 use bluegreen_nginx::{DynamicConfig, DynamicSwitch, ReloadConfig, ReloadSwitch, VerifyProbe};
-
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-#[derive(Debug, Clone, Copy)]
-struct Options {
-    clients: usize,
-    switches: usize,
-    pause: Duration,
-}
-
-fn parse_args() -> Result<Options> {
-    let mut o = Options {
-        clients: 16,
-        switches: 50,
-        pause: Duration::from_millis(150),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| -> Result<u64> {
-            let v = args.next().ok_or(format!("{name} needs a value"))?;
-            Ok(v.parse::<u64>().map_err(|e| format!("{name} {v}: {e}"))?)
-        };
-        match a.as_str() {
-            "--clients" => o.clients = value("--clients")?.max(1) as usize,
-            "--switches" => o.switches = value("--switches")?.max(1) as usize,
-            "--pause-ms" => o.pause = Duration::from_millis(value("--pause-ms")?),
-            "-h" | "--help" => {
-                println!("usage: nginx_switch [--clients N] [--switches K] [--pause-ms MS]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other}").into()),
-        }
-    }
-    Ok(o)
-}
 
 /// One scenario's figures.
 struct Outcome {
@@ -94,14 +62,6 @@ impl Outcome {
 
 fn free_addr() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn target(i: usize) -> Slot {
-    if i.is_multiple_of(2) {
-        Slot::Green
-    } else {
-        Slot::Blue
-    }
 }
 
 async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
@@ -232,7 +192,7 @@ async fn runbook(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let o = parse_args()?;
+    let o = parse_args("nginx_switch")?;
     if !standalone::lua_available() {
         return Err("this benchmark needs nginx and libnginx-mod-http-lua".into());
     }
