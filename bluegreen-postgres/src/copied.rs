@@ -480,7 +480,10 @@ impl DatabaseStrategy for Copied {
             "{MARK_DONE} from {source} for release {}",
             ctx.release.version
         );
-        if database_comment(BACKEND, &admin, &target).await?.as_deref() == Some(mark.as_str()) {
+        let comment = database_comment(BACKEND, &admin, &target).await?;
+        let switched = format!("{MARK_SWITCHED}{}", &mark[MARK_DONE.len()..]);
+        if comment.as_deref() == Some(mark.as_str()) || comment.as_deref() == Some(&switched) {
+            // Already copied (a switched copy may hold writes: never copy over it).
             return Ok((
                 self.binding_for(&target),
                 DbStep::reversible(format!("{target} already copied from {source}")),

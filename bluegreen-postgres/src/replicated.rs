@@ -1241,11 +1241,17 @@ impl DatabaseStrategy for Replicated {
             "{MARK_READY} from {source} for release {}",
             ctx.release.version
         );
-        if database_comment(BACKEND, &admin_t, &target)
-            .await?
-            .as_deref()
-            == Some(mark.as_str())
-        {
+        let comment = database_comment(BACKEND, &admin_t, &target).await?;
+        let switched = format!("{MARK_SWITCHED}{}", &mark[MARK_READY.len()..]);
+        if comment.as_deref() == Some(switched.as_str()) {
+            // Called again after this very cutover (e.g. a resumed run): the database may
+            // already hold writes; never recreate it.
+            return Ok((
+                self.binding_for(&target),
+                DbStep::reversible(format!("{target} already cut over from {source}")),
+            ));
+        }
+        if comment.as_deref() == Some(mark.as_str()) {
             let tgt = connect_rw(&self.target_server().db(&target)).await?;
             if subscription_exists(&tgt, &names.subscription).await? {
                 return Ok((

@@ -141,6 +141,17 @@ async fn copied_passes_the_database_suite() {
 
     // finalize drops the previous live database (irreversible), never the base one.
     db.before_switch(&ctx).await.unwrap();
+    // After the switch the copy may take writes: a repeated prepare never copies over it.
+    let green = cluster.client("app_green").await.unwrap();
+    let before = facts(&green).await.0;
+    green
+        .execute("INSERT INTO orders (account, amount) VALUES (1, 2)", &[])
+        .await
+        .unwrap();
+    let (_, again) = db.prepare(&ctx).await.unwrap();
+    assert!(again.summary.contains("already copied"), "{again:?}");
+    assert_eq!(facts(&green).await.0, before + 1);
+    drop(green);
     db.after_switch(&ctx).await.unwrap();
     let step = db.finalize(&ctx).await.unwrap();
     assert!(!step.is_reversible(), "{step:?}");

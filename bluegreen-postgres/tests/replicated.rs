@@ -451,6 +451,13 @@ async fn lag_that_never_converges_fails_the_cutover_and_leaves_live_writable() {
     let live_ids = ids(&cluster.client("lag").await.unwrap()).await;
     let tgt = cluster.client("lag_green").await.unwrap();
     assert_eq!(ids(&tgt).await, live_ids);
+    // A repeated prepare after the cutover (a resumed run) never recreates the database.
+    tgt.execute("INSERT INTO orders (account, amount) VALUES (4, 45)", &[])
+        .await
+        .unwrap();
+    let (_, again) = db.prepare(&c).await.unwrap();
+    assert!(again.summary.contains("already cut over"), "{again:?}");
+    assert_eq!(ids(&tgt).await.len(), live_ids.len() + 1);
     // Dropped, not reversed: nothing left on the cluster.
     assert_eq!(
         leftovers(&cluster, &["lag", "lag_green"]).await,
