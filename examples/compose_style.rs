@@ -25,7 +25,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen::docker::{DockerConfig, DockerEnvironment};
 use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
 use bluegreen::health::HttpCheck;
 use bluegreen::postgres::{Migration, Shared, SharedConfig};
@@ -71,13 +70,8 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
     };
     let dir = tempfile::tempdir()?;
     let project = format!("compose-style-{}", std::process::id());
-    let env = match DockerEnvironment::connect(
-        DockerConfig::new(&project)?.with_stop_timeout(Duration::from_secs(5)),
-    )
-    .await
-    {
-        Ok(env) => env,
-        Err(e) => return missing(&format!("the Docker Engine ({e})")),
+    let Some(env) = common::docker_env(&project).await? else {
+        return Ok(());
     };
     let config = HaproxyConfig::unix(dir.path().join("admin.sock"))
         .with_health_check("/health", Duration::from_millis(200))

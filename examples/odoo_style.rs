@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bluegreen::docker::{DockerConfig, DockerEnvironment};
 use bluegreen::health::HttpCheck;
 use bluegreen::hooks::ExecHook;
 use bluegreen::nginx::standalone::{
@@ -96,13 +95,8 @@ async fn odoo_style() -> Result<(), Box<dyn std::error::Error>> {
     }
     let dir = tempfile::tempdir()?;
     let project = format!("odoo-style-{}", std::process::id());
-    let env = match DockerEnvironment::connect(
-        DockerConfig::new(&project)?.with_stop_timeout(Duration::from_secs(5)),
-    )
-    .await
-    {
-        Ok(env) => env,
-        Err(e) => return missing(&format!("the Docker Engine ({e})")),
+    let Some(env) = common::docker_env(&project).await? else {
+        return Ok(());
     };
 
     // nginx in Dynamic mode: the Lua balancer reads the split from shared memory, no reload.
@@ -257,17 +251,7 @@ async fn odoo_style() -> Result<(), Box<dyn std::error::Error>> {
         if st.state.live_release().map(|r| r.version.as_str()) != Some("v1") {
             return Err("v1 should be live".into());
         }
-        println!("\nhistory:");
-        for h in deployer.history().await? {
-            println!(
-                "   #{} {:<8} {:<3} → {:<5} {:?}",
-                h.id,
-                h.kind.as_str(),
-                h.version,
-                h.slot,
-                h.outcome
-            );
-        }
+        common::print_history(&deployer).await?;
         deployer.reset().await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     }

@@ -111,17 +111,7 @@ async fn quickstart() -> Result<(), Box<dyn std::error::Error>> {
                 s.version.as_ref().map(|v| v.as_str()).unwrap_or("")
             );
         }
-        println!("\nhistory:");
-        for h in deployer.history().await? {
-            println!(
-                "   #{} {:<8} {:<3} → {:<5} {:?}",
-                h.id,
-                h.kind.as_str(),
-                h.version,
-                h.slot,
-                h.outcome
-            );
-        }
+        common::print_history(&deployer).await?;
         if failed > 0 {
             return Err(format!("{failed} requests failed during the deployments").into());
         }

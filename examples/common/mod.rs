@@ -279,3 +279,36 @@ pub(crate) async fn demo_image(
         .await?;
     Ok(tag.to_string())
 }
+
+/// Prints the finished deployments.
+pub(crate) async fn print_history(deployer: &bluegreen::Deployer) -> bluegreen::Result<()> {
+    println!("\nhistory:");
+    for h in deployer.history().await? {
+        println!(
+            "   #{} {:<8} {:<3} → {:<5} {:?}",
+            h.id,
+            h.kind.as_str(),
+            h.version,
+            h.slot,
+            h.outcome
+        );
+    }
+    Ok(())
+}
+
+/// The Docker environment for `project` (5 s stop bound); `None` after [`missing`] when the
+/// engine cannot be reached outside CI.
+#[cfg(feature = "docker")]
+pub(crate) async fn docker_env(
+    project: &str,
+) -> Result<Option<bluegreen::docker::DockerEnvironment>, Box<dyn std::error::Error>> {
+    use bluegreen::docker::{DockerConfig, DockerEnvironment};
+    match DockerEnvironment::connect(
+        DockerConfig::new(project)?.with_stop_timeout(Duration::from_secs(5)),
+    )
+    .await
+    {
+        Ok(env) => Ok(Some(env)),
+        Err(e) => missing(&format!("the Docker Engine ({e})")).map(|()| None),
+    }
+}
