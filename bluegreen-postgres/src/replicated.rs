@@ -318,7 +318,7 @@ impl Replicated {
 
     /// Checks, before anything is created, that `source` can be replicated by these settings.
     async fn preflight(&self, src: &Client, admin_t: &Client, source: &str) -> Result<bool> {
-        let op = "checking the source for logical replication";
+        let op = "checking the servers for logical replication";
         let wal_level: String = src
             .query_one("SELECT current_setting('wal_level')", &[])
             .await

@@ -524,11 +524,29 @@ async fn refuses_tables_without_replica_identity_and_missing_privileges_creating
     assert!(!err.contains("deployer-secret"), "{err}");
     assert!(!format!("{weak:?}").contains("deployer-secret"));
     assert!(!db_exists(&admin, "nopk_blue").await);
-
-    // The remedy the error names works.
+    // A target user who is not a superuser cannot create the subscription.
+    let weak_target = Replicated::new(
+        config(&cluster, "nopk").with_target_server(
+            PgConfig::new("127.0.0.1", cluster.port, "postgres")
+                .with_user("deployer")
+                .with_password("deployer-secret"),
+        ),
+    )
+    .unwrap();
     src.batch_execute("ALTER TABLE logs REPLICA IDENTITY FULL")
         .await
         .unwrap();
+    let err = weak_target.prepare(&c).await.unwrap_err().to_string();
+    println!("{err}");
+    assert!(
+        err.contains("not a superuser") && err.contains("CREATE SUBSCRIPTION"),
+        "{err}"
+    );
+    assert!(!err.contains("deployer-secret"), "{err}");
+    assert!(!db_exists(&admin, "nopk_blue").await);
+    assert_eq!(leftovers(&cluster, &["nopk"]).await, Vec::<String>::new());
+
+    // The remedy the first error named (REPLICA IDENTITY FULL, above) works.
     db.prepare(&c).await.unwrap();
     let tgt = cluster.client("nopk_blue").await.unwrap();
     assert_eq!(one_i64(&tgt, "SELECT count(*) FROM logs").await, 1);

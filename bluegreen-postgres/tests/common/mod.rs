@@ -86,7 +86,14 @@ impl Cluster {
     /// Like [`Cluster::start`], with extra `name=value` settings (they override the defaults).
     pub async fn start_with(settings: &[&str]) -> Option<Cluster> {
         let bin = Path::new(BIN);
-        for b in ["initdb", "postgres", "pg_ctl", "pg_dump", "psql"] {
+        for b in [
+            "initdb",
+            "postgres",
+            "pg_ctl",
+            "pg_dump",
+            "pg_restore",
+            "psql",
+        ] {
             if !bin.join(b).exists() {
                 return skip_or_panic(&format!("{} is missing", bin.join(b).display()));
             }
