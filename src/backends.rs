@@ -174,10 +174,39 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
             }
             Ok(Some(Arc::new(Copied::new(c)?)))
         }
-        #[cfg(not(feature = "postgres"))]
-        DatabaseCfg::Shared { .. } | DatabaseCfg::Copied { .. } => {
-            Err(not_built("database kind \"shared\"/\"copied\"", "postgres"))
+        #[cfg(feature = "postgres")]
+        DatabaseCfg::Replicated {
+            connection,
+            lag_bound,
+            after_cutover,
+        } => {
+            use crate::pipeline::AfterCutoverCfg;
+            use bluegreen::postgres::{AfterCutover, Replicated, ReplicatedConfig};
+            let mut c = ReplicatedConfig::new(pg(connection, "database")?).with_after_cutover(
+                match after_cutover {
+                    AfterCutoverCfg::Reverse => AfterCutover::Reverse,
+                    AfterCutoverCfg::Drop => AfterCutover::Drop,
+                },
+            );
+            if let Some(secs) = lag_bound {
+                if !(secs.is_finite() && *secs > 0.0) {
+                    return Err(Error::invalid(
+                        "pipeline file",
+                        "database.lag_bound",
+                        "must be a positive number of seconds",
+                    ));
+                }
+                c = c.with_lag_bound(std::time::Duration::from_secs_f64(*secs));
+            }
+            Ok(Some(Arc::new(Replicated::new(c)?)))
         }
+        #[cfg(not(feature = "postgres"))]
+        DatabaseCfg::Shared { .. }
+        | DatabaseCfg::Copied { .. }
+        | DatabaseCfg::Replicated { .. } => Err(not_built(
+            "database kind \"shared\"/\"copied\"/\"replicated\"",
+            "postgres",
+        )),
     }
 }
 
@@ -187,7 +216,9 @@ pub(crate) async fn check_database(p: &Pipeline) -> bluegreen::Result<Option<Str
     match &p.database {
         DatabaseCfg::None => Ok(None),
         #[cfg(feature = "postgres")]
-        DatabaseCfg::Shared { connection, .. } | DatabaseCfg::Copied { connection, .. } => {
+        DatabaseCfg::Shared { connection, .. }
+        | DatabaseCfg::Copied { connection, .. }
+        | DatabaseCfg::Replicated { connection, .. } => {
             let cfg = pg(connection, "database")?;
             let client = cfg.connect("validate").await?;
             let row = client
@@ -201,9 +232,12 @@ pub(crate) async fn check_database(p: &Pipeline) -> bluegreen::Result<Option<Str
             )))
         }
         #[cfg(not(feature = "postgres"))]
-        DatabaseCfg::Shared { .. } | DatabaseCfg::Copied { .. } => {
-            Err(not_built("database kind \"shared\"/\"copied\"", "postgres"))
-        }
+        DatabaseCfg::Shared { .. }
+        | DatabaseCfg::Copied { .. }
+        | DatabaseCfg::Replicated { .. } => Err(not_built(
+            "database kind \"shared\"/\"copied\"/\"replicated\"",
+            "postgres",
+        )),
     }
 }
 

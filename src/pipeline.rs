@@ -234,6 +234,24 @@ pub(crate) enum DatabaseCfg {
         #[serde(default)]
         template: bool,
     },
+    /// The target slot's database kept current by logical replication; zero-loss cutover.
+    Replicated {
+        connection: PgCfg,
+        /// Seconds the replication may take to catch up at the cutover.
+        #[serde(default)]
+        lag_bound: Option<f64>,
+        /// Keep the old database current after the switch (`reverse`, default) or stop (`drop`).
+        #[serde(default)]
+        after_cutover: AfterCutoverCfg,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AfterCutoverCfg {
+    #[default]
+    Reverse,
+    Drop,
 }
 
 /// A PostgreSQL connection. The password comes from an environment variable, never the file.

@@ -334,3 +334,195 @@ fn the_cli_deploys_docker_containers_behind_haproxy() {
     });
     assert!(left.is_empty(), "reset left containers: {left:?}");
 }
+
+/// A throw-away PostgreSQL cluster (trust auth on loopback), stopped on drop.
+struct Pg {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl Pg {
+    fn start() -> Option<Pg> {
+        if !require(
+            Path::new(PG_BIN).join("initdb").exists(),
+            "the PostgreSQL 15 server binaries",
+        ) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let owner = |p: &Path| {
+            let ok = Command::new("chown")
+                .arg("postgres")
+                .arg(p)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown postgres {}", p.display());
+        };
+        owner(dir.path());
+        let data = dir.path().join("data");
+        let as_postgres = |program: &str| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(Path::new(PG_BIN).join(program));
+            c
+        };
+        let out = as_postgres("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {out:?}");
+        let port = free_port();
+        let out = as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("log"))
+            .arg("-w")
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c wal_level=logical",
+                dir.path().display()
+            ))
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start: {out:?}");
+        Some(Pg { dir, port })
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(Path::new(PG_BIN).join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-tAX",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db)
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {sql}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(Path::new(PG_BIN).join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[test]
+fn the_cli_copies_the_database_per_slot_and_keeps_its_state_in_postgres() {
+    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
+        return;
+    }
+    let Some(pg) = Pg::start() else { return };
+    pg.psql("postgres", "CREATE DATABASE shop");
+    pg.psql(
+        "shop",
+        "CREATE TABLE items AS SELECT generate_series(1, 100) AS id",
+    );
+    pg.psql("postgres", "CREATE DATABASE deploys");
+    let dir = tempfile::tempdir().unwrap();
+    let (_haproxy, sock, port) = start_haproxy(dir.path());
+    let connection = |db: &str| {
+        format!(
+            "host = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"",
+            pg.port
+        )
+    };
+    let file = pipeline(
+        dir.path(),
+        &format!(
+            "[switch]\nkind = \"haproxy\"\nruntime = \"{}\"\npublic = \"127.0.0.1:{port}\"\n\n\
+             [database]\nkind = \"copied\"\n[database.connection]\n{}\n\n\
+             [state]\nkind = \"postgres\"\n[state.connection]\n{}",
+            sock.display(),
+            connection("shop"),
+            connection("deploys"),
+        ),
+    );
+    let v = ok(&file, &["validate"]);
+    assert!(v.contains("PostgreSQL 15"), "{v}");
+    ok(&file, &["deploy", "v1"]);
+    ok(&file, &["deploy", "v2"]);
+    for db in ["shop_blue", "shop_green"] {
+        assert_eq!(pg.psql(db, "SELECT count(*) FROM items"), "100", "{db}");
+    }
+    // The state lives in the deploys database, not in a file.
+    assert!(!dir.path().join(".bluegreen/state").exists());
+    let st = status_json(&file);
+    assert_eq!(st["active"], "green", "{st}");
+    let rows = pg.psql("deploys", "SELECT count(*) FROM bluegreen_state");
+    assert_eq!(rows, "1");
+    ok(&file, &["rollback"]);
+    assert_eq!(version_at(port).as_deref(), Some("v1"));
+    ok(&file, &["reset"]);
+}
+
+#[test]
+fn a_shared_database_pipeline_refuses_a_breaking_expand_migration_by_name() {
+    let Some(pg) = Pg::start() else { return };
+    pg.psql("postgres", "CREATE DATABASE shop");
+    let dir = tempfile::tempdir().unwrap();
+    let migrations = dir.path().join("migrations");
+    std::fs::create_dir_all(&migrations).unwrap();
+    std::fs::write(
+        migrations.join("001_orders.expand.sql"),
+        "CREATE TABLE orders (id int, code text);",
+    )
+    .unwrap();
+    std::fs::write(
+        migrations.join("002_cleanup.expand.sql"),
+        "ALTER TABLE orders DROP COLUMN code;",
+    )
+    .unwrap();
+    let file = pipeline(
+        dir.path(),
+        &format!(
+            "[switch]\nkind = \"haproxy\"\nruntime = \"/nonexistent/admin.sock\"\n\n\
+             [database]\nkind = \"shared\"\nmigrations = \"migrations\"\n\
+             [database.connection]\nport = {}\ndbname = \"shop\"",
+            pg.port
+        ),
+    );
+    let out = run(&file, &["deploy", "v1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("ALTER TABLE orders DROP COLUMN code"), "{err}");
+    // Nothing ran: not even the first, compatible migration.
+    assert_eq!(
+        pg.psql(
+            "shop",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'"
+        ),
+        "0"
+    );
+}
