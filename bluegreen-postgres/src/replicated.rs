@@ -1268,6 +1268,11 @@ impl DatabaseStrategy for Replicated {
             .await?;
         self.drop_forward(&source, &target).await?;
         self.drop_reverse(&source, &target).await?;
+        // The source was the target of the previous deploy: its reverse publication and slot
+        // (keyed by its own name) are stale now that their subscriber is being replaced.
+        let stale = Names::for_target(&source);
+        drop_publication(&src, &stale.rev_publication).await?;
+        drop_slot(&src, &stale.rev_slot).await?;
         drop_slots_in(&admin_t, &target).await?;
         drop_database(BACKEND, &admin_t, &target).await?;
         let res = tokio::time::timeout(

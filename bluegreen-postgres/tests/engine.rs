@@ -132,3 +132,95 @@ async fn the_engine_deploys_twice_and_rolls_back_with_replicated() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_warm_old_slot_each_deploy_replaces_the_previous_reverse_replication() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    cluster.create_db("app").await;
+    cluster
+        .client("app")
+        .await
+        .unwrap()
+        .batch_execute(SEED)
+        .await
+        .unwrap();
+    let db = Replicated::new(
+        ReplicatedConfig::new(cluster.config("app"))
+            .with_bin_dir(BIN)
+            .with_sync_timeout(Duration::from_secs(120)),
+    )
+    .unwrap();
+    let fakes = Fakes::new();
+    let deployer = Deployer::builder()
+        .environment(Arc::new(fakes.environment()))
+        .switch(Arc::new(fakes.switch()))
+        .store(Arc::new(fakes.store()))
+        .health_check(Arc::new(fakes.health_check()))
+        .database(Arc::new(db))
+        .policy(policy().with_keep_old(KeepOld::Warm))
+        .build()
+        .unwrap();
+    let admin = cluster.client("postgres").await.unwrap();
+    for (v, live, old) in [
+        ("v1", "app_blue", None),
+        ("v2", "app_green", Some("app_blue")),
+        ("v3", "app_blue", Some("app_green")),
+    ] {
+        let r = deployer
+            .deploy(Release::new(v, "app").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, RunOutcome::Live, "{v}: {r:?}");
+        // Exactly the reverse replication of this deploy: one slot in the live database.
+        let slots: Vec<String> = admin
+            .query(
+                "SELECT slot_name || '@' || database FROM pg_replication_slots",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        match old {
+            None => assert!(slots.is_empty(), "{v}: {slots:?}"),
+            Some(_) => assert_eq!(slots, vec![format!("bg_rslot_{live}@{live}")], "{v}"),
+        }
+        let live_c = cluster.client(live).await.unwrap();
+        let pubs: Vec<String> = live_c
+            .query("SELECT pubname::text FROM pg_publication", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        match old {
+            None => assert!(pubs.is_empty(), "{v}: {pubs:?}"),
+            Some(_) => assert_eq!(pubs, vec![format!("bg_rpub_{live}")], "{v}"),
+        }
+        // The warm old database follows the live one.
+        live_c
+            .execute("INSERT INTO orders (account, amount) VALUES (1, 1)", &[])
+            .await
+            .unwrap();
+        if let Some(old) = old {
+            let want = one_i64(&live_c, "SELECT count(*) FROM orders").await;
+            let old_c = cluster.client(old).await.unwrap();
+            // No publication left in the old database from when it was live.
+            assert_eq!(
+                one_i64(&old_c, "SELECT count(*) FROM pg_publication").await,
+                0,
+                "{v}"
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while one_i64(&old_c, "SELECT count(*) FROM orders").await != want
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(one_i64(&old_c, "SELECT count(*) FROM orders").await, want);
+        }
+    }
+}
