@@ -64,6 +64,7 @@ header = "x-bluegreen-version"
 
 [policy]
 drain_timeout = 2
+observation = {{ window = 1, interval = 250 }}
 "#
     );
     let file = dir.join("bluegreen.toml");
@@ -525,4 +526,61 @@ fn a_shared_database_pipeline_refuses_a_breaking_expand_migration_by_name() {
         ),
         "0"
     );
+}
+
+#[test]
+fn the_cli_writes_the_traefik_file_provider_configuration() {
+    // No Traefik binary here: without `api`, the switch writes the file provider's file and reads
+    // it back; the routing itself is Traefik's (see bluegreen-traefik's tests against its schemas).
+    let dir = tempfile::tempdir().unwrap();
+    let watched = dir.path().join("dynamic");
+    std::fs::create_dir_all(&watched).unwrap();
+    let file = dir.path().join("bluegreen.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[project]
+name = "cli-traefik"
+
+[environment]
+kind = "process"
+program = "{}"
+
+[switch]
+kind = "traefik"
+name = "shop"
+rule = "Host(`shop.example`)"
+dir = "dynamic"
+format = "toml"
+version = "v2"
+
+[[health_checks]]
+kind = "http"
+path = "/health"
+
+[policy]
+drain_timeout = 1
+observation = {{ window = 1, interval = 250 }}
+"#,
+            bluegreen_demo::binary_path().display()
+        ),
+    )
+    .unwrap();
+    ok(&file, &["deploy", "v1"]);
+    ok(&file, &["deploy", "v2"]);
+    let written: Vec<_> = std::fs::read_dir(&watched)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    let text = std::fs::read_to_string(&written[0]).unwrap();
+    assert!(text.contains("shop-green"), "{text}");
+    assert!(text.contains("Host(`shop.example`)"), "{text}");
+    let st = status_json(&file);
+    assert_eq!(st["active"], "green", "{st}");
+    assert_eq!(st["split"]["green"], 100, "{st}");
+    ok(&file, &["rollback"]);
+    assert_eq!(status_json(&file)["split"]["blue"], 100);
+    ok(&file, &["reset"]);
 }
