@@ -1363,6 +1363,11 @@ impl<'a> Run<'a> {
         if let Some(b) = &self.binding {
             release = b.apply_to(&release);
         }
+        // Environments that label what they create can name the deployment that created it.
+        release
+            .labels
+            .entry(crate::DEPLOYMENT_LABEL.to_string())
+            .or_insert_with(|| f.id.to_string());
         let env = self.d.environment.clone();
         let eps = self
             .retry(|| env.deploy(target, &release))

@@ -132,6 +132,11 @@ pub use state::{
 };
 pub use store::FileStateStore;
 pub use traits::*;
+
+/// The release label the engine sets (unless the caller did) to its deployment id before
+/// [`Environment::deploy`], so environments that label what they create (containers, …) can say
+/// which deployment created it.
+pub const DEPLOYMENT_LABEL: &str = "bluegreen.deployment";
 pub use types::{
     Endpoint, Endpoints, Name, PerSlot, Release, Secret, Slot, Sticky, TrafficSplit, Version,
 };

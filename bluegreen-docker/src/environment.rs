@@ -35,8 +35,9 @@ pub const LABEL_PROJECT: &str = "bluegreen.project";
 pub const LABEL_SLOT: &str = "bluegreen.slot";
 /// Label naming the release version a container runs.
 pub const LABEL_VERSION: &str = "bluegreen.version";
-/// Label identifying the deploy that created a container.
-pub const LABEL_DEPLOYMENT: &str = "bluegreen.deployment";
+/// Label identifying the deploy that created a container: the engine's deployment id (the
+/// release label [`bluegreen_core::DEPLOYMENT_LABEL`] it sets), else a unique id per call.
+pub const LABEL_DEPLOYMENT: &str = bluegreen_core::DEPLOYMENT_LABEL;
 
 /// Most bytes [`Environment::logs`] returns, and `exec` keeps of each output stream (the end is
 /// kept).
@@ -95,6 +96,8 @@ pub struct OwnedContainer {
     pub slot: Option<Slot>,
     /// Its `bluegreen.version` label.
     pub version: Option<String>,
+    /// Its `bluegreen.deployment` label: the deployment that created it.
+    pub deployment: Option<String>,
     /// The engine's state (`running`, `exited`, …).
     pub state: String,
 }
@@ -857,6 +860,7 @@ impl DockerEnvironment {
                     id: c.id.unwrap_or_default(),
                     slot: labels.get(LABEL_SLOT).and_then(|s| s.parse().ok()),
                     version: labels.get(LABEL_VERSION).cloned(),
+                    deployment: labels.get(LABEL_DEPLOYMENT).cloned(),
                     state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                 }
             })

@@ -167,6 +167,16 @@ async fn v1_to_v2_under_load_fails_no_request_and_rollback_switches_back() {
     );
     assert!(ok > 20, "too little load went through: {ok}");
     assert_eq!(served_version(&s).await, "v2");
+    // The container carries the engine's deployment id.
+    let green = s
+        .env
+        .containers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.slot == Some(Slot::Green))
+        .expect("the green container");
+    assert_eq!(green.deployment, Some(report.id.to_string()), "{green:?}");
     assert_eq!(
         s.env
             .status(Slot::Green)
