@@ -163,13 +163,11 @@ pub struct Copied {
 impl Copied {
     /// A strategy with `config`; validates the database names.
     pub fn new(config: CopiedConfig) -> Result<Self> {
-        config.server.validate()?;
-        if let Some(t) = &config.target_server {
-            t.validate()?;
-        }
-        let mut dbs = SlotDatabases::new(&config.server.dbname);
-        dbs.per_slot = config.slot_databases.clone();
-        dbs.validate()?;
+        let dbs = SlotDatabases::for_strategy(
+            &config.server,
+            config.target_server.as_ref(),
+            &config.slot_databases,
+        )?;
         Ok(Copied { config, dbs })
     }
 
@@ -186,12 +184,7 @@ impl Copied {
     }
 
     fn binding_for(&self, db: &str) -> DbBinding {
-        self.config
-            .binding
-            .clone()
-            .unwrap_or_else(|| self.target_server().clone())
-            .db(db)
-            .binding()
+        crate::util::binding_for(self.config.binding.as_ref(), self.target_server(), db)
     }
 
     /// Copies database `source` (on the server) into a new database `target` (on the target

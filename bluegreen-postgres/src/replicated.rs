@@ -255,13 +255,11 @@ impl Names {
 impl Replicated {
     /// A strategy with `config`; validates the database names.
     pub fn new(config: ReplicatedConfig) -> Result<Self> {
-        config.server.validate()?;
-        if let Some(t) = &config.target_server {
-            t.validate()?;
-        }
-        let mut dbs = SlotDatabases::new(&config.server.dbname);
-        dbs.per_slot = config.slot_databases.clone();
-        dbs.validate()?;
+        let dbs = SlotDatabases::for_strategy(
+            &config.server,
+            config.target_server.as_ref(),
+            &config.slot_databases,
+        )?;
         Ok(Replicated { config, dbs })
     }
 
@@ -278,12 +276,7 @@ impl Replicated {
     }
 
     fn binding_for(&self, db: &str) -> DbBinding {
-        self.config
-            .binding
-            .clone()
-            .unwrap_or_else(|| self.target_server().clone())
-            .db(db)
-            .binding()
+        crate::util::binding_for(self.config.binding.as_ref(), self.target_server(), db)
     }
 
     /// Replication progress into `ctx.target`'s database.

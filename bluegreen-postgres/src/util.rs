@@ -1,10 +1,10 @@
 //! Pieces the strategies share: per-slot database names, database lifecycle, table lists,
 //! sequences.
 
-use bluegreen_core::{DbContext, PerSlot, Result, Slot};
+use bluegreen_core::{DbBinding, DbContext, PerSlot, Result, Slot};
 use tokio_postgres::Client;
 
-use crate::conn::{fail, pg_error};
+use crate::conn::{fail, pg_error, PgConfig};
 use crate::ident::{quote_ident, quote_literal, validate_ident};
 
 /// Which database each slot uses: `<base>_<slot>` unless configured.
@@ -15,13 +15,6 @@ pub(crate) struct SlotDatabases {
 }
 
 impl SlotDatabases {
-    pub(crate) fn new(base: &str) -> Self {
-        SlotDatabases {
-            base: base.to_string(),
-            per_slot: PerSlot::default(),
-        }
-    }
-
     /// The database of `slot`.
     pub(crate) fn of(&self, slot: Slot) -> String {
         self.per_slot
@@ -36,6 +29,25 @@ impl SlotDatabases {
             Some(s) => self.of(s),
             None => self.base.clone(),
         }
+    }
+
+    /// The databases of a per-slot strategy (`Copied`, `Replicated`): the base is `server`'s
+    /// database, `per_slot` overrides `<base>_<slot>`. Validates both servers and every name.
+    pub(crate) fn for_strategy(
+        server: &PgConfig,
+        target_server: Option<&PgConfig>,
+        per_slot: &PerSlot<Option<String>>,
+    ) -> Result<Self> {
+        server.validate()?;
+        if let Some(t) = target_server {
+            t.validate()?;
+        }
+        let dbs = SlotDatabases {
+            base: server.dbname.clone(),
+            per_slot: per_slot.clone(),
+        };
+        dbs.validate()?;
+        Ok(dbs)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -55,6 +67,16 @@ impl SlotDatabases {
         }
         Ok(())
     }
+}
+
+/// What a release gets for database `db`: `binding`'s settings (e.g. an application role) when
+/// set, else the target server's, with the database name replaced.
+pub(crate) fn binding_for(
+    binding: Option<&PgConfig>,
+    target_server: &PgConfig,
+    db: &str,
+) -> DbBinding {
+    binding.unwrap_or(target_server).db(db).binding()
 }
 
 pub(crate) async fn database_exists(backend: &str, admin: &Client, db: &str) -> Result<bool> {
