@@ -138,5 +138,6 @@ pub use traits::*;
 /// which deployment created it.
 pub const DEPLOYMENT_LABEL: &str = "bluegreen.deployment";
 pub use types::{
-    Endpoint, Endpoints, Name, PerSlot, Release, Secret, Slot, Sticky, TrafficSplit, Version,
+    validate_token, Endpoint, Endpoints, Name, PerSlot, Release, Secret, Slot, Sticky,
+    TrafficSplit, Version,
 };

@@ -156,6 +156,20 @@ impl AsRef<str> for Name {
 }
 
 fn validate_label(what: &'static str, s: &str, max: usize) -> Result<()> {
+    validate_token(what, s, max, &['.', '_', '-', '+'])
+}
+
+/// Checks a name that reaches a file, a command or a label: 1 to `max` characters, ASCII letters,
+/// digits and the `extra` characters, starting with a letter or digit. The error names `what`,
+/// the value and the rule broken.
+///
+/// ```
+/// use bluegreen_core::validate_token;
+/// assert!(validate_token("router", "shop-1", 63, &['-', '_']).is_ok());
+/// assert!(validate_token("router", "shop;1", 63, &['-', '_']).is_err());
+/// assert!(validate_token("router", "-shop", 63, &['-', '_']).is_err());
+/// ```
+pub fn validate_token(what: &'static str, s: &str, max: usize, extra: &[char]) -> Result<()> {
     if s.is_empty() {
         return Err(Error::invalid(what, s, "must not be empty"));
     }
@@ -171,12 +185,16 @@ fn validate_label(what: &'static str, s: &str, max: usize) -> Result<()> {
     }
     if let Some(c) = s
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+')))
+        .find(|c| !(c.is_ascii_alphanumeric() || extra.contains(c)))
     {
+        let allowed: Vec<String> = extra.iter().map(|e| format!("`{e}`")).collect();
         return Err(Error::invalid(
             what,
             s,
-            format!("character {c:?} is not allowed (use letters, digits, `.`, `_`, `-`, `+`)"),
+            format!(
+                "character {c:?} is not allowed (use letters, digits, {})",
+                allowed.join(", ")
+            ),
         ));
     }
     Ok(())

@@ -59,30 +59,7 @@ impl fmt::Display for RouteName {
 /// Checks a token that goes into a file, a rule or a label: `[A-Za-z0-9_-]`, starting with a
 /// letter or digit.
 pub(crate) fn validate_token(what: &'static str, s: &str, max: usize) -> Result<()> {
-    if s.is_empty() {
-        return Err(Error::invalid(what, s, "must not be empty"));
-    }
-    if s.len() > max {
-        return Err(Error::invalid(
-            what,
-            s,
-            format!("longer than {max} characters"),
-        ));
-    }
-    if !s.as_bytes()[0].is_ascii_alphanumeric() {
-        return Err(Error::invalid(what, s, "must start with a letter or digit"));
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
-    {
-        return Err(Error::invalid(
-            what,
-            s,
-            format!("character {c:?} is not allowed (use letters, digits, `-`, `_`)"),
-        ));
-    }
-    Ok(())
+    bluegreen_core::validate_token(what, s, max, &['-', '_'])
 }
 
 /// Checks a router rule written by the user (`Host(`app.example.com`)`): printable, bounded, and
