@@ -190,6 +190,18 @@ impl PostgresStateStore {
     }
 }
 
+/// The lock of deployment `key` in lock table `lt`, if one is held.
+async fn read_lock(c: &Client, lt: &str, key: &str, op: &str) -> Result<Option<LockInfo>> {
+    let row = c
+        .query_opt(
+            &format!("SELECT * FROM {lt} WHERE deployment = $1"),
+            &[&key],
+        )
+        .await
+        .map_err(|e| pg_error(BACKEND, op, e))?;
+    row.as_ref().map(lock_from_row).transpose()
+}
+
 fn lock_from_row(row: &Row) -> Result<LockInfo> {
     let owner: String = row.get("owner");
     let owner: LockOwner = serde_json::from_str(&owner).map_err(|e| Error::CorruptState {
@@ -338,17 +350,8 @@ impl StateStore for PostgresStateStore {
                     if let Some(row) = won {
                         return lock_from_row(&row);
                     }
-                    let held = c
-                        .query_opt(
-                            &format!("SELECT * FROM {lt} WHERE deployment = $1"),
-                            &[&key],
-                        )
-                        .await
-                        .map_err(|e| pg_error(BACKEND, "acquire", e))?;
-                    if let Some(row) = held {
-                        return Err(Error::Locked {
-                            holder: lock_from_row(&row)?,
-                        });
+                    if let Some(holder) = read_lock(c, &lt, &key, "acquire").await? {
+                        return Err(Error::Locked { holder });
                     }
                     // Released between the two statements: try again.
                 }
@@ -384,16 +387,9 @@ impl StateStore for PostgresStateStore {
                 if let Some(row) = row {
                     return lock_from_row(&row);
                 }
-                let held = c
-                    .query_opt(
-                        &format!("SELECT * FROM {lt} WHERE deployment = $1"),
-                        &[&key],
-                    )
-                    .await
-                    .map_err(|e| pg_error(BACKEND, "renew", e))?;
                 Err(Error::LockLost {
-                    reason: match held {
-                        Some(row) => format!("now held by {}", lock_from_row(&row)?),
+                    reason: match read_lock(c, &lt, &key, "renew").await? {
+                        Some(holder) => format!("now held by {holder}"),
                         None => "the lock was broken or released".into(),
                     },
                 })
@@ -424,16 +420,7 @@ impl StateStore for PostgresStateStore {
         let key = self.config.deployment.clone();
         let lt = self.lock_table.clone();
         self.with_client(move |c| {
-            Box::pin(async move {
-                let row = c
-                    .query_opt(
-                        &format!("SELECT * FROM {lt} WHERE deployment = $1"),
-                        &[&key],
-                    )
-                    .await
-                    .map_err(|e| pg_error(BACKEND, "lock_info", e))?;
-                row.as_ref().map(lock_from_row).transpose()
-            })
+            Box::pin(async move { read_lock(c, &lt, &key, "lock_info").await })
         })
         .await
     }
