@@ -23,6 +23,15 @@ fn not_built(what: &str, feature: &str) -> Error {
     )
 }
 
+/// The error for a database strategy in a binary built without PostgreSQL.
+#[cfg(not(feature = "postgres"))]
+fn no_postgres() -> Error {
+    not_built(
+        "database kind \"shared\"/\"copied\"/\"replicated\"",
+        "postgres",
+    )
+}
+
 /// The environment.
 pub(crate) async fn environment(
     p: &Pipeline,
@@ -203,41 +212,34 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
         #[cfg(not(feature = "postgres"))]
         DatabaseCfg::Shared { .. }
         | DatabaseCfg::Copied { .. }
-        | DatabaseCfg::Replicated { .. } => Err(not_built(
-            "database kind \"shared\"/\"copied\"/\"replicated\"",
-            "postgres",
-        )),
+        | DatabaseCfg::Replicated { .. } => Err(no_postgres()),
     }
 }
 
 /// Reaches the database server without changing anything; what it found, or `None` without a
 /// database.
 pub(crate) async fn check_database(p: &Pipeline) -> bluegreen::Result<Option<String>> {
-    match &p.database {
-        DatabaseCfg::None => Ok(None),
-        #[cfg(feature = "postgres")]
-        DatabaseCfg::Shared { connection, .. }
-        | DatabaseCfg::Copied { connection, .. }
-        | DatabaseCfg::Replicated { connection, .. } => {
-            let cfg = pg(connection, "database")?;
-            let client = cfg.connect("validate").await?;
-            let row = client
-                .query_one("SELECT current_setting('server_version')", &[])
-                .await
-                .map_err(|e| Error::backend("postgres", "reading the server version", true, e))?;
-            let version: String = row.get(0);
-            Ok(Some(format!(
-                "PostgreSQL {version} reachable at {}",
-                cfg.describe()
-            )))
-        }
-        #[cfg(not(feature = "postgres"))]
-        DatabaseCfg::Shared { .. }
-        | DatabaseCfg::Copied { .. }
-        | DatabaseCfg::Replicated { .. } => Err(not_built(
-            "database kind \"shared\"/\"copied\"/\"replicated\"",
-            "postgres",
-        )),
+    let Some(connection) = p.database.connection() else {
+        return Ok(None);
+    };
+    #[cfg(feature = "postgres")]
+    {
+        let cfg = pg(connection, "database")?;
+        let client = cfg.connect("validate").await?;
+        let row = client
+            .query_one("SELECT current_setting('server_version')", &[])
+            .await
+            .map_err(|e| Error::backend("postgres", "reading the server version", true, e))?;
+        let version: String = row.get(0);
+        Ok(Some(format!(
+            "PostgreSQL {version} reachable at {}",
+            cfg.describe()
+        )))
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = connection;
+        Err(no_postgres())
     }
 }
 

@@ -254,6 +254,18 @@ pub(crate) enum AfterCutoverCfg {
     Drop,
 }
 
+impl DatabaseCfg {
+    /// The database server's connection, unless there is no database.
+    pub(crate) fn connection(&self) -> Option<&PgCfg> {
+        match self {
+            DatabaseCfg::None => None,
+            DatabaseCfg::Shared { connection, .. }
+            | DatabaseCfg::Copied { connection, .. }
+            | DatabaseCfg::Replicated { connection, .. } => Some(connection),
+        }
+    }
+}
+
 /// A PostgreSQL connection. The password comes from an environment variable, never the file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
