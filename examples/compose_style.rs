@@ -179,19 +179,7 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
             },
         };
         println!("   refused as expected:\n   {refused}");
-        let st = d.status().await?;
-        println!(
-            "   live: {:?} ({}), traffic: {}",
-            st.state.active,
-            st.state
-                .live_release()
-                .map(|r| r.version.to_string())
-                .unwrap_or_default(),
-            st.switch.map(|s| s.to_string()).unwrap_or_default()
-        );
-        if st.state.live_release().map(|r| r.version.as_str()) != Some("v2") {
-            return Err("v2 should still be live".into());
-        }
+        common::expect_live(&d, "v2").await?;
         d.reset().await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     }

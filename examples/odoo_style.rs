@@ -238,19 +238,7 @@ async fn odoo_style() -> Result<(), Box<dyn std::error::Error>> {
             Ok(r) => return Err(format!("v3 should have been refused: {r:?}").into()),
             Err(e) => println!("   refused as expected:\n   {e}"),
         }
-        let st = deployer.status().await?;
-        println!(
-            "   live: {:?} ({}), traffic: {}",
-            st.state.active,
-            st.state
-                .live_release()
-                .map(|r| r.version.to_string())
-                .unwrap_or_default(),
-            st.switch.map(|s| s.to_string()).unwrap_or_default()
-        );
-        if st.state.live_release().map(|r| r.version.as_str()) != Some("v1") {
-            return Err("v1 should be live".into());
-        }
+        common::expect_live(&deployer, "v1").await?;
         common::print_history(&deployer).await?;
         deployer.reset().await?;
         Ok::<(), Box<dyn std::error::Error>>(())

@@ -312,3 +312,22 @@ pub(crate) async fn docker_env(
         Err(e) => missing(&format!("the Docker Engine ({e})")).map(|()| None),
     }
 }
+
+/// Prints the live slot, its release and the traffic split; an error unless `version` is live.
+pub(crate) async fn expect_live(
+    deployer: &bluegreen::Deployer,
+    version: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let st = deployer.status().await?;
+    let live = st.state.live_release().map(|r| r.version.to_string());
+    println!(
+        "   live: {:?} ({}), traffic: {}",
+        st.state.active,
+        live.clone().unwrap_or_default(),
+        st.switch.map(|s| s.to_string()).unwrap_or_default()
+    );
+    if live.as_deref() != Some(version) {
+        return Err(format!("{version} should be live").into());
+    }
+    Ok(())
+}
