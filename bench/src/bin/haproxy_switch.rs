@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{parse_args, target, Options, Result};
 
-use bluegreen_core::{Endpoint, Endpoints, Name, Slot, TrafficSplit, TrafficSwitch};
-use bluegreen_demo::{DemoConfig, DemoServer};
+use bluegreen_core::{Endpoints, Name, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_haproxy::{AdminState, Command, HaproxyConfig, HaproxySwitch, RuntimeClient};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -303,12 +302,7 @@ async fn main() -> Result<()> {
         .next()
         .unwrap_or("")
         .to_string();
-    let blue = DemoServer::start(DemoConfig::new("v1", "blue")).await?;
-    let green = DemoServer::start(DemoConfig::new("v2", "green")).await?;
-    let endpoints = Endpoints::new(
-        vec![Endpoint::new("127.0.0.1", blue.local_addr().port())],
-        vec![Endpoint::new("127.0.0.1", green.local_addr().port())],
-    );
+    let (_blue, _green, endpoints) = common::demo_backends().await?;
     println!(
         "{version}\n{} keep-alive clients, {} switches, {:?} between switches\n",
         o.clients, o.switches, o.pause

@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{parse_args, target, Options, Result};
 
-use bluegreen_core::{Endpoint, Endpoints, Slot, TrafficSplit, TrafficSwitch};
-use bluegreen_demo::{DemoConfig, DemoServer};
+use bluegreen_core::{Endpoints, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_nginx::loadgen::{Load, LoadStats};
 use bluegreen_nginx::standalone::{self, NginxProcess, StandaloneConfig};
 use bluegreen_nginx::{DynamicConfig, DynamicSwitch, ReloadConfig, ReloadSwitch, VerifyProbe};
@@ -196,12 +195,7 @@ async fn main() -> Result<()> {
     if !standalone::lua_available() {
         return Err("this benchmark needs nginx and libnginx-mod-http-lua".into());
     }
-    let blue_srv = DemoServer::start(DemoConfig::new("v1", "blue")).await?;
-    let green_srv = DemoServer::start(DemoConfig::new("v2", "green")).await?;
-    let endpoints = Endpoints::new(
-        vec![Endpoint::new("127.0.0.1", blue_srv.local_addr().port())],
-        vec![Endpoint::new("127.0.0.1", green_srv.local_addr().port())],
-    );
+    let (blue_srv, green_srv, endpoints) = common::demo_backends().await?;
     println!(
         "nginx_switch: {} keep-alive clients (no retries), {} switches, {:?} between switches, 2 nginx workers, upstream keepalive 32",
         o.clients, o.switches, o.pause
