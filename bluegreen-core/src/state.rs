@@ -241,6 +241,14 @@ pub struct InFlight {
     pub waiting: Option<Waiting>,
     /// Set while the engine is undoing a failed deployment.
     pub failing: Option<String>,
+    /// Set before preview traffic may reach the target, cleared once preview routing stops: undo
+    /// (also after a crash) stops preview routing while it is set.
+    #[serde(default)]
+    pub previewing: bool,
+    /// Set before the switch is paused for the database cutover, cleared once it resumes: undo
+    /// (also after a crash) resumes the switch while it is set.
+    #[serde(default)]
+    pub paused: bool,
     /// When it started.
     pub started_at: Timestamp,
 }

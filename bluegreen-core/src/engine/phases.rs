@@ -1,0 +1,403 @@
+//! The phases, in runbook order: one method each. The order itself lives in the table
+//! ([`super::table::PHASES`]); a phase says only whether it did its work, skipped, or waits.
+
+use std::time::{Duration, Instant};
+
+use super::run::{step_split, By, PhaseResult, Run};
+use super::table::Step;
+use crate::analysis::{AnalysisContext, Verdict};
+use crate::error::Error;
+use crate::events::DeployEvent;
+use crate::policy::{KeepOld, Promotion};
+use crate::state::{RunKind, Waiting};
+use crate::traits::HookPoint;
+
+impl Run<'_> {
+    /// Lock, load and target choice happen before the flight exists; nothing is left to do.
+    pub(super) async fn plan(&mut self) -> PhaseResult<Step> {
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn prepare_database(&mut self) -> PhaseResult<Step> {
+        let Some(db) = self.d.database.clone() else {
+            return Ok(Step::Skip("no database strategy"));
+        };
+        let (binding, step) = {
+            let ctx = self.db_ctx();
+            self.retry(|| db.prepare(&ctx)).await
+        }
+        .by(db.name())?;
+        self.note_db_step(&step);
+        self.flight_mut().binding = binding.env.clone();
+        let mut all = binding;
+        if let Some(b) = &self.binding {
+            all.secret_env.extend(b.secret_env.clone());
+        }
+        self.binding = Some(all);
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn before_deploy_hooks(&mut self) -> PhaseResult<Step> {
+        self.run_hooks(HookPoint::BeforeDeploy).await?;
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn deploy_target(&mut self) -> PhaseResult<Step> {
+        if self.flight().reuse_target {
+            return Ok(Step::Skip("the target already runs this release"));
+        }
+        if self.binding.is_none() {
+            // Resumed after a crash: the secret part of the binding was never persisted.
+            if let Some(db) = self.d.database.clone() {
+                let (b, _) = {
+                    let ctx = self.db_ctx();
+                    self.retry(|| db.prepare(&ctx)).await
+                }
+                .by(db.name())?;
+                self.binding = Some(b);
+            }
+        }
+        let f = self.flight();
+        let target = f.target;
+        let mut release = f.release.clone();
+        release.env.extend(f.binding.clone());
+        if let Some(b) = &self.binding {
+            release = b.apply_to(&release);
+        }
+        // Environments that label what they create can name the deployment that created it.
+        release
+            .labels
+            .entry(crate::DEPLOYMENT_LABEL.to_string())
+            .or_insert_with(|| f.id.to_string());
+        let env = self.d.environment.clone();
+        let eps = self
+            .retry(|| env.deploy(target, &release))
+            .await
+            .by(env.name())?;
+        if eps.is_empty() {
+            return Err((
+                env.name().to_string(),
+                Error::backend(env.name(), "deploy", false, "deploy returned no endpoints"),
+            ));
+        }
+        self.flight_mut().endpoints = eps;
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn wait_ready(&mut self) -> PhaseResult<Step> {
+        let f = self.flight();
+        let (target, eps) = (f.target, f.endpoints.clone());
+        self.await_healthy(target, &eps).await?;
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn after_deploy_hooks(&mut self) -> PhaseResult<Step> {
+        self.run_hooks(HookPoint::AfterDeploy).await?;
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn preview(&mut self) -> PhaseResult<Step> {
+        if !self.d.policy.preview {
+            return Ok(Step::Skip("preview off"));
+        }
+        let sw = self.d.switch.clone();
+        let (target, eps) = (self.flight().target, self.endpoints());
+        // Recorded before the switch is touched, so undo stops preview routing after a crash too.
+        self.flight_mut().previewing = true;
+        self.save().await.by(self.d.store.name())?;
+        self.retry(|| sw.preview(Some(target), &eps))
+            .await
+            .by(sw.name())?;
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn smoke_test(&mut self) -> PhaseResult<Step> {
+        self.run_hooks(HookPoint::BeforeSwitch).await?;
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn gate(&mut self) -> PhaseResult<Step> {
+        let f = self.flight();
+        if self.d.policy.promotion == Promotion::Manual
+            && f.kind == RunKind::Deploy
+            && f.previous.is_some()
+        {
+            Ok(Step::Wait(Waiting::Gate))
+        } else {
+            Ok(Step::Skip("automatic promotion"))
+        }
+    }
+
+    pub(super) async fn database_before_switch(&mut self) -> PhaseResult<Step> {
+        let Some(db) = self.d.database.clone() else {
+            return Ok(Step::Skip("no database strategy"));
+        };
+        if self.d.policy.pause_during_cutover {
+            // Recorded before the switch is touched, so undo resumes it after a crash too.
+            self.flight_mut().paused = true;
+            self.save().await.by(self.d.store.name())?;
+            self.d.switch.pause().await.by(self.d.switch.name())?;
+        }
+        let step = {
+            let ctx = self.db_ctx();
+            self.retry(|| db.before_switch(&ctx)).await
+        }
+        .by(db.name())?;
+        self.note_db_step(&step);
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn switch(&mut self) -> PhaseResult<Step> {
+        let sw = self.d.switch.clone();
+        let target = self.flight().target;
+        let split = step_split(target, self.current_step().weight);
+        let eps = self.endpoints();
+        // After a crash the split may already be in force: do not switch twice.
+        let already = self.recovered
+            && sw
+                .current()
+                .await
+                .by(sw.name())?
+                .map(|c| c.same_weights(&split))
+                .unwrap_or(false);
+        if !already {
+            self.retry(|| sw.apply(&split, &eps)).await.by(sw.name())?;
+        }
+        if self.flight().paused {
+            sw.resume().await.by(sw.name())?;
+            self.flight_mut().paused = false;
+        }
+        let now = self.retry(|| sw.current()).await.by(sw.name())?;
+        match &now {
+            Some(c) if c.same_weights(&split) => {}
+            other => {
+                return Err((
+                    sw.name().to_string(),
+                    Error::VerifyMismatch {
+                        expected: split.clone(),
+                        actual: other
+                            .as_ref()
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "none".into()),
+                    },
+                ))
+            }
+        }
+        self.state.split = Some(split.clone());
+        if split.weight(target) == 100 {
+            self.state.active = Some(target);
+            if self.flight().previewing {
+                match sw.preview(None, &eps).await {
+                    Ok(()) => self.flight_mut().previewing = false,
+                    Err(e) => tracing::warn!(error = %e, "stopping preview routing failed"),
+                }
+            }
+        }
+        let id = self.flight().id;
+        self.emit(DeployEvent::Switched { id, split });
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn verify_data_path(&mut self) -> PhaseResult<Step> {
+        let Some(probe) = self.d.probe.clone() else {
+            return Ok(Step::Skip("no data-path probe"));
+        };
+        let f = self.flight();
+        let whole = self
+            .state
+            .split
+            .as_ref()
+            .map(|s| s.weight(f.target) == 100)
+            .unwrap_or(false);
+        if !whole {
+            return Ok(Step::Skip(
+                "partial split: not every request reaches the target",
+            ));
+        }
+        let version = f.release.version.clone();
+        let deadline = Instant::now() + self.d.policy.verify_timeout;
+        let mut in_a_row = 0;
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            self.check_interrupt()?;
+            match probe.probe(&version).await {
+                Ok(r) if r.matched => {
+                    in_a_row += 1;
+                    if in_a_row >= 3 {
+                        return Ok(Step::Continue);
+                    }
+                    continue;
+                }
+                Ok(r) => last = r.observed,
+                Err(e) => last = e.to_string(),
+            }
+            in_a_row = 0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err((
+            probe.name().to_string(),
+            Error::DataPathMismatch {
+                expected: version.to_string(),
+                detail: format!(
+                    "last answer within {:?}: {last}",
+                    self.d.policy.verify_timeout
+                ),
+            },
+        ))
+    }
+
+    pub(super) async fn observe(&mut self) -> PhaseResult<Step> {
+        let step = self.current_step();
+        let f = self.flight();
+        let (target, previous, idx, id) = (f.target, f.previous, f.step, f.id);
+        let eps = f.endpoints.clone();
+        let window = step.hold;
+        if window.is_zero() {
+            return Ok(Step::Skip("no observation window"));
+        }
+        let sw = self.d.switch.clone();
+        let baseline = if sw.capabilities().metrics {
+            sw.metrics(target).await.ok()
+        } else {
+            None
+        };
+        let interval = self.d.policy.observation.interval;
+        let start = Instant::now();
+        let mut fails = 0u32;
+        let mut last_inconclusive: Option<String>;
+        loop {
+            self.check_interrupt()?;
+            let status = self
+                .d
+                .environment
+                .status(target)
+                .await
+                .by(self.d.environment.name())?;
+            let (healthy, detail, backend) = self.health_round(&status, &eps).await;
+            fails = if healthy { 0 } else { fails + 1 };
+            if fails >= self.d.policy.fall {
+                return Err((
+                    backend,
+                    Error::Unhealthy {
+                        slot: target,
+                        reason: format!(
+                            "{fails} failing rounds after the switch: {}",
+                            detail.unwrap_or_default()
+                        ),
+                    },
+                ));
+            }
+            let ctx = AnalysisContext {
+                target,
+                previous,
+                step: idx,
+                weight: step.weight,
+                elapsed: start.elapsed(),
+                window,
+                baseline,
+                switch: sw.clone(),
+            };
+            last_inconclusive = None;
+            for a in &self.d.analyses {
+                let verdict = a
+                    .analyze(&ctx)
+                    .await
+                    .unwrap_or_else(|e| Verdict::Fail(e.to_string()));
+                let (v, detail) = match &verdict {
+                    Verdict::Pass => ("pass", String::new()),
+                    Verdict::Fail(d) => ("fail", d.clone()),
+                    Verdict::Inconclusive(d) => ("inconclusive", d.clone()),
+                };
+                self.emit(DeployEvent::Analysis {
+                    id,
+                    verdict: v.into(),
+                    detail: detail.clone(),
+                });
+                match verdict {
+                    Verdict::Pass => {}
+                    Verdict::Fail(reason) => {
+                        return Err((a.name().to_string(), Error::AnalysisFailed { reason }))
+                    }
+                    Verdict::Inconclusive(reason) => last_inconclusive = Some(reason),
+                }
+            }
+            if start.elapsed() >= window {
+                break;
+            }
+            tokio::time::sleep(interval.min(window.saturating_sub(start.elapsed()))).await;
+        }
+        if let Some(reason) = last_inconclusive {
+            // With nothing live before (first deploy) there is nothing to compare or fall back
+            // to: only health decides. Otherwise a person does.
+            if previous.is_some() {
+                return Ok(Step::Wait(Waiting::Inconclusive { reason }));
+            }
+            tracing::info!(%reason, "analysis inconclusive on a first deploy; health checks passed");
+        }
+        if step.manual && step.weight < 100 {
+            return Ok(Step::Wait(Waiting::Gate));
+        }
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn database_after_switch(&mut self) -> PhaseResult<Step> {
+        let Some(db) = self.d.database.clone() else {
+            return Ok(Step::Skip("no database strategy"));
+        };
+        let step = {
+            let ctx = self.db_ctx();
+            self.retry(|| db.after_switch(&ctx)).await
+        }
+        .by(db.name())?;
+        self.note_db_step(&step);
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn after_switch_hooks(&mut self) -> PhaseResult<Step> {
+        self.run_hooks(HookPoint::AfterSwitch).await?;
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn drain_old(&mut self) -> PhaseResult<Step> {
+        let f = self.flight();
+        let Some(prev) = f.previous.filter(|p| *p != f.target) else {
+            return Ok(Step::Skip("no previous slot"));
+        };
+        let p = &self.d.policy;
+        let sw = self.d.switch.clone();
+        if sw.capabilities().drain {
+            let deadline = Instant::now() + p.drain_timeout;
+            loop {
+                let n = sw.in_flight(prev).await.by(sw.name())?;
+                if n == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(slot = %prev, in_flight = n, "drain timeout reached");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if p.keep_old == KeepOld::Stop {
+            let env = self.d.environment.clone();
+            let drain = p.drain_timeout;
+            self.retry(|| env.stop(prev, drain)).await.by(env.name())?;
+        }
+        Ok(Step::Continue)
+    }
+
+    pub(super) async fn finalize(&mut self) -> PhaseResult<Step> {
+        if self.d.policy.keep_old == KeepOld::Stop && self.flight().previous.is_some() {
+            if let Some(db) = self.d.database.clone() {
+                let step = {
+                    let ctx = self.db_ctx();
+                    self.retry(|| db.finalize(&ctx)).await
+                }
+                .by(db.name())?;
+                self.note_db_step(&step);
+            }
+        }
+        Ok(Step::Continue)
+    }
+}

@@ -1,0 +1,334 @@
+//! One locked run over the state: saving, events, retries and error context shared by the phases.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::builder::Inner;
+use super::lease::LeaseKeeper;
+use super::report::Report;
+use super::RunOutcome;
+use crate::error::{Error, LiveTraffic, Result};
+use crate::events::DeployEvent;
+use crate::policy::{CanaryStep, OnTimeout, Policy};
+use crate::state::{DeploymentState, InFlight, Phase, RunKind};
+use crate::traits::{DbBinding, DbContext, DbStep, HookContext, HookPoint, Reversibility};
+use crate::types::{Endpoints, Slot, TrafficSplit};
+
+/// A phase failure: the backend that failed and the error.
+pub(super) type Failure = (String, Error);
+/// What a phase returns.
+pub(super) type PhaseResult<T> = std::result::Result<T, Failure>;
+
+/// Names the backend that failed.
+pub(super) trait By<T> {
+    fn by(self, backend: &str) -> PhaseResult<T>;
+}
+
+impl<T> By<T> for Result<T> {
+    fn by(self, backend: &str) -> PhaseResult<T> {
+        self.map_err(|e| (backend.to_string(), e))
+    }
+}
+
+/// One locked run over the state.
+pub(super) struct Run<'a> {
+    pub(super) d: &'a Inner,
+    pub(super) state: DeploymentState,
+    lease: Option<LeaseKeeper>,
+    /// The database binding with its secrets, for this run only (never persisted).
+    pub(super) binding: Option<DbBinding>,
+    pub(super) started: Instant,
+    /// Set while finishing a flight left by a crashed run.
+    pub(super) recovered: bool,
+}
+
+/// The slot a deploy targets and the live slot, from the state.
+pub(super) fn plan_target(state: &DeploymentState) -> (Slot, Option<Slot>) {
+    match state.active {
+        Some(a) => (a.other(), Some(a)),
+        None => (Slot::Blue, None),
+    }
+}
+
+/// Refuses, before anything changes, a plan the switch cannot carry out.
+pub(super) fn check_capabilities(d: &Inner, kind: RunKind) -> Result<()> {
+    let caps = d.switch.capabilities();
+    let p = &d.policy;
+    let name = d.switch.name().to_string();
+    let missing = |capability, hint| Error::MissingCapability {
+        capability,
+        backend: name.clone(),
+        hint,
+    };
+    if kind == RunKind::Deploy && p.canary.iter().any(|s| s.weight < 100) && !caps.weights {
+        return Err(missing(
+            "weights",
+            "remove the canary steps or use a switch with weights",
+        ));
+    }
+    if p.preview && !caps.preview {
+        return Err(missing(
+            "preview",
+            "turn preview off or use a switch with preview routing",
+        ));
+    }
+    if p.pause_during_cutover && !caps.pause {
+        return Err(missing(
+            "pause",
+            "turn pause_during_cutover off or use a switch that can pause",
+        ));
+    }
+    if d.analyses.iter().any(|a| a.requires_metrics()) && !caps.metrics {
+        return Err(missing(
+            "metrics",
+            "remove the metrics analysis or use a switch with metrics",
+        ));
+    }
+    Ok(())
+}
+
+/// The steps of a run: the canary steps, then 100 % if they do not reach it. Rollbacks and the
+/// first deploy (nothing to split traffic with) go to 100 % at once.
+pub(super) fn canary_steps(p: &Policy, kind: RunKind, first: bool) -> Vec<CanaryStep> {
+    let mut steps = if kind == RunKind::Deploy && !first {
+        p.canary.clone()
+    } else {
+        Vec::new()
+    };
+    if steps.last().map(|s| s.weight < 100).unwrap_or(true) {
+        steps.push(CanaryStep::new(100, p.observation.window));
+    }
+    steps
+}
+
+/// The split of a canary step.
+pub(super) fn step_split(target: Slot, weight: u8) -> TrafficSplit {
+    TrafficSplit::canary(target, weight).expect("validated canary weight")
+}
+
+impl<'a> Run<'a> {
+    pub(super) fn new(d: &'a Inner, state: DeploymentState, lease: LeaseKeeper) -> Self {
+        Run {
+            d,
+            state,
+            lease: Some(lease),
+            binding: None,
+            started: Instant::now(),
+            recovered: false,
+        }
+    }
+
+    pub(super) fn interrupted(&self) -> bool {
+        self.d.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// A safe point inside a long wait.
+    pub(super) fn check_interrupt(&self) -> PhaseResult<()> {
+        if self.interrupted() {
+            return Err(("operator".to_string(), Error::Interrupted));
+        }
+        Ok(())
+    }
+
+    pub(super) fn emit(&self, ev: DeployEvent) {
+        tracing::debug!(event = ?ev, "deploy event");
+        let _ = self.d.events.send(ev);
+    }
+
+    pub(super) fn flight(&self) -> &InFlight {
+        self.state
+            .in_flight
+            .as_ref()
+            .expect("a deployment in flight")
+    }
+
+    pub(super) fn flight_mut(&mut self) -> &mut InFlight {
+        self.state
+            .in_flight
+            .as_mut()
+            .expect("a deployment in flight")
+    }
+
+    /// Saves the state, unless the lease was lost.
+    pub(super) async fn save(&mut self) -> Result<()> {
+        if let Some(why) = self.lease.as_ref().and_then(|l| l.lost()) {
+            return Err(Error::LockLost { reason: why });
+        }
+        let rev = self.d.store.save(&self.state).await?;
+        self.state.revision = rev;
+        Ok(())
+    }
+
+    /// Releases the lock and returns the run's result.
+    pub(super) async fn finish<T>(mut self, res: Result<T>) -> Result<T> {
+        if let Some(lease) = self.lease.take() {
+            lease.release().await;
+        }
+        res
+    }
+
+    /// A phase error of the flight in progress (or of the one about to start).
+    pub(super) fn wrap(&self, phase: Phase, backend: &str, e: Error) -> Error {
+        let (kind, id) = self
+            .state
+            .in_flight
+            .as_ref()
+            .map(|f| (f.kind, f.id))
+            .unwrap_or((RunKind::Deploy, self.state.last_id + 1));
+        wrap_id(id, kind, phase, backend, e)
+    }
+
+    /// The steps of the flight in progress.
+    pub(super) fn steps(&self) -> Vec<CanaryStep> {
+        let (kind, first) = match &self.state.in_flight {
+            Some(f) => (f.kind, f.previous.is_none()),
+            None => (RunKind::Deploy, self.state.active.is_none()),
+        };
+        canary_steps(&self.d.policy, kind, first)
+    }
+
+    /// The canary step the flight is at.
+    pub(super) fn current_step(&self) -> CanaryStep {
+        let steps = self.steps();
+        steps[self.flight().step.min(steps.len() - 1)].clone()
+    }
+
+    pub(super) fn report(&self, outcome: RunOutcome) -> Report {
+        let f = self.flight();
+        Report {
+            id: f.id,
+            kind: f.kind,
+            version: f.release.version.clone(),
+            target: f.target,
+            outcome,
+            elapsed: self.started.elapsed(),
+        }
+    }
+
+    pub(super) fn report_last(&self, outcome: RunOutcome) -> Report {
+        let h = self
+            .state
+            .history
+            .back()
+            .expect("a finished run in history");
+        Report {
+            id: h.id,
+            kind: h.kind,
+            version: h.version.clone(),
+            target: h.slot,
+            outcome,
+            elapsed: self.started.elapsed(),
+        }
+    }
+
+    /// Both slots' endpoints: the target's from the flight, the other's from its record.
+    pub(super) fn endpoints(&self) -> Endpoints {
+        let f = self.flight();
+        let mut eps = Endpoints::default();
+        eps.set(f.target, f.endpoints.clone());
+        let other = f.target.other();
+        if let Some(r) = self.state.slots.get(other) {
+            eps.set(other, r.endpoints.clone());
+        }
+        eps
+    }
+
+    pub(super) fn db_ctx(&self) -> DbContext {
+        let f = self.flight();
+        DbContext {
+            live: f.previous,
+            target: f.target,
+            release: f.release.clone(),
+        }
+    }
+
+    /// Remembers (persisted with the flight) that a step that cannot be undone has run.
+    pub(super) fn note_db_step(&mut self, step: &DbStep) {
+        if let Reversibility::Irreversible { what } = &step.reversibility {
+            self.flight_mut().irreversible = Some(what.clone());
+        }
+    }
+
+    /// Retries retryable errors per the policy; the only retry loop in bluegreen.
+    pub(super) async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let cfg = self.d.policy.retry;
+        let mut delay = cfg.backoff;
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(e) if e.is_retryable() && attempt < cfg.attempts => {
+                    tracing::warn!(error = %e, attempt, "retrying after a retryable error");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs the hooks registered at `point`, each within its timeout.
+    pub(super) async fn run_hooks(&mut self, point: HookPoint) -> PhaseResult<()> {
+        let f = self.flight();
+        let ctx = HookContext {
+            point,
+            deployment: f.id,
+            release: f.release.clone(),
+            target: f.target,
+            previous: f.previous,
+            endpoints: f.endpoints.clone(),
+            environment: self.d.environment.clone(),
+        };
+        for h in self.d.hooks_at(point) {
+            let name = h.hook.name().to_string();
+            match tokio::time::timeout(h.options.timeout, h.hook.run(&ctx)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err((
+                        name.clone(),
+                        Error::Hook {
+                            hook: name,
+                            reason: e.to_string(),
+                        },
+                    ))
+                }
+                Err(_) => match h.options.on_timeout {
+                    OnTimeout::Continue => {
+                        tracing::warn!(hook = %name, "hook timed out; continuing as configured");
+                        self.emit(DeployEvent::HookTimedOut {
+                            id: ctx.deployment,
+                            hook: name,
+                        });
+                    }
+                    OnTimeout::Fail => {
+                        return Err((
+                            name.clone(),
+                            Error::Timeout {
+                                what: format!("hook {name}"),
+                                after: h.options.timeout,
+                            },
+                        ))
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A phase error of deployment `id`, before undo says what happened to live traffic.
+pub(super) fn wrap_id(id: u64, kind: RunKind, phase: Phase, backend: &str, e: Error) -> Error {
+    Error::Phase {
+        kind: kind.as_str(),
+        id,
+        phase,
+        backend: backend.to_string(),
+        live: LiveTraffic::Untouched,
+        cleanup: Vec::new(),
+        source: Box::new(e),
+    }
+}

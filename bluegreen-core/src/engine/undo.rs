@@ -1,0 +1,232 @@
+//! Failure, undo and switch-back. Undo reads the table for what the phases reached may have left
+//! behind, and the flight's persisted flags for what actually happened, so it works the same in
+//! the run that failed and in a new run recovering after a crash.
+
+use std::sync::atomic::Ordering;
+
+use super::run::Run;
+use super::table::{self, Undo};
+use crate::error::{Error, LiveTraffic, Result};
+use crate::events::DeployEvent;
+use crate::state::{HistoryEntry, InFlight, Outcome, Phase, Timestamp, Waiting};
+use crate::traits::{HookPoint, InstanceState};
+use crate::types::{Slot, TrafficSplit};
+
+impl Run<'_> {
+    /// Handles a failed phase: stop and ask after an irreversible step, otherwise undo.
+    pub(super) async fn fail(&mut self, phase: Phase, backend: String, err: Error) -> Error {
+        let f = self.flight().clone();
+        if let Some(what) = f.irreversible.clone() {
+            let reason = format!("{err} (after the irreversible step: {what})");
+            self.flight_mut().waiting = Some(Waiting::Decision {
+                reason: reason.clone(),
+            });
+            let mut cleanup = Vec::new();
+            if let Err(e) = self.save().await {
+                cleanup.push(format!("could not save the waiting state: {e}"));
+            }
+            self.emit(DeployEvent::Waiting {
+                id: f.id,
+                reason: reason.clone(),
+            });
+            return Error::Phase {
+                kind: f.kind.as_str(),
+                id: f.id,
+                phase,
+                backend,
+                live: if f.switched {
+                    LiveTraffic::Affected
+                } else {
+                    LiveTraffic::Untouched
+                },
+                cleanup,
+                source: Box::new(Error::NeedsDecision { reason }),
+            };
+        }
+        let reason = err.to_string();
+        let outcome = Outcome::Failed {
+            phase,
+            reason: reason.clone(),
+            rolled_back: false,
+        };
+        let (live, cleanup) = self.undo(reason, phase, outcome).await;
+        Error::Phase {
+            kind: f.kind.as_str(),
+            id: f.id,
+            phase,
+            backend,
+            live,
+            cleanup,
+            source: Box::new(err),
+        }
+    }
+
+    /// Undoes the flight that reached `phase`: what the table says the phases reached may have
+    /// left, as far as the flight's flags say it happened (resume, stop preview, switch back —
+    /// restarting the previous slot if needed —, roll the database back, remove the target), then
+    /// records `outcome`. Returns what happened to live traffic and any problems met (best effort,
+    /// never aborts).
+    pub(super) async fn undo(
+        &mut self,
+        reason: String,
+        phase: Phase,
+        outcome: Outcome,
+    ) -> (LiveTraffic, Vec<String>) {
+        let mut problems = Vec::new();
+        // An interrupt has been honoured by stopping; the undo itself must run to the end.
+        self.d.interrupted.store(false, Ordering::SeqCst);
+        self.flight_mut().failing = Some(reason.clone());
+        if let Err(e) = self.save().await {
+            problems.push(format!("saving the rollback marker failed: {e}"));
+        }
+        let f = self.flight().clone();
+        self.emit(DeployEvent::RollingBack {
+            id: f.id,
+            reason: reason.clone(),
+        });
+        let sw = self.d.switch.clone();
+        let env = self.d.environment.clone();
+        let caps = sw.capabilities();
+        let mut live = LiveTraffic::Untouched;
+        let mut target_serves = false;
+        for todo in table::undo_after(phase) {
+            match todo {
+                Undo::Resume if caps.pause && f.paused => {
+                    if let Err(e) = sw.resume().await {
+                        problems.push(format!("{}: resume failed: {e}", sw.name()));
+                    }
+                    self.flight_mut().paused = false;
+                }
+                Undo::StopPreview if caps.preview && f.previewing => {
+                    if let Err(e) = sw.preview(None, &self.endpoints()).await {
+                        problems.push(format!("{}: stopping preview failed: {e}", sw.name()));
+                    }
+                }
+                Undo::SwitchBack if f.switched => {
+                    let current = sw.current().await.ok().flatten();
+                    let moved = current
+                        .as_ref()
+                        .map(|c| c.weight(f.target) > 0)
+                        .unwrap_or(true);
+                    if !moved {
+                        continue;
+                    }
+                    match f.previous.filter(|p| *p != f.target) {
+                        Some(prev) => match self.switch_back(prev, &f).await {
+                            Ok(()) => live = LiveTraffic::RolledBack,
+                            Err(e) => {
+                                problems.push(format!("switching back to {prev} failed: {e}"));
+                                live = LiveTraffic::Affected;
+                                target_serves = true;
+                            }
+                        },
+                        // First deploy: there is nothing to switch back to, and there was no
+                        // live traffic before it.
+                        None => self.state.active = None,
+                    }
+                }
+                Undo::RollBackDatabase if !target_serves => {
+                    if let Some(db) = self.d.database.clone() {
+                        if let Err(e) = db.rollback(&self.db_ctx()).await {
+                            problems.push(format!("{}: database rollback failed: {e}", db.name()));
+                        }
+                    }
+                }
+                Undo::RunAfterRollbackHooks if live == LiveTraffic::RolledBack => {
+                    if let Err((name, e)) = self.run_hooks(HookPoint::AfterRollback).await {
+                        problems.push(format!("after_rollback hook {name} failed: {e}"));
+                    }
+                }
+                Undo::RemoveTarget if !f.reuse_target && !target_serves => {
+                    match env.remove(f.target).await {
+                        Ok(()) => self.state.slots.set(f.target, None),
+                        Err(e) => problems.push(format!(
+                            "{}: removing target {} failed: {e} (remove it with `cleanup`)",
+                            env.name(),
+                            f.target
+                        )),
+                    }
+                }
+                _ => {}
+            }
+        }
+        let outcome = match outcome {
+            Outcome::Failed { phase, reason, .. } => Outcome::Failed {
+                phase,
+                reason,
+                rolled_back: live == LiveTraffic::RolledBack,
+            },
+            o => o,
+        };
+        self.state.in_flight = None;
+        self.state.record(HistoryEntry {
+            id: f.id,
+            kind: f.kind,
+            version: f.release.version.clone(),
+            slot: f.target,
+            outcome: outcome.clone(),
+            started_at: f.started_at,
+            finished_at: Timestamp::now(),
+        });
+        if let Err(e) = self.save().await {
+            problems.push(format!("saving the final state failed: {e}"));
+        }
+        self.emit(DeployEvent::Finished {
+            id: f.id,
+            outcome,
+            elapsed: self.started.elapsed(),
+        });
+        (live, problems)
+    }
+
+    /// Routes all traffic back to `prev`, restarting it first if it was stopped.
+    async fn switch_back(&mut self, prev: Slot, f: &InFlight) -> Result<()> {
+        let sw = self.d.switch.clone();
+        let env = self.d.environment.clone();
+        let mut eps = self.endpoints();
+        let status = env.status(prev).await?;
+        if status.state != InstanceState::Running {
+            // The old slot was stopped (e.g. a failure after draining): start it again first.
+            let record =
+                self.state
+                    .slots
+                    .get(prev)
+                    .clone()
+                    .ok_or_else(|| Error::NothingToRollBack {
+                        reason: format!(
+                            "slot {prev} is {:?} and its release is unknown",
+                            status.state
+                        ),
+                    })?;
+            let new_eps = self.retry(|| env.deploy(prev, &record.release)).await?;
+            self.await_healthy(prev, &new_eps)
+                .await
+                .map_err(|(_, e)| e)?;
+            eps.set(prev, new_eps.clone());
+            if let Some(r) = self.state.slots.get_mut(prev) {
+                r.endpoints = new_eps;
+            }
+        }
+        let split = f
+            .previous_split
+            .clone()
+            .filter(|s| s.weight(prev) == 100)
+            .unwrap_or_else(|| TrafficSplit::all(prev));
+        self.retry(|| sw.apply(&split, &eps)).await?;
+        let now = sw.current().await?;
+        if !now
+            .as_ref()
+            .map(|c| c.same_weights(&split))
+            .unwrap_or(false)
+        {
+            return Err(Error::VerifyMismatch {
+                expected: split,
+                actual: now.map(|s| s.to_string()).unwrap_or_else(|| "none".into()),
+            });
+        }
+        self.state.split = Some(split.clone());
+        self.state.active = Some(prev);
+        self.emit(DeployEvent::Switched { id: f.id, split });
+        Ok(())
+    }
+}
