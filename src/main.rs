@@ -58,6 +58,10 @@ enum Command {
     Deploy {
         /// The release's version label.
         version: String,
+        /// Deploy even when VERSION is already live: the idle slot, which holds the rollback
+        /// target, is replaced by VERSION.
+        #[arg(long)]
+        redeploy: bool,
     },
     /// What `deploy VERSION` would do, changing nothing.
     Plan {
@@ -188,10 +192,30 @@ fn progress(deployer: &Deployer, mode: Mode) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Before `deploy --redeploy` of the live version: the idle slot's release is about to go.
+async fn warn_rollback_target_lost(d: &Deployer, version: &str) {
+    let Ok(st) = d.status().await else { return };
+    let state = &st.state;
+    let live = state.live_release().map(|r| r.version.as_str());
+    if live != Some(version) {
+        return;
+    }
+    if let Some(idle) = state.active.map(|a| a.other()) {
+        if let Some(r) = state.slots.get(idle) {
+            eprintln!(
+                "warning: {version} is already live; redeploying replaces {0} on {idle}, the \
+                 rollback target: `rollback` will no longer reach {0}",
+                r.release.version
+            );
+        }
+    }
+}
+
 fn report_result(mode: Mode, r: &Report) -> ExitCode {
     let (status, code) = match &r.outcome {
         RunOutcome::Live => ("live", 0),
         RunOutcome::RolledBack => ("rolled_back", 0),
+        RunOutcome::AlreadyLive => ("already_live", 0),
         RunOutcome::Waiting(_) => ("waiting", 4),
     };
     if mode == Mode::Json {
@@ -221,6 +245,11 @@ fn report_result(mode: Mode, r: &Report) -> ExitCode {
                 r.elapsed.as_secs_f64()
             ),
             RunOutcome::RolledBack => println!("#{} rolled back; the previous slot serves", r.id),
+            RunOutcome::AlreadyLive => println!(
+                "{} is already live on {} (deployment #{}); nothing changed \
+                 (`deploy --redeploy` replaces the idle slot)",
+                r.version, r.target, r.id
+            ),
             RunOutcome::Waiting(w) => {
                 let why = match w {
                     Waiting::Gate => "the promotion gate".to_string(),
@@ -445,9 +474,14 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
     let d = p.deployer(&state_dir).await?;
     Ok(match cli.command {
         Command::Serve => unreachable!(),
-        Command::Deploy { version } => {
+        Command::Deploy { version, redeploy } => {
             let release = p.release(&version)?;
-            run_op(&d, mode, d.deploy(release)).await
+            if redeploy {
+                warn_rollback_target_lost(&d, &version).await;
+                run_op(&d, mode, d.redeploy(release)).await
+            } else {
+                run_op(&d, mode, d.deploy(release)).await
+            }
         }
         Command::Rollback => run_op(&d, mode, d.rollback()).await,
         Command::Promote => run_op(&d, mode, d.promote()).await,

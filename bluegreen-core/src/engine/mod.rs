@@ -142,6 +142,10 @@ impl Deployer {
 
     /// Deploys `release` to the idle slot and switches traffic to it.
     ///
+    /// Deploying the version that is already live, running and receiving all traffic changes
+    /// nothing and returns [`RunOutcome::AlreadyLive`]: the idle slot keeps the rollback target (a
+    /// retried CI job must not destroy it). [`Deployer::redeploy`] replaces the idle slot anyway.
+    ///
     /// A deployment found in flight from a crashed run is recovered first (see [`Deployer::recover`]);
     /// one waiting for a person is refused with [`Error::InFlight`].
     ///
@@ -149,9 +153,25 @@ impl Deployer {
     /// [`Error::Phase`] naming the phase, the backend and what happened to live traffic; before it
     /// starts, [`Error::Locked`], [`Error::InFlight`] or [`Error::MissingCapability`].
     pub async fn deploy(&self, release: Release) -> Result<Report> {
+        self.deploy_release(release, false).await
+    }
+
+    /// Deploys `release` to the idle slot even when its version is already live. The idle slot's
+    /// release, the rollback target, is replaced: afterwards both slots hold this version and
+    /// `rollback` can only reach an older release by redeploying it from the state's record.
+    pub async fn redeploy(&self, release: Release) -> Result<Report> {
+        self.deploy_release(release, true).await
+    }
+
+    async fn deploy_release(&self, release: Release, redeploy: bool) -> Result<Report> {
         let mut run = self.begin(format!("deploy {}", release.version)).await?;
         let res = async {
             run.recover_if_crashed().await?;
+            if !redeploy {
+                if let Some(report) = run.already_live(&release).await? {
+                    return Ok(report);
+                }
+            }
             let (target, previous) = plan_target(&run.state);
             check_capabilities(run.d, RunKind::Deploy)?;
             run.start(RunKind::Deploy, release, target, previous, false)

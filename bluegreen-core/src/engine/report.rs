@@ -16,6 +16,9 @@ pub enum RunOutcome {
     Waiting(Waiting),
     /// Undone; the previous slot serves (used by `abort` and crash recovery).
     RolledBack,
+    /// Nothing to do: this version was already live, running and receiving all traffic. The
+    /// report names the deployment that put it there.
+    AlreadyLive,
 }
 
 /// The result of a run that did not fail.

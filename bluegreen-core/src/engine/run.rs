@@ -11,8 +11,10 @@ use crate::error::{Error, LiveTraffic, Result};
 use crate::events::DeployEvent;
 use crate::policy::{CanaryStep, OnTimeout, Policy};
 use crate::state::{DeploymentState, InFlight, Phase, RunKind};
-use crate::traits::{DbBinding, DbContext, DbStep, HookContext, HookPoint, Reversibility};
-use crate::types::{Endpoints, Slot, TrafficSplit};
+use crate::traits::{
+    DbBinding, DbContext, DbStep, HookContext, HookPoint, InstanceState, Reversibility,
+};
+use crate::types::{Endpoints, Release, Slot, TrafficSplit};
 
 /// A phase failure: the backend that failed and the error.
 pub(super) type Failure = (String, Error);
@@ -203,6 +205,47 @@ impl<'a> Run<'a> {
             outcome,
             elapsed: self.started.elapsed(),
         }
+    }
+
+    /// The report of a deploy that has nothing to do: `release`'s version is live on the active
+    /// slot, the environment runs it there and the switch sends it all traffic. `None` otherwise
+    /// (a live version that is not really serving is deployed again).
+    pub(super) async fn already_live(&self, release: &Release) -> Result<Option<Report>> {
+        let Some(active) = self.state.active else {
+            return Ok(None);
+        };
+        let Some(record) = self.state.slots.get(active).as_ref() else {
+            return Ok(None);
+        };
+        if record.release.version != release.version {
+            return Ok(None);
+        }
+        let status = self.d.environment.status(active).await?;
+        let serving = status.state == InstanceState::Running
+            && status.version.as_ref() == Some(&release.version)
+            && self
+                .d
+                .switch
+                .current()
+                .await?
+                .map(|c| c.weight(active) == 100)
+                .unwrap_or(false);
+        if !serving {
+            tracing::warn!(
+                version = %release.version,
+                slot = %active,
+                "the version is recorded live but is not serving; deploying it again"
+            );
+            return Ok(None);
+        }
+        Ok(Some(Report {
+            id: record.deployment,
+            kind: RunKind::Deploy,
+            version: release.version.clone(),
+            target: active,
+            outcome: RunOutcome::AlreadyLive,
+            elapsed: self.started.elapsed(),
+        }))
     }
 
     pub(super) fn report_last(&self, outcome: RunOutcome) -> Report {
