@@ -57,7 +57,8 @@ async fn copied_passes_the_database_suite() {
             live_intact: Some(live_intact),
         },
     )
-    .await;
+    .await
+    .assert_complete();
 
     let admin = cluster.client("postgres").await.unwrap();
     let exists = |name: &'static str| {

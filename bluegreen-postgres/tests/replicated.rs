@@ -103,7 +103,8 @@ async fn replicated_passes_the_database_suite_and_cleans_up() {
             live_intact: Some(live_intact),
         },
     )
-    .await;
+    .await
+    .assert_complete();
     let admin = cluster.client("postgres").await.unwrap();
     assert!(db_exists(&admin, "app_blue").await);
     assert!(

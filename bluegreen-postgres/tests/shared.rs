@@ -140,7 +140,8 @@ async fn shared_passes_the_database_suite_and_contract_waits_for_finalize() {
             live_intact: Some(live_intact),
         },
     )
-    .await;
+    .await
+    .assert_complete();
     let (_, step) = db
         .prepare(&ctx(Some(Slot::Blue), Slot::Green))
         .await

@@ -1229,7 +1229,8 @@ mod tests {
     async fn memory_store_passes_the_state_store_suite() {
         let shared = MemoryStateStore::new();
         crate::testkit::state_store_suite(&move || Arc::new(shared.clone()) as Arc<dyn StateStore>)
-            .await;
+            .await
+            .assert_complete();
     }
 
     #[tokio::test]
@@ -1252,13 +1253,78 @@ mod tests {
             let live = f3.live();
             Box::pin(async move { live.ok_or_else(|| Error::invalid("split", "", "none")) })
         }));
-        crate::testkit::switch_suite(&f.switch(), &suite).await;
+        let report = crate::testkit::switch_suite(&f.switch(), &suite).await;
+        report.assert_complete();
+        assert!(
+            report
+                .ran()
+                .iter()
+                .any(|c| c == "switch_apply_is_idempotent: data path"),
+            "{report}"
+        );
         let boxed: Box<dyn TrafficSwitch> = Box::new(f.switch());
-        crate::testkit::switch_suite(boxed.as_ref(), &suite).await;
+        crate::testkit::switch_suite(boxed.as_ref(), &suite)
+            .await
+            .assert_complete();
 
         // With fewer capabilities the suite checks the refusals instead.
         f.set_capabilities(Capabilities::basic());
-        crate::testkit::switch_suite(&f.switch(), &suite).await;
+        crate::testkit::switch_suite(&f.switch(), &suite)
+            .await
+            .assert_complete();
+    }
+
+    #[tokio::test]
+    async fn a_suite_without_its_callbacks_reports_what_it_skipped() {
+        let f = Fakes::new();
+        let env = f.environment();
+        let r = Release::new("v1", "app").unwrap();
+        let eps = Endpoints::new(
+            env.deploy(Slot::Blue, &r).await.unwrap(),
+            env.deploy(Slot::Green, &r).await.unwrap(),
+        );
+        let report =
+            crate::testkit::switch_suite(&f.switch(), &crate::testkit::SwitchSuite::new(eps)).await;
+        assert!(!report.is_complete());
+        assert!(report.was_skipped("data path"), "{report}");
+        assert!(
+            report.was_skipped("switch_current_reads_the_proxy"),
+            "{report}"
+        );
+        assert!(
+            report
+                .skipped()
+                .iter()
+                .all(|s| s.why.starts_with("no served_by") || s.why.starts_with("no reopen")),
+            "{report}"
+        );
+        // The checks that could run, ran.
+        assert!(
+            report
+                .ran()
+                .iter()
+                .any(|c| c == "switch_apply_then_current_reads_back"),
+            "{report}"
+        );
+        assert!(report.to_string().contains("skipped:"), "{report}");
+
+        let report = crate::testkit::database_suite(
+            &f.database(),
+            &crate::testkit::DatabaseSuite {
+                release: r,
+                live_intact: None,
+            },
+        )
+        .await;
+        assert!(report.was_skipped("live side intact"), "{report}");
+    }
+
+    #[test]
+    #[should_panic(expected = "skipped checks")]
+    fn assert_complete_names_what_was_skipped() {
+        let mut r = crate::testkit::SuiteReport::default();
+        r.record_skip("a check", "a reason");
+        r.assert_complete();
     }
 
     #[tokio::test]
@@ -1269,7 +1335,9 @@ mod tests {
             ready_timeout: Duration::from_secs(1),
             exec_argv: Some(vec!["migrate".into()]),
         };
-        crate::testkit::environment_suite(&f.environment(), &suite).await;
+        crate::testkit::environment_suite(&f.environment(), &suite)
+            .await
+            .assert_complete();
     }
 
     #[tokio::test]
@@ -1277,9 +1345,11 @@ mod tests {
         let f = Fakes::new();
         let suite = crate::testkit::DatabaseSuite {
             release: Release::new("v1", "app").unwrap(),
-            live_intact: None,
+            live_intact: Some(Arc::new(|_| Box::pin(async { true }))),
         };
-        crate::testkit::database_suite(&f.database(), &suite).await;
+        crate::testkit::database_suite(&f.database(), &suite)
+            .await
+            .assert_complete();
         assert_eq!(f.db_prepared(), vec![Slot::Blue]);
     }
 }
