@@ -24,7 +24,7 @@ use crate::state::{
 };
 use crate::traits::{
     DatabaseStrategy, DbBinding, DbContext, DbStep, Environment, HealthCheck, Hook, HookContext,
-    HookPoint, InstanceState, Reversibility, SlotStatus, StateStore, TrafficSwitch,
+    HookPoint, InstanceState, Prepared, Reversibility, SlotStatus, StateStore, TrafficSwitch,
 };
 use crate::types::{Endpoint, Endpoints, PerSlot, Release, Slot, TrafficSplit, Version};
 use crate::HookOptions;
@@ -1323,7 +1323,7 @@ impl<'a> Run<'a> {
         let Some(db) = self.d.database.clone() else {
             return Ok(Step::Skip("no database strategy", Phase::BeforeDeployHook));
         };
-        let (binding, step) = {
+        let Prepared { binding, step } = {
             let ctx = self.db_ctx();
             self.retry(|| db.prepare(&ctx)).await
         }
@@ -1348,12 +1348,12 @@ impl<'a> Run<'a> {
         if self.binding.is_none() {
             // Resumed after a crash: the secret part of the binding was never persisted.
             if let Some(db) = self.d.database.clone() {
-                let (b, _) = {
+                let prepared = {
                     let ctx = self.db_ctx();
                     self.retry(|| db.prepare(&ctx)).await
                 }
                 .by(db.name())?;
-                self.binding = Some(b);
+                self.binding = Some(prepared.binding);
             }
         }
         let f = self.flight();

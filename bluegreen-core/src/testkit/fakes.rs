@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::state::{new_token, DeploymentState, Lease, LockInfo, LockOwner, Timestamp};
 use crate::traits::{
     Capabilities, DatabaseStrategy, DbBinding, DbContext, DbStep, Environment, ExecOutput,
-    HealthCheck, HealthReport, Hook, HookContext, InstanceState, SlotMetrics, SlotStatus,
+    HealthCheck, HealthReport, Hook, HookContext, InstanceState, Prepared, SlotMetrics, SlotStatus,
     StateStore, TrafficSwitch, TrafficSwitchExt,
 };
 use crate::types::{Endpoint, Endpoints, PerSlot, Release, Slot, TrafficSplit};
@@ -926,14 +926,14 @@ impl DatabaseStrategy for FakeDatabase {
         "fake-database"
     }
 
-    async fn prepare(&self, ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
+    async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
         hit(&self.world, self.name(), Op::DatabasePrepare).await?;
         record(&self.world, format!("database.prepare {}", ctx.target));
         lock(&self.world).db_prepared.insert(ctx.target);
         let binding = DbBinding::none()
             .with_env("DATABASE_NAME", format!("app_{}", ctx.target))
             .with_secret("DATABASE_PASSWORD", "fake-secret-password");
-        Ok((binding, DbStep::reversible("prepared")))
+        Ok(Prepared::new(binding, DbStep::reversible("prepared")))
     }
 
     async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep> {
@@ -1317,6 +1317,49 @@ mod tests {
         )
         .await;
         assert!(report.was_skipped("live side intact"), "{report}");
+    }
+
+    /// A strategy that needs only `prepare` (e.g. one database reached under another name)
+    /// writes only `name` and `prepare`: the other steps are the trait's no-ops.
+    #[derive(Debug)]
+    struct OnlyPrepare;
+
+    #[async_trait]
+    impl DatabaseStrategy for OnlyPrepare {
+        fn name(&self) -> &str {
+            "only-prepare"
+        }
+
+        async fn prepare(&self, _ctx: &DbContext) -> Result<Prepared> {
+            Ok(Prepared::new(
+                DbBinding::none().with_env("PGDATABASE", "app"),
+                DbStep::reversible("nothing to copy"),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_strategy_with_only_name_and_prepare_passes_the_database_suite() {
+        let db = OnlyPrepare;
+        let ctx = DbContext {
+            live: None,
+            target: Slot::Blue,
+            release: Release::new("v1", "app").unwrap(),
+        };
+        assert_eq!(
+            db.before_switch(&ctx).await.unwrap(),
+            DbStep::nothing_to_do()
+        );
+        assert_eq!(db.finalize(&ctx).await.unwrap(), DbStep::nothing_to_do());
+        crate::testkit::database_suite(
+            &db,
+            &crate::testkit::DatabaseSuite {
+                release: ctx.release.clone(),
+                live_intact: Some(Arc::new(|_| Box::pin(async { true }))),
+            },
+        )
+        .await
+        .assert_complete();
     }
 
     #[test]

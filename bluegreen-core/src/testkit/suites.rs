@@ -665,16 +665,16 @@ pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) ->
         target: Slot::Green,
         release: suite.release.clone(),
     };
-    let (b1, _) = db
+    let p1 = db
         .prepare(&second)
         .await
         .unwrap_or_else(|e| panic!("{name}: prepare(green) failed: {e}"));
-    let (b2, _) = db
+    let p2 = db
         .prepare(&second)
         .await
         .unwrap_or_else(|e| panic!("{name}: prepare is not idempotent: {e}"));
     assert_eq!(
-        b1.env, b2.env,
+        p1.binding.env, p2.binding.env,
         "{name}: a repeated prepare changed the binding"
     );
     db.rollback(&second)
