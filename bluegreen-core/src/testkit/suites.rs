@@ -77,6 +77,11 @@ impl SuiteReport {
         &self.skipped
     }
 
+    /// Whether the check named `check` ran (`"switch_apply_is_idempotent: data path"`).
+    pub fn has_run(&self, check: &str) -> bool {
+        self.ran.iter().any(|c| c == check)
+    }
+
     /// Whether a check whose name contains `what` was skipped (`"data path"`).
     pub fn was_skipped(&self, what: &str) -> bool {
         self.skipped.iter().any(|s| s.check.contains(what))
