@@ -677,7 +677,9 @@ async fn fault_switch_apply() {
 #[tokio::test]
 async fn fault_switch_read_back() {
     let w = with_v1(fast_policy()).await;
-    // apply succeeds; reading the proxy back fails twice (both attempts of the retry policy).
+    // apply succeeds; reading the proxy back fails (not retryable), and so does undo's own read
+    // of where traffic is: undo then assumes traffic moved and switches back.
+    let reads = w.fakes.call_count(Op::SwitchCurrent);
     w.fakes.fail_on_call(
         Op::SwitchCurrent,
         w.fakes.call_count(Op::SwitchCurrent) + 1,
@@ -692,6 +694,11 @@ async fn fault_switch_read_back() {
     assert_eq!(err.live_traffic(), Some(LiveTraffic::RolledBack), "{err}");
     assert_v1_untouched(&w, &err, Phase::Switch, "fake-switch").await;
     assert_eq!(w.fakes.switch_count(), 2, "switched, then back");
+    assert_eq!(
+        w.fakes.call_count(Op::SwitchCurrent),
+        reads + 3,
+        "the read-back once (not retried), undo's read, the read-back after switching back"
+    );
 }
 
 #[tokio::test]
