@@ -28,7 +28,9 @@ use std::time::Duration;
 use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
 use bluegreen::health::HttpCheck;
 use bluegreen::postgres::{Migration, Shared, SharedConfig};
-use bluegreen::{Deployer, FileStateStore, HttpVersionProbe, Policy, Release, VersionMarker};
+use bluegreen::{
+    Deployer, FileStateStore, HttpVersionProbe, Policy, Release, Version, VersionMarker,
+};
 
 mod common;
 use common::{live, missing, Load, LocalHaproxy};
@@ -37,8 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     common::main_or_demo(compose_style)
 }
 
-/// The migrations each release ships with.
-fn migrations(version: &str) -> Vec<Migration> {
+/// The migrations each release ships with, found by its version: one `Shared` strategy (and one
+/// `Deployer`) serves every release.
+fn migrations(version: &Version) -> bluegreen::Result<Vec<Migration>> {
+    let version = version.as_str();
     let mut m = vec![Migration::expand(
         "001_orders",
         "CREATE TABLE orders (id bigserial PRIMARY KEY, total_cents int NOT NULL, legacy_code text);
@@ -61,7 +65,7 @@ fn migrations(version: &str) -> Vec<Migration> {
             "ALTER TABLE orders RENAME COLUMN customer TO client;",
         ));
     }
-    m
+    Ok(m)
 }
 
 async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
@@ -99,27 +103,25 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
     let shared_db = admin.clone().with_dbname(&db);
 
     let public = format!("http://127.0.0.1:{}/", haproxy.port);
-    let deployer_for = |version: &str| -> bluegreen::Result<Deployer> {
-        Deployer::builder()
-            .environment(Arc::new(env.clone()))
-            .switch(Arc::new(HaproxySwitch::new(config.clone())?))
-            .database(Arc::new(Shared::new(
-                SharedConfig::new(shared_db.clone()).with_migrations(migrations(version)),
-            )?))
-            .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))
-            .health_check(Arc::new(HttpCheck::new("/health")))
-            .verify_data_path(Arc::new(HttpVersionProbe::new(
-                public.clone(),
-                VersionMarker::Header("x-bluegreen-version".into()),
-            )))
-            .policy(
-                Policy::default()
-                    .with_readiness_timeout(Duration::from_secs(60))
-                    .with_observation(Duration::from_secs(2), Duration::from_millis(250))
-                    .with_drain_timeout(Duration::from_secs(5)),
-            )
-            .build()
-    };
+    let d = Deployer::builder()
+        .environment(Arc::new(env.clone()))
+        .switch(Arc::new(HaproxySwitch::new(config.clone())?))
+        .database(Arc::new(
+            Shared::new(SharedConfig::new(shared_db.clone()))?.with_release_migrations(migrations),
+        ))
+        .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))
+        .health_check(Arc::new(HttpCheck::new("/health")))
+        .verify_data_path(Arc::new(HttpVersionProbe::new(
+            public.clone(),
+            VersionMarker::Header("x-bluegreen-version".into()),
+        )))
+        .policy(
+            Policy::default()
+                .with_readiness_timeout(Duration::from_secs(60))
+                .with_observation(Duration::from_secs(2), Duration::from_millis(250))
+                .with_drain_timeout(Duration::from_secs(5)),
+        )
+        .build()?;
     let release = |v: &str| Release::new(v, image.clone());
     let columns = || async {
         let c = shared_db.connect("example").await?;
@@ -136,7 +138,6 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
 
     let outcome = async {
         println!("\n1. deploy v1 (expand: 001_orders)");
-        let d = deployer_for("v1")?;
         let printer = common::print_events(&d);
         live(d.deploy(release("v1")?).await?)?;
         printer.abort();
@@ -147,7 +148,6 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "\n2. deploy v2 through HAProxy while clients send requests (expand: 002_customer)"
         );
-        let d = deployer_for("v2")?;
         let printer = common::print_events(&d);
         live(d.deploy(release("v2")?).await?)?;
         printer.abort();
@@ -170,13 +170,10 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
         }
 
         println!("\n4. deploy v3, whose expand migration renames a column v2 reads");
-        // The check runs when the strategy is built (and again before the migration runs).
-        let refused = match deployer_for("v3") {
+        // The check runs when v3's database is prepared, before anything runs for it.
+        let refused = match d.deploy(release("v3")?).await {
+            Ok(r) => return Err(format!("v3 should have been refused: {r:?}").into()),
             Err(e) => e,
-            Ok(d3) => match d3.deploy(release("v3")?).await {
-                Ok(r) => return Err(format!("v3 should have been refused: {r:?}").into()),
-                Err(e) => e,
-            },
         };
         println!("   refused as expected:\n   {refused}");
         common::expect_live(&d, "v2").await?;

@@ -38,34 +38,42 @@
 //! deployer.deploy(Release::new("v2", "./target/release/my-app")?).await?;
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
 pub use bluegreen_core::*;
 
 #[cfg(feature = "proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 #[doc(inline)]
 pub use bluegreen_proxy as proxy;
 
 #[cfg(feature = "process")]
+#[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 #[doc(inline)]
 pub use bluegreen_process as process;
 
 #[cfg(feature = "docker")]
+#[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
 #[doc(inline)]
 pub use bluegreen_docker as docker;
 
 #[cfg(feature = "nginx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nginx")))]
 #[doc(inline)]
 pub use bluegreen_nginx as nginx;
 
 #[cfg(feature = "haproxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "haproxy")))]
 #[doc(inline)]
 pub use bluegreen_haproxy as haproxy;
 
 #[cfg(feature = "traefik")]
+#[cfg_attr(docsrs, doc(cfg(feature = "traefik")))]
 #[doc(inline)]
 pub use bluegreen_traefik as traefik;
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[doc(inline)]
 pub use bluegreen_postgres as postgres;

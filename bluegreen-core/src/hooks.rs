@@ -64,7 +64,7 @@ impl Hook for ExecHook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::Fakes;
+    use crate::testkit::{Fakes, Op};
     use crate::{Environment, HookPoint, Release, Slot};
     use std::sync::Arc;
 
@@ -88,7 +88,7 @@ mod tests {
         assert!(fakes
             .calls()
             .contains(&"environment.exec green migrate --all".to_string()));
-        fakes.fail_next("environment.exec", "no such container");
+        fakes.fail_next(Op::EnvironmentExec, "no such container");
         let err = hook.run(&ctx).await.unwrap_err();
         assert!(err.to_string().contains("no such container"), "{err}");
         assert!(ExecHook::new("x", vec![]).is_err());

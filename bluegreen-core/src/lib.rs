@@ -93,12 +93,21 @@
 //!
 //! ## Crate feature flags
 //!
-//! - `testkit`: the [`testkit`] module: conformance suites every backend runs, and in-memory fakes
-//!   with fault injection for your own tests.
+//! - `testkit`: the [`testkit`][testkit-module] module: conformance suites every backend runs, and
+//!   in-memory fakes with fault injection for your own tests.
 //!
 //! ## Supported Rust versions
 //!
 //! The workspace's `rust-version` (1.89) and newer.
+//!
+// The testkit module exists only with its feature: without it the link goes to the docs.rs build
+// (all features), so `cargo doc` has no broken link either way.
+#![cfg_attr(feature = "testkit", doc = "[testkit-module]: crate::testkit")]
+#![cfg_attr(
+    not(feature = "testkit"),
+    doc = "[testkit-module]: https://docs.rs/bluegreen-core/latest/bluegreen_core/testkit/"
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
 pub mod analysis;
@@ -111,6 +120,7 @@ pub mod policy;
 pub mod state;
 pub mod store;
 #[cfg(any(test, feature = "testkit"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 pub mod traits;
 pub mod types;

@@ -278,7 +278,8 @@ mod tests {
         crate::testkit::state_store_suite(&move || {
             Arc::new(FileStateStore::new(&path).unwrap()) as Arc<dyn StateStore>
         })
-        .await;
+        .await
+        .assert_complete();
     }
 
     #[tokio::test]

@@ -433,9 +433,33 @@ impl DbStep {
         }
     }
 
+    /// The reversible step of a strategy with nothing to do at that point (`nothing to do`).
+    pub fn nothing_to_do() -> Self {
+        DbStep::reversible("nothing to do")
+    }
+
     /// True if reversible.
     pub fn is_reversible(&self) -> bool {
         self.reversibility == Reversibility::Reversible
+    }
+}
+
+/// What [`DatabaseStrategy::prepare`] returns: the binding for the target release and what was
+/// done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Prepared {
+    /// Connection settings merged into the target release's environment (secrets stay in
+    /// [`DbBinding::secret_env`], redacted and never persisted).
+    pub binding: DbBinding,
+    /// What `prepare` did, and whether it can be undone.
+    pub step: DbStep,
+}
+
+impl Prepared {
+    /// `binding` for the target, after `step`.
+    pub fn new(binding: DbBinding, step: DbStep) -> Self {
+        Prepared { binding, step }
     }
 }
 
@@ -452,6 +476,13 @@ pub struct DbContext {
 
 /// How the two slots share (or do not share) a database.
 ///
+/// Only [`name`](Self::name) and [`prepare`](Self::prepare) are required; the other steps default
+/// to doing nothing (a reversible "nothing to do" step), for strategies that need no work there.
+///
+/// What a step does for a release is found from [`DbContext::release`] (e.g. the migrations that
+/// release ships with, by its version), so one strategy, and one [`Deployer`](crate::Deployer),
+/// serves every release.
+///
 /// # Behavior
 /// - `prepare` is idempotent for the same target: after a crash the engine may call it again.
 /// - `rollback` undoes every reversible step done for this target and leaves the live side's data
@@ -459,26 +490,40 @@ pub struct DbContext {
 /// - Each step reports whether it is reversible ([`DbStep`]).
 ///
 /// # Errors
-/// [`Error::Backend`] naming the step; a failed step leaves nothing half-done on the live side.
+/// [`Error::Backend`] naming the step, with `backend` equal to [`name`](Self::name); a failed step
+/// leaves nothing half-done on the live side.
 #[async_trait]
 pub trait DatabaseStrategy: Send + Sync + Debug {
-    /// The strategy's name (`shared`, `copied`, `replicated`).
+    /// The strategy's name, as its errors name the backend (`postgres shared`, …).
     fn name(&self) -> &str;
 
     /// Prepares the target's database; returns the binding for the target release.
-    async fn prepare(&self, ctx: &DbContext) -> Result<(DbBinding, DbStep)>;
+    async fn prepare(&self, ctx: &DbContext) -> Result<Prepared>;
 
-    /// Just before the switch (drain replication, sync sequences).
-    async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep>;
+    /// Just before the switch (drain replication, sync sequences). Default: nothing to do.
+    async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep> {
+        let _ = ctx;
+        Ok(DbStep::nothing_to_do())
+    }
 
-    /// Just after the switch.
-    async fn after_switch(&self, ctx: &DbContext) -> Result<DbStep>;
+    /// Just after the switch. Default: nothing to do.
+    async fn after_switch(&self, ctx: &DbContext) -> Result<DbStep> {
+        let _ = ctx;
+        Ok(DbStep::nothing_to_do())
+    }
 
-    /// Undoes what was done for the target.
-    async fn rollback(&self, ctx: &DbContext) -> Result<()>;
+    /// Undoes what was done for the target. Default: nothing to undo.
+    async fn rollback(&self, ctx: &DbContext) -> Result<()> {
+        let _ = ctx;
+        Ok(())
+    }
 
-    /// Drops what the old side no longer needs (after the old slot is gone).
-    async fn finalize(&self, ctx: &DbContext) -> Result<DbStep>;
+    /// Drops what the old side no longer needs (after the old slot is gone). Default: nothing to
+    /// do.
+    async fn finalize(&self, ctx: &DbContext) -> Result<DbStep> {
+        let _ = ctx;
+        Ok(DbStep::nothing_to_do())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bluegreen_core::testkit::Fakes;
+use bluegreen_core::testkit::{Fakes, Op};
 use bluegreen_core::*;
 
 fn fast_policy() -> Policy {
@@ -183,13 +183,13 @@ async fn deploy_switches_to_the_idle_slot_and_runs_every_phase_in_order() {
 async fn rollback_to_a_warm_slot_is_a_switch_back_without_redeploying() {
     let w = with_v1(fast_policy()).await;
     w.deployer.deploy(release("v2")).await.unwrap();
-    let deploys = w.fakes.call_count("environment.deploy");
+    let deploys = w.fakes.call_count(Op::EnvironmentDeploy);
     let report = w.deployer.rollback().await.unwrap();
     assert_eq!(report.kind, RunKind::Rollback);
     assert_eq!(report.version.as_str(), "v1");
     assert_eq!(w.fakes.live(), Some(Slot::Blue));
     assert_eq!(
-        w.fakes.call_count("environment.deploy"),
+        w.fakes.call_count(Op::EnvironmentDeploy),
         deploys,
         "rollback redeployed"
     );
@@ -202,10 +202,10 @@ async fn rollback_redeploys_a_stopped_previous_release() {
     let w = with_v1(fast_policy().with_keep_old(KeepOld::Stop)).await;
     w.deployer.deploy(release("v2")).await.unwrap();
     assert_eq!(w.fakes.instance_state(Slot::Blue), InstanceState::Stopped);
-    let deploys = w.fakes.call_count("environment.deploy");
+    let deploys = w.fakes.call_count(Op::EnvironmentDeploy);
     w.deployer.rollback().await.unwrap();
     assert_eq!(
-        w.fakes.call_count("environment.deploy"),
+        w.fakes.call_count(Op::EnvironmentDeploy),
         deploys + 1,
         "v1 was not redeployed"
     );
@@ -225,9 +225,9 @@ async fn rollback_redeploys_when_the_warm_slot_died() {
         .stop(Slot::Blue, Duration::ZERO)
         .await
         .unwrap();
-    let deploys = w.fakes.call_count("environment.deploy");
+    let deploys = w.fakes.call_count(Op::EnvironmentDeploy);
     w.deployer.rollback().await.unwrap();
-    assert_eq!(w.fakes.call_count("environment.deploy"), deploys + 1);
+    assert_eq!(w.fakes.call_count(Op::EnvironmentDeploy), deploys + 1);
     assert_eq!(w.fakes.live(), Some(Slot::Blue));
     assert_eq!(w.fakes.running(Slot::Blue).as_deref(), Some("v1"));
 }
@@ -446,9 +446,50 @@ async fn cleanup_removes_the_idle_slot_and_reset_removes_everything() {
 #[tokio::test]
 async fn a_retryable_backend_error_is_retried_once_per_policy() {
     let w = with_v1(fast_policy()).await;
+    let applies = w.fakes.call_count(Op::SwitchApply);
     w.fakes
-        .fail_next_retryable("switch.apply", "connection reset");
+        .fail_next_retryable(Op::SwitchApply, "connection reset");
     w.deployer.deploy(release("v2")).await.unwrap();
+    assert_eq!(w.fakes.live(), Some(Slot::Green));
+    // One apply per deploy without canary steps: the failed attempt and its retry.
+    assert_eq!(
+        w.fakes.call_count(Op::SwitchApply),
+        applies + 2,
+        "attempts of switch.apply"
+    );
+}
+
+#[tokio::test]
+async fn a_retryable_error_is_attempted_as_often_as_the_policy_says_and_no_more() {
+    // fast_policy: 2 attempts in all.
+    let w = with_v1(fast_policy()).await;
+    let deploys = w.fakes.call_count(Op::EnvironmentDeploy);
+    w.fakes
+        .fail_next_retryable(Op::EnvironmentDeploy, "registry timeout");
+    w.fakes
+        .fail_next_retryable(Op::EnvironmentDeploy, "registry timeout");
+    let err = w.deployer.deploy(release("v2")).await.unwrap_err();
+    assert!(err.to_string().contains("registry timeout"), "{err}");
+    assert_eq!(
+        w.fakes.call_count(Op::EnvironmentDeploy),
+        deploys + 2,
+        "attempts of environment.deploy"
+    );
+    assert_v1_untouched(&w, &err, Phase::DeployTarget, "fake-environment").await;
+
+    // With 3 attempts the same two failures are survived, on the third attempt.
+    let policy = fast_policy().with_retry(RetryConfig {
+        attempts: 3,
+        backoff: Duration::from_millis(1),
+    });
+    let d = builder(&w.fakes, policy).build().unwrap();
+    let deploys = w.fakes.call_count(Op::EnvironmentDeploy);
+    w.fakes
+        .fail_next_retryable(Op::EnvironmentDeploy, "registry timeout");
+    w.fakes
+        .fail_next_retryable(Op::EnvironmentDeploy, "registry timeout");
+    d.deploy(release("v2")).await.unwrap();
+    assert_eq!(w.fakes.call_count(Op::EnvironmentDeploy), deploys + 3);
     assert_eq!(w.fakes.live(), Some(Slot::Green));
 }
 
@@ -465,7 +506,7 @@ async fn hook_timeouts_continue_or_fail_as_configured() {
         .build()
         .unwrap();
     let mut events = d.subscribe();
-    fakes.delay_next("hook.slow-optional", Duration::from_secs(5));
+    fakes.delay_next(Op::hook("slow-optional"), Duration::from_secs(5));
     d.deploy(release("v1")).await.unwrap();
     let mut timed_out = false;
     while let Ok(ev) = events.try_recv() {
@@ -482,7 +523,7 @@ async fn hook_timeouts_continue_or_fail_as_configured() {
         )
         .build()
         .unwrap();
-    fakes.delay_next("hook.slow-required", Duration::from_secs(5));
+    fakes.delay_next(Op::hook("slow-required"), Duration::from_secs(5));
     let err = d.deploy(release("v2")).await.unwrap_err();
     assert_eq!(err.phase(), Some(Phase::AfterDeployHook));
     assert!(matches!(err.root(), Error::Timeout { .. }), "{err}");
@@ -492,11 +533,11 @@ async fn hook_timeouts_continue_or_fail_as_configured() {
 #[tokio::test]
 async fn a_second_deploy_while_one_runs_is_refused_naming_the_holder() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.hang_next("hook.smoke");
+    w.fakes.hang_next(Op::hook("smoke"));
     let d = w.deployer.clone();
     let running = tokio::spawn(async move { d.deploy(release("v2")).await });
     for _ in 0..500 {
-        if w.fakes.call_count("hook.smoke") >= 2 {
+        if w.fakes.call_count(Op::hook("smoke")) >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -538,7 +579,7 @@ async fn a_held_lock_can_be_waited_for() {
 async fn fault_prepare_database() {
     let w = with_v1(fast_policy()).await;
     w.fakes
-        .fail_next("database.prepare", "template database busy");
+        .fail_next(Op::DatabasePrepare, "template database busy");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_eq!(err.live_traffic(), Some(LiveTraffic::Untouched));
     assert!(err.to_string().contains("template database busy"), "{err}");
@@ -548,7 +589,7 @@ async fn fault_prepare_database() {
 #[tokio::test]
 async fn fault_before_deploy_hook() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.fail_next("hook.pre", "ticket not approved");
+    w.fakes.fail_next(Op::hook("pre"), "ticket not approved");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert!(matches!(err.root(), Error::Hook { .. }), "{err}");
     assert_v1_untouched(&w, &err, Phase::BeforeDeployHook, "pre").await;
@@ -557,9 +598,15 @@ async fn fault_before_deploy_hook() {
 #[tokio::test]
 async fn fault_environment_deploy() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.fail_next("environment.deploy", "image not found");
+    let deploys = w.fakes.call_count(Op::EnvironmentDeploy);
+    w.fakes.fail_next(Op::EnvironmentDeploy, "image not found");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert!(err.to_string().contains("image not found"), "{err}");
+    assert_eq!(
+        w.fakes.call_count(Op::EnvironmentDeploy),
+        deploys + 1,
+        "a non-retryable error is not retried"
+    );
     assert_v1_untouched(&w, &err, Phase::DeployTarget, "fake-environment").await;
 }
 
@@ -579,7 +626,8 @@ async fn fault_readiness_timeout() {
 #[tokio::test]
 async fn fault_after_deploy_hook() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.fail_next("hook.migrate", "migration 42 failed");
+    w.fakes
+        .fail_next(Op::hook("migrate"), "migration 42 failed");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_v1_untouched(&w, &err, Phase::AfterDeployHook, "migrate").await;
 }
@@ -587,7 +635,8 @@ async fn fault_after_deploy_hook() {
 #[tokio::test]
 async fn fault_smoke_test_hook() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.fail_next("hook.smoke", "login page returned 500");
+    w.fakes
+        .fail_next(Op::hook("smoke"), "login page returned 500");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_v1_untouched(&w, &err, Phase::SmokeTest, "smoke").await;
 }
@@ -611,7 +660,7 @@ async fn fault_gate_refused() {
 async fn fault_database_before_switch() {
     let w = with_v1(fast_policy()).await;
     w.fakes
-        .fail_next("database.before_switch", "replication lag 30s");
+        .fail_next(Op::DatabaseBeforeSwitch, "replication lag 30s");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_v1_untouched(&w, &err, Phase::DatabaseBeforeSwitch, "fake-database").await;
 }
@@ -619,7 +668,7 @@ async fn fault_database_before_switch() {
 #[tokio::test]
 async fn fault_switch_apply() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.fail_next("switch.apply", "reload failed");
+    w.fakes.fail_next(Op::SwitchApply, "reload failed");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_eq!(err.live_traffic(), Some(LiveTraffic::Untouched), "{err}");
     assert_v1_untouched(&w, &err, Phase::Switch, "fake-switch").await;
@@ -628,27 +677,34 @@ async fn fault_switch_apply() {
 #[tokio::test]
 async fn fault_switch_read_back() {
     let w = with_v1(fast_policy()).await;
-    // apply succeeds; reading the proxy back fails twice (both attempts of the retry policy).
+    // apply succeeds; reading the proxy back fails (not retryable), and so does undo's own read
+    // of where traffic is: undo then assumes traffic moved and switches back.
+    let reads = w.fakes.call_count(Op::SwitchCurrent);
     w.fakes.fail_on_call(
-        "switch.current",
-        w.fakes.call_count("switch.current") + 1,
+        Op::SwitchCurrent,
+        w.fakes.call_count(Op::SwitchCurrent) + 1,
         "socket closed",
     );
     w.fakes.fail_on_call(
-        "switch.current",
-        w.fakes.call_count("switch.current") + 2,
+        Op::SwitchCurrent,
+        w.fakes.call_count(Op::SwitchCurrent) + 2,
         "socket closed",
     );
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_eq!(err.live_traffic(), Some(LiveTraffic::RolledBack), "{err}");
     assert_v1_untouched(&w, &err, Phase::Switch, "fake-switch").await;
     assert_eq!(w.fakes.switch_count(), 2, "switched, then back");
+    assert_eq!(
+        w.fakes.call_count(Op::SwitchCurrent),
+        reads + 3,
+        "the read-back once (not retried), undo's read, the read-back after switching back"
+    );
 }
 
 #[tokio::test]
 async fn fault_data_path_verification() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.fail_always("probe.probe", "connection refused");
+    w.fakes.fail_always(Op::Probe, "connection refused");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert!(
         matches!(err.root(), Error::DataPathMismatch { .. }),
@@ -684,7 +740,7 @@ async fn fault_observation_health() {
 async fn fault_database_after_switch() {
     let w = with_v1(fast_policy()).await;
     w.fakes
-        .fail_next("database.after_switch", "sequence sync failed");
+        .fail_next(Op::DatabaseAfterSwitch, "sequence sync failed");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_v1_untouched(&w, &err, Phase::DatabaseAfterSwitch, "fake-database").await;
 }
@@ -693,7 +749,7 @@ async fn fault_database_after_switch() {
 async fn fault_drain_and_stop_old_slot() {
     let w = with_v1(fast_policy().with_keep_old(KeepOld::Stop)).await;
     w.fakes
-        .fail_always("environment.stop", "daemon unreachable");
+        .fail_always(Op::EnvironmentStop, "daemon unreachable");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert_eq!(err.live_traffic(), Some(LiveTraffic::RolledBack));
     assert_v1_untouched(&w, &err, Phase::DrainOld, "fake-environment").await;
@@ -703,8 +759,8 @@ async fn fault_drain_and_stop_old_slot() {
 async fn fault_state_save() {
     let w = with_v1(fast_policy()).await;
     // Saves of a deploy: start, then one before each phase. The 3rd is before the first hook.
-    let n = w.fakes.call_count("store.save");
-    w.fakes.fail_on_call("store.save", n + 3, "disk full");
+    let n = w.fakes.call_count(Op::StoreSave);
+    w.fakes.fail_on_call(Op::StoreSave, n + 3, "disk full");
     let err = w.deployer.deploy(release("v2")).await.unwrap_err();
     assert!(err.to_string().contains("disk full"), "{err}");
     assert_v1_untouched(&w, &err, Phase::BeforeDeployHook, "memory").await;
@@ -741,23 +797,23 @@ async fn an_irreversible_step_stops_and_asks_instead_of_rolling_back() {
 // Crash and resume
 
 /// The fake operation that starts each phase, to hang in it.
-fn op_of(phase: Phase) -> &'static str {
+fn op_of(phase: Phase) -> Op {
     match phase {
-        Phase::PrepareDatabase => "database.prepare",
-        Phase::BeforeDeployHook => "hook.pre",
-        Phase::DeployTarget => "environment.deploy",
-        Phase::WaitReady => "health.check",
-        Phase::AfterDeployHook => "hook.migrate",
-        Phase::Preview => "switch.preview",
-        Phase::SmokeTest => "hook.smoke",
-        Phase::DatabaseBeforeSwitch => "database.before_switch",
-        Phase::Switch => "switch.apply",
-        Phase::VerifyDataPath => "probe.probe",
-        Phase::Observe => "switch.metrics",
-        Phase::DatabaseAfterSwitch => "database.after_switch",
-        Phase::AfterSwitchHook => "hook.post",
-        Phase::DrainOld => "switch.in_flight",
-        Phase::Finalize => "database.finalize",
+        Phase::PrepareDatabase => Op::DatabasePrepare,
+        Phase::BeforeDeployHook => Op::hook("pre"),
+        Phase::DeployTarget => Op::EnvironmentDeploy,
+        Phase::WaitReady => Op::HealthCheck,
+        Phase::AfterDeployHook => Op::hook("migrate"),
+        Phase::Preview => Op::SwitchPreview,
+        Phase::SmokeTest => Op::hook("smoke"),
+        Phase::DatabaseBeforeSwitch => Op::DatabaseBeforeSwitch,
+        Phase::Switch => Op::SwitchApply,
+        Phase::VerifyDataPath => Op::Probe,
+        Phase::Observe => Op::SwitchMetrics,
+        Phase::DatabaseAfterSwitch => Op::DatabaseAfterSwitch,
+        Phase::AfterSwitchHook => Op::hook("post"),
+        Phase::DrainOld => Op::SwitchInFlight,
+        Phase::Finalize => Op::DatabaseFinalize,
         other => panic!("no hang point for {other}"),
     }
 }
@@ -773,7 +829,7 @@ async fn crash_in(phase: Phase, resume: Resume) -> (World, Report) {
     let w = with_v1(policy.clone()).await;
     // v1's deploy stopped nothing; make blue warm again in the record for KeepOld::Stop runs.
     let op = op_of(phase);
-    w.fakes.hang_next(op);
+    w.fakes.hang_next(op.clone());
     let d = w.deployer.clone();
     let task = tokio::spawn(async move { d.deploy(release("v2")).await });
     let start = Instant::now();
@@ -784,7 +840,7 @@ async fn crash_in(phase: Phase, resume: Resume) -> (World, Report) {
             .and_then(|s| s.in_flight)
             .map(|f| f.phase);
         let hung = at == Some(phase) && !w.fakes.calls().is_empty();
-        if hung && w.fakes.call_count(op) > 0 {
+        if hung && w.fakes.call_count(op.clone()) > 0 {
             // Give the hang a moment to be reached inside the phase.
             tokio::time::sleep(Duration::from_millis(20)).await;
             break;
@@ -894,11 +950,11 @@ async fn resume_continue_finishes_an_unswitched_deploy_with_exactly_one_switch()
 #[tokio::test]
 async fn deploy_after_a_crash_recovers_first() {
     let w = with_v1(fast_policy()).await;
-    w.fakes.hang_next("hook.smoke");
+    w.fakes.hang_next(Op::hook("smoke"));
     let d = w.deployer.clone();
     let task = tokio::spawn(async move { d.deploy(release("v2")).await });
     for _ in 0..1000 {
-        if w.fakes.call_count("hook.smoke") >= 2 {
+        if w.fakes.call_count(Op::hook("smoke")) >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -929,7 +985,7 @@ async fn an_interrupt_stops_at_a_safe_point_and_rolls_back() {
     let d = w.deployer.clone();
     let run = tokio::spawn(async move { d.deploy(release("v2")).await });
     for _ in 0..1000 {
-        if w.fakes.call_count("health.check") > 5 {
+        if w.fakes.call_count(Op::HealthCheck) > 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -953,7 +1009,7 @@ async fn the_lease_is_renewed_while_a_long_run_holds_it() {
     let w = with_v1(policy).await;
     // The smoke test takes 1.5 s: five lease lifetimes.
     w.fakes
-        .delay_next("hook.smoke", Duration::from_millis(1500));
+        .delay_next(Op::hook("smoke"), Duration::from_millis(1500));
     let d = w.deployer.clone();
     let run = tokio::spawn(async move { d.deploy(release("v2")).await });
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -971,7 +1027,8 @@ async fn the_lease_is_renewed_while_a_long_run_holds_it() {
 async fn a_lost_lease_stops_the_run_without_touching_anything_more() {
     let policy = fast_policy().with_lock(Duration::from_millis(300), Duration::ZERO);
     let w = with_v1(policy).await;
-    w.fakes.delay_next("hook.smoke", Duration::from_millis(800));
+    w.fakes
+        .delay_next(Op::hook("smoke"), Duration::from_millis(800));
     let d = w.deployer.clone();
     let run = tokio::spawn(async move { d.deploy(release("v2")).await });
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen_core::testkit::Fakes;
+use bluegreen_core::testkit::{Fakes, Op};
 use bluegreen_core::{Deployer, Environment, Policy, Release, RunOutcome, Slot};
 
 fn deployer(fakes: &Fakes) -> Deployer {
@@ -91,19 +91,19 @@ async fn a_retried_deploy_after_a_recovered_crash_is_a_no_op() {
     let d = deployer(&fakes);
     d.deploy(release("v1")).await.unwrap();
     // Kill the v2 run after traffic moved (hanging in the after-switch database step).
-    let before = fakes.call_count("database.after_switch");
-    fakes.hang_next("database.after_switch");
+    let before = fakes.call_count(Op::DatabaseAfterSwitch);
+    fakes.hang_next(Op::DatabaseAfterSwitch);
     let task = {
         let d = d.clone();
         tokio::spawn(async move { d.deploy(release("v2")).await })
     };
     for _ in 0..500 {
-        if fakes.call_count("database.after_switch") > before {
+        if fakes.call_count(Op::DatabaseAfterSwitch) > before {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(fakes.call_count("database.after_switch") > before);
+    assert!(fakes.call_count(Op::DatabaseAfterSwitch) > before);
     let left = fakes
         .stored_state()
         .unwrap()

@@ -29,7 +29,7 @@ async fn passes_the_environment_suite() {
         ready_timeout: Duration::from_secs(30),
         exec_argv: Some(vec!["/usr/bin/true".into()]),
     };
-    environment_suite(&env, &suite).await;
+    environment_suite(&env, &suite).await.assert_complete();
     assert_eq!(
         env.status(Slot::Blue).await.unwrap().state,
         InstanceState::Absent

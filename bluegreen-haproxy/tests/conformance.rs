@@ -43,10 +43,10 @@ async fn haproxy_switch_passes_the_switch_conformance_suite() {
     // Nothing applied yet: both servers start in maintenance.
     assert_eq!(switch.current().await.unwrap(), None);
     let suite = suite(&h, &demos);
-    switch_suite(&switch, &suite).await;
+    switch_suite(&switch, &suite).await.assert_complete();
     // Through a trait object, as the engine holds it, and over the TCP socket.
     let boxed: Box<dyn TrafficSwitch> = Box::new(h.tcp_switch());
-    switch_suite(boxed.as_ref(), &suite).await;
+    switch_suite(boxed.as_ref(), &suite).await.assert_complete();
     assert_eq!(
         switch.current().await.unwrap(),
         Some(TrafficSplit::all(Slot::Blue))

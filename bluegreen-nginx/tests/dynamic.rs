@@ -41,9 +41,9 @@ async fn dynamic_switch_passes_the_switch_conformance_suite() {
         Box::pin(async move { Box::new(DynamicSwitch::new(config)) as Box<dyn TrafficSwitch> })
     }));
     suite.served_by = Some(common::served_by_fn(s.listen));
-    switch_suite(&s.switch, &suite).await;
+    switch_suite(&s.switch, &suite).await.assert_complete();
     let boxed: Box<dyn TrafficSwitch> = Box::new(s.switch.clone());
-    switch_suite(boxed.as_ref(), &suite).await;
+    switch_suite(boxed.as_ref(), &suite).await.assert_complete();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

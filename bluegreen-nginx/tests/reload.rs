@@ -37,7 +37,7 @@ async fn reload_switch_passes_the_switch_conformance_suite() {
         Box::pin(async move { Box::new(ReloadSwitch::new(config)) as Box<dyn TrafficSwitch> })
     }));
     suite.served_by = Some(common::served_by_fn(s.listen));
-    switch_suite(&s.switch, &suite).await;
+    switch_suite(&s.switch, &suite).await.assert_complete();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

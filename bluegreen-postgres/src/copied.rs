@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bluegreen_core::{DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Result, Slot};
+use bluegreen_core::{
+    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Slot,
+};
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -461,10 +463,10 @@ async fn copy_worker(
 #[async_trait]
 impl DatabaseStrategy for Copied {
     fn name(&self) -> &str {
-        "copied"
+        BACKEND
     }
 
-    async fn prepare(&self, ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
+    async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
         let source = self.dbs.live(ctx);
         let target = self.dbs.of(ctx.target);
         distinct(BACKEND, "prepare", &source, &target)?;
@@ -477,14 +479,14 @@ impl DatabaseStrategy for Copied {
         let switched = format!("{MARK_SWITCHED}{}", &mark[MARK_DONE.len()..]);
         if comment.as_deref() == Some(mark.as_str()) || comment.as_deref() == Some(&switched) {
             // Already copied (a switched copy may hold writes: never copy over it).
-            return Ok((
+            return Ok(Prepared::new(
                 self.binding_for(&target),
                 DbStep::reversible(format!("{target} already copied from {source}")),
             ));
         }
         let r = self.copy_database(&source, &target).await?;
         set_database_comment(BACKEND, &admin, &target, &mark).await?;
-        Ok((
+        Ok(Prepared::new(
             self.binding_for(&target),
             DbStep::reversible(format!(
                 "copied {source} into {target}: {} tables, {} rows, {} sequences in {:.1?}{}",
@@ -511,10 +513,6 @@ impl DatabaseStrategy for Copied {
         Ok(DbStep::reversible(
             "nothing to sync: writes to the live database after the snapshot are not in the copy",
         ))
-    }
-
-    async fn after_switch(&self, _ctx: &DbContext) -> Result<DbStep> {
-        Ok(DbStep::reversible("nothing to do"))
     }
 
     async fn rollback(&self, ctx: &DbContext) -> Result<()> {

@@ -17,5 +17,5 @@ pub use ident::{quote_ident, quote_literal, validate_ident};
 pub use replicated::{
     AfterCutover, CutoverReport, Replicated, ReplicatedConfig, ReplicationStatus,
 };
-pub use shared::{Migration, MigrationPhase, Shared, SharedConfig};
+pub use shared::{Migration, MigrationPhase, ReleaseMigrationsFn, Shared, SharedConfig};
 pub use store::{PostgresStateStore, PostgresStoreConfig};

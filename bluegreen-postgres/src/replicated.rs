@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bluegreen_core::{
-    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, PerSlot, Result, Slot, Timestamp,
+    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, PerSlot, Prepared, Result, Slot,
+    Timestamp,
 };
 use tokio_postgres::Client;
 
@@ -1220,10 +1221,10 @@ async fn error_counts(c: &Client, sub: &str) -> Result<(i64, i64)> {
 #[async_trait]
 impl DatabaseStrategy for Replicated {
     fn name(&self) -> &str {
-        "replicated"
+        BACKEND
     }
 
-    async fn prepare(&self, ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
+    async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
         let source = self.dbs.live(ctx);
         let target = self.dbs.of(ctx.target);
         validate_ident("database", &source)?;
@@ -1239,7 +1240,7 @@ impl DatabaseStrategy for Replicated {
         if comment.as_deref() == Some(switched.as_str()) {
             // Called again after this very cutover (e.g. a resumed run): the database may
             // already hold writes; never recreate it.
-            return Ok((
+            return Ok(Prepared::new(
                 self.binding_for(&target),
                 DbStep::reversible(format!("{target} already cut over from {source}")),
             ));
@@ -1247,7 +1248,7 @@ impl DatabaseStrategy for Replicated {
         if comment.as_deref() == Some(mark.as_str()) {
             let tgt = connect_rw(&self.target_server().db(&target)).await?;
             if subscription_exists(&tgt, &names.subscription).await? {
-                return Ok((
+                return Ok(Prepared::new(
                     self.binding_for(&target),
                     DbStep::reversible(format!("{target} already replicating from {source}")),
                 ));
@@ -1283,7 +1284,7 @@ impl DatabaseStrategy for Replicated {
             Ok((tables, took)) => {
                 set_database_comment(BACKEND, &admin_t, &target, &mark).await?;
                 tracing::info!(source, target, tables, ?took, "replication running");
-                Ok((
+                Ok(Prepared::new(
                     self.binding_for(&target),
                     DbStep::reversible(format!(
                         "replicating {source} into {target}: {tables} tables copied in \
@@ -1319,11 +1320,6 @@ impl DatabaseStrategy for Replicated {
                 "dropped"
             }
         )))
-    }
-
-    async fn after_switch(&self, ctx: &DbContext) -> Result<DbStep> {
-        let _ = ctx;
-        Ok(DbStep::reversible("nothing to do"))
     }
 
     async fn rollback(&self, ctx: &DbContext) -> Result<()> {

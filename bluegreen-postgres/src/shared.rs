@@ -1,10 +1,14 @@
 //! [`Shared`]: both slots use one database; schema changes go through expand/contract migrations.
 
+use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bluegreen_core::{DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Result};
+use bluegreen_core::{
+    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Version,
+};
 use tokio_postgres::Client;
 
 use crate::conn::{fail, pg_error, PgConfig};
@@ -199,6 +203,10 @@ impl SharedConfig {
     }
 }
 
+/// Finds the migrations a release ships with, by its version (see
+/// [`Shared::with_release_migrations`]).
+pub type ReleaseMigrationsFn = Arc<dyn Fn(&Version) -> Result<Vec<Migration>> + Send + Sync>;
+
 /// Both slots use one database. Schema changes are plain SQL migrations in two phases:
 ///
 /// - **expand** migrations run in `prepare` (before the new release starts) and must keep the old
@@ -210,10 +218,26 @@ impl SharedConfig {
 /// phase, checksum, time); a recorded migration whose SQL changed is an error. Deployers serialize on
 /// a PostgreSQL advisory lock, so two machines never run the same migration. `rollback` changes
 /// nothing: expand migrations are compatible with the old release and stay.
-#[derive(Debug, Clone)]
+///
+/// The migrations of a release are [`SharedConfig::migrations`] (the same for every release)
+/// followed by the ones it ships with, found by its version
+/// ([`with_release_migrations`](Self::with_release_migrations)): one `Shared`, and so one
+/// `Deployer`, serves every release.
+#[derive(Clone)]
 pub struct Shared {
     config: SharedConfig,
     table: String,
+    release_migrations: Option<ReleaseMigrationsFn>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("table", &self.table)
+            .field("release_migrations", &self.release_migrations.is_some())
+            .finish()
+    }
 }
 
 impl Shared {
@@ -222,24 +246,55 @@ impl Shared {
         config.connection.validate()?;
         validate_ident("schema", &config.schema)?;
         validate_ident("table", &config.table)?;
-        let mut seen = std::collections::HashSet::new();
-        for m in &config.migrations {
-            validate_ident("migration name", &m.name)?;
-            if !seen.insert(m.name.as_str()) {
-                return Err(Error::invalid(
-                    "migration name",
-                    &m.name,
-                    "used twice; names must be unique",
-                ));
-            }
-            m.check()?;
-        }
+        check_migrations(&config.migrations)?;
         let table = format!(
             "{}.{}",
             quote_ident(&config.schema),
             quote_ident(&config.table)
         );
-        Ok(Shared { config, table })
+        Ok(Shared {
+            config,
+            table,
+            release_migrations: None,
+        })
+    }
+
+    /// Finds the migrations each release ships with by its version: `find(version)` returns them
+    /// in order. They run after [`SharedConfig::migrations`], expand ones in `prepare`, contract
+    /// ones in `finalize` (of the release then live). They are checked like the config's, when
+    /// the release is prepared: a release whose expand migration would break the live one is
+    /// refused before anything runs.
+    ///
+    /// ```
+    /// # use bluegreen_postgres::{Migration, PgConfig, Shared, SharedConfig};
+    /// let shared = Shared::new(SharedConfig::new(PgConfig::new("127.0.0.1", 5432, "app")))?
+    ///     .with_release_migrations(|version| {
+    ///         let mut m = vec![Migration::expand("001_orders", "CREATE TABLE orders (id int)")];
+    ///         if version.as_str() >= "v2" {
+    ///             m.push(Migration::expand("002_note", "ALTER TABLE orders ADD COLUMN note text"));
+    ///         }
+    ///         Ok(m)
+    ///     });
+    /// # let _ = shared;
+    /// # Ok::<(), bluegreen_core::Error>(())
+    /// ```
+    pub fn with_release_migrations<F>(mut self, find: F) -> Self
+    where
+        F: Fn(&Version) -> Result<Vec<Migration>> + Send + Sync + 'static,
+    {
+        self.release_migrations = Some(Arc::new(find));
+        self
+    }
+
+    /// The migrations of the release `version`, in order, checked: the config's, then the ones
+    /// it ships with.
+    pub fn migrations_for(&self, version: &Version) -> Result<Vec<Migration>> {
+        let mut all = self.config.migrations.clone();
+        if let Some(find) = &self.release_migrations {
+            all.extend(find(version)?);
+            check_migrations(&all)?;
+        }
+        Ok(all)
     }
 
     fn binding(&self) -> DbBinding {
@@ -250,11 +305,31 @@ impl Shared {
             .binding()
     }
 
-    /// Applies the pending migrations of `phase`; returns the names applied.
+    /// Applies the pending migrations of `phase` in [`SharedConfig::migrations`]; returns the
+    /// names applied.
     pub async fn migrate(&self, phase: MigrationPhase) -> Result<Vec<String>> {
+        self.migrate_list(&self.config.migrations, phase).await
+    }
+
+    /// Applies the pending migrations of `phase` of the release `version`
+    /// ([`migrations_for`](Self::migrations_for)); returns the names applied.
+    pub async fn migrate_release(
+        &self,
+        version: &Version,
+        phase: MigrationPhase,
+    ) -> Result<Vec<String>> {
+        let migrations = self.migrations_for(version)?;
+        self.migrate_list(&migrations, phase).await
+    }
+
+    async fn migrate_list(
+        &self,
+        migrations: &[Migration],
+        phase: MigrationPhase,
+    ) -> Result<Vec<String>> {
         let mut client = self.config.connection.connect(BACKEND).await?;
         self.lock(&client).await?;
-        let res = self.migrate_locked(&mut client, phase).await;
+        let res = self.migrate_locked(&mut client, migrations, phase).await;
         // Closing the session releases the advisory lock even if this unlock fails.
         let _ = client
             .execute(
@@ -296,6 +371,7 @@ impl Shared {
     async fn migrate_locked(
         &self,
         client: &mut Client,
+        migrations: &[Migration],
         phase: MigrationPhase,
     ) -> Result<Vec<String>> {
         client
@@ -322,7 +398,7 @@ impl Shared {
             .collect();
         // Check everything before running anything.
         let mut pending = Vec::new();
-        for m in self.config.migrations.iter().filter(|m| m.phase == phase) {
+        for m in migrations.iter().filter(|m| m.phase == phase) {
             match applied.get(&m.name) {
                 Some((p, sum)) => {
                     if *sum != m.checksum() || p != m.phase.as_str() {
@@ -375,37 +451,47 @@ impl Shared {
     }
 }
 
+/// Names valid and unique; every expand migration keeps the old release working.
+fn check_migrations(migrations: &[Migration]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for m in migrations {
+        validate_ident("migration name", &m.name)?;
+        if !seen.insert(m.name.as_str()) {
+            return Err(Error::invalid(
+                "migration name",
+                &m.name,
+                "used twice; names must be unique",
+            ));
+        }
+        m.check()?;
+    }
+    Ok(())
+}
+
+// `before_switch`, `after_switch` and `rollback` keep the trait's no-op defaults: one database
+// needs no sync, and expand migrations keep the old release working, so a rollback leaves them.
 #[async_trait]
 impl DatabaseStrategy for Shared {
     fn name(&self) -> &str {
-        "shared"
+        BACKEND
     }
 
-    async fn prepare(&self, _ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
-        let done = self.migrate(MigrationPhase::Expand).await?;
+    async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
+        let done = self
+            .migrate_release(&ctx.release.version, MigrationPhase::Expand)
+            .await?;
         let summary = if done.is_empty() {
             "no pending expand migrations".to_string()
         } else {
             format!("applied expand migrations: {}", done.join(", "))
         };
-        Ok((self.binding(), DbStep::reversible(summary)))
+        Ok(Prepared::new(self.binding(), DbStep::reversible(summary)))
     }
 
-    async fn before_switch(&self, _ctx: &DbContext) -> Result<DbStep> {
-        Ok(DbStep::reversible("shared database: nothing to sync"))
-    }
-
-    async fn after_switch(&self, _ctx: &DbContext) -> Result<DbStep> {
-        Ok(DbStep::reversible("shared database: nothing to do"))
-    }
-
-    async fn rollback(&self, _ctx: &DbContext) -> Result<()> {
-        // Expand migrations keep the old release working: they stay.
-        Ok(())
-    }
-
-    async fn finalize(&self, _ctx: &DbContext) -> Result<DbStep> {
-        let done = self.migrate(MigrationPhase::Contract).await?;
+    async fn finalize(&self, ctx: &DbContext) -> Result<DbStep> {
+        let done = self
+            .migrate_release(&ctx.release.version, MigrationPhase::Contract)
+            .await?;
         Ok(if done.is_empty() {
             DbStep::reversible("no pending contract migrations")
         } else {

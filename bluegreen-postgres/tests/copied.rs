@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
-use bluegreen_core::{DatabaseStrategy, DbContext, Release, Slot};
+use bluegreen_core::{DatabaseStrategy, DbContext, Prepared, Release, Slot};
 use bluegreen_postgres::{Copied, CopiedConfig};
 use common::{facts, orders_checksum, Cluster, BIN, SEED};
 
@@ -57,7 +57,8 @@ async fn copied_passes_the_database_suite() {
             live_intact: Some(live_intact),
         },
     )
-    .await;
+    .await
+    .assert_complete();
 
     let admin = cluster.client("postgres").await.unwrap();
     let exists = |name: &'static str| {
@@ -126,7 +127,7 @@ async fn copied_passes_the_database_suite() {
         target: Slot::Green,
         release,
     };
-    let (binding, step) = db.prepare(&ctx).await.unwrap();
+    let Prepared { binding, step, .. } = db.prepare(&ctx).await.unwrap();
     assert!(step.is_reversible());
     assert_eq!(binding.env["PGDATABASE"], "app_green");
     assert_eq!(binding.env["PGPORT"], cluster.port.to_string());
@@ -148,7 +149,7 @@ async fn copied_passes_the_database_suite() {
         .execute("INSERT INTO orders (account, amount) VALUES (1, 2)", &[])
         .await
         .unwrap();
-    let (_, again) = db.prepare(&ctx).await.unwrap();
+    let Prepared { step: again, .. } = db.prepare(&ctx).await.unwrap();
     assert!(again.summary.contains("already copied"), "{again:?}");
     assert_eq!(facts(&green).await.0, before + 1);
     drop(green);

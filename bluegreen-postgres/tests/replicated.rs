@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
-use bluegreen_core::{DatabaseStrategy, DbContext, Release, Slot};
+use bluegreen_core::{DatabaseStrategy, DbContext, Prepared, Release, Slot};
 use bluegreen_postgres::{AfterCutover, PgConfig, Replicated, ReplicatedConfig};
 use common::{facts, one_i64, Cluster, BIN, SEED};
 use tokio_postgres::Client;
@@ -103,7 +103,8 @@ async fn replicated_passes_the_database_suite_and_cleans_up() {
             live_intact: Some(live_intact),
         },
     )
-    .await;
+    .await
+    .assert_complete();
     let admin = cluster.client("postgres").await.unwrap();
     assert!(db_exists(&admin, "app_blue").await);
     assert!(
@@ -116,7 +117,7 @@ async fn replicated_passes_the_database_suite_and_cleans_up() {
         Vec::<String>::new()
     );
     // The binding names the slot's database; the password only in secret_env.
-    let (binding, _) = db
+    let Prepared { binding, .. } = db
         .prepare(&ctx(Some(Slot::Blue), Slot::Green))
         .await
         .unwrap();
@@ -279,7 +280,7 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
 
     // The initial copy and the streaming happen while the writer writes.
     let before_prepare = w.commits();
-    let (binding, step) = db.prepare(&c).await.unwrap();
+    let Prepared { binding, step, .. } = db.prepare(&c).await.unwrap();
     println!("{}", step.summary);
     assert_eq!(binding.env["PGDATABASE"], target);
     wait_commits(&w, w.commits() + 100).await;
@@ -455,7 +456,7 @@ async fn lag_that_never_converges_fails_the_cutover_and_leaves_live_writable() {
     tgt.execute("INSERT INTO orders (account, amount) VALUES (4, 45)", &[])
         .await
         .unwrap();
-    let (_, again) = db.prepare(&c).await.unwrap();
+    let Prepared { step: again, .. } = db.prepare(&c).await.unwrap();
     assert!(again.summary.contains("already cut over"), "{again:?}");
     assert_eq!(ids(&tgt).await.len(), live_ids.len() + 1);
     // Dropped, not reversed: nothing left on the cluster.
@@ -591,7 +592,7 @@ async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back
     )
     .unwrap();
     let c = ctx(Some(Slot::Green), Slot::Blue);
-    let (binding, _) = db.prepare(&c).await.unwrap();
+    let Prepared { binding, .. } = db.prepare(&c).await.unwrap();
     assert_eq!(binding.env["PGPORT"], b.port.to_string());
     assert_eq!(binding.secret_env["PGPASSWORD"].expose(), b.password);
     // Streaming: a write on the source after the initial copy.

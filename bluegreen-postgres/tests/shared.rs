@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
-use bluegreen_core::{DatabaseStrategy, DbContext, Error, Release, Slot};
+use bluegreen_core::{DatabaseStrategy, DbContext, Error, Prepared, Release, Slot};
 use bluegreen_postgres::{Migration, MigrationPhase, Shared, SharedConfig};
 use common::{one_i64, Cluster, SEED};
 use tokio_postgres::Client;
@@ -83,7 +83,7 @@ async fn shared_passes_the_database_suite_and_contract_waits_for_finalize() {
 
     // Phase by phase: expand in prepare, nothing more until finalize.
     let first = ctx(None, Slot::Blue);
-    let (binding, step) = db.prepare(&first).await.unwrap();
+    let Prepared { binding, step, .. } = db.prepare(&first).await.unwrap();
     assert!(step.is_reversible(), "{step:?}");
     assert!(step.summary.contains("0001_add_status"), "{step:?}");
     assert_eq!(binding.env["PGDATABASE"], "app");
@@ -140,8 +140,9 @@ async fn shared_passes_the_database_suite_and_contract_waits_for_finalize() {
             live_intact: Some(live_intact),
         },
     )
-    .await;
-    let (_, step) = db
+    .await
+    .assert_complete();
+    let Prepared { step, .. } = db
         .prepare(&ctx(Some(Slot::Blue), Slot::Green))
         .await
         .unwrap();
@@ -318,4 +319,95 @@ async fn the_advisory_lock_serializes_concurrent_deployers_and_each_migration_ru
         vec!["0002_next".to_string()]
     );
     assert!(table_exists(&c, "public.next").await);
+}
+
+/// The migrations each release ships with, found by its version (as a repository's migrations
+/// directory grows release by release).
+fn shipped(version: &bluegreen_core::Version) -> bluegreen_core::Result<Vec<Migration>> {
+    let mut m = vec![Migration::expand(
+        "0001_add_status",
+        "ALTER TABLE orders ADD COLUMN status text DEFAULT 'new';",
+    )];
+    if version.as_str() >= "v2" {
+        m.push(Migration::expand(
+            "0002_add_customer",
+            "ALTER TABLE orders ADD COLUMN customer text;",
+        ));
+        m.push(Migration::contract(
+            "0002_drop_note",
+            "ALTER TABLE orders DROP COLUMN note;",
+        ));
+    }
+    if version.as_str() >= "v3" {
+        // Breaks v2, which reads `customer`.
+        m.push(Migration::expand(
+            "0003_rename",
+            "ALTER TABLE orders RENAME COLUMN customer TO client;",
+        ));
+    }
+    Ok(m)
+}
+
+fn release_ctx(version: &str, live: Option<Slot>, target: Slot) -> DbContext {
+    DbContext {
+        live,
+        target,
+        release: Release::new(version, "app").unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shared_strategy_serves_every_release_with_the_migrations_it_ships() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let c = seeded(&cluster, "app").await;
+    let db = Shared::new(SharedConfig::new(cluster.config("app")))
+        .unwrap()
+        .with_release_migrations(shipped);
+
+    // v1: its one expand migration.
+    let v1 = release_ctx("v1", None, Slot::Blue);
+    let Prepared { step, .. } = db.prepare(&v1).await.unwrap();
+    assert_eq!(step.summary, "applied expand migrations: 0001_add_status");
+    assert!(!column_exists(&c, "orders", "customer").await);
+
+    // v2: only its new expand migration runs; the contract one waits for finalize.
+    let v2 = release_ctx("v2", Some(Slot::Blue), Slot::Green);
+    let Prepared { step, .. } = db.prepare(&v2).await.unwrap();
+    assert_eq!(step.summary, "applied expand migrations: 0002_add_customer");
+    assert!(column_exists(&c, "orders", "customer").await);
+    assert!(column_exists(&c, "orders", "note").await);
+    let step = db
+        .finalize(&release_ctx("v2", Some(Slot::Green), Slot::Green))
+        .await
+        .unwrap();
+    assert!(!step.is_reversible(), "{step:?}");
+    assert!(!column_exists(&c, "orders", "note").await);
+
+    // v3: its expand migration would break v2; refused before anything runs, naming it.
+    let err = db
+        .prepare(&release_ctx("v3", Some(Slot::Green), Slot::Blue))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("0003_rename") && msg.contains("RENAME"),
+        "{msg}"
+    );
+    assert!(column_exists(&c, "orders", "customer").await);
+    assert_eq!(
+        recorded(&c).await,
+        vec![
+            ("0001_add_status".into(), "expand".into()),
+            ("0002_add_customer".into(), "expand".into()),
+            ("0002_drop_note".into(), "contract".into()),
+        ]
+    );
+    assert_eq!(
+        db.name(),
+        "postgres shared",
+        "name() is the backend of errors"
+    );
 }

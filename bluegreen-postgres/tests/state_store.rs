@@ -26,7 +26,9 @@ async fn postgres_store_passes_the_state_store_suite_and_keeps_keys_apart() {
             ) as Arc<dyn StateStore>
         }
     };
-    bluegreen_core::testkit::state_store_suite(&open).await;
+    bluegreen_core::testkit::state_store_suite(&open)
+        .await
+        .assert_complete();
 
     // Another deployment key in the same tables is independent.
     let other =

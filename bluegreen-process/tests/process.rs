@@ -485,10 +485,12 @@ async fn passes_the_environment_conformance_suite() {
         ready_timeout: Duration::from_secs(15),
         exec_argv: Some(vec!["true".to_string()]),
     };
-    environment_suite(&f.env, &suite).await;
+    environment_suite(&f.env, &suite).await.assert_complete();
     // And through a trait object, as the engine holds it.
     let boxed: Box<dyn Environment> = Box::new(f.env.clone());
-    environment_suite(boxed.as_ref(), &suite).await;
+    environment_suite(boxed.as_ref(), &suite)
+        .await
+        .assert_complete();
 }
 
 fn free_port() -> u16 {

@@ -51,7 +51,7 @@ async fn remote_switch_passes_the_switch_conformance_suite() {
             })
         },
     ));
-    switch_suite(&remote, &suite).await;
+    switch_suite(&remote, &suite).await.assert_complete();
     // The in-process handle sees what the remote one applied.
     remote
         .apply(&TrafficSplit::all(Slot::Green), &suite.endpoints)

@@ -44,9 +44,9 @@ async fn proxy_switch_passes_the_switch_conformance_suite() {
         },
     ));
 
-    switch_suite(&proxy, &suite).await;
+    switch_suite(&proxy, &suite).await.assert_complete();
     // Also through a trait object, as the engine holds it.
     let boxed: Box<dyn TrafficSwitch> = Box::new(proxy.clone());
-    switch_suite(boxed.as_ref(), &suite).await;
+    switch_suite(boxed.as_ref(), &suite).await.assert_complete();
     assert!(blue.requests() > 0 && green.requests() > 0);
 }

@@ -1,6 +1,7 @@
 //! The switch against the HTTP TEST DOUBLE of Traefik's API (see `common/mod.rs` for what it is and
-//! why: no Traefik binary can be installed here): the core conformance suite, canary steps,
-//! sticky, preview, and what the caller sees when the directory, the API or the reload fails.
+//! why: no Traefik binary can be installed here): the core conformance suite (its data-path checks
+//! reported as skipped: the double routes no traffic), canary steps, sticky, preview, and what the
+//! caller sees when the directory, the API or the reload fails.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen_core::testkit::{switch_suite, BoxFuture, SwitchSuite};
+use bluegreen_core::testkit::{switch_suite, BoxFuture, SuiteReport, SwitchSuite};
 use bluegreen_core::{Endpoint, Endpoints, Error, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_traefik::{FileFormat, Routing, TraefikConfig, TraefikSwitch, TraefikVersion};
 use common::FakeTraefik;
@@ -48,6 +49,19 @@ fn weights(service: &serde_json::Value) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// The API test double routes no traffic, so the suite has no `served_by`: its data-path checks
+/// are skipped, visibly (stderr and the report), and every other check runs.
+fn expect_only_the_data_path_skipped(report: &SuiteReport) {
+    assert!(report.was_skipped("data path"), "{report}");
+    for s in report.skipped() {
+        assert!(
+            s.check.ends_with(": data path") && s.why.starts_with("no served_by"),
+            "unexpected skip: {report}"
+        );
+    }
+    assert!(report.has_run("switch_current_reads_the_proxy"), "{report}");
+}
+
 fn suite_for(config: TraefikConfig) -> SwitchSuite {
     let mut suite = SwitchSuite::new(endpoints());
     suite.reopen = Some(Arc::new(move || -> BoxFuture<Box<dyn TrafficSwitch>> {
@@ -74,9 +88,10 @@ async fn traefik_switch_passes_the_switch_conformance_suite_against_the_api_test
         assert_eq!(switch.current().await.unwrap(), None, "nothing applied yet");
 
         let suite = suite_for(config);
-        switch_suite(&switch, &suite).await;
+        let report = switch_suite(&switch, &suite).await;
+        expect_only_the_data_path_skipped(&report);
         let boxed: Box<dyn TrafficSwitch> = Box::new(switch.clone());
-        switch_suite(boxed.as_ref(), &suite).await;
+        expect_only_the_data_path_skipped(&switch_suite(boxed.as_ref(), &suite).await);
 
         // The suite's answers came from the double's API, which loaded the files.
         assert!(traefik.published() >= 3, "{}", traefik.published());
@@ -99,7 +114,7 @@ async fn without_an_api_the_switch_passes_the_suite_reading_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), None);
     let switch = TraefikSwitch::new(config.clone()).unwrap();
-    switch_suite(&switch, &suite_for(config)).await;
+    expect_only_the_data_path_skipped(&switch_suite(&switch, &suite_for(config)).await);
     assert!(dir.path().join("app.bluegreen.yml").is_file());
 }
 

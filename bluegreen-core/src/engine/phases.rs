@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::events::DeployEvent;
 use crate::policy::{KeepOld, Promotion};
 use crate::state::{RunKind, Waiting};
-use crate::traits::HookPoint;
+use crate::traits::{HookPoint, Prepared};
 
 impl Run<'_> {
     /// Lock, load and target choice happen before the flight exists; nothing is left to do.
@@ -22,7 +22,7 @@ impl Run<'_> {
         let Some(db) = self.d.database.clone() else {
             return Ok(Step::Skip("no database strategy"));
         };
-        let (binding, step) = {
+        let Prepared { binding, step } = {
             let ctx = self.db_ctx();
             self.retry(|| db.prepare(&ctx)).await
         }
@@ -49,12 +49,12 @@ impl Run<'_> {
         if self.binding.is_none() {
             // Resumed after a crash: the secret part of the binding was never persisted.
             if let Some(db) = self.d.database.clone() {
-                let (b, _) = {
+                let prepared = {
                     let ctx = self.db_ctx();
                     self.retry(|| db.prepare(&ctx)).await
                 }
                 .by(db.name())?;
-                self.binding = Some(b);
+                self.binding = Some(prepared.binding);
             }
         }
         let f = self.flight();

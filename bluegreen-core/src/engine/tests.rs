@@ -1,7 +1,7 @@
 //! Engine unit tests that need a scripted backend (mockall).
 
 use super::*;
-use crate::testkit::Fakes;
+use crate::testkit::{Fakes, Op};
 use crate::traits::{Capabilities, MockTrafficSwitch};
 use crate::types::TrafficSplit;
 use std::time::Duration;
@@ -38,11 +38,7 @@ async fn a_switch_that_does_not_take_effect_fails_verification_and_changes_nothi
 
 /// Deploys v1 then v2 with `policy`, kills the v2 run while it hangs in fake operation `op`, and
 /// returns the flight the dead run left in the store plus a new Deployer on the same store.
-async fn crash_inside(
-    fakes: &Fakes,
-    policy: Policy,
-    op: &str,
-) -> (crate::state::InFlight, Deployer) {
+async fn crash_inside(fakes: &Fakes, policy: Policy, op: Op) -> (crate::state::InFlight, Deployer) {
     let build = || {
         Deployer::builder()
             .environment(Arc::new(fakes.environment()))
@@ -56,18 +52,22 @@ async fn crash_inside(
     };
     let d = build();
     d.deploy(Release::new("v1", "app").unwrap()).await.unwrap();
-    fakes.hang_next(op);
+    let before = fakes.call_count(op.clone());
+    fakes.hang_next(op.clone());
     let task = {
         let d = d.clone();
         tokio::spawn(async move { d.deploy(Release::new("v2", "app").unwrap()).await })
     };
     for _ in 0..500 {
-        if fakes.call_count(op) > 0 {
+        if fakes.call_count(op.clone()) > before {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(fakes.call_count(op) > 0, "the run never reached {op}");
+    assert!(
+        fakes.call_count(op.clone()) > before,
+        "the run never reached {op}"
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     task.abort();
     let _ = task.await;
@@ -91,7 +91,7 @@ fn crash_policy() -> Policy {
 async fn recovery_resumes_a_switch_the_crashed_run_had_paused() {
     let fakes = Fakes::new();
     let policy = crash_policy().with_pause_during_cutover(true);
-    let (flight, d2) = crash_inside(&fakes, policy, "database.before_switch").await;
+    let (flight, d2) = crash_inside(&fakes, policy, Op::DatabaseBeforeSwitch).await;
     assert!(
         flight.paused,
         "the pause is recorded before the switch is paused"
@@ -107,7 +107,7 @@ async fn recovery_resumes_a_switch_the_crashed_run_had_paused() {
 async fn recovery_stops_preview_routing_the_crashed_run_had_started() {
     let fakes = Fakes::new();
     let policy = crash_policy().with_preview(true);
-    let (flight, d2) = crash_inside(&fakes, policy, "database.before_switch").await;
+    let (flight, d2) = crash_inside(&fakes, policy, Op::DatabaseBeforeSwitch).await;
     assert!(
         flight.previewing,
         "preview routing is recorded in the flight"

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::state::{new_token, DeploymentState, Lease, LockInfo, LockOwner, Timestamp};
 use crate::traits::{
     Capabilities, DatabaseStrategy, DbBinding, DbContext, DbStep, Environment, ExecOutput,
-    HealthCheck, HealthReport, Hook, HookContext, InstanceState, SlotMetrics, SlotStatus,
+    HealthCheck, HealthReport, Hook, HookContext, InstanceState, Prepared, SlotMetrics, SlotStatus,
     StateStore, TrafficSwitch, TrafficSwitchExt,
 };
 use crate::types::{Endpoint, Endpoints, PerSlot, Release, Slot, TrafficSplit};
@@ -33,9 +33,133 @@ pub enum Fault {
     Hang,
 }
 
+/// An operation of the fakes: what a scripted fault fires on and what [`Fakes::call_count`] counts.
+///
+/// A typed name, so that a misspelt fault does not compile (or, for a hook, panics when scripted)
+/// instead of never firing. [`Display`](fmt::Display) gives the `<fake>.<method>` name the call log
+/// uses (`environment.deploy`, `hook.smoke`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Op {
+    /// [`Environment::deploy`].
+    EnvironmentDeploy,
+    /// [`Environment::status`].
+    EnvironmentStatus,
+    /// [`Environment::stop`].
+    EnvironmentStop,
+    /// [`Environment::remove`].
+    EnvironmentRemove,
+    /// [`Environment::exec`].
+    EnvironmentExec,
+    /// [`TrafficSwitch::apply`].
+    SwitchApply,
+    /// [`TrafficSwitch::current`].
+    SwitchCurrent,
+    /// [`TrafficSwitch::preview`].
+    SwitchPreview,
+    /// [`TrafficSwitch::in_flight`].
+    SwitchInFlight,
+    /// [`TrafficSwitch::metrics`].
+    SwitchMetrics,
+    /// [`TrafficSwitch::pause`].
+    SwitchPause,
+    /// [`TrafficSwitch::resume`].
+    SwitchResume,
+    /// [`HealthCheck::check`].
+    HealthCheck,
+    /// [`DatabaseStrategy::prepare`].
+    DatabasePrepare,
+    /// [`DatabaseStrategy::before_switch`].
+    DatabaseBeforeSwitch,
+    /// [`DatabaseStrategy::after_switch`].
+    DatabaseAfterSwitch,
+    /// [`DatabaseStrategy::rollback`].
+    DatabaseRollback,
+    /// [`DatabaseStrategy::finalize`].
+    DatabaseFinalize,
+    /// [`DataPathProbe::probe`](crate::DataPathProbe::probe).
+    Probe,
+    /// [`StateStore::load`].
+    StoreLoad,
+    /// [`StateStore::save`].
+    StoreSave,
+    /// [`StateStore::acquire`].
+    StoreAcquire,
+    /// [`StateStore::renew`].
+    StoreRenew,
+    /// [`StateStore::release`].
+    StoreRelease,
+    /// [`Hook::run`] of the hook made by [`Fakes::hook`] with this name.
+    Hook(String),
+}
+
+impl Op {
+    /// The run of the hook named `name` (see [`Fakes::hook`]).
+    pub fn hook(name: impl Into<String>) -> Self {
+        Op::Hook(name.into())
+    }
+
+    /// The fake's part of the name: `environment`, `switch`, `health`, `database`, `probe`, `store`
+    /// or `hook`.
+    pub fn fake(&self) -> &'static str {
+        use Op::*;
+        match self {
+            EnvironmentDeploy | EnvironmentStatus | EnvironmentStop | EnvironmentRemove
+            | EnvironmentExec => "environment",
+            SwitchApply | SwitchCurrent | SwitchPreview | SwitchInFlight | SwitchMetrics
+            | SwitchPause | SwitchResume => "switch",
+            HealthCheck => "health",
+            DatabasePrepare | DatabaseBeforeSwitch | DatabaseAfterSwitch | DatabaseRollback
+            | DatabaseFinalize => "database",
+            Probe => "probe",
+            StoreLoad | StoreSave | StoreAcquire | StoreRenew | StoreRelease => "store",
+            Hook(_) => "hook",
+        }
+    }
+
+    /// The method's part of the name (`deploy`, `apply`, …; a hook's name), as injected errors
+    /// name the operation.
+    pub fn method(&self) -> &str {
+        use Op::*;
+        match self {
+            EnvironmentDeploy => "deploy",
+            EnvironmentStatus => "status",
+            EnvironmentStop => "stop",
+            EnvironmentRemove => "remove",
+            EnvironmentExec => "exec",
+            SwitchApply => "apply",
+            SwitchCurrent => "current",
+            SwitchPreview => "preview",
+            SwitchInFlight => "in_flight",
+            SwitchMetrics => "metrics",
+            SwitchPause => "pause",
+            SwitchResume => "resume",
+            HealthCheck => "check",
+            DatabasePrepare => "prepare",
+            DatabaseBeforeSwitch => "before_switch",
+            DatabaseAfterSwitch => "after_switch",
+            DatabaseRollback => "rollback",
+            DatabaseFinalize => "finalize",
+            Probe => "probe",
+            StoreLoad => "load",
+            StoreSave => "save",
+            StoreAcquire => "acquire",
+            StoreRenew => "renew",
+            StoreRelease => "release",
+            Hook(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.fake(), self.method())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Rule {
-    op: String,
+    op: Op,
     /// Fire on this call number (1-based) of `op`; `None` = the next call.
     on_call: Option<u64>,
     fault: Fault,
@@ -70,7 +194,9 @@ pub struct World {
     timeline: Vec<TimelineEntry>,
     violations: Vec<String>,
     rules: Vec<Rule>,
-    calls: HashMap<String, u64>,
+    calls: HashMap<Op, u64>,
+    /// Names given to [`Fakes::hook`]: scripting a fault on any other hook is a mistake.
+    hooks: HashSet<String>,
     log: Vec<String>,
     unhealthy_versions: HashSet<String>,
     unhealthy_after_switch: HashSet<String>,
@@ -180,8 +306,10 @@ impl Fakes {
         }
     }
 
-    /// A hook named `name` that records its runs (and fails or hangs as scripted on `hook.<name>`).
+    /// A hook named `name` that records its runs (and fails or hangs as scripted on
+    /// [`Op::Hook`]`(name)`).
     pub fn hook(&self, name: &str) -> FakeHook {
+        self.w().hooks.insert(name.to_string());
         FakeHook {
             name: name.to_string(),
             world: self.world.clone(),
@@ -190,10 +318,12 @@ impl Fakes {
 
     // ---- scripting -----------------------------------------------------------------------
 
-    /// The next call of `op` fails (non-retryable). Ops are named `<fake>.<method>`:
-    /// `environment.deploy`, `switch.apply`, `switch.current`, `database.prepare`, `store.save`,
-    /// `hook.<name>`, `health.check`, …
-    pub fn fail_next(&self, op: &str, message: &str) {
+    /// The next call of `op` fails (non-retryable).
+    ///
+    /// # Panics
+    /// If `op` is [`Op::Hook`] naming no hook made by [`Fakes::hook`] (a fault that could never
+    /// fire); the same holds for every scripting method.
+    pub fn fail_next(&self, op: Op, message: &str) {
         self.add_rule(
             op,
             None,
@@ -206,7 +336,7 @@ impl Fakes {
     }
 
     /// The next call of `op` fails with a retryable error.
-    pub fn fail_next_retryable(&self, op: &str, message: &str) {
+    pub fn fail_next_retryable(&self, op: Op, message: &str) {
         self.add_rule(
             op,
             None,
@@ -219,7 +349,7 @@ impl Fakes {
     }
 
     /// Call number `n` (1-based, counting every call of `op` so far) fails.
-    pub fn fail_on_call(&self, op: &str, n: u64, message: &str) {
+    pub fn fail_on_call(&self, op: Op, n: u64, message: &str) {
         self.add_rule(
             op,
             Some(n),
@@ -232,7 +362,7 @@ impl Fakes {
     }
 
     /// Every call of `op` fails from now on.
-    pub fn fail_always(&self, op: &str, message: &str) {
+    pub fn fail_always(&self, op: Op, message: &str) {
         self.add_rule(
             op,
             None,
@@ -245,12 +375,12 @@ impl Fakes {
     }
 
     /// The next call of `op` sleeps `d` first.
-    pub fn delay_next(&self, op: &str, d: Duration) {
+    pub fn delay_next(&self, op: Op, d: Duration) {
         self.add_rule(op, None, Fault::Delay(d), false);
     }
 
     /// The next call of `op` never returns.
-    pub fn hang_next(&self, op: &str) {
+    pub fn hang_next(&self, op: Op) {
         self.add_rule(op, None, Fault::Hang, false);
     }
 
@@ -259,9 +389,10 @@ impl Fakes {
         self.w().rules.clear();
     }
 
-    fn add_rule(&self, op: &str, on_call: Option<u64>, fault: Fault, persistent: bool) {
+    fn add_rule(&self, op: Op, on_call: Option<u64>, fault: Fault, persistent: bool) {
+        self.expect_known(&op);
         self.w().rules.push(Rule {
-            op: op.to_string(),
+            op,
             on_call,
             fault,
             persistent,
@@ -331,9 +462,25 @@ impl Fakes {
         self.w().log.clone()
     }
 
-    /// How many times `op` was called.
-    pub fn call_count(&self, op: &str) -> u64 {
-        self.w().calls.get(op).copied().unwrap_or(0)
+    /// How many times `op` was called (every attempt counts: a retried call counts twice).
+    ///
+    /// # Panics
+    /// If `op` is [`Op::Hook`] naming no hook made by [`Fakes::hook`] (its count would always be
+    /// 0).
+    pub fn call_count(&self, op: Op) -> u64 {
+        self.expect_known(&op);
+        self.w().calls.get(&op).copied().unwrap_or(0)
+    }
+
+    fn expect_known(&self, op: &Op) {
+        if let Op::Hook(name) = op {
+            let w = self.w();
+            if !w.hooks.contains(name) {
+                let mut known: Vec<&str> = w.hooks.iter().map(String::as_str).collect();
+                known.sort_unstable();
+                panic!("{op}: no hook named {name:?} was made with Fakes::hook (known: {known:?})");
+            }
+        }
     }
 
     /// The version running in `slot`, if up.
@@ -412,11 +559,11 @@ impl Fakes {
 }
 
 /// Applies scripted faults for `op` and counts the call.
-async fn hit(world: &Arc<Mutex<World>>, backend: &str, op: &str) -> Result<()> {
+async fn hit(world: &Arc<Mutex<World>>, backend: &str, op: Op) -> Result<()> {
     let fault = {
         let mut w = lock(world);
         let n = {
-            let c = w.calls.entry(op.to_string()).or_insert(0);
+            let c = w.calls.entry(op.clone()).or_insert(0);
             *c += 1;
             *c
         };
@@ -444,7 +591,7 @@ async fn hit(world: &Arc<Mutex<World>>, backend: &str, op: &str) -> Result<()> {
         }
         Some(Fault::Fail { message, retryable }) => Err(Error::backend(
             backend,
-            op.rsplit('.').next().unwrap_or(op),
+            op.method(),
             retryable,
             format!("injected fault: {message}"),
         )),
@@ -495,7 +642,7 @@ impl Environment for FakeEnvironment {
     }
 
     async fn deploy(&self, slot: Slot, release: &Release) -> Result<Vec<Endpoint>> {
-        hit(&self.world, self.name(), "environment.deploy").await?;
+        hit(&self.world, self.name(), Op::EnvironmentDeploy).await?;
         record(
             &self.world,
             format!("environment.deploy {slot} {}", release.version),
@@ -520,7 +667,7 @@ impl Environment for FakeEnvironment {
     }
 
     async fn status(&self, slot: Slot) -> Result<SlotStatus> {
-        hit(&self.world, self.name(), "environment.status").await?;
+        hit(&self.world, self.name(), Op::EnvironmentStatus).await?;
         let w = lock(&self.world);
         Ok(match w.instances.get(slot) {
             None => SlotStatus::absent(),
@@ -537,7 +684,7 @@ impl Environment for FakeEnvironment {
     }
 
     async fn stop(&self, slot: Slot, _drain: Duration) -> Result<()> {
-        hit(&self.world, self.name(), "environment.stop").await?;
+        hit(&self.world, self.name(), Op::EnvironmentStop).await?;
         record(&self.world, format!("environment.stop {slot}"));
         let mut w = lock(&self.world);
         if let Some(i) = w.instances.get_mut(slot) {
@@ -548,7 +695,7 @@ impl Environment for FakeEnvironment {
     }
 
     async fn remove(&self, slot: Slot) -> Result<()> {
-        hit(&self.world, self.name(), "environment.remove").await?;
+        hit(&self.world, self.name(), Op::EnvironmentRemove).await?;
         record(&self.world, format!("environment.remove {slot}"));
         let mut w = lock(&self.world);
         w.instances.set(slot, None);
@@ -557,7 +704,7 @@ impl Environment for FakeEnvironment {
     }
 
     async fn exec(&self, slot: Slot, argv: &[String]) -> Result<ExecOutput> {
-        hit(&self.world, self.name(), "environment.exec").await?;
+        hit(&self.world, self.name(), Op::EnvironmentExec).await?;
         record(
             &self.world,
             format!("environment.exec {slot} {}", argv.join(" ")),
@@ -614,7 +761,7 @@ impl TrafficSwitch for FakeSwitch {
 
     async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
         self.check_split(split, endpoints)?;
-        hit(&self.world, self.name(), "switch.apply").await?;
+        hit(&self.world, self.name(), Op::SwitchApply).await?;
         record(&self.world, format!("switch.apply {split}"));
         let mut w = lock(&self.world);
         let changed = w.split.as_ref() != Some(split);
@@ -631,7 +778,7 @@ impl TrafficSwitch for FakeSwitch {
     }
 
     async fn current(&self) -> Result<Option<TrafficSplit>> {
-        hit(&self.world, self.name(), "switch.current").await?;
+        hit(&self.world, self.name(), Op::SwitchCurrent).await?;
         Ok(lock(&self.world).split.clone())
     }
 
@@ -639,7 +786,7 @@ impl TrafficSwitch for FakeSwitch {
         if !self.capabilities().preview {
             return Err(Error::unsupported("preview", self.name()));
         }
-        hit(&self.world, self.name(), "switch.preview").await?;
+        hit(&self.world, self.name(), Op::SwitchPreview).await?;
         record(&self.world, format!("switch.preview {slot:?}"));
         lock(&self.world).preview = slot;
         Ok(())
@@ -649,7 +796,7 @@ impl TrafficSwitch for FakeSwitch {
         if !self.capabilities().drain {
             return Err(Error::unsupported("in_flight", self.name()));
         }
-        hit(&self.world, self.name(), "switch.in_flight").await?;
+        hit(&self.world, self.name(), Op::SwitchInFlight).await?;
         Ok(*lock(&self.world).in_flight.get(slot))
     }
 
@@ -657,7 +804,7 @@ impl TrafficSwitch for FakeSwitch {
         if !self.capabilities().metrics {
             return Err(Error::unsupported("metrics", self.name()));
         }
-        hit(&self.world, self.name(), "switch.metrics").await?;
+        hit(&self.world, self.name(), Op::SwitchMetrics).await?;
         Ok(*lock(&self.world).metrics.get(slot))
     }
 
@@ -665,7 +812,7 @@ impl TrafficSwitch for FakeSwitch {
         if !self.capabilities().pause {
             return Err(Error::unsupported("pause", self.name()));
         }
-        hit(&self.world, self.name(), "switch.pause").await?;
+        hit(&self.world, self.name(), Op::SwitchPause).await?;
         record(&self.world, "switch.pause".into());
         lock(&self.world).paused = true;
         Ok(())
@@ -675,7 +822,7 @@ impl TrafficSwitch for FakeSwitch {
         if !self.capabilities().pause {
             return Err(Error::unsupported("resume", self.name()));
         }
-        hit(&self.world, self.name(), "switch.resume").await?;
+        hit(&self.world, self.name(), Op::SwitchResume).await?;
         record(&self.world, "switch.resume".into());
         lock(&self.world).paused = false;
         Ok(())
@@ -702,7 +849,7 @@ impl HealthCheck for FakeHealthCheck {
     }
 
     async fn check(&self, endpoint: &Endpoint) -> Result<HealthReport> {
-        hit(&self.world, self.name(), "health.check").await?;
+        hit(&self.world, self.name(), Op::HealthCheck).await?;
         let mut w = lock(&self.world);
         w.health_calls += 1;
         if w.health_calls <= w.healthy_after {
@@ -779,18 +926,18 @@ impl DatabaseStrategy for FakeDatabase {
         "fake-database"
     }
 
-    async fn prepare(&self, ctx: &DbContext) -> Result<(DbBinding, DbStep)> {
-        hit(&self.world, self.name(), "database.prepare").await?;
+    async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
+        hit(&self.world, self.name(), Op::DatabasePrepare).await?;
         record(&self.world, format!("database.prepare {}", ctx.target));
         lock(&self.world).db_prepared.insert(ctx.target);
         let binding = DbBinding::none()
             .with_env("DATABASE_NAME", format!("app_{}", ctx.target))
             .with_secret("DATABASE_PASSWORD", "fake-secret-password");
-        Ok((binding, DbStep::reversible("prepared")))
+        Ok(Prepared::new(binding, DbStep::reversible("prepared")))
     }
 
     async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep> {
-        hit(&self.world, self.name(), "database.before_switch").await?;
+        hit(&self.world, self.name(), Op::DatabaseBeforeSwitch).await?;
         record(
             &self.world,
             format!("database.before_switch {}", ctx.target),
@@ -799,27 +946,27 @@ impl DatabaseStrategy for FakeDatabase {
     }
 
     async fn after_switch(&self, ctx: &DbContext) -> Result<DbStep> {
-        hit(&self.world, self.name(), "database.after_switch").await?;
+        hit(&self.world, self.name(), Op::DatabaseAfterSwitch).await?;
         record(&self.world, format!("database.after_switch {}", ctx.target));
         Ok(self.step(ctx, "after_switch"))
     }
 
     async fn rollback(&self, ctx: &DbContext) -> Result<()> {
-        hit(&self.world, self.name(), "database.rollback").await?;
+        hit(&self.world, self.name(), Op::DatabaseRollback).await?;
         record(&self.world, format!("database.rollback {}", ctx.target));
         lock(&self.world).db_prepared.remove(&ctx.target);
         Ok(())
     }
 
     async fn finalize(&self, ctx: &DbContext) -> Result<DbStep> {
-        hit(&self.world, self.name(), "database.finalize").await?;
+        hit(&self.world, self.name(), Op::DatabaseFinalize).await?;
         record(&self.world, format!("database.finalize {}", ctx.target));
         Ok(DbStep::irreversible("dropped the old side's database"))
     }
 }
 
 // -------------------------------------------------------------------------------------------
-/// A [`DataPathProbe`](crate::DataPathProbe) over the fake world (faults on `probe.probe`).
+/// A [`DataPathProbe`](crate::DataPathProbe) over the fake world (faults on [`Op::Probe`]).
 #[derive(Clone)]
 pub struct FakeProbe {
     world: Arc<Mutex<World>>,
@@ -838,7 +985,7 @@ impl crate::analysis::DataPathProbe for FakeProbe {
     }
 
     async fn probe(&self, expected: &crate::Version) -> Result<crate::analysis::ProbeResult> {
-        hit(&self.world, self.name(), "probe.probe").await?;
+        hit(&self.world, self.name(), Op::Probe).await?;
         let observed = Fakes {
             world: self.world.clone(),
         }
@@ -852,11 +999,18 @@ impl crate::analysis::DataPathProbe for FakeProbe {
 }
 
 // -------------------------------------------------------------------------------------------
-/// A [`Hook`] that records its runs; scripted with faults on `hook.<name>`.
+/// A [`Hook`] that records its runs; scripted with faults on [`Op::Hook`] (see [`FakeHook::op`]).
 #[derive(Clone)]
 pub struct FakeHook {
     name: String,
     world: Arc<Mutex<World>>,
+}
+
+impl FakeHook {
+    /// The operation naming this hook's runs, for scripting faults and counting calls.
+    pub fn op(&self) -> Op {
+        Op::Hook(self.name.clone())
+    }
 }
 
 impl fmt::Debug for FakeHook {
@@ -872,7 +1026,7 @@ impl Hook for FakeHook {
     }
 
     async fn run(&self, ctx: &HookContext) -> Result<()> {
-        hit(&self.world, &self.name, &format!("hook.{}", self.name)).await?;
+        hit(&self.world, &self.name, Op::Hook(self.name.clone())).await?;
         record(
             &self.world,
             format!(
@@ -885,8 +1039,8 @@ impl Hook for FakeHook {
 }
 
 // -------------------------------------------------------------------------------------------
-/// In-memory [`StateStore`], shared by every clone. Faults on `store.load`, `store.save`,
-/// `store.acquire`, `store.renew`, `store.release`.
+/// In-memory [`StateStore`], shared by every clone. Faults on [`Op::StoreLoad`], [`Op::StoreSave`],
+/// [`Op::StoreAcquire`], [`Op::StoreRenew`], [`Op::StoreRelease`].
 #[derive(Clone, Default)]
 pub struct MemoryStateStore {
     world: Arc<Mutex<World>>,
@@ -912,12 +1066,12 @@ impl StateStore for MemoryStateStore {
     }
 
     async fn load(&self) -> Result<Option<DeploymentState>> {
-        hit(&self.world, self.name(), "store.load").await?;
+        hit(&self.world, self.name(), Op::StoreLoad).await?;
         Ok(lock(&self.world).state.clone())
     }
 
     async fn save(&self, state: &DeploymentState) -> Result<u64> {
-        hit(&self.world, self.name(), "store.save").await?;
+        hit(&self.world, self.name(), Op::StoreSave).await?;
         let mut w = lock(&self.world);
         let found = w.state.as_ref().map(|s| s.revision).unwrap_or(0);
         if found != state.revision {
@@ -943,7 +1097,7 @@ impl StateStore for MemoryStateStore {
     }
 
     async fn acquire(&self, owner: &LockOwner, ttl: Duration) -> Result<Lease> {
-        hit(&self.world, self.name(), "store.acquire").await?;
+        hit(&self.world, self.name(), Op::StoreAcquire).await?;
         let mut w = lock(&self.world);
         let now = Timestamp::now();
         if let Some(l) = &w.lock {
@@ -962,7 +1116,7 @@ impl StateStore for MemoryStateStore {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        hit(&self.world, self.name(), "store.renew").await?;
+        hit(&self.world, self.name(), Op::StoreRenew).await?;
         let mut w = lock(&self.world);
         match &mut w.lock {
             Some(l) if l.token == lease.token => {
@@ -979,7 +1133,7 @@ impl StateStore for MemoryStateStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        hit(&self.world, self.name(), "store.release").await?;
+        hit(&self.world, self.name(), Op::StoreRelease).await?;
         let mut w = lock(&self.world);
         if w.lock
             .as_ref()
@@ -1009,12 +1163,30 @@ mod tests {
         let f = Fakes::new();
         let env = f.environment();
         let r = Release::new("v1", "app").unwrap();
-        f.fail_on_call("environment.deploy", 2, "disk full");
+        f.fail_on_call(Op::EnvironmentDeploy, 2, "disk full");
         env.deploy(Slot::Blue, &r).await.unwrap();
         let err = env.deploy(Slot::Green, &r).await.unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
         env.deploy(Slot::Green, &r).await.unwrap();
-        assert_eq!(f.call_count("environment.deploy"), 3);
+        assert_eq!(f.call_count(Op::EnvironmentDeploy), 3);
+    }
+
+    #[test]
+    fn ops_keep_the_names_of_the_call_log() {
+        assert_eq!(Op::EnvironmentDeploy.to_string(), "environment.deploy");
+        assert_eq!(Op::SwitchInFlight.to_string(), "switch.in_flight");
+        assert_eq!(Op::Probe.to_string(), "probe.probe");
+        assert_eq!(Op::hook("smoke").to_string(), "hook.smoke");
+        assert_eq!(Op::DatabaseBeforeSwitch.method(), "before_switch");
+        assert_eq!(Fakes::new().hook("smoke").op(), Op::hook("smoke"));
+    }
+
+    #[test]
+    #[should_panic(expected = "no hook named \"smok\"")]
+    fn a_fault_on_a_hook_that_does_not_exist_is_refused() {
+        let f = Fakes::new();
+        let _ = f.hook("smoke");
+        f.fail_next(Op::hook("smok"), "never fires");
     }
 
     #[tokio::test]
@@ -1036,18 +1208,24 @@ mod tests {
     async fn memory_store_passes_the_state_store_suite() {
         let shared = MemoryStateStore::new();
         crate::testkit::state_store_suite(&move || Arc::new(shared.clone()) as Arc<dyn StateStore>)
-            .await;
+            .await
+            .assert_complete();
+    }
+
+    /// v1 running in both slots; their endpoints.
+    async fn both_slots_running(f: &Fakes) -> Endpoints {
+        let env = f.environment();
+        let r = Release::new("v1", "app").unwrap();
+        Endpoints::new(
+            env.deploy(Slot::Blue, &r).await.unwrap(),
+            env.deploy(Slot::Green, &r).await.unwrap(),
+        )
     }
 
     #[tokio::test]
     async fn fake_switch_passes_the_switch_suite_directly_and_boxed() {
         let f = Fakes::new();
-        let env = f.environment();
-        let r = Release::new("v1", "app").unwrap();
-        let eps = Endpoints::new(
-            env.deploy(Slot::Blue, &r).await.unwrap(),
-            env.deploy(Slot::Green, &r).await.unwrap(),
-        );
+        let eps = both_slots_running(&f).await;
         let mut suite = crate::testkit::SwitchSuite::new(eps);
         let f2 = f.clone();
         suite.reopen = Some(Arc::new(move || {
@@ -1059,13 +1237,110 @@ mod tests {
             let live = f3.live();
             Box::pin(async move { live.ok_or_else(|| Error::invalid("split", "", "none")) })
         }));
-        crate::testkit::switch_suite(&f.switch(), &suite).await;
+        let report = crate::testkit::switch_suite(&f.switch(), &suite).await;
+        report.assert_complete();
+        assert!(
+            report.has_run("switch_apply_is_idempotent: data path"),
+            "{report}"
+        );
         let boxed: Box<dyn TrafficSwitch> = Box::new(f.switch());
-        crate::testkit::switch_suite(boxed.as_ref(), &suite).await;
+        crate::testkit::switch_suite(boxed.as_ref(), &suite)
+            .await
+            .assert_complete();
 
         // With fewer capabilities the suite checks the refusals instead.
         f.set_capabilities(Capabilities::basic());
-        crate::testkit::switch_suite(&f.switch(), &suite).await;
+        crate::testkit::switch_suite(&f.switch(), &suite)
+            .await
+            .assert_complete();
+    }
+
+    #[tokio::test]
+    async fn a_suite_without_its_callbacks_reports_what_it_skipped() {
+        let f = Fakes::new();
+        let eps = both_slots_running(&f).await;
+        let report =
+            crate::testkit::switch_suite(&f.switch(), &crate::testkit::SwitchSuite::new(eps)).await;
+        assert!(!report.is_complete());
+        assert!(report.was_skipped("data path"), "{report}");
+        assert!(
+            report.was_skipped("switch_current_reads_the_proxy"),
+            "{report}"
+        );
+        assert!(
+            report
+                .skipped()
+                .iter()
+                .all(|s| s.why.starts_with("no served_by") || s.why.starts_with("no reopen")),
+            "{report}"
+        );
+        // The checks that could run, ran.
+        assert!(
+            report.has_run("switch_apply_then_current_reads_back"),
+            "{report}"
+        );
+        assert!(report.to_string().contains("skipped:"), "{report}");
+
+        let report = crate::testkit::database_suite(
+            &f.database(),
+            &crate::testkit::DatabaseSuite {
+                release: Release::new("v1", "app").unwrap(),
+                live_intact: None,
+            },
+        )
+        .await;
+        assert!(report.was_skipped("live side intact"), "{report}");
+    }
+
+    /// A strategy that needs only `prepare` (e.g. one database reached under another name)
+    /// writes only `name` and `prepare`: the other steps are the trait's no-ops.
+    #[derive(Debug)]
+    struct OnlyPrepare;
+
+    #[async_trait]
+    impl DatabaseStrategy for OnlyPrepare {
+        fn name(&self) -> &str {
+            "only-prepare"
+        }
+
+        async fn prepare(&self, _ctx: &DbContext) -> Result<Prepared> {
+            Ok(Prepared::new(
+                DbBinding::none().with_env("PGDATABASE", "app"),
+                DbStep::reversible("nothing to copy"),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_strategy_with_only_name_and_prepare_passes_the_database_suite() {
+        let db = OnlyPrepare;
+        let ctx = DbContext {
+            live: None,
+            target: Slot::Blue,
+            release: Release::new("v1", "app").unwrap(),
+        };
+        assert_eq!(
+            db.before_switch(&ctx).await.unwrap(),
+            DbStep::nothing_to_do()
+        );
+        assert_eq!(db.finalize(&ctx).await.unwrap(), DbStep::nothing_to_do());
+        crate::testkit::database_suite(
+            &db,
+            &crate::testkit::DatabaseSuite {
+                release: ctx.release.clone(),
+                live_intact: Some(Arc::new(|_| Box::pin(async { true }))),
+            },
+        )
+        .await
+        .assert_complete();
+    }
+
+    #[test]
+    #[should_panic(expected = "skipped checks")]
+    fn assert_complete_names_what_was_skipped() {
+        let mut r = crate::testkit::SuiteReport::default();
+        r.record_skip("a check", "a reason");
+        r.assert_complete();
     }
 
     #[tokio::test]
@@ -1076,7 +1351,9 @@ mod tests {
             ready_timeout: Duration::from_secs(1),
             exec_argv: Some(vec!["migrate".into()]),
         };
-        crate::testkit::environment_suite(&f.environment(), &suite).await;
+        crate::testkit::environment_suite(&f.environment(), &suite)
+            .await
+            .assert_complete();
     }
 
     #[tokio::test]
@@ -1084,9 +1361,11 @@ mod tests {
         let f = Fakes::new();
         let suite = crate::testkit::DatabaseSuite {
             release: Release::new("v1", "app").unwrap(),
-            live_intact: None,
+            live_intact: Some(Arc::new(|_| Box::pin(async { true }))),
         };
-        crate::testkit::database_suite(&f.database(), &suite).await;
+        crate::testkit::database_suite(&f.database(), &suite)
+            .await
+            .assert_complete();
         assert_eq!(f.db_prepared(), vec![Slot::Blue]);
     }
 }

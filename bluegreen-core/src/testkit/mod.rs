@@ -6,8 +6,10 @@
 //! - [`switch_suite`], [`environment_suite`], [`database_suite`], [`state_store_suite`];
 //! - [`Fakes`]: a shared in-memory world behind [`FakeEnvironment`], [`FakeSwitch`],
 //!   [`FakeHealthCheck`], [`FakeDatabase`], [`FakeHook`] and [`MemoryStateStore`], with scripted
-//!   faults (`fail_next`, `fail_on_call`, `delay_next`, `hang_next`) and a timeline of every split the
-//!   switch held, so a test can prove live traffic never pointed at a slot that was not running.
+//!   faults on a typed operation ([`Op`]: `fail_next(Op::SwitchApply, …)`, `fail_on_call`,
+//!   `delay_next`, `hang_next`), call counts per operation (`call_count(Op::EnvironmentDeploy)`)
+//!   and a timeline of every split the switch held, so a test can prove live traffic never pointed
+//!   at a slot that was not running.
 
 mod fakes;
 mod suites;

@@ -1,7 +1,10 @@
 //! Conformance suites: free async functions every backend runs against its real service.
 //!
 //! Each checks the sentences of a trait's "Behavior" section and panics with a message naming the
-//! backend and the broken promise.
+//! backend and the broken promise. A check that cannot run (the suite lacks what it needs, e.g. a
+//! [`SwitchSuite::served_by`] callback for the data path) does not pass silently: it prints
+//! `skipped: <check>: <why>` to stderr and is listed in the [`SuiteReport`] the suite returns, so
+//! a test can assert what ran.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +31,138 @@ pub type ServedByFn = Arc<dyn Fn() -> BoxFuture<crate::Result<Slot>> + Send + Sy
 pub type IntactFn = Arc<dyn Fn(Slot) -> BoxFuture<bool> + Send + Sync>;
 
 // ---------------------------------------------------------------------------------------------
+// Report
+
+/// A check a suite could not run, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The check (`switch_current_reads_the_proxy`, `switch_apply_is_idempotent: data path`).
+    pub check: String,
+    /// Why it could not run (`no reopen callback`).
+    pub why: String,
+}
+
+/// What a conformance suite (or one of its checks) ran and what it skipped.
+///
+/// Every check the suite ran without a panic is in [`ran`](Self::ran); every check it could not
+/// run is in [`skipped`](Self::skipped) and was printed to stderr as `skipped: <check>: <why>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SuiteReport {
+    backend: String,
+    ran: Vec<String>,
+    skipped: Vec<Skipped>,
+}
+
+impl SuiteReport {
+    /// An empty report for `backend` (for a suite of your own built from these checks).
+    pub fn new(backend: &str) -> Self {
+        SuiteReport {
+            backend: backend.to_string(),
+            ..SuiteReport::default()
+        }
+    }
+
+    /// The backend the suite ran against (its `name()`).
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// The checks that ran (and passed: a failed check panics).
+    pub fn ran(&self) -> &[String] {
+        &self.ran
+    }
+
+    /// The checks that could not run.
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+
+    /// Whether the check named `check` ran (`"switch_apply_is_idempotent: data path"`).
+    pub fn has_run(&self, check: &str) -> bool {
+        self.ran.iter().any(|c| c == check)
+    }
+
+    /// Whether a check whose name contains `what` was skipped (`"data path"`).
+    pub fn was_skipped(&self, what: &str) -> bool {
+        self.skipped.iter().any(|s| s.check.contains(what))
+    }
+
+    /// True if nothing was skipped.
+    pub fn is_complete(&self) -> bool {
+        self.skipped.is_empty()
+    }
+
+    /// Panics, naming every skipped check, unless every check ran.
+    #[track_caller]
+    pub fn assert_complete(&self) {
+        assert!(
+            self.is_complete(),
+            "{}: the conformance suite skipped checks: {self}",
+            self.backend
+        );
+    }
+
+    /// Records that `check` ran.
+    pub fn record_ran(&mut self, check: &str) {
+        self.ran.push(check.to_string());
+    }
+
+    /// Records that `check` could not run, and prints `skipped: <check>: <why>` to stderr.
+    pub fn record_skip(&mut self, check: &str, why: &str) {
+        eprintln!("skipped: {check}: {why} (backend {})", self.backend);
+        self.skipped.push(Skipped {
+            check: check.to_string(),
+            why: why.to_string(),
+        });
+    }
+
+    /// The report of a switch check that ran, with its data-path part (if `data_path`) run or
+    /// skipped as the suite allows.
+    fn switch_check(
+        switch: &dyn TrafficSwitch,
+        suite: &SwitchSuite,
+        check: &str,
+        data_path: bool,
+    ) -> Self {
+        let mut r = SuiteReport::new(switch.name());
+        r.record_ran(check);
+        if data_path {
+            let part = format!("{check}: data path");
+            if suite.served_by.is_some() {
+                r.record_ran(&part);
+            } else {
+                r.record_skip(
+                    &part,
+                    "no served_by callback, so no request went through the proxy",
+                );
+            }
+        }
+        r
+    }
+
+    /// Adds `other`'s checks to this report.
+    pub fn merge(&mut self, other: SuiteReport) {
+        self.ran.extend(other.ran);
+        self.skipped.extend(other.skipped);
+    }
+}
+
+impl std::fmt::Display for SuiteReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} checks ran", self.ran.len())?;
+        if self.skipped.is_empty() {
+            return f.write_str(", none skipped");
+        }
+        write!(f, "; skipped:")?;
+        for (i, s) in self.skipped.iter().enumerate() {
+            let sep = if i == 0 { " " } else { "; " };
+            write!(f, "{sep}{} ({})", s.check, s.why)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Switch
 
 /// What [`switch_suite`] needs besides the switch.
@@ -35,8 +170,10 @@ pub struct SwitchSuite {
     /// Reachable endpoints for both slots (at least one each).
     pub endpoints: Endpoints,
     /// Opens a second, fresh handle on the same proxy: proves `current` reads the proxy back.
+    /// Without it [`switch_current_reads_the_proxy`] is skipped (and reported as skipped).
     pub reopen: Option<ReopenFn>,
-    /// Sends one request through the switch's data path and says which slot answered.
+    /// Sends one request through the switch's data path and says which slot answered. Without
+    /// it the data-path checks are skipped (and reported as skipped).
     pub served_by: Option<ServedByFn>,
 }
 
@@ -94,7 +231,11 @@ async fn expect_served_by(suite: &SwitchSuite, name: &str, slot: Slot) {
 }
 
 /// `apply` then `current` reads the same split back, and requests reach that slot.
-pub async fn switch_apply_then_current_reads_back(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+pub async fn switch_apply_then_current_reads_back(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) -> SuiteReport {
+    const CHECK: &str = "switch_apply_then_current_reads_back";
     for slot in [Slot::Blue, Slot::Green, Slot::Blue] {
         let split = TrafficSplit::all(slot);
         switch
@@ -104,10 +245,14 @@ pub async fn switch_apply_then_current_reads_back(switch: &dyn TrafficSwitch, su
         expect_current(switch, &split, "after apply").await;
         expect_served_by(suite, switch.name(), slot).await;
     }
+    SuiteReport::switch_check(switch, suite, CHECK, true)
 }
 
 /// Applying the same split twice changes nothing.
-pub async fn switch_apply_is_idempotent(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+pub async fn switch_apply_is_idempotent(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) -> SuiteReport {
     let split = TrafficSplit::all(Slot::Green);
     for _ in 0..2 {
         switch
@@ -117,21 +262,37 @@ pub async fn switch_apply_is_idempotent(switch: &dyn TrafficSwitch, suite: &Swit
     }
     expect_current(switch, &split, "after applying the same split twice").await;
     expect_served_by(suite, switch.name(), Slot::Green).await;
+    SuiteReport::switch_check(switch, suite, "switch_apply_is_idempotent", true)
 }
 
 /// A fresh handle on the same proxy reports what was applied (no cached answer).
-pub async fn switch_current_reads_the_proxy(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
-    let Some(reopen) = &suite.reopen else { return };
+pub async fn switch_current_reads_the_proxy(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) -> SuiteReport {
+    const CHECK: &str = "switch_current_reads_the_proxy";
+    let Some(reopen) = &suite.reopen else {
+        let mut r = SuiteReport::new(switch.name());
+        r.record_skip(
+            CHECK,
+            "no reopen callback, so no fresh handle could read the proxy back",
+        );
+        return r;
+    };
     for slot in [Slot::Green, Slot::Blue] {
         let split = TrafficSplit::all(slot);
         switch.apply(&split, &suite.endpoints).await.unwrap();
         let other = reopen().await;
         expect_current(other.as_ref(), &split, "on a freshly opened handle").await;
     }
+    SuiteReport::switch_check(switch, suite, CHECK, false)
 }
 
 /// Weighted splits work when declared, and are refused (nothing changed) when not.
-pub async fn switch_weights_follow_capabilities(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+pub async fn switch_weights_follow_capabilities(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) -> SuiteReport {
     let base = TrafficSplit::all(Slot::Blue);
     switch.apply(&base, &suite.endpoints).await.unwrap();
     let canary = TrafficSplit::canary(Slot::Green, 30).unwrap();
@@ -148,10 +309,14 @@ pub async fn switch_weights_follow_capabilities(switch: &dyn TrafficSwitch, suit
         );
         expect_current(switch, &base, "after a refused weighted apply").await;
     }
+    SuiteReport::switch_check(switch, suite, "switch_weights_follow_capabilities", false)
 }
 
 /// Sticky splits work when declared, and are refused (nothing changed) when not.
-pub async fn switch_sticky_follows_capabilities(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
+pub async fn switch_sticky_follows_capabilities(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) -> SuiteReport {
     let base = TrafficSplit::all(Slot::Blue);
     switch.apply(&base, &suite.endpoints).await.unwrap();
     let sticky = TrafficSplit::all(Slot::Green).with_sticky("bg_slot");
@@ -168,6 +333,7 @@ pub async fn switch_sticky_follows_capabilities(switch: &dyn TrafficSwitch, suit
         );
         expect_current(switch, &base, "after a refused sticky apply").await;
     }
+    SuiteReport::switch_check(switch, suite, "switch_sticky_follows_capabilities", false)
 }
 
 /// Invalid input (weight on a slot without endpoints, a hostile host name) is refused and the
@@ -175,7 +341,7 @@ pub async fn switch_sticky_follows_capabilities(switch: &dyn TrafficSwitch, suit
 pub async fn switch_refuses_invalid_input_and_keeps_config(
     switch: &dyn TrafficSwitch,
     suite: &SwitchSuite,
-) {
+) -> SuiteReport {
     let base = TrafficSplit::all(Slot::Blue);
     switch.apply(&base, &suite.endpoints).await.unwrap();
 
@@ -203,13 +369,19 @@ pub async fn switch_refuses_invalid_input_and_keeps_config(
     );
     expect_current(switch, &base, "after refusing a hostile endpoint").await;
     expect_served_by(suite, switch.name(), Slot::Blue).await;
+    SuiteReport::switch_check(
+        switch,
+        suite,
+        "switch_refuses_invalid_input_and_keeps_config",
+        true,
+    )
 }
 
 /// Optional operations answer, or say `Unsupported`, exactly as the capabilities declare.
 pub async fn switch_optional_operations_match_capabilities(
     switch: &dyn TrafficSwitch,
     suite: &SwitchSuite,
-) {
+) -> SuiteReport {
     let caps = switch.capabilities();
     let name = switch.name().to_string();
     let check = |declared: bool, op: &str, res: crate::Result<()>| match (declared, res) {
@@ -242,21 +414,32 @@ pub async fn switch_optional_operations_match_capabilities(
     if caps.pause {
         switch.resume().await.unwrap();
     }
+    SuiteReport::switch_check(
+        switch,
+        suite,
+        "switch_optional_operations_match_capabilities",
+        false,
+    )
 }
 
-/// Runs every switch conformance check. Leaves the switch at 100 % blue.
-pub async fn switch_suite(switch: &dyn TrafficSwitch, suite: &SwitchSuite) {
-    switch_apply_then_current_reads_back(switch, suite).await;
-    switch_apply_is_idempotent(switch, suite).await;
-    switch_current_reads_the_proxy(switch, suite).await;
-    switch_weights_follow_capabilities(switch, suite).await;
-    switch_sticky_follows_capabilities(switch, suite).await;
-    switch_refuses_invalid_input_and_keeps_config(switch, suite).await;
-    switch_optional_operations_match_capabilities(switch, suite).await;
+/// Runs every switch conformance check. Leaves the switch at 100 % blue. Returns which checks ran
+/// and which were skipped (printed to stderr as they were): the data-path parts without
+/// [`SwitchSuite::served_by`], [`switch_current_reads_the_proxy`] without
+/// [`SwitchSuite::reopen`].
+pub async fn switch_suite(switch: &dyn TrafficSwitch, suite: &SwitchSuite) -> SuiteReport {
+    let mut report = SuiteReport::new(switch.name());
+    report.merge(switch_apply_then_current_reads_back(switch, suite).await);
+    report.merge(switch_apply_is_idempotent(switch, suite).await);
+    report.merge(switch_current_reads_the_proxy(switch, suite).await);
+    report.merge(switch_weights_follow_capabilities(switch, suite).await);
+    report.merge(switch_sticky_follows_capabilities(switch, suite).await);
+    report.merge(switch_refuses_invalid_input_and_keeps_config(switch, suite).await);
+    report.merge(switch_optional_operations_match_capabilities(switch, suite).await);
     switch
         .apply(&TrafficSplit::all(Slot::Blue), &suite.endpoints)
         .await
         .unwrap();
+    report
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,9 +510,12 @@ async fn expect_not_up(env: &dyn Environment, slot: Slot, context: &str) {
     );
 }
 
-/// Runs every environment conformance check. Leaves both slots removed.
-pub async fn environment_suite(env: &dyn Environment, suite: &EnvironmentSuite) {
+/// Runs every environment conformance check. Leaves both slots removed. Returns the checks that
+/// ran (nothing is skipped: without [`EnvironmentSuite::exec_argv`], `exec` must answer
+/// `Unsupported` or succeed, and that is checked instead).
+pub async fn environment_suite(env: &dyn Environment, suite: &EnvironmentSuite) -> SuiteReport {
     let name = env.name().to_string();
+    let mut report = SuiteReport::new(&name);
     // Removing and stopping absent slots is Ok.
     for slot in Slot::ALL {
         env.remove(slot)
@@ -382,6 +568,8 @@ pub async fn environment_suite(env: &dyn Environment, suite: &EnvironmentSuite) 
         .unwrap_or_else(|e| panic!("{name}: deploy(blue, v3) failed: {e}"));
     wait_running(env, Slot::Blue, "v3", suite.ready_timeout).await;
 
+    report.record_ran("environment: remove, deploy, redeploy, replace, slots independent");
+
     // exec and logs: supported, or Unsupported; never another error.
     if let Some(argv) = &suite.exec_argv {
         let out = env
@@ -393,16 +581,19 @@ pub async fn environment_suite(env: &dyn Environment, suite: &EnvironmentSuite) 
             "{name}: exec({argv:?}) exited {:?}",
             out.code
         );
+        report.record_ran("environment: exec runs an argv in a running slot");
     } else {
         match env.exec(Slot::Blue, &["true".to_string()]).await {
             Err(Error::Unsupported { .. }) | Ok(_) => {}
             Err(e) => panic!("{name}: exec without support must be Unsupported, got {e}"),
         }
+        report.record_ran("environment: exec is supported or Unsupported");
     }
     match env.logs(Slot::Blue, None).await {
         Ok(_) | Err(Error::Unsupported { .. }) => {}
         Err(e) => panic!("{name}: logs failed: {e}"),
     }
+    report.record_ran("environment: logs are supported or Unsupported");
 
     // stop stops only that slot.
     env.stop(Slot::Blue, Duration::from_secs(5))
@@ -424,6 +615,8 @@ pub async fn environment_suite(env: &dyn Environment, suite: &EnvironmentSuite) 
             "{name}: {slot} after remove"
         );
     }
+    report.record_ran("environment: stop and remove touch only their slot");
+    report
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,8 +640,12 @@ impl std::fmt::Debug for DatabaseSuite {
 
 /// Runs every database-strategy conformance check: a first deploy to blue, then a deploy to green
 /// that is rolled back (twice: rollback is idempotent) and prepared again (prepare is idempotent).
-pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) {
+///
+/// Returns the checks that ran; without [`DatabaseSuite::live_intact`] the check that a rollback
+/// leaves the live side's data intact is skipped (and reported).
+pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) -> SuiteReport {
     let name = db.name().to_string();
+    let mut report = SuiteReport::new(&name);
     let first = DbContext {
         live: None,
         target: Slot::Blue,
@@ -466,22 +663,23 @@ pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) {
     db.finalize(&first)
         .await
         .unwrap_or_else(|e| panic!("{name}: finalize failed: {e}"));
+    report.record_ran("database: a first deploy runs every step");
 
     let second = DbContext {
         live: Some(Slot::Blue),
         target: Slot::Green,
         release: suite.release.clone(),
     };
-    let (b1, _) = db
+    let p1 = db
         .prepare(&second)
         .await
         .unwrap_or_else(|e| panic!("{name}: prepare(green) failed: {e}"));
-    let (b2, _) = db
+    let p2 = db
         .prepare(&second)
         .await
         .unwrap_or_else(|e| panic!("{name}: prepare is not idempotent: {e}"));
     assert_eq!(
-        b1.env, b2.env,
+        p1.binding.env, p2.binding.env,
         "{name}: a repeated prepare changed the binding"
     );
     db.rollback(&second)
@@ -490,12 +688,18 @@ pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) {
     db.rollback(&second)
         .await
         .unwrap_or_else(|e| panic!("{name}: a second rollback failed: {e}"));
+    report.record_ran("database: prepare and rollback are idempotent");
+    const INTACT: &str = "database: rollback leaves the live side intact";
     if let Some(check) = &suite.live_intact {
         assert!(
             check(Slot::Blue).await,
             "{name}: rollback damaged the live side"
         );
+        report.record_ran(INTACT);
+    } else {
+        report.record_skip(INTACT, "no live_intact callback to inspect the live data");
     }
+    report
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,10 +707,15 @@ pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) {
 
 /// Runs every state-store conformance check. `open` returns a new handle on the same, initially
 /// empty, store each time it is called (as two operators' machines would have).
-pub async fn state_store_suite(open: &(dyn Fn() -> Arc<dyn StateStore> + Send + Sync)) {
+///
+/// Returns the checks that ran (nothing is ever skipped).
+pub async fn state_store_suite(
+    open: &(dyn Fn() -> Arc<dyn StateStore> + Send + Sync),
+) -> SuiteReport {
     let a = open();
     let b = open();
     let name = a.name().to_string();
+    let mut report = SuiteReport::new(&name);
 
     // Empty store; CAS save; conflicts.
     assert!(
@@ -541,6 +750,7 @@ pub async fn state_store_suite(open: &(dyn Fn() -> Arc<dyn StateStore> + Send + 
         7,
         "{name}: stale save changed the state"
     );
+    report.record_ran("state store: compare-and-swap saves");
 
     // Exclusive lock naming its holder.
     let ttl = Duration::from_secs(30);
@@ -593,6 +803,8 @@ pub async fn state_store_suite(open: &(dyn Fn() -> Arc<dyn StateStore> + Send + 
         other => panic!("{name}: renewing a broken lease must be LockLost, got {other:?}"),
     }
 
+    report.record_ran("state store: an exclusive lock that expires and can be broken");
+
     // Two concurrent lockers: exactly one wins, every round.
     for round in 0..10 {
         let (x, y) = (open(), open());
@@ -613,4 +825,6 @@ pub async fn state_store_suite(open: &(dyn Fn() -> Arc<dyn StateStore> + Send + 
             }
         }
     }
+    report.record_ran("state store: one of two concurrent lockers wins");
+    report
 }
