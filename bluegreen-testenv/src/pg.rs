@@ -96,6 +96,8 @@ pub struct ClusterOptions {
     pub durable: bool,
     /// Extra `name=value` settings; they override the defaults.
     pub settings: Vec<String>,
+    /// The server binaries' directory; [`bin_dir`] when `None`.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -104,6 +106,7 @@ impl Default for ClusterOptions {
             auth: Auth::Password,
             durable: false,
             settings: Vec::new(),
+            bin_dir: None,
         }
     }
 }
@@ -123,6 +126,12 @@ impl ClusterOptions {
     /// With `fsync` on (as a production server would run).
     pub fn durable(mut self) -> Self {
         self.durable = true;
+        self
+    }
+
+    /// With the server binaries in `dir`.
+    pub fn with_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bin_dir = Some(dir.into());
         self
     }
 
@@ -180,9 +189,10 @@ fn random_password() -> Result<String, String> {
     ))
 }
 
-/// Why a cluster cannot be started here, or `None` when it can.
-pub fn unavailable() -> Option<String> {
-    let Some(bin) = bin_dir() else {
+/// Why a cluster cannot be started here (with the binaries in `bin`, or found by [`bin_dir`]), or
+/// `None` when it can.
+pub fn unavailable(bin: Option<&Path>) -> Option<String> {
+    let Some(bin) = bin.map(Path::to_path_buf).or_else(bin_dir) else {
         return Some(
             "the PostgreSQL server binaries (no initdb via pg_config, PATH or /usr/lib/postgresql)"
                 .into(),
@@ -226,7 +236,7 @@ impl Cluster {
 
     /// [`Cluster::start_options`] for synchronous tests.
     pub fn start_blocking(options: ClusterOptions) -> Option<Cluster> {
-        if let Some(what) = unavailable() {
+        if let Some(what) = unavailable(options.bin_dir.as_deref()) {
             crate::gate::require(false, &what);
             return None;
         }
@@ -238,10 +248,14 @@ impl Cluster {
     /// # Errors
     /// PostgreSQL is missing ([`unavailable`]), `initdb` fails, or the server does not come up.
     pub fn launch(options: ClusterOptions) -> Result<Cluster, String> {
-        if let Some(what) = unavailable() {
+        if let Some(what) = unavailable(options.bin_dir.as_deref()) {
             return Err(format!("{what} is missing"));
         }
-        let bin = bin_dir().ok_or("no PostgreSQL server binaries")?;
+        let bin = options
+            .bin_dir
+            .clone()
+            .or_else(bin_dir)
+            .ok_or("no PostgreSQL server binaries")?;
         let as_postgres = rustix::process::geteuid().is_root();
         let dir = tempfile::Builder::new()
             .prefix("bg-pg-")

@@ -1,10 +1,9 @@
 //! Shared by the switch benchmarks (`nginx_switch`, `haproxy_switch`): command-line options and
-//! the slot each switch goes to.
+//! the slot each switch goes to. Servers, demo backends and load come from `bluegreen-testenv`.
 
 use std::time::Duration;
 
-use bluegreen_core::{Endpoint, Endpoints, Slot};
-use bluegreen_demo::{DemoConfig, DemoServer};
+use bluegreen_core::Slot;
 
 /// Result of the benchmarks' `main`.
 pub(crate) type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -54,16 +53,4 @@ pub(crate) fn target(i: usize) -> Slot {
     } else {
         Slot::Blue
     }
-}
-
-/// The two demo backends every scenario switches between (v1 on blue, v2 on green), and their
-/// endpoints. Keep the servers alive for the run.
-pub(crate) async fn demo_backends() -> Result<(DemoServer, DemoServer, Endpoints)> {
-    let blue = DemoServer::start(DemoConfig::new("v1", "blue")).await?;
-    let green = DemoServer::start(DemoConfig::new("v2", "green")).await?;
-    let endpoints = Endpoints::new(
-        vec![Endpoint::new("127.0.0.1", blue.local_addr().port())],
-        vec![Endpoint::new("127.0.0.1", green.local_addr().port())],
-    );
-    Ok((blue, green, endpoints))
 }
