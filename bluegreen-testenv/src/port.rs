@@ -134,6 +134,31 @@ pub fn start_on_fresh_ports<T, const N: usize>(
     )))
 }
 
+/// [`start_on_fresh_ports`] for a start that is async (e.g. a deploy that starts a program on a
+/// fixed port).
+///
+/// # Errors
+/// As [`start_on_fresh_ports`].
+pub async fn start_on_fresh_ports_async<T, F, Fut, const N: usize>(
+    mut start: F,
+) -> Result<T, StartError>
+where
+    F: FnMut([u16; N]) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StartError>>,
+{
+    let mut last = None;
+    for _ in 0..START_ATTEMPTS {
+        match start(fresh_ports::<N>()?).await {
+            Err(StartError::PortInUse(why)) => last = Some(why),
+            other => return other,
+        }
+    }
+    Err(StartError::Failed(format!(
+        "ports in use on all {START_ATTEMPTS} attempts; last: {}",
+        last.unwrap_or_default()
+    )))
+}
+
 fn fresh_ports<const N: usize>() -> Result<[u16; N], StartError> {
     let mut ports = [0u16; N];
     let mut seen = HashSet::new();
