@@ -130,17 +130,7 @@ header = "x-bluegreen-version"
 
     /// `GET /` through the proxy (a raw HTTP/1.1 request); the answering version.
     fn get(&self) -> Option<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.listen)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.to_lowercase().lines().find_map(|l| {
-            l.strip_prefix("x-bluegreen-version: ")
-                .map(|v| v.trim().to_string())
-        })
+        bluegreen_testenv::demo::version_at(([127, 0, 0, 1], self.listen).into())
     }
 }
 

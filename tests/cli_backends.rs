@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use bluegreen_testenv::haproxy::{self, Haproxy};
 use bluegreen_testenv::nginx;
@@ -77,17 +76,7 @@ fn ok(file: &Path, args: &[&str]) -> String {
 
 /// The version answering `GET /` at `port` (raw HTTP/1.1).
 fn version_at(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.to_lowercase().lines().find_map(|l| {
-        l.strip_prefix("x-bluegreen-version: ")
-            .map(|v| v.trim().to_string())
-    })
+    bluegreen_testenv::demo::version_at(([127, 0, 0, 1], port).into())
 }
 
 fn status_json(file: &Path) -> serde_json::Value {

@@ -165,35 +165,21 @@ impl Haproxy {
             .stderr(log)
             .spawn()
             .map_err(|e| failed("spawning haproxy", e))?;
-        let pid = child.id();
-        self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                return Err(StartError::from_log(
-                    &format!("haproxy exited with {status}"),
-                    &self.log(),
-                ));
-            }
-            if port::owns_ports(pid, &[self.port, self.tcp_port])
-                && std::os::unix::net::UnixStream::connect(&self.admin_sock).is_ok()
-            {
-                return Ok(());
-            }
-            if start.elapsed() > READY_TIMEOUT {
-                self.kill();
-                return Err(StartError::Failed(format!(
-                    "haproxy not ready within {READY_TIMEOUT:?}:\n{}",
-                    self.log()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let log_path = self.dir.path().join("haproxy.log");
+        let admin_sock = self.admin_sock.clone();
+        let child = self.child.insert(child);
+        let res = port::wait_serving(
+            child,
+            &[self.port, self.tcp_port],
+            READY_TIMEOUT,
+            "haproxy",
+            || std::os::unix::net::UnixStream::connect(&admin_sock).is_ok(),
+            || std::fs::read_to_string(&log_path).unwrap_or_default(),
+        );
+        if res.is_err() {
+            self.kill();
         }
+        res
     }
 
     /// Its log (stdout and stderr).

@@ -226,25 +226,21 @@ impl NginxProcess {
         let mut ports = vec![config.listen.port()];
         ports.extend(&config.other_ports);
         let mut me = NginxProcess { child, config };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = me.child.try_wait() {
-                let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                return Err(StartError::from_log(
-                    &format!("nginx exited with {status}"),
-                    text.trim(),
-                ));
-            }
-            if me.config.pid_file().exists() && port::owns_ports(me.child.id(), &ports) {
-                return Ok(me);
-            }
-            if Instant::now() > deadline {
-                return Err(StartError::Failed(format!(
-                    "nginx not listening on {ports:?} after {READY_TIMEOUT:?}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let pid_file = me.config.pid_file();
+        port::wait_serving(
+            &mut me.child,
+            &ports,
+            READY_TIMEOUT,
+            "nginx",
+            || pid_file.exists(),
+            || {
+                std::fs::read_to_string(&stderr_path)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            },
+        )?;
+        Ok(me)
     }
 
     /// The master's pid.

@@ -14,7 +14,7 @@ use std::io::Read;
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bluegreen_postgres::PgConfig;
 use tokio_postgres::Client;
@@ -71,7 +71,7 @@ pub fn bin_dir() -> Option<PathBuf> {
             Some((v, e.path().join("bin")))
         })
         .collect();
-    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
     versions.into_iter().map(|(_, d)| d).find(|d| has_initdb(d))
 }
 
@@ -165,6 +165,12 @@ impl std::fmt::Debug for Cluster {
             .field("password", &"<redacted>")
             .finish_non_exhaustive()
     }
+}
+
+/// The last 2000 characters of `s`.
+fn tail(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    chars[chars.len().saturating_sub(2000)..].iter().collect()
 }
 
 /// `(uid, gid)` of the `postgres` user.
@@ -383,35 +389,20 @@ impl Cluster {
             .stderr(stderr)
             .spawn()
             .map_err(|e| StartError::Failed(format!("spawning postgres: {e}")))?;
-        let pid = child.id();
-        self.child = Some(child);
         self.port = port;
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                return Err(StartError::from_log(
-                    &format!("postgres exited {status}"),
-                    &self.log_tail(),
-                ));
-            }
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if log.contains("ready to accept connections") && port::owns_ports(pid, &[port]) {
-                return Ok(());
-            }
-            if start.elapsed() > READY_TIMEOUT {
-                self.stop();
-                return Err(StartError::Failed(format!(
-                    "not ready after {READY_TIMEOUT:?}: {}",
-                    self.log_tail()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let res = port::wait_serving(
+            self.child.insert(child),
+            &[port],
+            READY_TIMEOUT,
+            "postgres",
+            || log().contains("ready to accept connections"),
+            || tail(&log()),
+        );
+        if res.is_err() {
+            self.stop();
         }
+        res
     }
 
     /// A command for the server program `program` of this cluster's version, run as the cluster's
@@ -434,9 +425,7 @@ impl Cluster {
 
     /// The last 2000 characters of the server log.
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
-        let chars: Vec<char> = s.chars().collect();
-        chars[chars.len().saturating_sub(2000)..].iter().collect()
+        tail(&std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default())
     }
 
     /// The cluster's directory.

@@ -223,6 +223,42 @@ pub fn owns_ports(pid: u32, ports: &[u16]) -> bool {
     ports.iter().all(|p| held.contains(p))
 }
 
+/// Waits until the server `child` is up: it (or a descendant) listens on every one of `ports` and
+/// `ready` holds (e.g. its log says so), polling every 20 ms, bounded by `timeout`. `what` names
+/// the server and `log` reads its log, for the errors.
+///
+/// # Errors
+/// The child exited ([`StartError::PortInUse`] when its log says a port was taken), or the bound
+/// passed ([`StartError::Failed`]; the caller stops the child).
+pub fn wait_serving(
+    child: &mut std::process::Child,
+    ports: &[u16],
+    timeout: std::time::Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) -> Result<(), StartError> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(StartError::from_log(
+                &format!("{what} exited with {status}"),
+                &log(),
+            ));
+        }
+        if owns_ports(child.id(), ports) && ready() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(StartError::Failed(format!(
+                "{what} not serving on {ports:?} within {timeout:?}:\n{}",
+                log()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `pid` and every process below it, from the parent pids in `/proc/*/stat`.
 fn with_descendants(pid: u32) -> Vec<u32> {
     let mut parent_of = Vec::new();

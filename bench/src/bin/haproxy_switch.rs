@@ -75,15 +75,7 @@ async fn ours(o: Options, endpoints: &Endpoints) -> Result<Outcome> {
         .await?;
     let load = load(&h, o.clients);
     tokio::time::sleep(o.pause).await;
-    let mut latencies = Vec::new();
-    for i in 0..o.switches {
-        let t = Instant::now();
-        switch
-            .apply(&TrafficSplit::all(target(i)), endpoints)
-            .await?;
-        latencies.push(t.elapsed());
-        tokio::time::sleep(o.pause).await;
-    }
+    let latencies = common::switch_repeatedly(&switch, endpoints, o).await?;
     let stats = load.finish().await;
     let (ok, failed) = (stats.ok, stats.failed);
     Ok(Outcome {

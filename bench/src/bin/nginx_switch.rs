@@ -68,15 +68,7 @@ async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
     let started = Instant::now();
     let load = Load::start(listen, LoadOptions::new(o.clients));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut latencies = Vec::new();
-    for i in 0..o.switches {
-        let t = Instant::now();
-        switch
-            .apply(&TrafficSplit::all(target(i)), endpoints)
-            .await?;
-        latencies.push(t.elapsed());
-        tokio::time::sleep(o.pause).await;
-    }
+    let latencies = common::switch_repeatedly(&switch, endpoints, o).await?;
     let stats = load.finish().await;
     let elapsed = started.elapsed();
     Ok(Outcome {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bluegreen_core::Slot;
+use bluegreen_core::{Endpoints, Slot, TrafficSplit, TrafficSwitch};
 
 /// Result of the benchmarks' `main`.
 pub(crate) type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -53,4 +53,22 @@ pub(crate) fn target(i: usize) -> Slot {
     } else {
         Slot::Blue
     }
+}
+
+/// Switches `o.switches` times (green, blue, …), `o.pause` apart; the latency of each `apply`.
+pub(crate) async fn switch_repeatedly(
+    switch: &dyn TrafficSwitch,
+    endpoints: &Endpoints,
+    o: Options,
+) -> Result<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    for i in 0..o.switches {
+        let t = std::time::Instant::now();
+        switch
+            .apply(&TrafficSplit::all(target(i)), endpoints)
+            .await?;
+        latencies.push(t.elapsed());
+        tokio::time::sleep(o.pause).await;
+    }
+    Ok(latencies)
 }
