@@ -32,22 +32,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The switch: HAProxy when built in and installed, else the embedded proxy. Returns it, the
 /// public URL, and what must stay alive while it runs.
-#[cfg_attr(not(feature = "haproxy"), allow(unused_variables))]
 async fn switch(
-    dir: &std::path::Path,
 ) -> Result<(Arc<dyn TrafficSwitch>, String, Box<dyn std::any::Any>), Box<dyn std::error::Error>> {
     #[cfg(feature = "haproxy")]
     {
         use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
-        std::fs::create_dir_all(dir)?;
-        let config = HaproxyConfig::unix(dir.join("admin.sock"))
-            .with_health_check("/health", Duration::from_millis(200))
-            .with_drain_timeout(Duration::from_secs(5));
-        match common::LocalHaproxy::start(dir, &config)? {
+        let haproxy = common::local_haproxy(|sock| {
+            HaproxyConfig::unix(sock)
+                .with_health_check("/health", Duration::from_millis(200))
+                .with_drain_timeout(Duration::from_secs(5))
+        })?;
+        match haproxy {
             Some(h) => {
                 println!("switch: HAProxy on 127.0.0.1:{} (runtime API)", h.port);
-                let url = format!("http://127.0.0.1:{}/", h.port);
-                return Ok((Arc::new(HaproxySwitch::new(config)?), url, Box::new(h)));
+                let url = h.url("/");
+                let switch = HaproxySwitch::new(h.config.clone())?;
+                return Ok((Arc::new(switch), url, Box::new(h)));
             }
             None => {
                 common::missing("HAProxy (apt-get install haproxy)")?;
@@ -72,7 +72,7 @@ impl Drop for ShutDown {
 
 async fn canary() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("bluegreen-canary-{}", std::process::id()));
-    let (switch, url, guard) = switch(&dir).await?;
+    let (switch, url, guard) = switch().await?;
     let policy = Policy::default()
         .with_readiness_timeout(Duration::from_secs(10))
         .with_canary(vec![

@@ -33,7 +33,7 @@ use bluegreen::{
 };
 
 mod common;
-use common::{live, missing, Load, LocalHaproxy};
+use common::{live, missing, Load};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     common::main_or_demo(compose_style)
@@ -77,16 +77,19 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
     let Some(env) = common::docker_env(&project).await? else {
         return Ok(());
     };
-    let config = HaproxyConfig::unix(dir.path().join("admin.sock"))
-        .with_health_check("/health", Duration::from_millis(200))
-        .with_drain_timeout(Duration::from_secs(5));
-    let Some(haproxy) = LocalHaproxy::start(dir.path(), &config)? else {
+    let Some(haproxy) = common::local_haproxy(|sock| {
+        HaproxyConfig::unix(sock)
+            .with_health_check("/health", Duration::from_millis(200))
+            .with_drain_timeout(Duration::from_secs(5))
+    })?
+    else {
         return missing("HAProxy (apt-get install haproxy)");
     };
+    let config = haproxy.config.clone();
     println!(
         "HAProxy on 127.0.0.1:{}, runtime API {}",
         haproxy.port,
-        haproxy.socket.display()
+        haproxy.admin_sock.display()
     );
     let image = common::demo_image(&env, &format!("bluegreen-demo:{project}")).await?;
     println!("built image {image} (FROM scratch, the demo app and its libraries)");

@@ -30,15 +30,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bluegreen::health::HttpCheck;
 use bluegreen::hooks::ExecHook;
-use bluegreen::nginx::standalone::{
-    lua_available, nginx_available, NginxProcess, StandaloneConfig,
-};
-use bluegreen::nginx::{DynamicConfig, DynamicSwitch};
+use bluegreen::nginx::DynamicSwitch;
 use bluegreen::postgres::{Copied, CopiedConfig};
 use bluegreen::{
     Deployer, Endpoint, FileStateStore, HealthCheck, HealthReport, HookPoint, HttpVersionProbe,
     Policy, Release, Slot, VersionMarker,
 };
+use bluegreen_testenv::nginx;
 
 mod common;
 use common::{live, missing, Load};
@@ -90,7 +88,7 @@ async fn odoo_style() -> Result<(), Box<dyn std::error::Error>> {
     let Some(admin) = common::pg_from_env("postgres") else {
         return missing("a PostgreSQL server (set PGHOST, PGPORT, PGUSER, PGPASSWORD)");
     };
-    if !(nginx_available() && lua_available()) {
+    if !nginx::lua_available() {
         return missing("nginx with libnginx-mod-http-lua");
     }
     let dir = tempfile::tempdir()?;
@@ -100,24 +98,8 @@ async fn odoo_style() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // nginx in Dynamic mode: the Lua balancer reads the split from shared memory, no reload.
-    let free = || -> std::io::Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
-    let (port, control) = (free()?, free()?);
-    let nginx_config = DynamicConfig::new(
-        "odoo",
-        format!("127.0.0.1:{control}").parse()?,
-        DynamicConfig::generate_token()?,
-    )?;
-    let prefix = dir.path().join("nginx");
-    std::fs::create_dir_all(&prefix)?;
-    let nginx = NginxProcess::start(StandaloneConfig::dynamic(
-        &prefix,
-        format!("127.0.0.1:{port}").parse()?,
-        &nginx_config,
-    ))?;
+    let (nginx, nginx_config) = nginx::start_dynamic(&dir.path().join("nginx"), "odoo", Ok)?;
+    let port = nginx.listen().port();
     println!("nginx (Lua balancer) on 127.0.0.1:{port}");
     let image = common::demo_image(&env, &format!("bluegreen-demo:{project}")).await?;
     println!("built image {image} (stands in for Odoo)");

@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bluegreen");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Pipeline {
     dir: tempfile::TempDir,
     listen: u16,
@@ -25,7 +17,7 @@ struct Pipeline {
 impl Pipeline {
     fn new(extra: &str) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
-        let (listen, admin) = (free_port(), free_port());
+        // Port 0: `serve` binds free ports and reports them (see `serve` below).
         let demo = bluegreen_demo::binary_path();
         let text = format!(
             r#"
@@ -38,8 +30,8 @@ program = "{}"
 
 [switch]
 kind = "proxy"
-listen = "127.0.0.1:{listen}"
-admin = "127.0.0.1:{admin}"
+listen = "127.0.0.1:0"
+admin = "127.0.0.1:0"
 
 [[health_checks]]
 kind = "http"
@@ -54,7 +46,7 @@ header = "x-bluegreen-version"
         std::fs::write(dir.path().join("bluegreen.toml"), text).unwrap();
         Pipeline {
             dir,
-            listen,
+            listen: 0,
             serve: None,
         }
     }
@@ -114,21 +106,31 @@ header = "x-bluegreen-version"
         BufReader::new(stdout).read_line(&mut line).unwrap();
         assert!(line.starts_with("serving on"), "{line}");
         self.serve = Some(child);
+        // `serving on http://<listen> (control API on http://<admin>)`: the ports it bound. The
+        // other commands of the test reach the proxy through them, so the file names them now.
+        let addrs: Vec<&str> = line
+            .split("http://")
+            .skip(1)
+            .map(|s| s.trim_end().trim_end_matches(')').trim_end_matches('/'))
+            .map(|s| s.split_whitespace().next().unwrap_or(s))
+            .collect();
+        let [listen, admin] = addrs[..] else {
+            panic!("unexpected serve line: {line}");
+        };
+        self.listen = listen.rsplit_once(':').unwrap().1.parse().unwrap();
+        let text = std::fs::read_to_string(self.file()).unwrap();
+        let text = text
+            .replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"{listen}\""),
+            )
+            .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"{admin}\""));
+        std::fs::write(self.file(), text).unwrap();
     }
 
     /// `GET /` through the proxy (a raw HTTP/1.1 request); the answering version.
     fn get(&self) -> Option<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.listen)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.to_lowercase().lines().find_map(|l| {
-            l.strip_prefix("x-bluegreen-version: ")
-                .map(|v| v.trim().to_string())
-        })
+        bluegreen_testenv::demo::version_at(([127, 0, 0, 1], self.listen).into())
     }
 }
 

@@ -6,34 +6,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
-use bluegreen::haproxy::HaproxyConfig;
-use bluegreen::nginx::standalone::{lua_available, NginxProcess, StandaloneConfig};
-use bluegreen::nginx::DynamicConfig;
+use bluegreen_testenv::haproxy::{self, Haproxy};
+use bluegreen_testenv::nginx;
+use bluegreen_testenv::pg::{Cluster, ClusterOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bluegreen");
-const HAPROXY: &str = "/usr/sbin/haproxy";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Skips (outside CI) or fails (in CI) when a server is missing.
-fn require(ok: bool, what: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is required in CI and is not installed");
-    }
-    eprintln!("SKIPPED: {what} is not installed");
-    false
-}
 
 /// A pipeline file in a temp dir with the demo app as the process environment.
 fn pipeline(dir: &Path, switch: &str) -> PathBuf {
@@ -98,17 +76,7 @@ fn ok(file: &Path, args: &[&str]) -> String {
 
 /// The version answering `GET /` at `port` (raw HTTP/1.1).
 fn version_at(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.to_lowercase().lines().find_map(|l| {
-        l.strip_prefix("x-bluegreen-version: ")
-            .map(|v| v.trim().to_string())
-    })
+    bluegreen_testenv::demo::version_at(([127, 0, 0, 1], port).into())
 }
 
 fn status_json(file: &Path) -> serde_json::Value {
@@ -133,63 +101,20 @@ fn drive(file: &Path, port: u16) {
     ok(file, &["reset"]);
 }
 
-struct Haproxy {
-    child: std::process::Child,
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// HAProxy on a rendered configuration in `dir`; returns it, its runtime socket and its port.
-fn start_haproxy(dir: &Path) -> (Haproxy, PathBuf, u16) {
-    let sock = dir.join("admin.sock");
-    let port = free_port();
-    let config =
-        HaproxyConfig::unix(&sock).with_health_check("/health", Duration::from_millis(100));
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n{global}\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    \
-             timeout server 30s\n\nfrontend fe\n    bind 127.0.0.1:{port}\n    default_backend app\n\n{backend}",
-            global = config.render_global(&dir.join("state")).unwrap(),
-            backend = config.render_backend().unwrap(),
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
-    let haproxy = Haproxy {
-        child: Command::new(HAPROXY)
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    };
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "haproxy did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (haproxy, sock, port)
+/// HAProxy on a rendered configuration; returns it, its runtime socket and its port.
+fn start_haproxy() -> (Haproxy, PathBuf, u16) {
+    let h = Haproxy::start();
+    let (sock, port) = (h.admin_sock.clone(), h.port);
+    (h, sock, port)
 }
 
 #[test]
 fn the_cli_drives_real_haproxy() {
-    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
+    if !haproxy::available("cli") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (_haproxy, sock, port) = start_haproxy(dir.path());
+    let (_haproxy, sock, port) = start_haproxy();
     let file = pipeline(
         dir.path(),
         &format!(
@@ -202,30 +127,13 @@ fn the_cli_drives_real_haproxy() {
 
 #[test]
 fn the_cli_drives_real_nginx_in_dynamic_mode() {
-    if !require(
-        bluegreen::nginx::standalone::nginx_available() && lua_available(),
-        "nginx with libnginx-mod-http-lua",
-    ) {
+    if !nginx::available(true) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (port, control) = (free_port(), free_port());
-    let token = DynamicConfig::generate_token().unwrap();
-    std::fs::write(dir.path().join("nginx.token"), token.expose()).unwrap();
-    let config = DynamicConfig::new(
-        "shop",
-        format!("127.0.0.1:{control}").parse().unwrap(),
-        token,
-    )
-    .unwrap();
-    let prefix = dir.path().join("nginx");
-    std::fs::create_dir_all(&prefix).unwrap();
-    let _nginx = NginxProcess::start(StandaloneConfig::dynamic(
-        &prefix,
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        &config,
-    ))
-    .unwrap();
+    let (nginx, config) = nginx::start_dynamic(&dir.path().join("nginx"), "shop", Ok).unwrap();
+    std::fs::write(dir.path().join("nginx.token"), config.token.expose()).unwrap();
+    let (port, control) = (nginx.listen().port(), config.control.port());
     let file = pipeline(
         dir.path(),
         &format!(
@@ -263,27 +171,22 @@ fn a_missing_token_file_or_unset_password_variable_is_a_clear_usage_error() {
 
 #[test]
 fn the_cli_deploys_docker_containers_behind_haproxy() {
-    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
+    if !haproxy::available("cli") {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let docker = rt.block_on(async {
-        let d = bluegreen::docker::bollard::Docker::connect_with_defaults().ok()?;
-        d.negotiate_version().await.ok()
-    });
-    let Some(docker) = docker else {
-        require(false, "the Docker Engine");
+    let Some(docker) = rt.block_on(bluegreen_testenv::docker::engine()) else {
         return;
     };
     let tag = format!("bluegreen-demo:cli-{}", std::process::id());
     rt.block_on(
-        bluegreen::docker::ScratchImage::demo(&tag, bluegreen_demo::binary_path())
+        bluegreen_testenv::docker::ScratchImage::demo(&tag, bluegreen_demo::binary_path())
             .unwrap()
             .build(&docker),
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (_haproxy, sock, port) = start_haproxy(dir.path());
+    let (_haproxy, sock, port) = start_haproxy();
     let project = format!("cli-docker-{}", std::process::id());
     let file = pipeline_with(
         dir.path(),
@@ -336,115 +239,17 @@ fn the_cli_deploys_docker_containers_behind_haproxy() {
     assert!(left.is_empty(), "reset left containers: {left:?}");
 }
 
-/// A throw-away PostgreSQL cluster (trust auth on loopback), stopped on drop.
-struct Pg {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-impl Pg {
-    fn start() -> Option<Pg> {
-        if !require(
-            Path::new(PG_BIN).join("initdb").exists(),
-            "the PostgreSQL 15 server binaries",
-        ) {
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let owner = |p: &Path| {
-            let ok = Command::new("chown")
-                .arg("postgres")
-                .arg(p)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "chown postgres {}", p.display());
-        };
-        owner(dir.path());
-        let data = dir.path().join("data");
-        let as_postgres = |program: &str| {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"])
-                .arg(Path::new(PG_BIN).join(program));
-            c
-        };
-        let out = as_postgres("initdb")
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "initdb: {out:?}");
-        let port = free_port();
-        let out = as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("log"))
-            .arg("-w")
-            .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c wal_level=logical",
-                dir.path().display()
-            ))
-            .arg("start")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg_ctl start: {out:?}");
-        Some(Pg { dir, port })
-    }
-
-    fn psql(&self, db: &str, sql: &str) -> String {
-        let out = Command::new(Path::new(PG_BIN).join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-tAX",
-                "-v",
-                "ON_ERROR_STOP=1",
-            ])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-d")
-            .arg(db)
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "psql {sql}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(Path::new(PG_BIN).join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "stop"])
-            .output();
-    }
+/// A throw-away PostgreSQL cluster with trust authentication (the pipelines carry no password).
+fn trust_cluster() -> Option<Cluster> {
+    Cluster::start_blocking(ClusterOptions::new().trust())
 }
 
 #[test]
 fn the_cli_copies_the_database_per_slot_and_keeps_its_state_in_postgres() {
-    if !require(Path::new(HAPROXY).exists(), "HAProxy (/usr/sbin/haproxy)") {
+    if !haproxy::available("cli") {
         return;
     }
-    let Some(pg) = Pg::start() else { return };
+    let Some(pg) = trust_cluster() else { return };
     pg.psql("postgres", "CREATE DATABASE shop");
     pg.psql(
         "shop",
@@ -452,7 +257,7 @@ fn the_cli_copies_the_database_per_slot_and_keeps_its_state_in_postgres() {
     );
     pg.psql("postgres", "CREATE DATABASE deploys");
     let dir = tempfile::tempdir().unwrap();
-    let (_haproxy, sock, port) = start_haproxy(dir.path());
+    let (_haproxy, sock, port) = start_haproxy();
     let connection = |db: &str| {
         format!(
             "host = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"",
@@ -490,7 +295,7 @@ fn the_cli_copies_the_database_per_slot_and_keeps_its_state_in_postgres() {
 
 #[test]
 fn a_shared_database_pipeline_refuses_a_breaking_expand_migration_by_name() {
-    let Some(pg) = Pg::start() else { return };
+    let Some(pg) = trust_cluster() else { return };
     pg.psql("postgres", "CREATE DATABASE shop");
     let dir = tempfile::tempdir().unwrap();
     let migrations = dir.path().join("migrations");

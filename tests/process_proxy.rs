@@ -1,7 +1,6 @@
 //! End to end: the embedded defaults (local processes + the in-process proxy) driven by the
 //! Deployer, with the real demo app binary.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +8,7 @@ use bluegreen::health::HttpCheck;
 use bluegreen::process::{ProcessConfig, ProcessEnvironment};
 use bluegreen::proxy::{ProxyConfig, ProxySwitch};
 use bluegreen::*;
+use bluegreen_testenv::{Load, LoadOptions};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -61,64 +61,32 @@ fn policy() -> Policy {
         .with_drain_timeout(Duration::from_secs(5))
 }
 
-/// Keep-alive clients through the proxy; counts failures.
-fn load(
-    url: String,
-    stop: Arc<AtomicBool>,
-    failed: Arc<AtomicU64>,
-    ok: Arc<AtomicU64>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..4)
-        .map(|_| {
-            let (url, stop, failed, ok) = (url.clone(), stop.clone(), failed.clone(), ok.clone());
-            tokio::spawn(async move {
-                let c = reqwest::Client::builder().no_proxy().build().unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    match c.get(&url).send().await {
-                        Ok(r) if r.status().is_success() => {
-                            let _ = r.bytes().await;
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_under_load_fails_no_request_and_a_bad_release_is_rolled_back_by_metrics() {
     let s = setup(policy()).await;
     s.deployer.deploy(release("v1")).await.unwrap();
 
-    let (stop, failed, ok) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
+    // Keep-alive clients through the proxy, 2 ms apart.
+    let load = Load::start(
+        s.proxy.local_addr(),
+        LoadOptions::new(4).with_pause(Duration::from_millis(2)),
     );
-    let clients = load(s.proxy.url("/"), stop.clone(), failed.clone(), ok.clone());
 
     let report = s.deployer.deploy(release("v2")).await.unwrap();
     assert_eq!(report.outcome, RunOutcome::Live);
+    let stats = load.stats();
     assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during a clean deploy"
+        stats.failed, 0,
+        "requests failed during a clean deploy: {:?}",
+        stats.errors
     );
-    assert!(ok.load(Ordering::Relaxed) > 20);
+    assert!(stats.ok > 20);
 
     // v3 passes its health check but answers 50 % of requests with 500: the metrics analysis
     // sees it after the switch and the engine switches back to v2 on its own.
     let bad = release("v3").with_env("DEMO_ERROR_RATE", "0.5");
     let err = s.deployer.deploy(bad).await.unwrap_err();
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.finish().await;
     assert_eq!(err.phase(), Some(Phase::Observe), "{err}");
     assert_eq!(err.live_traffic(), Some(LiveTraffic::RolledBack), "{err}");
     assert!(matches!(err.root(), Error::AnalysisFailed { .. }), "{err}");

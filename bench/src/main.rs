@@ -4,7 +4,7 @@
 //! load for the same time against:
 //! 1. one upstream directly (the baseline),
 //! 2. the `ProxySwitch`, flipping blue ↔ green `--flips` times spread over the run,
-//! 3. nginx proxying to the same upstream, when `nginx` is on `PATH`,
+//! 3. nginx proxying to the same upstream (`bluegreen-testenv`'s), when `nginx` is on `PATH`,
 //!
 //! and prints requests, failures, p50/p99 latency, throughput ratios, and the switch latency
 //! (`apply` called → first response from the new slot; → last response from the old slot).
@@ -15,8 +15,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -309,70 +308,22 @@ fn describe_us(sorted: &[u64]) -> String {
 // ---------------------------------------------------------------------------------------------
 // nginx
 
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
-}
-
-struct Nginx {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    async fn start(program: &Path, upstream: SocketAddr) -> Result<Nginx> {
-        let dir =
-            std::env::temp_dir().join(format!("bluegreen-bench-nginx-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("logs"))?;
-        // A free loopback port: bind, read, release.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let d = dir.display();
-        let conf = format!(
-            "daemon off;\nmaster_process on;\nworker_processes auto;\npid {d}/nginx.pid;\n\
-             error_log {d}/logs/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             upstream app {{ server {upstream}; keepalive 64; }}\n\
-             server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://app;\n\
-             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
-        );
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf)?;
-        let child = tokio::process::Command::new(program)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut nginx = Nginx { child, addr, dir };
-        for _ in 0..200 {
-            if TcpStream::connect(addr).await.is_ok() {
-                return Ok(nginx);
-            }
-            if let Some(status) = nginx.child.try_wait()? {
-                return Err(format!("nginx exited with {status}").into());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        nginx.stop().await;
-        Err("nginx did not start listening within 5 s".into())
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// nginx (`bluegreen-testenv`'s, on a loopback port it is seen to own) proxying to `upstream`
+/// with 64 keep-alive upstream connections and one worker per CPU core.
+fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<bluegreen_testenv::nginx::NginxProcess> {
+    std::fs::create_dir_all(dir)?;
+    let include = dir.join("upstream.conf");
+    std::fs::write(
+        &include,
+        format!("upstream app {{ server {upstream}; keepalive 64; }}\n"),
+    )?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    Ok(bluegreen_testenv::nginx::start_reload(
+        dir,
+        &include,
+        "app",
+        Some(workers),
+    )?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,7 +377,9 @@ async fn main() -> Result<()> {
     proxy
         .apply(&TrafficSplit::all(Slot::Blue), &endpoints)
         .await?;
-    let nginx_program = find_on_path("nginx");
+    let nginx_dir = bluegreen_testenv::nginx::nginx_available().then(|| {
+        std::env::temp_dir().join(format!("bluegreen-bench-nginx-{}", std::process::id()))
+    });
 
     let mut total_failed = 0;
     for mix in [Mix::KeepAlive, Mix::NewConnection] {
@@ -470,11 +423,11 @@ async fn main() -> Result<()> {
         );
         total_failed += through.failed;
 
-        let nginx_run = match &nginx_program {
-            Some(program) => match Nginx::start(program, blue).await {
+        let nginx_run = match &nginx_dir {
+            Some(dir) => match start_nginx(dir, blue) {
                 Ok(nginx) => {
-                    let r = run_load(nginx.addr, mix, o, |_| async {}).await;
-                    nginx.stop().await;
+                    let r = run_load(nginx.listen(), mix, o, |_| async {}).await;
+                    nginx.stop();
                     print_run("nginx (no flips)", &r, Some(&direct));
                     Some(r)
                 }
@@ -515,7 +468,10 @@ async fn main() -> Result<()> {
         );
         println!();
     }
-    if nginx_program.is_none() {
+    if let Some(dir) = &nginx_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    if nginx_dir.is_none() {
         println!("nginx: skipped (no `nginx` on PATH)");
     }
     println!("total failed requests through the proxy: {total_failed}");

@@ -1,7 +1,7 @@
 //! The `bluegreen-demo` executable: environment variables, knobs and signals.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,12 +20,14 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The address in the demo's start line (`… listening on 127.0.0.1:<port> …`): it binds port 0
+/// and reports the port it got.
+fn listening_addr(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .skip_while(|w| *w != "on")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in the start line: {line}"))
 }
 
 fn demo(port: u16, extra: &[(&str, &str)]) -> Command {
@@ -90,14 +92,13 @@ fn wait_bounded(child: &mut Child, bound: Duration) -> std::process::ExitStatus 
 
 #[tokio::test]
 async fn serves_with_env_settings_and_exits_0_on_sigterm() {
-    let port = free_port();
-    let mut child = Guard(demo(port, &[]).spawn().unwrap());
+    let mut child = Guard(demo(0, &[]).spawn().unwrap());
     let line = first_line(&mut child.0);
     assert!(
         line.contains("listening on 127.0.0.1:") && line.contains("version=v9 slot=green"),
         "{line}"
     );
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = listening_addr(&line);
     let res = client::get(addr, "/").await.unwrap();
     assert_eq!(
         (res.status, res.body.as_str()),
@@ -117,12 +118,10 @@ async fn serves_with_env_settings_and_exits_0_on_sigterm() {
 
 #[tokio::test]
 async fn version_falls_back_to_version_and_health_can_fail() {
-    let port = free_port();
-    let mut cmd = demo(port, &[("VERSION", "1.2.3"), ("DEMO_FAIL_HEALTH", "1")]);
+    let mut cmd = demo(0, &[("VERSION", "1.2.3"), ("DEMO_FAIL_HEALTH", "1")]);
     cmd.env_remove("BLUEGREEN_VERSION");
     let mut child = Guard(cmd.spawn().unwrap());
-    first_line(&mut child.0);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = listening_addr(&first_line(&mut child.0));
     let res = client::get(addr, "/health").await.unwrap();
     assert_eq!(res.status, 503);
     assert_eq!(res.header("x-bluegreen-version"), Some("1.2.3"));
@@ -130,11 +129,7 @@ async fn version_falls_back_to_version_and_health_can_fail() {
 
 #[test]
 fn exit_code_knob_exits_at_once_with_a_message() {
-    let mut child = Guard(
-        demo(free_port(), &[("DEMO_EXIT_CODE", "7")])
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = Guard(demo(0, &[("DEMO_EXIT_CODE", "7")]).spawn().unwrap());
     let status = wait_bounded(&mut child.0, Duration::from_secs(10));
     assert_eq!(status.code(), Some(7));
     let mut err = String::new();
@@ -150,20 +145,13 @@ fn exit_code_knob_exits_at_once_with_a_message() {
 
 #[tokio::test]
 async fn start_delay_postpones_listening() {
-    let port = free_port();
     let started = Instant::now();
-    let mut child = Guard(
-        demo(port, &[("DEMO_START_DELAY_MS", "600")])
-            .spawn()
-            .unwrap(),
-    );
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = Guard(demo(0, &[("DEMO_START_DELAY_MS", "600")]).spawn().unwrap());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        client::get(addr, "/health").await.is_err(),
-        "listening before the delay"
-    );
-    first_line(&mut child.0);
+    // Port 0: "not listening yet" is read from the process's own sockets.
+    let held = bluegreen_testenv::port::listening_ports(child.0.id());
+    assert!(held.is_empty(), "listening before the delay: {held:?}");
+    let addr = listening_addr(&first_line(&mut child.0));
     assert!(started.elapsed() >= Duration::from_millis(600));
     assert_eq!(client::get(addr, "/health").await.unwrap().status, 200);
 }
@@ -171,7 +159,7 @@ async fn start_delay_postpones_listening() {
 #[test]
 fn sigterm_during_start_delay_exits_0() {
     let mut child = Guard(
-        demo(free_port(), &[("DEMO_START_DELAY_MS", "30000")])
+        demo(0, &[("DEMO_START_DELAY_MS", "30000")])
             .spawn()
             .unwrap(),
     );
@@ -183,11 +171,7 @@ fn sigterm_during_start_delay_exits_0() {
 
 #[test]
 fn invalid_settings_exit_2_naming_the_variable() {
-    let mut child = Guard(
-        demo(free_port(), &[("DEMO_ERROR_RATE", "lots")])
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = Guard(demo(0, &[("DEMO_ERROR_RATE", "lots")]).spawn().unwrap());
     let status = wait_bounded(&mut child.0, Duration::from_secs(10));
     assert_eq!(status.code(), Some(2));
     let mut err = String::new();
@@ -210,13 +194,11 @@ fn binary_path_finds_the_built_executable() {
 
 #[tokio::test]
 async fn ignore_sigterm_knob_keeps_serving_until_sigint() {
-    let port = free_port();
-    let mut child = Guard(demo(port, &[("DEMO_IGNORE_SIGTERM", "1")]).spawn().unwrap());
-    first_line(&mut child.0);
+    let mut child = Guard(demo(0, &[("DEMO_IGNORE_SIGTERM", "1")]).spawn().unwrap());
+    let addr = listening_addr(&first_line(&mut child.0));
     sigterm(&child.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(child.0.try_wait().unwrap().is_none(), "exited on SIGTERM");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     assert_eq!(client::get(addr, "/").await.unwrap().status, 200);
     kill_process(Pid::from_raw(child.0.id() as i32).unwrap(), Signal::INT).unwrap();
     let status = wait_bounded(&mut child.0, Duration::from_secs(10));
@@ -225,7 +207,7 @@ async fn ignore_sigterm_knob_keeps_serving_until_sigint() {
 
 #[test]
 fn stop_after_init_stands_in_for_a_module_update_and_exits_0() {
-    let out = demo(free_port(), &[])
+    let out = demo(0, &[])
         .args(["-u", "sale,stock", "--stop-after-init"])
         .output()
         .unwrap();
@@ -236,7 +218,7 @@ fn stop_after_init_stands_in_for_a_module_update_and_exits_0() {
         "{stdout}"
     );
 
-    let out = demo(free_port(), &[]).arg("--bogus").output().unwrap();
+    let out = demo(0, &[]).arg("--bogus").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
 }

@@ -142,29 +142,11 @@ pub enum DockerError {
         /// The bound.
         after: std::time::Duration,
     },
-
-    /// A file for an image's build context could not be read, or `ldd` failed.
-    #[error("image build context: {what}: {source}")]
-    Context {
-        /// What was being done (naming the path).
-        what: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// The Engine reported an error while building an image.
-    #[error("building image `{tag}` failed: {message}")]
-    Build {
-        /// The tag being built.
-        tag: String,
-        /// The builder's message (the failing step's output).
-        message: String,
-    },
 }
 
 impl DockerError {
     /// An Engine call failure; an unreachable engine is reported as such.
+    #[cfg(test)]
     pub(crate) fn engine(call: impl Into<String>, source: bollard::errors::Error) -> Self {
         Self::engine_at(
             &crate::environment::docker_host_for_messages(),
@@ -173,7 +155,7 @@ impl DockerError {
         )
     }
 
-    /// As [`engine`](Self::engine), naming `host` when the engine cannot be reached.
+    /// An Engine call failure, naming `host` when the engine cannot be reached.
     pub(crate) fn engine_at(
         host: &str,
         call: impl Into<String>,
@@ -209,9 +191,7 @@ impl DockerError {
             | DockerError::NetworkUnusable { .. }
             | DockerError::ExitedAtStart { .. }
             | DockerError::NoPublishedPort { .. }
-            | DockerError::NotRunning { .. }
-            | DockerError::Context { .. }
-            | DockerError::Build { .. } => false,
+            | DockerError::NotRunning { .. } => false,
         };
         Error::backend(crate::BACKEND, operation, retryable, self)
     }

@@ -12,7 +12,7 @@ pub use environment::{
     MAX_LOG_BYTES,
 };
 pub use error::DockerError;
-pub use image::{shared_libraries, Healthcheck, ScratchImage};
+pub use image::Healthcheck;
 
 /// The bollard client this crate uses, re-exported so callers build clients of the same version.
 pub use bollard;

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use bluegreen_core::{
 };
 use bluegreen_docker::{DockerConfig, DockerEnvironment};
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
+use bluegreen_testenv::{Load, LoadOptions, LoadStats};
 use common::{demo_image, engine, environment, health_image, release, Cleanup};
 
 struct Setup {
@@ -72,70 +72,12 @@ fn policy() -> Policy {
         .with_drain_timeout(Duration::from_secs(5))
 }
 
-/// Keep-alive clients through the proxy; counts answers and failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    failed: Arc<AtomicU64>,
-    ok: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(url: String) -> Load {
-        let (stop, failed, ok) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let tasks = (0..4)
-            .map(|_| {
-                let (url, stop, failed, ok) =
-                    (url.clone(), stop.clone(), failed.clone(), ok.clone());
-                tokio::spawn(async move {
-                    let c = reqwest::Client::builder().no_proxy().build().unwrap();
-                    // Bounded: the test stops it, and it never runs past five minutes.
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-                    while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
-                        match c.get(&url).send().await {
-                            Ok(r) if r.status().is_success() => {
-                                let _ = r.bytes().await;
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            other => {
-                                eprintln!("failed request: {other:?}");
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            failed,
-            ok,
-            tasks,
-        }
-    }
-
-    fn counts(&self) -> (u64, u64) {
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-
-    async fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
+/// Keep-alive clients through the proxy, 2 ms apart; counts answers and failures.
+fn load(proxy: &ProxySwitch) -> Load {
+    Load::start(
+        proxy.local_addr(),
+        LoadOptions::new(4).with_pause(Duration::from_millis(2)),
+    )
 }
 
 async fn served_version(s: &Setup) -> String {
@@ -157,10 +99,10 @@ async fn v1_to_v2_under_load_fails_no_request_and_rollback_switches_back() {
     s.deployer.deploy(release("v1", &image)).await.unwrap();
     assert_eq!(served_version(&s).await, "v1");
 
-    let load = Load::start(s.proxy.url("/"));
+    let load = load(&s.proxy);
     let report = s.deployer.deploy(release("v2", &image)).await.unwrap();
     assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
-    let (ok, failed) = load.counts();
+    let LoadStats { ok, failed, .. } = load.stats();
     assert_eq!(
         failed, 0,
         "requests failed during the v1 -> v2 deploy ({ok} ok)"
@@ -191,7 +133,7 @@ async fn v1_to_v2_under_load_fails_no_request_and_rollback_switches_back() {
     // The old slot was kept warm: rollback is a switch back, still under load.
     let report = s.deployer.rollback().await.unwrap();
     assert_eq!(report.version.as_str(), "v1");
-    let (ok, failed) = load.finish().await;
+    let LoadStats { ok, failed, .. } = load.finish().await;
     assert_eq!(
         failed, 0,
         "requests failed during deploy + rollback ({ok} ok)"
@@ -211,7 +153,7 @@ async fn rollback_redeploys_a_stopped_old_slot_under_load() {
     let image = demo_image().await;
     let s = setup("e2e-stop", policy().with_keep_old(KeepOld::Stop), true).await;
     s.deployer.deploy(release("v1", &image)).await.unwrap();
-    let load = Load::start(s.proxy.url("/"));
+    let load = load(&s.proxy);
     let report = s.deployer.deploy(release("v2", &image)).await.unwrap();
     assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
     assert!(
@@ -220,7 +162,7 @@ async fn rollback_redeploys_a_stopped_old_slot_under_load() {
     );
     let report = s.deployer.rollback().await.unwrap();
     assert_eq!(report.version.as_str(), "v1");
-    let (ok, failed) = load.finish().await;
+    let LoadStats { ok, failed, .. } = load.finish().await;
     assert_eq!(
         failed, 0,
         "requests failed during deploy + rollback ({ok} ok)"
@@ -280,10 +222,10 @@ async fn health_that_never_passes_removes_the_target_and_leaves_live_untouched()
     )
     .await;
     s.deployer.deploy(release("v1", &image)).await.unwrap();
-    let load = Load::start(s.proxy.url("/"));
+    let load = load(&s.proxy);
     let bad = release("v2", &image).with_env("DEMO_FAIL_HEALTH", "1");
     let err = s.deployer.deploy(bad).await.unwrap_err();
-    let (ok, failed) = load.finish().await;
+    let LoadStats { ok, failed, .. } = load.finish().await;
     assert_eq!(err.phase(), Some(Phase::WaitReady), "{err}");
     assert_eq!(err.live_traffic(), Some(LiveTraffic::Untouched), "{err}");
     assert!(err.to_string().contains("/health"), "{err}");

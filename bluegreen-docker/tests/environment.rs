@@ -517,11 +517,8 @@ async fn pull_policies_fail_clearly_when_the_registry_cannot_be_reached() {
     let Some(docker) = engine().await else { return };
     let image = demo_image().await;
     // A registry address on loopback where nothing listens: the pull fails at once, locally.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nowhere = bluegreen_testenv::port::RefusedAddr::new();
+    let port = nowhere.port();
     let repo = format!("127.0.0.1:{port}/bluegreen-test/demo");
     let absent = format!("127.0.0.1:{port}/bluegreen-test/absent:nope");
 
@@ -661,7 +658,7 @@ async fn a_container_that_cannot_start_is_removed_and_the_error_says_why() {
     let Some(docker) = engine().await else { return };
     let base = demo_image().await;
     let tag = "bluegreen-docker-test/bad-entrypoint:environment";
-    bluegreen_docker::ScratchImage::new(tag)
+    bluegreen_testenv::docker::ScratchImage::new(tag)
         .unwrap()
         .with_base(base)
         .with_entrypoint(["/no-such-program"])

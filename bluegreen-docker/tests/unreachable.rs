@@ -49,11 +49,8 @@ async fn an_unreachable_engine_fails_clearly_and_is_retryable() {
     );
 
     // A TCP engine address where nothing listens, through a client the caller configured.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nowhere = bluegreen_testenv::port::RefusedAddr::new();
+    let port = nowhere.port();
     let client =
         Docker::connect_with_http(&format!("tcp://127.0.0.1:{port}"), 5, API_DEFAULT_VERSION)
             .unwrap();

@@ -58,13 +58,14 @@ async fn prompt_mode_runs_several_commands_on_one_connection() {
     }
     let h = Haproxy::start();
     let (app, blue) = (name("app"), name("blue"));
+    let nowhere = common::RefusedAddr::new();
     for c in clients(&h) {
         let mut s = c.session().await.unwrap();
         s.send(&Command::set_addr(
             &app,
             &blue,
             "127.0.0.1".parse().unwrap(),
-            common::free_port(),
+            nowhere.port(),
         ))
         .await
         .unwrap();

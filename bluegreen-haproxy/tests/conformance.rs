@@ -2,34 +2,18 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use bluegreen_core::testkit::{switch_suite, BoxFuture, SwitchSuite};
-use bluegreen_core::{Error, Slot, TrafficSplit, TrafficSwitch};
+use bluegreen_core::testkit::{switch_suite, SwitchSuite};
+use bluegreen_core::{Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_haproxy::HaproxySwitch;
-use common::{client, haproxy_available, served_by, Demos, Haproxy};
+use common::{haproxy_available, Demos, Haproxy};
 
 fn suite(h: &Haproxy, demos: &Demos) -> SwitchSuite {
-    let mut suite = SwitchSuite::new(demos.endpoints());
     let config = h.config.clone();
-    suite.reopen = Some(Arc::new(move || -> BoxFuture<Box<dyn TrafficSwitch>> {
-        let config = config.clone();
-        Box::pin(
-            async move { Box::new(HaproxySwitch::new(config).unwrap()) as Box<dyn TrafficSwitch> },
-        )
-    }));
-    let (c, url) = (client(), h.url("/"));
-    suite.served_by = Some(Arc::new(
-        move || -> BoxFuture<bluegreen_core::Result<Slot>> {
-            let (c, url) = (c.clone(), url.clone());
-            Box::pin(async move {
-                served_by(&c, &url)
-                    .await
-                    .map_err(|e| Error::backend("test", "request", true, e))
-            })
-        },
-    ));
-    suite
+    demos
+        .suite()
+        .served_through(h.addr())
+        .reopen(move || HaproxySwitch::new(config.clone()).unwrap())
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

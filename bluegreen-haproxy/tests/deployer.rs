@@ -12,7 +12,7 @@ use bluegreen_core::{
     TrafficSwitch, VersionMarker,
 };
 use bluegreen_process::{ProcessConfig, ProcessEnvironment};
-use common::{client, haproxy_available, Haproxy, Load};
+use common::{client, haproxy_available, Haproxy, Load, LoadOptions};
 
 struct KillAll(ProcessEnvironment);
 
@@ -73,7 +73,7 @@ async fn deployer_deploys_v1_v2_rolls_back_and_deploys_v3_through_haproxy() {
     );
     assert_eq!(version_through_haproxy(&h.url("/")).await, "v1");
 
-    let load = Load::start(h.url("/"), 4);
+    let load = Load::start(h.addr(), LoadOptions::new(4));
     let report = deployer.deploy(release("v2")).await.unwrap();
     assert_eq!(report.outcome, RunOutcome::Live);
     assert_eq!(
@@ -89,8 +89,8 @@ async fn deployer_deploys_v1_v2_rolls_back_and_deploys_v3_through_haproxy() {
         Some(TrafficSplit::all(Slot::Blue))
     );
     assert_eq!(version_through_haproxy(&h.url("/")).await, "v1");
-    let errors = load.errors.lock().unwrap().clone();
-    let (ok, failed) = load.finish().await;
+    let stats = load.finish().await;
+    let (ok, failed, errors) = (stats.ok, stats.failed, stats.errors);
     assert_eq!(
         failed, 0,
         "requests failed during deploy and rollback: {errors:?}"

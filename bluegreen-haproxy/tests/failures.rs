@@ -525,7 +525,8 @@ async fn a_stale_passed_check_does_not_let_a_dead_endpoint_into_rotation() {
     assert_eq!(switch.servers().await.unwrap().green.check_result, 3);
     // Now green's endpoint moves to a port where nothing listens.
     let mut eps = demos.endpoints();
-    eps.green = vec![Endpoint::new("127.0.0.1", common::free_port())];
+    let nowhere = common::RefusedAddr::new();
+    eps.green = vec![Endpoint::new("127.0.0.1", nowhere.port())];
     let e = switch
         .apply(&TrafficSplit::all(Slot::Green), &eps)
         .await

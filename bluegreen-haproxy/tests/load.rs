@@ -2,11 +2,10 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bluegreen_core::{Slot, TrafficSplit, TrafficSwitch};
-use common::{haproxy_available, Demos, Haproxy, Load};
+use common::{haproxy_available, Demos, Haproxy, Load, LoadOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_switches_under_keep_alive_load_fail_no_request() {
@@ -22,7 +21,7 @@ async fn fifty_switches_under_keep_alive_load_fail_no_request() {
         .await
         .unwrap();
 
-    let load = Load::start(h.url("/"), 8);
+    let load = Load::start(h.addr(), LoadOptions::new(8));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut slot = Slot::Blue;
     for i in 0..50 {
@@ -44,12 +43,9 @@ async fn fifty_switches_under_keep_alive_load_fail_no_request() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let per_slot = [
-        load.per_slot[0].load(Ordering::Relaxed),
-        load.per_slot[1].load(Ordering::Relaxed),
-    ];
-    let errors = load.errors.lock().unwrap().clone();
-    let (ok, failed) = load.finish().await;
+    let stats = load.finish().await;
+    let (ok, failed, errors) = (stats.ok, stats.failed, stats.errors);
+    let per_slot = [stats.blue, stats.green];
     eprintln!("50 switches: {ok} requests ok, {failed} failed, per slot {per_slot:?}");
     assert_eq!(failed, 0, "requests failed during switches: {errors:?}");
     assert!(ok > 100, "too little load to mean anything: {ok}");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bluegreen_core::{Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_haproxy::Command;
-use common::{client, haproxy_available, served_by, Demos, Haproxy, HAPROXY};
+use common::{client, haproxy_available, haproxy_bin, served_by, Demos, Haproxy};
 
 #[test]
 fn the_rendered_config_passes_haproxy_check() {
@@ -15,7 +15,7 @@ fn the_rendered_config_passes_haproxy_check() {
         return;
     }
     let h = Haproxy::start();
-    let out = std::process::Command::new(HAPROXY)
+    let out = std::process::Command::new(haproxy_bin())
         .arg("-c")
         .arg("-f")
         .arg(&h.cfg)
@@ -37,7 +37,7 @@ fn the_rendered_config_passes_haproxy_check() {
             .replace("balance roundrobin", "balance nonsense"),
     )
     .unwrap();
-    let out = std::process::Command::new(HAPROXY)
+    let out = std::process::Command::new(haproxy_bin())
         .arg("-c")
         .arg("-f")
         .arg(&bad)

@@ -6,14 +6,13 @@ mod dynamic;
 mod error;
 mod format;
 mod http;
-pub mod loadgen;
-pub mod master;
+mod master;
 mod reload;
-pub mod standalone;
 
 pub use dynamic::{DynamicConfig, DynamicSwitch, CONTROL_PATH, TOKEN_HEADER};
 pub use error::{NginxError, Restored, Step};
 pub use format::{Routing, MAX_PEERS_PER_SLOT};
+pub use master::NginxCommand;
 pub use reload::{ReloadConfig, ReloadReport, ReloadSwitch, SlotMarker, VerifyProbe};
 
 /// The name both switches report (`TrafficSwitch::name`), as found in errors and events.

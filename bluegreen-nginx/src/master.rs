@@ -96,7 +96,7 @@ impl NginxCommand {
 /// # Errors
 /// [`NginxError::NotRunning`] (no pid file), [`NginxError::StalePidFile`] (no such process),
 /// [`NginxError::PermissionDenied`] (file unreadable), [`NginxError::Unparseable`] (garbage).
-pub fn master_pid(pid_file: &Path) -> Result<Pid, NginxError> {
+pub(crate) fn master_pid(pid_file: &Path) -> Result<Pid, NginxError> {
     let text = match std::fs::read_to_string(pid_file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -143,7 +143,7 @@ pub fn master_pid(pid_file: &Path) -> Result<Pid, NginxError> {
 ///
 /// # Errors
 /// [`NginxError::PermissionDenied`] or the OS error.
-pub fn send_reload(pid: Pid) -> Result<(), NginxError> {
+pub(crate) fn send_reload(pid: Pid) -> Result<(), NginxError> {
     rustix::process::kill_process(pid, Signal::HUP).map_err(|e| {
         if e == rustix::io::Errno::PERM {
             NginxError::PermissionDenied {
@@ -161,15 +161,15 @@ pub fn send_reload(pid: Pid) -> Result<(), NginxError> {
 
 /// A worker of the master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Worker {
+pub(crate) struct Worker {
     /// Its pid.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// True for an old worker finishing its connections after a reload.
-    pub shutting_down: bool,
+    pub(crate) shutting_down: bool,
 }
 
 /// The master's worker processes, read from `/proc` (Linux).
-pub fn workers(master: Pid) -> Vec<Worker> {
+pub(crate) fn workers(master: Pid) -> Vec<Worker> {
     let master = master.as_raw_nonzero().get();
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {

@@ -12,10 +12,9 @@ use bluegreen_core::{
     CanaryStep, Deployer, FileStateStore, HttpVersionProbe, Policy, Release, RunOutcome,
     TrafficSplit, TrafficSwitch, VersionMarker,
 };
-use bluegreen_nginx::loadgen::Load;
-use bluegreen_nginx::standalone::{NginxProcess, StandaloneConfig};
-use bluegreen_nginx::{DynamicConfig, DynamicSwitch};
+use bluegreen_nginx::DynamicSwitch;
 use bluegreen_process::{ProcessConfig, ProcessEnvironment};
+use bluegreen_testenv::{Load, LoadOptions};
 
 struct KillAll(ProcessEnvironment);
 
@@ -35,19 +34,9 @@ async fn deployer_with_processes_and_the_dynamic_nginx_switch_deploys_and_rolls_
         return;
     }
     let dir = common::tempdir();
-    let listen = common::free_addr();
-    let config = DynamicConfig::new(
-        "app",
-        common::free_addr(),
-        DynamicConfig::generate_token().unwrap(),
-    )
-    .unwrap();
-    let _nginx = NginxProcess::start(StandaloneConfig::dynamic(
-        dir.path().join("nginx"),
-        listen,
-        &config,
-    ))
-    .unwrap();
+    let (nginx, config) =
+        bluegreen_testenv::nginx::start_dynamic(&dir.path().join("nginx"), "app", Ok).unwrap();
+    let listen = nginx.listen();
     let switch = DynamicSwitch::new(config);
     let env = ProcessEnvironment::new(ProcessConfig::new(dir.path().join("process")));
     let _guard = KillAll(env.clone());
@@ -91,7 +80,10 @@ async fn deployer_with_processes_and_the_dynamic_nginx_switch_deploys_and_rolls_
     assert!(first.is_whole());
 
     // v2 through a 20 % canary step while keep-alive clients run: no request fails.
-    let load = Load::start(listen, "/", 4, Duration::from_millis(2));
+    let load = Load::start(
+        listen,
+        LoadOptions::new(4).with_pause(Duration::from_millis(2)),
+    );
     let report = deployer.deploy(release("v2")).await.unwrap();
     let stats = load.finish().await;
     assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");

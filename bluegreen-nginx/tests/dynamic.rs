@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen_core::testkit::{switch_suite, BoxFuture, SwitchSuite};
+use bluegreen_core::testkit::switch_suite;
 use bluegreen_core::{Error, Secret, Slot, TrafficSplit, TrafficSwitch};
-use bluegreen_nginx::loadgen::Load;
 use bluegreen_nginx::{DynamicConfig, DynamicSwitch, NginxError};
+use bluegreen_testenv::port::RefusedAddr;
+use bluegreen_testenv::{Load, LoadOptions};
 
 fn nginx_error(e: &Error) -> &NginxError {
     match e {
@@ -34,13 +34,13 @@ async fn dynamic_switch_passes_the_switch_conformance_suite() {
     let log = std::fs::read_to_string(s.nginx.config().error_log()).unwrap();
     assert!(log.contains("no traffic split set for app"), "{log}");
 
-    let mut suite = SwitchSuite::new(s.backends.endpoints());
     let config = s.switch.config().clone();
-    suite.reopen = Some(Arc::new(move || -> BoxFuture<Box<dyn TrafficSwitch>> {
-        let config = config.clone();
-        Box::pin(async move { Box::new(DynamicSwitch::new(config)) as Box<dyn TrafficSwitch> })
-    }));
-    suite.served_by = Some(common::served_by_fn(s.listen));
+    let suite = s
+        .backends
+        .suite()
+        .served_through(s.listen)
+        .reopen(move || DynamicSwitch::new(config.clone()))
+        .build();
     switch_suite(&s.switch, &suite).await.assert_complete();
     let boxed: Box<dyn TrafficSwitch> = Box::new(s.switch.clone());
     switch_suite(boxed.as_ref(), &suite).await.assert_complete();
@@ -57,7 +57,7 @@ async fn fifty_plus_switches_under_keep_alive_load_fail_no_request() {
         .apply(&TrafficSplit::all(Slot::Blue), &endpoints)
         .await
         .unwrap();
-    let load = Load::start(s.listen, "/", 16, Duration::ZERO);
+    let load = Load::start(s.listen, LoadOptions::new(16));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let switches = 60;
     for i in 0..switches {
@@ -103,7 +103,7 @@ async fn a_canary_split_sends_about_its_weight_and_sticky_clients_stay_put() {
         .apply(&TrafficSplit::canary(Slot::Green, 20).unwrap(), &endpoints)
         .await
         .unwrap();
-    let load = Load::start(s.listen, "/", 4, Duration::ZERO);
+    let load = Load::start(s.listen, LoadOptions::new(4));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let stats = load.finish().await;
     assert_eq!(stats.failed, 0, "{stats:?}");
@@ -193,10 +193,11 @@ async fn wrong_token_and_unreachable_listener_are_clear_errors_and_change_nothin
     assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Blue);
 
     // Unreachable listener (nothing listens there).
+    let refused = RefusedAddr::new();
     let nowhere = DynamicSwitch::new(
         DynamicConfig::new(
             "app",
-            common::free_addr(),
+            refused.addr(),
             DynamicConfig::generate_token().unwrap(),
         )
         .unwrap()
@@ -281,22 +282,18 @@ async fn with_a_state_file_a_restarted_nginx_resumes_the_last_split() {
     if !common::require(true) {
         return;
     }
-    use bluegreen_nginx::standalone::{NginxProcess, StandaloneConfig};
+    use bluegreen_testenv::nginx::{self, NginxProcess};
     let dir = common::tempdir();
     let backends = common::Backends::start().await;
     let endpoints = backends.endpoints();
-    let listen = common::free_addr();
     let state = dir.path().join("split.state");
-    let config = DynamicConfig::new(
-        "app",
-        common::free_addr(),
-        DynamicConfig::generate_token().unwrap(),
-    )
-    .unwrap()
-    .with_state_file(&state)
+    let (nginx, config) = nginx::start_dynamic(&dir.path().join("nginx"), "app", |c| {
+        c.with_state_file(&state)
+    })
     .unwrap();
-    let standalone = StandaloneConfig::dynamic(dir.path().join("nginx"), listen, &config);
-    let nginx = NginxProcess::start(standalone.clone()).unwrap();
+    let listen = nginx.listen();
+    // Restarted below on the same ports, as an operator restarts it.
+    let standalone = nginx.config().clone();
     let switch = DynamicSwitch::new(config);
     let canary = TrafficSplit::canary(Slot::Green, 40).unwrap();
     switch.apply(&canary, &endpoints).await.unwrap();

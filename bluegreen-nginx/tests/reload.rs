@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen_core::testkit::{switch_suite, BoxFuture, SwitchSuite};
+use bluegreen_core::testkit::switch_suite;
 use bluegreen_core::{Endpoint, Error, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
 use bluegreen_nginx::{NginxError, ReloadConfig, ReloadSwitch, Restored, Routing, Step};
@@ -30,13 +29,13 @@ async fn reload_switch_passes_the_switch_conformance_suite() {
         return;
     }
     let s = common::reload().await;
-    let mut suite = SwitchSuite::new(s.backends.endpoints());
     let config = s.switch.config().clone();
-    suite.reopen = Some(Arc::new(move || -> BoxFuture<Box<dyn TrafficSwitch>> {
-        let config = config.clone();
-        Box::pin(async move { Box::new(ReloadSwitch::new(config)) as Box<dyn TrafficSwitch> })
-    }));
-    suite.served_by = Some(common::served_by_fn(s.listen));
+    let suite = s
+        .backends
+        .suite()
+        .served_through(s.listen)
+        .reopen(move || ReloadSwitch::new(config.clone()))
+        .build();
     switch_suite(&s.switch, &suite).await.assert_complete();
 }
 
@@ -265,7 +264,7 @@ async fn old_workers_still_serving_are_reported_and_their_request_completes() {
 
 #[test]
 fn reload_config_refuses_hostile_names() {
-    let cmd = bluegreen_nginx::master::NginxCommand::new("/etc/nginx/nginx.conf");
+    let cmd = bluegreen_nginx::NginxCommand::new("/etc/nginx/nginx.conf");
     for bad in ["app;", "app\n", "a b", "app}", ""] {
         assert!(
             ReloadConfig::new(cmd.clone(), "/tmp/u.conf", bad, "/run/nginx.pid").is_err(),
@@ -300,7 +299,7 @@ async fn a_reload_the_master_rejects_is_reported_and_the_previous_include_restor
         .config()
         .clone()
         .with_reload_timeout(Duration::from_secs(3));
-    config.nginx = bluegreen_nginx::master::NginxCommand::new(&other_conf).with_prefix(&other);
+    config.nginx = bluegreen_nginx::NginxCommand::new(&other_conf).with_prefix(&other);
     let mut endpoints = s.backends.endpoints();
     endpoints.green = vec![Endpoint::new("no-such-host.invalid", 8080)];
     let err = ReloadSwitch::new(config)

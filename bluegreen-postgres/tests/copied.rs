@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
 use bluegreen_core::{DatabaseStrategy, DbContext, Prepared, Release, Slot};
 use bluegreen_postgres::{Copied, CopiedConfig};
-use common::{facts, orders_checksum, Cluster, BIN, SEED};
+use common::{facts, orders_checksum, Cluster, SEED};
 
 async fn seeded(cluster: &Cluster, db: &str) {
     cluster.create_db(db).await;
@@ -24,7 +24,7 @@ async fn seeded(cluster: &Cluster, db: &str) {
 
 fn strategy(cluster: &Cluster, base: &str) -> CopiedConfig {
     CopiedConfig::new(cluster.config(base))
-        .with_bin_dir(BIN)
+        .with_bin_dir(cluster.bin_dir())
         .with_timeout(Duration::from_secs(120))
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bluegreen_core::testkit::Fakes;
 use bluegreen_core::{Deployer, KeepOld, Policy, Release, RetryConfig, RunOutcome, Slot};
 use bluegreen_postgres::{Replicated, ReplicatedConfig};
-use common::{facts, one_i64, Cluster, BIN, SEED};
+use common::{facts, one_i64, Cluster, SEED};
 
 fn policy() -> Policy {
     Policy::default()
@@ -36,7 +36,7 @@ async fn the_engine_deploys_twice_and_rolls_back_with_replicated() {
     base.batch_execute(SEED).await.unwrap();
     let db = Replicated::new(
         ReplicatedConfig::new(cluster.config("app"))
-            .with_bin_dir(BIN)
+            .with_bin_dir(cluster.bin_dir())
             .with_sync_timeout(Duration::from_secs(120)),
     )
     .unwrap();
@@ -148,7 +148,7 @@ async fn with_a_warm_old_slot_each_deploy_replaces_the_previous_reverse_replicat
         .unwrap();
     let db = Replicated::new(
         ReplicatedConfig::new(cluster.config("app"))
-            .with_bin_dir(BIN)
+            .with_bin_dir(cluster.bin_dir())
             .with_sync_timeout(Duration::from_secs(120)),
     )
     .unwrap();

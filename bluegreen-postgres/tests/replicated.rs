@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
 use bluegreen_core::{DatabaseStrategy, DbContext, Prepared, Release, Slot};
 use bluegreen_postgres::{AfterCutover, PgConfig, Replicated, ReplicatedConfig};
-use common::{facts, one_i64, Cluster, BIN, SEED};
+use common::{facts, one_i64, Cluster, SEED};
 use tokio_postgres::Client;
 
 async fn seeded(cluster: &Cluster, db: &str) -> Client {
@@ -23,7 +23,7 @@ async fn seeded(cluster: &Cluster, db: &str) -> Client {
 
 fn config(cluster: &Cluster, base: &str) -> ReplicatedConfig {
     ReplicatedConfig::new(cluster.config(base))
-        .with_bin_dir(BIN)
+        .with_bin_dir(cluster.bin_dir())
         .with_sync_timeout(Duration::from_secs(120))
         .with_lag_bound(Duration::from_secs(60))
 }
@@ -514,7 +514,7 @@ async fn refuses_tables_without_replica_identity_and_missing_privileges_creating
                 .with_password("deployer-secret"),
         )
         .with_target_server(cluster.config("postgres"))
-        .with_bin_dir(BIN),
+        .with_bin_dir(cluster.bin_dir()),
     )
     .unwrap();
     let err = weak.prepare(&c).await.unwrap_err().to_string();

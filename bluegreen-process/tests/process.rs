@@ -9,6 +9,7 @@ use bluegreen_core::testkit::{environment_suite, EnvironmentSuite};
 use bluegreen_core::{Endpoint, Environment, Error, InstanceState, Release, Slot};
 use bluegreen_demo::client;
 use bluegreen_process::{ProcessConfig, ProcessEnvironment, ProcessError};
+use bluegreen_testenv::port::{start_on_fresh_ports_async, StartError};
 
 /// A temporary state directory and an environment on it; every program it started is killed
 /// when the test ends, whatever happened.
@@ -362,8 +363,20 @@ async fn slots_are_independent() {
 
 #[tokio::test]
 async fn deploying_again_replaces_and_the_same_release_is_kept() {
-    let f = fixture_with(|c| c.with_port(Slot::Blue, free_port()));
-    let first = f.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
+    // A fixed port: the program cannot report it, so it is chosen fresh and the first deploy is
+    // retried on another one if something else took it meanwhile.
+    let (f, first) = start_on_fresh_ports_async(|[port]| async move {
+        let f = fixture_with(|c| c.with_port(Slot::Blue, port));
+        match f.env.deploy(Slot::Blue, &demo("v1")).await {
+            Ok(first) => Ok((f, first)),
+            Err(e) => Err(StartError::from_log(
+                "deploy on a fixed port",
+                &e.to_string(),
+            )),
+        }
+    })
+    .await
+    .unwrap();
     let pid1 = f.env.pid(Slot::Blue).unwrap().unwrap();
     get(&first[0], "/health").await;
 
@@ -491,14 +504,6 @@ async fn passes_the_environment_conformance_suite() {
     environment_suite(boxed.as_ref(), &suite)
         .await
         .assert_complete();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Run by `a_later_process_sees_the_slot_of_one_that_exited` in a child process: deploys to the

@@ -462,7 +462,7 @@ async fn metrics_count_requests_errors_and_latency_per_slot() {
 #[tokio::test]
 async fn a_connect_error_is_a_counted_502() {
     let b = upstream("blue").await;
-    let dead = dead_endpoint().await;
+    let (dead, _held) = dead_endpoint();
     let p = proxy().await;
     p.apply(
         &TrafficSplit::all(Slot::Green),
@@ -480,7 +480,7 @@ async fn a_connect_error_is_a_counted_502() {
 #[tokio::test]
 async fn a_connect_error_is_retried_once_on_another_endpoint_of_the_slot() {
     let (b1, b2) = (upstream("blue-1").await, upstream("blue-2").await);
-    let dead = dead_endpoint().await;
+    let (dead, _held) = dead_endpoint();
     let p = proxy().await;
     p.apply(
         &TrafficSplit::all(Slot::Blue),

@@ -4,8 +4,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bluegreen::{Report, RunOutcome};
@@ -26,80 +24,31 @@ pub(crate) async fn serve_demo() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Counts responses per version and failures, from a few keep-alive clients.
-pub(crate) struct Load {
-    stop: Arc<AtomicBool>,
-    per_version: Arc<Mutex<BTreeMap<String, u64>>>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
+/// Counts responses per version and failures, from a few keep-alive clients 5 ms apart
+/// (`bluegreen-testenv`'s load generator).
+pub(crate) struct Load(bluegreen_testenv::Load);
 
 impl Load {
+    /// Clients sending `GET` to `url` (`http://<ip>:<port>/<path>`).
     pub(crate) fn start(url: String, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let per_version = Arc::new(Mutex::new(BTreeMap::new()));
-        let failed = Arc::new(AtomicU64::new(0));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (url, stop, per_version, failed) = (
-                    url.clone(),
-                    stop.clone(),
-                    per_version.clone(),
-                    failed.clone(),
-                );
-                tokio::spawn(async move {
-                    let client = reqwest::Client::builder()
-                        .no_proxy()
-                        .timeout(Duration::from_secs(10))
-                        .build()
-                        .expect("client");
-                    while !stop.load(Ordering::Relaxed) {
-                        match client.get(&url).send().await {
-                            Ok(r) if r.status().is_success() => {
-                                let v = r
-                                    .headers()
-                                    .get("x-bluegreen-version")
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("?")
-                                    .to_string();
-                                let _ = r.bytes().await;
-                                *per_version.lock().unwrap().entry(v).or_default() += 1;
-                            }
-                            Ok(r) => {
-                                eprintln!("  ! request failed: HTTP {}", r.status());
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                eprintln!("  ! request failed: {e}");
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            per_version,
-            failed,
-            tasks,
-        }
+        let rest = url.strip_prefix("http://").unwrap_or(&url);
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let addr = authority.parse().expect("the examples serve on an ip:port");
+        Load(bluegreen_testenv::Load::start(
+            addr,
+            bluegreen_testenv::LoadOptions::new(clients)
+                .with_path(format!("/{path}"))
+                .with_pause(Duration::from_millis(5)),
+        ))
     }
 
-    pub(crate) async fn finish(mut self) -> (BTreeMap<String, u64>, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in std::mem::take(&mut self.tasks) {
-            let _ = t.await;
+    /// Stops the clients; the answers per version and the failures (each reason printed).
+    pub(crate) async fn finish(self) -> (BTreeMap<String, u64>, u64) {
+        let stats = self.0.finish().await;
+        for e in &stats.errors {
+            eprintln!("  ! request failed: {e}");
         }
-        let counts = self.per_version.lock().unwrap().clone();
-        (counts, self.failed.load(Ordering::Relaxed))
+        (stats.versions, stats.failed)
     }
 }
 
@@ -165,90 +114,24 @@ pub(crate) fn print_events(deployer: &bluegreen::Deployer) -> tokio::task::JoinH
 }
 
 /// A service an example needs is missing: in CI (`CI` set) that is an error; elsewhere the
-/// example prints why it skips and exits 0.
+/// example prints why it skips and exits 0 (`bluegreen-testenv`'s gate).
 pub(crate) fn missing(what: &str) -> Result<(), Box<dyn std::error::Error>> {
-    if std::env::var_os("CI").is_some() {
-        return Err(format!("{what} is required in CI").into());
-    }
-    println!("skipped: {what}");
-    Ok(())
+    Ok(bluegreen_testenv::missing(what)?)
 }
 
-/// HAProxy started by an example on a rendered configuration, stopped on drop.
+/// HAProxy started by an example (`bluegreen-testenv`'s, on fresh loopback ports) with the switch
+/// configuration `config` makes from its runtime socket's path; stopped on drop. `None` when
+/// HAProxy is not installed.
 #[cfg(feature = "haproxy")]
-pub(crate) struct LocalHaproxy {
-    child: std::process::Child,
-    /// The runtime API socket.
-    pub(crate) socket: std::path::PathBuf,
-    /// Where clients connect.
-    pub(crate) port: u16,
-}
-
-#[cfg(feature = "haproxy")]
-impl LocalHaproxy {
-    /// `haproxy -db` in `dir` with a frontend on a free loopback port and the backend `config`
-    /// renders; `None` when HAProxy is not installed.
-    pub(crate) fn start(
-        dir: &std::path::Path,
-        config: &bluegreen::haproxy::HaproxyConfig,
-    ) -> Result<Option<LocalHaproxy>, Box<dyn std::error::Error>> {
-        let bin = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists());
-        let Some(bin) = bin else { return Ok(None) };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let cfg = dir.join("haproxy.cfg");
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n{}\ndefaults\n    mode http\n    timeout connect 2s\n    \
-                 timeout client 30s\n    timeout server 30s\n\n\
-                 frontend fe\n    bind 127.0.0.1:{port}\n    default_backend {}\n\n{}",
-                config.render_global(&dir.join("haproxy-state"))?,
-                config.backend(),
-                config.render_backend()?
-            ),
-        )?;
-        let log = std::fs::File::create(dir.join("haproxy.log"))?;
-        let child = std::process::Command::new(bin)
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let bluegreen::haproxy::RuntimeAddress::Unix(socket) = config.address.clone() else {
-            return Err("the examples use a unix runtime socket".into());
-        };
-        let me = LocalHaproxy {
-            child,
-            socket,
-            port,
-        };
-        let start = std::time::Instant::now();
-        while std::os::unix::net::UnixStream::connect(&me.socket).is_err() {
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!(
-                    "haproxy did not start: {}",
-                    std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default()
-                )
-                .into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Some(me))
+pub(crate) fn local_haproxy(
+    config: impl FnOnce(&std::path::Path) -> bluegreen::haproxy::HaproxyConfig,
+) -> Result<Option<bluegreen_testenv::haproxy::Haproxy>, Box<dyn std::error::Error>> {
+    if bluegreen_testenv::haproxy::binary().is_none() {
+        return Ok(None);
     }
-}
-
-#[cfg(feature = "haproxy")]
-impl Drop for LocalHaproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Ok(Some(bluegreen_testenv::haproxy::Haproxy::launch(
+        false, config,
+    )?))
 }
 
 /// The PostgreSQL server from the standard libpq variables (`PGHOST`, `PGPORT`, `PGUSER`,
@@ -274,7 +157,7 @@ pub(crate) async fn demo_image(
     env: &bluegreen::docker::DockerEnvironment,
     tag: &str,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    bluegreen::docker::ScratchImage::demo(tag, bluegreen_demo::binary_path())?
+    bluegreen_testenv::docker::ScratchImage::demo(tag, bluegreen_demo::binary_path())?
         .build(env.client())
         .await?;
     Ok(tag.to_string())

@@ -15,10 +15,6 @@
 //! cargo run --release -p bluegreen-bench --bin haproxy_switch -- [--clients 16] [--switches 50] [--pause-ms 150]
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -26,161 +22,23 @@ use common::{parse_args, target, Options, Result};
 
 use bluegreen_core::{Endpoints, Name, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_haproxy::{AdminState, Command, HaproxyConfig, HaproxySwitch, RuntimeClient};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use bluegreen_testenv::haproxy::{self, Haproxy};
+use bluegreen_testenv::{DemoBackends, Load, LoadOptions};
 
-const HAPROXY: &str = "/usr/sbin/haproxy";
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A HAProxy child with the crate's rendered config; killed on drop.
-struct Haproxy {
-    child: Child,
-    config: HaproxyConfig,
-    port: u16,
-}
-
-impl Haproxy {
-    fn start(dir: &Path) -> Result<Haproxy> {
-        let sock = dir.join("admin.sock");
-        let cfg = dir.join("haproxy.cfg");
-        let port = free_port()?;
-        let config = HaproxyConfig::unix(&sock)
+/// HAProxy (`bluegreen-testenv`'s) with the crate's rendered backend, health checks every
+/// 100 ms.
+fn start_haproxy() -> Result<Haproxy> {
+    Ok(Haproxy::launch(false, |sock| {
+        HaproxyConfig::unix(sock)
             .with_health_check("/health", Duration::from_millis(100))
             .with_drain_timeout(Duration::from_secs(10))
-            .with_poll_interval(Duration::from_millis(10));
-        let text = format!(
-            "global\n{global}\ndefaults\n    mode http\n    timeout connect 2s\n    \
-             timeout client 30s\n    timeout server 30s\n    timeout http-keep-alive 30s\n\n\
-             frontend fe\n    bind 127.0.0.1:{port}\n    default_backend app\n\n{backend}",
-            global = config.render_global(&dir.join("server-state"))?,
-            backend = config.render_backend()?,
-        );
-        std::fs::write(&cfg, text)?;
-        let log = std::fs::File::create(dir.join("haproxy.log"))?;
-        let child = std::process::Command::new(HAPROXY)
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let mut h = Haproxy {
-            child,
-            config,
-            port,
-        };
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        {
-            if let Some(status) = h.child.try_wait()? {
-                return Err(format!("haproxy exited with {status}").into());
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err("haproxy not ready within 20 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(h)
-    }
+            .with_poll_interval(Duration::from_millis(10))
+    })?)
 }
 
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Keep-alive HTTP/1.1 clients; no retries.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-async fn one_request(
-    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    authority: &str,
-) -> std::result::Result<bool, hyper::Error> {
-    let req = hyper::Request::get("/")
-        .header("host", authority)
-        .body(Empty::<Bytes>::new())
-        .expect("static request");
-    let res = sender.send_request(req).await?;
-    let ok = res.status().is_success();
-    res.into_body().collect().await?;
-    Ok(ok)
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                tokio::spawn(async move {
-                    let authority = format!("127.0.0.1:{port}");
-                    while !stop.load(Ordering::Relaxed) {
-                        let Ok(stream) = tokio::net::TcpStream::connect(&authority).await else {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        };
-                        let Ok((mut sender, conn)) =
-                            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-                        else {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        };
-                        let driver = tokio::spawn(conn);
-                        // Requests on this connection until it fails or the run ends.
-                        while !stop.load(Ordering::Relaxed) {
-                            match one_request(&mut sender, &authority).await {
-                                Ok(true) => {
-                                    ok.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Ok(false) => {
-                                    failed.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(_) => {
-                                    failed.fetch_add(1, Ordering::Relaxed);
-                                    break;
-                                }
-                            }
-                        }
-                        driver.abort();
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
+/// Keep-alive HTTP/1.1 clients through HAProxy; no retries.
+fn load(h: &Haproxy, clients: usize) -> Load {
+    Load::start(h.addr(), LoadOptions::new(clients))
 }
 
 struct Outcome {
@@ -209,24 +67,17 @@ impl Outcome {
     }
 }
 
-async fn ours(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
-    let h = Haproxy::start(dir)?;
+async fn ours(o: Options, endpoints: &Endpoints) -> Result<Outcome> {
+    let h = start_haproxy()?;
     let switch = HaproxySwitch::new(h.config.clone())?;
     switch
         .apply(&TrafficSplit::all(Slot::Blue), endpoints)
         .await?;
-    let load = Load::start(h.port, o.clients);
+    let load = load(&h, o.clients);
     tokio::time::sleep(o.pause).await;
-    let mut latencies = Vec::new();
-    for i in 0..o.switches {
-        let t = Instant::now();
-        switch
-            .apply(&TrafficSplit::all(target(i)), endpoints)
-            .await?;
-        latencies.push(t.elapsed());
-        tokio::time::sleep(o.pause).await;
-    }
-    let (ok, failed) = load.finish().await;
+    let latencies = common::switch_repeatedly(&switch, endpoints, o).await?;
+    let stats = load.finish().await;
+    let (ok, failed) = (stats.ok, stats.failed);
     Ok(Outcome {
         name: "(a) HaproxySwitch::apply (ready+verify, then drain+maint)",
         ok,
@@ -235,8 +86,8 @@ async fn ours(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> 
     })
 }
 
-async fn runbook(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
-    let h = Haproxy::start(dir)?;
+async fn runbook(o: Options, endpoints: &Endpoints) -> Result<Outcome> {
+    let h = start_haproxy()?;
     // Set up both servers with the crate (addresses, weight 100, blue live), then switch the
     // runbook's way over the same socket.
     let switch = HaproxySwitch::new(h.config.clone())?;
@@ -249,7 +100,7 @@ async fn runbook(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
     let client = RuntimeClient::new(h.config.address.clone(), Duration::from_secs(5));
     let backend = Name::new(h.config.backend())?;
     let server = |s: Slot| Name::new(h.config.server(s));
-    let load = Load::start(h.port, o.clients);
+    let load = load(&h, o.clients);
     tokio::time::sleep(o.pause).await;
     let mut latencies = Vec::new();
     for i in 0..o.switches {
@@ -272,7 +123,8 @@ async fn runbook(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
         latencies.push(t.elapsed());
         tokio::time::sleep(o.pause).await;
     }
-    let (ok, failed) = load.finish().await;
+    let stats = load.finish().await;
+    let (ok, failed) = (stats.ok, stats.failed);
     Ok(Outcome {
         name: "(b) runbook: old maint, then new ready",
         ok,
@@ -281,38 +133,26 @@ async fn runbook(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
     })
 }
 
-fn scratch(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "bluegreen-haproxy-bench-{}-{name}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = parse_args("haproxy_switch")?;
-    if !Path::new(HAPROXY).exists() {
-        return Err(format!("{HAPROXY} is not installed (Debian package haproxy)").into());
-    }
-    let version = std::process::Command::new(HAPROXY).arg("-v").output()?;
+    let Some(bin) = haproxy::binary() else {
+        return Err("HAProxy is not installed (Debian package haproxy)".into());
+    };
+    let version = std::process::Command::new(bin).arg("-v").output()?;
     let version = String::from_utf8_lossy(&version.stdout)
         .lines()
         .next()
         .unwrap_or("")
         .to_string();
-    let (_blue, _green, endpoints) = common::demo_backends().await?;
+    let backends = DemoBackends::start().await;
+    let endpoints = backends.endpoints();
     println!(
         "{version}\n{} keep-alive clients, {} switches, {:?} between switches\n",
         o.clients, o.switches, o.pause
     );
-    let (da, db) = (scratch("a")?, scratch("b")?);
-    let a = ours(o, &endpoints, &da).await;
-    let b = runbook(o, &endpoints, &db).await;
-    let _ = std::fs::remove_dir_all(&da);
-    let _ = std::fs::remove_dir_all(&db);
-    let (a, b) = (a?, b?);
+    let a = ours(o, &endpoints).await?;
+    let b = runbook(o, &endpoints).await?;
     println!(
         "{:<58} {:>9} {:>7} {:>9} {:>9} {:>9}",
         "scenario", "requests", "failed", "p50", "p99", "max"

@@ -14,7 +14,6 @@
 //! cargo run --release -p bluegreen-bench --bin nginx_switch -- [--clients 16] [--switches 50] [--pause-ms 150]
 //! ```
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -22,9 +21,9 @@ mod common;
 use common::{parse_args, target, Options, Result};
 
 use bluegreen_core::{Endpoints, Slot, TrafficSplit, TrafficSwitch};
-use bluegreen_nginx::loadgen::{Load, LoadStats};
-use bluegreen_nginx::standalone::{self, NginxProcess, StandaloneConfig};
-use bluegreen_nginx::{DynamicConfig, DynamicSwitch, ReloadConfig, ReloadSwitch, VerifyProbe};
+use bluegreen_nginx::{DynamicSwitch, ReloadConfig, ReloadSwitch, VerifyProbe};
+use bluegreen_testenv::nginx;
+use bluegreen_testenv::{DemoBackends, Load, LoadOptions, LoadStats};
 
 /// One scenario's figures.
 struct Outcome {
@@ -59,30 +58,17 @@ impl Outcome {
     }
 }
 
-fn free_addr() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
-    let listen = free_addr()?;
-    let config = DynamicConfig::new("app", free_addr()?, DynamicConfig::generate_token()?)?;
-    let _nginx = NginxProcess::start(StandaloneConfig::dynamic(dir, listen, &config))?;
+    let (nginx, config) = nginx::start_dynamic(dir, "app", Ok)?;
+    let listen = nginx.listen();
     let switch = DynamicSwitch::new(config);
     switch
         .apply(&TrafficSplit::all(Slot::Blue), endpoints)
         .await?;
     let started = Instant::now();
-    let load = Load::start(listen, "/", o.clients, Duration::ZERO);
+    let load = Load::start(listen, LoadOptions::new(o.clients));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut latencies = Vec::new();
-    for i in 0..o.switches {
-        let t = Instant::now();
-        switch
-            .apply(&TrafficSplit::all(target(i)), endpoints)
-            .await?;
-        latencies.push(t.elapsed());
-        tokio::time::sleep(o.pause).await;
-    }
+    let latencies = common::switch_repeatedly(&switch, endpoints, o).await?;
     let stats = load.finish().await;
     let elapsed = started.elapsed();
     Ok(Outcome {
@@ -95,18 +81,16 @@ async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
 }
 
 async fn reload(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
-    let listen = free_addr()?;
     let include = dir.join("upstream.conf");
-    let standalone = StandaloneConfig::reload(dir, listen, &include, "app");
-    let switch = ReloadSwitch::new(
-        ReloadConfig::new(standalone.command(), &include, "app", standalone.pid_file())?
-            .with_verify(VerifyProbe::new(listen))
-            .with_drain_wait(Duration::from_secs(2)),
-    );
-    switch.write_initial(&TrafficSplit::all(Slot::Blue), endpoints)?;
-    let _nginx = NginxProcess::start(standalone)?;
+    let config = ReloadConfig::new(nginx::command(dir), &include, "app", nginx::pid_file(dir))?
+        .with_drain_wait(Duration::from_secs(2));
+    // The include exists before nginx starts; the verify probe needs nginx's port.
+    ReloadSwitch::new(config.clone()).write_initial(&TrafficSplit::all(Slot::Blue), endpoints)?;
+    let nginx = nginx::start_reload(dir, &include, "app", None)?;
+    let listen = nginx.listen();
+    let switch = ReloadSwitch::new(config.with_verify(VerifyProbe::new(listen)));
     let started = Instant::now();
-    let load = Load::start(listen, "/", o.clients, Duration::ZERO);
+    let load = Load::start(listen, LoadOptions::new(o.clients));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut latencies = Vec::new();
     let mut draining = 0;
@@ -138,19 +122,18 @@ async fn reload(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome
 }
 
 async fn runbook(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
-    let listen = free_addr()?;
     let include = dir.join("upstream.conf");
-    let standalone = StandaloneConfig::reload(dir, listen, &include, "app");
     let blue = endpoints.blue[0].authority();
     let green = endpoints.green[0].authority();
     std::fs::write(
         &include,
         format!("upstream app {{\n    server {blue};\n    keepalive 32;\n}}\n"),
     )?;
-    let cmd = standalone.command();
-    let _nginx = NginxProcess::start(standalone)?;
+    let cmd = nginx::command(dir);
+    let nginx = nginx::start_reload(dir, &include, "app", None)?;
+    let listen = nginx.listen();
     let started = Instant::now();
-    let load = Load::start(listen, "/", o.clients, Duration::ZERO);
+    let load = Load::start(listen, LoadOptions::new(o.clients));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut latencies = Vec::new();
     for i in 0..o.switches {
@@ -192,10 +175,11 @@ async fn runbook(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let o = parse_args("nginx_switch")?;
-    if !standalone::lua_available() {
+    if !nginx::lua_available() {
         return Err("this benchmark needs nginx and libnginx-mod-http-lua".into());
     }
-    let (blue_srv, green_srv, endpoints) = common::demo_backends().await?;
+    let backends = DemoBackends::start().await;
+    let endpoints = backends.endpoints();
     println!(
         "nginx_switch: {} keep-alive clients (no retries), {} switches, {:?} between switches, 2 nginx workers, upstream keepalive 32",
         o.clients, o.switches, o.pause
@@ -253,7 +237,7 @@ async fn main() -> Result<()> {
             );
         }
     }
-    blue_srv.shutdown().await?;
-    green_srv.shutdown().await?;
+    backends.blue.shutdown().await?;
+    backends.green.shutdown().await?;
     Ok(())
 }

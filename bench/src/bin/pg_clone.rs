@@ -12,19 +12,19 @@
 //! database. Each copy is checked (row counts per table equal the source's), then dropped.
 //! Prints the times and the ratios to `pg_dump | psql`.
 //!
-//! The cluster is created with `initdb` in a temporary directory (as the `postgres` user when run
-//! as root) and listens on a free loopback port; `fsync` stays on. Run:
+//! The cluster is `bluegreen-testenv`'s: `initdb` in a temporary directory (as the `postgres` user
+//! when run as root), a loopback port, `fsync` on. Run:
 //!
 //! ```text
 //! cargo run --release -p bluegreen-bench --bin pg_clone -- [--size-mb 1024] [--workers 2]
 //! ```
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bluegreen_postgres::{quote_ident, Copied, CopiedConfig, PgConfig};
+use bluegreen_postgres::{quote_ident, Copied, CopiedConfig};
+use bluegreen_testenv::pg::{Cluster, ClusterOptions};
 use tokio_postgres::Client;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -33,14 +33,15 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>
 struct Options {
     size_mb: u64,
     workers: usize,
-    bin: PathBuf,
+    /// `--bin-dir`; found like every test cluster's otherwise.
+    bin: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
         size_mb: 1024,
         workers: 2,
-        bin: newest_bin_dir(),
+        bin: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -50,7 +51,7 @@ fn parse_args() -> Result<Options> {
         match a.as_str() {
             "--size-mb" => o.size_mb = value("--size-mb")?.parse::<u64>()?.max(10),
             "--workers" => o.workers = value("--workers")?.parse::<usize>()?.max(1),
-            "--bin-dir" => o.bin = PathBuf::from(value("--bin-dir")?),
+            "--bin-dir" => o.bin = Some(PathBuf::from(value("--bin-dir")?)),
             "-h" | "--help" => {
                 println!(
                     "usage: pg_clone [--size-mb N (default 1024)] [--workers W] [--bin-dir DIR]"
@@ -61,160 +62,6 @@ fn parse_args() -> Result<Options> {
         }
     }
     Ok(o)
-}
-
-fn newest_bin_dir() -> PathBuf {
-    let mut best: Option<(u32, PathBuf)> = None;
-    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
-        for e in rd.flatten() {
-            if let Ok(m) = e.file_name().to_string_lossy().parse::<u32>() {
-                if best.as_ref().map(|(b, _)| m > *b).unwrap_or(true) {
-                    best = Some((m, e.path().join("bin")));
-                }
-            }
-        }
-    }
-    best.map(|(_, p)| p)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
-}
-
-/// A throw-away cluster, stopped and deleted on drop.
-struct Cluster {
-    root: PathBuf,
-    bin: PathBuf,
-    port: u16,
-    password: String,
-    as_postgres: bool,
-}
-
-fn postgres_ids() -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&"postgres") && f.len() > 3)
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .flatten()
-    })
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-impl Cluster {
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
-    }
-
-    fn start(bin: &Path) -> Result<Cluster> {
-        let root = std::env::temp_dir().join(format!(
-            "bg-pg-clone-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir(&root)?;
-        let as_postgres = is_root();
-        let password = format!("bench-{}", std::process::id());
-        let mut cluster = Cluster {
-            root: root.clone(),
-            bin: bin.to_path_buf(),
-            port: 0,
-            password: password.clone(),
-            as_postgres,
-        };
-        let pwfile = root.join("pw");
-        std::fs::write(&pwfile, format!("{password}\n"))?;
-        if as_postgres {
-            let (uid, gid) =
-                postgres_ids().ok_or("running as root but there is no postgres user")?;
-            std::os::unix::fs::chown(&root, Some(uid), Some(gid))?;
-            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid))?;
-        }
-        let data = root.join("data");
-        let out = cluster
-            .command("initdb")
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-            ])
-            .arg("--pwfile")
-            .arg(&pwfile)
-            .args(["--locale=C", "-E", "UTF8"])
-            .stdin(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)).into());
-        }
-        cluster.port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let log = root.join("postgres.log");
-        let status = cluster
-            .command("pg_ctl")
-            .arg("start")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .arg("-w")
-            .arg("-o")
-            .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=256MB \
-                 -c max_wal_size=4GB -c maintenance_work_mem=256MB",
-                cluster.port,
-                root.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("postgres did not start: {tail}").into());
-        }
-        Ok(cluster)
-    }
-
-    fn config(&self, db: &str) -> PgConfig {
-        PgConfig::new("127.0.0.1", self.port, db)
-            .with_user("postgres")
-            .with_password(self.password.clone())
-            .with_connect_timeout(Duration::from_secs(30))
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = self
-            .command("pg_ctl")
-            .arg("stop")
-            .arg("-D")
-            .arg(self.root.join("data"))
-            .args(["-m", "fast", "-w"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
 }
 
 /// Fills `bench` with about `size_mb` MB: a wide orders table (most of the data), customers,
@@ -286,7 +133,8 @@ async fn counts(c: &Client) -> Result<Vec<(String, i64)>> {
 
 /// `pg_dump source | psql -X -v ON_ERROR_STOP=1 target`: two children joined by a pipe (no shell),
 /// the password in the environment only.
-fn dump_pipe_psql(cluster: &Cluster, bin: &Path, source: &str, target: &str) -> Result<()> {
+fn dump_pipe_psql(cluster: &Cluster, source: &str, target: &str) -> Result<()> {
+    let bin = cluster.bin_dir();
     let env = |c: &mut Command| {
         c.env_remove("PGPASSFILE")
             .env_remove("PGSERVICE")
@@ -325,12 +173,21 @@ fn dump_pipe_psql(cluster: &Cluster, bin: &Path, source: &str, target: &str) -> 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let o = parse_args()?;
+    // fsync on, as a production server runs; as the `postgres` user when run as root.
+    let mut options = ClusterOptions::new().durable().with_settings(&[
+        "shared_buffers=256MB",
+        "max_wal_size=4GB",
+        "maintenance_work_mem=256MB",
+    ]);
+    if let Some(bin) = &o.bin {
+        options = options.with_bin_dir(bin);
+    }
+    let cluster = Cluster::launch(options)?;
     println!(
         "pg_clone: generating ~{} MB, then cloning it four ways (PostgreSQL binaries in {})",
         o.size_mb,
-        o.bin.display()
+        cluster.bin_dir().display()
     );
-    let cluster = Cluster::start(&o.bin)?;
     let admin = cluster.config("postgres").connect("bench").await?;
     admin.batch_execute("CREATE DATABASE bench").await?;
     {
@@ -377,7 +234,7 @@ async fn main() -> Result<()> {
     let copied = Copied::new(
         CopiedConfig::new(cluster.config("bench"))
             .with_workers(o.workers)
-            .with_bin_dir(&o.bin)
+            .with_bin_dir(cluster.bin_dir())
             .with_timeout(Duration::from_secs(6 * 3600)),
     )?;
     let t = Instant::now();
@@ -397,8 +254,8 @@ async fn main() -> Result<()> {
     admin.batch_execute("CREATE DATABASE copy_dump").await?;
     let t = Instant::now();
     {
-        let (cluster, bin) = (&cluster, o.bin.clone());
-        tokio::task::block_in_place(|| dump_pipe_psql(cluster, &bin, "bench", "copy_dump"))?;
+        let cluster = &cluster;
+        tokio::task::block_in_place(|| dump_pipe_psql(cluster, "bench", "copy_dump"))?;
     }
     let dump = t.elapsed();
     check("copy_dump").await?;

@@ -6,31 +6,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bluegreen_core::Release;
-use bluegreen_docker::bollard::Docker;
-use bluegreen_docker::{DockerConfig, DockerEnvironment, Healthcheck, ScratchImage};
+use bluegreen_docker::{DockerConfig, DockerEnvironment, Healthcheck};
 use tokio::sync::OnceCell;
 
-/// A client on this machine's engine, or `None` (test skipped) when there is none and `CI` is
-/// unset. With `CI` set, a missing engine fails the test loudly.
-pub async fn engine() -> Option<Docker> {
-    let res = async {
-        let d = Docker::connect_with_defaults().map_err(|e| e.to_string())?;
-        let d = d.negotiate_version().await.map_err(|e| e.to_string())?;
-        d.ping().await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(d)
-    }
-    .await;
-    match res {
-        Ok(d) => Some(d),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("the Docker Engine is required in CI but cannot be reached: {e}")
-        }
-        Err(e) => {
-            println!("SKIPPED: no Docker Engine reachable ({e})");
-            None
-        }
-    }
-}
+pub use bluegreen_testenv::docker::engine;
+use bluegreen_testenv::docker::ScratchImage;
 
 fn binary_tag(what: &str) -> String {
     format!(

@@ -160,12 +160,10 @@ pub async fn upstream(name: &'static str) -> Upstream {
     }
 }
 
-/// A loopback port with nothing listening on it.
-pub async fn dead_endpoint() -> Endpoint {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    Endpoint::new("127.0.0.1", port)
+/// A loopback endpoint with nothing listening on it, refused for as long as the guard lives.
+pub fn dead_endpoint() -> (Endpoint, bluegreen_testenv::port::RefusedAddr) {
+    let held = bluegreen_testenv::port::RefusedAddr::new();
+    (Endpoint::new("127.0.0.1", held.port()), held)
 }
 
 /// Polls `cond` every 5 ms for at most 10 s.

@@ -1,10 +1,9 @@
 //! Shared by the switch benchmarks (`nginx_switch`, `haproxy_switch`): command-line options and
-//! the slot each switch goes to.
+//! the slot each switch goes to. Servers, demo backends and load come from `bluegreen-testenv`.
 
 use std::time::Duration;
 
-use bluegreen_core::{Endpoint, Endpoints, Slot};
-use bluegreen_demo::{DemoConfig, DemoServer};
+use bluegreen_core::{Endpoints, Slot, TrafficSplit, TrafficSwitch};
 
 /// Result of the benchmarks' `main`.
 pub(crate) type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -56,14 +55,20 @@ pub(crate) fn target(i: usize) -> Slot {
     }
 }
 
-/// The two demo backends every scenario switches between (v1 on blue, v2 on green), and their
-/// endpoints. Keep the servers alive for the run.
-pub(crate) async fn demo_backends() -> Result<(DemoServer, DemoServer, Endpoints)> {
-    let blue = DemoServer::start(DemoConfig::new("v1", "blue")).await?;
-    let green = DemoServer::start(DemoConfig::new("v2", "green")).await?;
-    let endpoints = Endpoints::new(
-        vec![Endpoint::new("127.0.0.1", blue.local_addr().port())],
-        vec![Endpoint::new("127.0.0.1", green.local_addr().port())],
-    );
-    Ok((blue, green, endpoints))
+/// Switches `o.switches` times (green, blue, …), `o.pause` apart; the latency of each `apply`.
+pub(crate) async fn switch_repeatedly(
+    switch: &dyn TrafficSwitch,
+    endpoints: &Endpoints,
+    o: Options,
+) -> Result<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    for i in 0..o.switches {
+        let t = std::time::Instant::now();
+        switch
+            .apply(&TrafficSplit::all(target(i)), endpoints)
+            .await?;
+        latencies.push(t.elapsed());
+        tokio::time::sleep(o.pause).await;
+    }
+    Ok(latencies)
 }

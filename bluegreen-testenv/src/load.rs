@@ -1,10 +1,14 @@
-//! A keep-alive HTTP/1.1 load generator that counts every failed request and never retries: a
-//! request that was sent and did not get a complete 2xx answer is a failure, as it is for a client
-//! that does not retry (non-idempotent requests). Used by this crate's tests and benchmark.
+//! The load generator of every zero-downtime test and benchmark: keep-alive HTTP/1.1 clients that
+//! count every failed request and never retry. A request that was sent and did not get a complete
+//! 2xx answer is a failure, as it is for a client that does not retry (non-idempotent requests).
+//!
+//! Answers are attributed to a slot (`x-bluegreen-slot`) and a version (`x-bluegreen-version`),
+//! the headers the demo app sets.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -12,7 +16,49 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 /// Bound on one request (connect to last byte).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many failure reasons [`LoadStats::errors`] keeps.
+const KEPT_ERRORS: usize = 10;
+
+/// What the clients send.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// Concurrent keep-alive clients.
+    pub clients: usize,
+    /// The request path.
+    pub path: String,
+    /// Pause of each client between two requests.
+    pub pause: Duration,
+    /// Bound on the whole run: the clients stop by themselves after it, whoever forgot to stop
+    /// them. Default 5 minutes.
+    pub limit: Duration,
+}
+
+impl LoadOptions {
+    /// `clients` clients sending `GET /` back to back.
+    pub fn new(clients: usize) -> Self {
+        LoadOptions {
+            clients: clients.max(1),
+            path: "/".into(),
+            pause: Duration::ZERO,
+            limit: Duration::from_secs(300),
+        }
+    }
+
+    /// With another request path.
+    pub fn with_path(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into();
+        self
+    }
+
+    /// With a pause between two requests of a client.
+    pub fn with_pause(mut self, pause: Duration) -> Self {
+        self.pause = pause;
+        self
+    }
+}
 
 /// What the clients saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +72,8 @@ pub struct LoadStats {
     pub blue: u64,
     /// Answers carrying `x-bluegreen-slot: green`.
     pub green: u64,
+    /// Answers per `x-bluegreen-version` (`?` when absent).
+    pub versions: BTreeMap<String, u64>,
     /// The first few failure reasons.
     pub errors: Vec<String>,
 }
@@ -36,95 +84,112 @@ impl LoadStats {
         self.ok + self.failed
     }
 
-    fn merge(&mut self, o: LoadStats) {
-        self.ok += o.ok;
-        self.failed += o.failed;
-        self.blue += o.blue;
-        self.green += o.green;
-        for e in o.errors {
-            if self.errors.len() < 10 {
-                self.errors.push(e);
-            }
+    fn fail(&mut self, why: String) {
+        self.failed += 1;
+        if self.errors.len() < KEPT_ERRORS {
+            self.errors.push(why);
         }
     }
 }
 
-/// Running clients; [`Load::finish`] stops them and adds up what they saw.
+/// Running clients; [`Load::finish`] stops them and returns what they saw. Dropping a `Load`
+/// stops the clients too.
 #[derive(Debug)]
 pub struct Load {
     stop: Arc<AtomicBool>,
-    tasks: Vec<JoinHandle<LoadStats>>,
+    stats: Arc<Mutex<LoadStats>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Load {
-    /// Starts `clients` keep-alive clients sending `GET path` to `addr` in a loop, each pausing
-    /// `pause` between requests.
-    pub fn start(addr: SocketAddr, path: &str, clients: usize, pause: Duration) -> Load {
+    /// Starts the clients against `addr`.
+    pub fn start(addr: SocketAddr, options: LoadOptions) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..clients)
+        let stats = Arc::new(Mutex::new(LoadStats::default()));
+        let req = format!("GET {} HTTP/1.1\r\nHost: {addr}\r\n\r\n", options.path);
+        let tasks = (0..options.clients)
             .map(|_| {
-                let stop = stop.clone();
-                let path = path.to_string();
-                tokio::spawn(async move { client(addr, path, pause, stop).await })
+                let (stop, stats, req) = (stop.clone(), stats.clone(), req.clone());
+                let deadline = tokio::time::Instant::now() + options.limit;
+                tokio::spawn(client(addr, req, options.pause, deadline, stop, stats))
             })
             .collect();
-        Load { stop, tasks }
+        Load { stop, stats, tasks }
+    }
+
+    /// What the clients saw so far (they keep running).
+    pub fn stats(&self) -> LoadStats {
+        lock(&self.stats).clone()
     }
 
     /// Stops the clients (each finishes its current request) and returns the totals.
-    pub async fn finish(self) -> LoadStats {
+    pub async fn finish(mut self) -> LoadStats {
         self.stop.store(true, Ordering::Relaxed);
-        let mut total = LoadStats::default();
-        for t in self.tasks {
-            match t.await {
-                Ok(s) => total.merge(s),
-                Err(e) => {
-                    total.failed += 1;
-                    total.errors.push(format!("client task panicked: {e}"));
-                }
+        for t in std::mem::take(&mut self.tasks) {
+            if let Err(e) = t.await {
+                lock(&self.stats).fail(format!("client task panicked: {e}"));
             }
         }
-        total
+        self.stats()
     }
 }
 
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn lock(m: &Mutex<LoadStats>) -> std::sync::MutexGuard<'_, LoadStats> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 enum Outcome {
-    Ok { slot: Option<String>, keep: bool },
+    Ok {
+        slot: Option<String>,
+        version: Option<String>,
+        keep: bool,
+    },
     Failed(String),
 }
 
 async fn client(
     addr: SocketAddr,
-    path: String,
+    req: String,
     pause: Duration,
+    deadline: tokio::time::Instant,
     stop: Arc<AtomicBool>,
-) -> LoadStats {
-    let mut stats = LoadStats::default();
+    stats: Arc<Mutex<LoadStats>>,
+) {
     let mut conn: Option<BufReader<TcpStream>> = None;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
         let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, &mut conn, &req)).await
         {
             Ok(o) => o,
             Err(_) => Outcome::Failed("request timed out".into()),
         };
         match outcome {
-            Outcome::Ok { slot, keep } => {
-                stats.ok += 1;
+            Outcome::Ok {
+                slot,
+                version,
+                keep,
+            } => {
+                let mut s = lock(&stats);
+                s.ok += 1;
                 match slot.as_deref() {
-                    Some("blue") => stats.blue += 1,
-                    Some("green") => stats.green += 1,
+                    Some("blue") => s.blue += 1,
+                    Some("green") => s.green += 1,
                     _ => {}
                 }
+                *s.versions
+                    .entry(version.unwrap_or_else(|| "?".into()))
+                    .or_default() += 1;
                 if !keep {
                     conn = None;
                 }
             }
             Outcome::Failed(why) => {
-                stats.failed += 1;
-                if stats.errors.len() < 10 {
-                    stats.errors.push(why);
-                }
+                lock(&stats).fail(why);
                 conn = None;
             }
         }
@@ -132,7 +197,6 @@ async fn client(
             tokio::time::sleep(pause).await;
         }
     }
-    stats
 }
 
 async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &str) -> Outcome {
@@ -153,7 +217,7 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
     }
     let mut status = 0u16;
     let mut len: Option<usize> = None;
-    let mut slot = None;
+    let (mut slot, mut version) = (None, None);
     let mut keep = true;
     let mut line = String::new();
     let mut first = true;
@@ -182,6 +246,7 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
             match k.as_str() {
                 "content-length" => len = v.parse().ok(),
                 "x-bluegreen-slot" => slot = Some(v.to_string()),
+                "x-bluegreen-version" => version = Some(v.to_string()),
                 "connection" if v.eq_ignore_ascii_case("close") => keep = false,
                 "transfer-encoding" => {
                     return Outcome::Failed("chunked answers are not supported".into())
@@ -198,7 +263,11 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
         return Outcome::Failed(format!("truncated body: {e}"));
     }
     if (200..300).contains(&status) {
-        Outcome::Ok { slot, keep }
+        Outcome::Ok {
+            slot,
+            version,
+            keep,
+        }
     } else {
         Outcome::Failed(format!("status {status}"))
     }

@@ -1,23 +1,27 @@
-//! A complete, self-contained nginx configuration around either mode, and a guard that runs nginx
-//! on it as a child process: for tests, benchmarks and local trials.
+//! A throw-away nginx: a complete, self-contained configuration around either mode of
+//! `bluegreen-nginx` (Dynamic: the Lua snippet; Reload: the managed include), run in the
+//! foreground as a child process and stopped on drop. For tests, benchmarks and examples.
 //!
 //! Production setups include the rendered snippet (Dynamic) or the managed include (Reload) in
-//! their own `nginx.conf` instead.
+//! their own `nginx.conf` instead. The listen and control ports come from the configuration file,
+//! so [`start_dynamic`] and [`start_reload`] choose and retry them as [`crate::port`] explains:
+//! nginx is up when the child itself listens on every port of its configuration.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bluegreen_nginx::{DynamicConfig, NginxCommand};
 use rustix::process::{Pid, Signal};
 
-use crate::dynamic::DynamicConfig;
-use crate::error::NginxError;
-use crate::master::NginxCommand;
+use crate::port::{self, StartError};
 
 /// Where Debian's `libnginx-mod-http-lua` puts its modules.
 pub const LUA_MODULE_DIR: &str = "/usr/lib/nginx/modules";
+
+/// Bound on nginx becoming ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// True when an `nginx` binary runs (`nginx -v`).
 pub fn nginx_available() -> bool {
@@ -40,6 +44,27 @@ pub fn lua_available() -> bool {
             .exists()
 }
 
+/// The gate: `true` when nginx (with the Lua module when `lua`) is installed; otherwise panics in
+/// CI, or prints `SKIPPED` and returns `false`.
+pub fn available(lua: bool) -> bool {
+    if lua {
+        crate::gate::require(lua_available(), "nginx with libnginx-mod-http-lua")
+    } else {
+        crate::gate::require(nginx_available(), "nginx")
+    }
+}
+
+/// The `nginx` command line of a standalone configuration in `prefix`: known before nginx starts,
+/// for a `ReloadConfig`.
+pub fn command(prefix: &Path) -> NginxCommand {
+    NginxCommand::new(prefix.join("nginx.conf")).with_prefix(prefix)
+}
+
+/// The pid file of a standalone configuration in `prefix`.
+pub fn pid_file(prefix: &Path) -> PathBuf {
+    prefix.join("nginx.pid")
+}
+
 /// A complete `nginx.conf` serving one site on `listen`, with all paths inside `prefix`.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -48,6 +73,8 @@ pub struct StandaloneConfig {
     pub prefix: PathBuf,
     /// The site's listener.
     pub listen: SocketAddr,
+    /// Other ports the configuration listens on (Dynamic mode's control listener).
+    pub other_ports: Vec<u16>,
     /// `worker_processes`.
     pub workers: u32,
     /// Load the Lua modules.
@@ -64,6 +91,7 @@ impl StandaloneConfig {
         StandaloneConfig {
             prefix: prefix.into(),
             listen,
+            other_ports: vec![config.control.port()],
             workers: 2,
             lua: true,
             http: config.render_snippet(),
@@ -81,6 +109,7 @@ impl StandaloneConfig {
         StandaloneConfig {
             prefix: prefix.into(),
             listen,
+            other_ports: Vec::new(),
             workers: 2,
             lua: false,
             http: format!("include {};\n", include.display()),
@@ -101,9 +130,9 @@ impl StandaloneConfig {
         self.prefix.join("nginx.conf")
     }
 
-    /// `<prefix>/nginx.pid`.
+    /// `<prefix>/nginx.pid` ([`pid_file`]).
     pub fn pid_file(&self) -> PathBuf {
-        self.prefix.join("nginx.pid")
+        pid_file(&self.prefix)
     }
 
     /// `<prefix>/logs/error.log`.
@@ -111,9 +140,9 @@ impl StandaloneConfig {
         self.prefix.join("logs").join("error.log")
     }
 
-    /// The `nginx` command line for this configuration.
+    /// The `nginx` command line for this configuration ([`command`]).
     pub fn command(&self) -> NginxCommand {
-        NginxCommand::new(self.config_path()).with_prefix(&self.prefix)
+        command(&self.prefix)
     }
 
     /// The configuration text.
@@ -152,12 +181,12 @@ impl StandaloneConfig {
     ///
     /// # Errors
     /// The files cannot be written.
-    pub fn write(&self) -> Result<PathBuf, NginxError> {
+    pub fn write(&self) -> std::io::Result<PathBuf> {
         for d in [self.prefix.join("logs"), self.prefix.join("tmp")] {
-            std::fs::create_dir_all(&d).map_err(|e| NginxError::fs("creating", &d, e))?;
+            std::fs::create_dir_all(&d)?;
         }
         let path = self.config_path();
-        std::fs::write(&path, self.render()).map_err(|e| NginxError::fs("writing", &path, e))?;
+        std::fs::write(&path, self.render())?;
         Ok(path)
     }
 }
@@ -170,16 +199,20 @@ pub struct NginxProcess {
 }
 
 impl NginxProcess {
-    /// Writes `config` and starts nginx on it; returns once the pid file exists and the site's
-    /// listener accepts connections (bounded by 20 s).
+    /// Writes `config` and starts nginx on it, on the ports the configuration names (no retry:
+    /// for restarting a server on the ports it had); returns once the child listens on every one
+    /// (bounded by 20 s).
     ///
     /// # Errors
-    /// nginx cannot be started, exits, or does not come up in time (its stderr is in the error).
-    pub fn start(config: StandaloneConfig) -> Result<NginxProcess, NginxError> {
-        config.write()?;
+    /// nginx cannot be started, exits (its stderr is in the error), or does not come up in time.
+    pub fn start(config: StandaloneConfig) -> Result<NginxProcess, StartError> {
+        let failed = |what: &str, e: std::io::Error| StartError::Failed(format!("{what}: {e}"));
+        config
+            .write()
+            .map_err(|e| failed("writing nginx.conf", e))?;
         let stderr_path = config.prefix.join("logs").join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path)
-            .map_err(|e| NginxError::fs("creating", &stderr_path, e))?;
+        let stderr =
+            std::fs::File::create(&stderr_path).map_err(|e| failed("creating stderr.log", e))?;
         let cmd = config.command();
         let child = Command::new(&cmd.binary)
             .args(cmd.base_args())
@@ -189,36 +222,25 @@ impl NginxProcess {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| NginxError::io(format!("starting {}", cmd.binary.display()), e))?;
+            .map_err(|e| failed(&format!("starting {}", cmd.binary.display()), e))?;
+        let mut ports = vec![config.listen.port()];
+        ports.extend(&config.other_ports);
         let mut me = NginxProcess { child, config };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = me.child.try_wait() {
-                let mut text = String::new();
-                let _ =
-                    std::fs::File::open(&stderr_path).and_then(|mut f| f.read_to_string(&mut text));
-                return Err(NginxError::io(
-                    "starting nginx",
-                    std::io::Error::other(format!("nginx exited with {status}: {}", text.trim())),
-                ));
-            }
-            let up = me.config.pid_file().exists()
-                && TcpStream::connect_timeout(&me.config.listen, Duration::from_millis(200))
-                    .is_ok();
-            if up {
-                return Ok(me);
-            }
-            if Instant::now() > deadline {
-                return Err(NginxError::io(
-                    "starting nginx",
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("not listening on {} after 20 s", me.config.listen),
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let pid_file = me.config.pid_file();
+        port::wait_serving(
+            &mut me.child,
+            &ports,
+            READY_TIMEOUT,
+            "nginx",
+            || pid_file.exists(),
+            || {
+                std::fs::read_to_string(&stderr_path)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            },
+        )?;
+        Ok(me)
     }
 
     /// The master's pid.
@@ -229,6 +251,11 @@ impl NginxProcess {
     /// The configuration it runs.
     pub fn config(&self) -> &StandaloneConfig {
         &self.config
+    }
+
+    /// The site's address.
+    pub fn listen(&self) -> SocketAddr {
+        self.config.listen
     }
 
     /// Stops nginx (SIGTERM, then SIGKILL after 5 s) and waits for it.
@@ -259,4 +286,51 @@ impl Drop for NginxProcess {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// nginx in Dynamic mode in `prefix`: the site and the control listener on fresh loopback ports,
+/// for the upstream `name` with a generated token; `configure` adjusts the switch configuration
+/// (e.g. a state file). Returns nginx and the configuration its switch uses.
+///
+/// # Errors
+/// The configuration is invalid or nginx does not start.
+pub fn start_dynamic(
+    prefix: &Path,
+    name: &str,
+    configure: impl Fn(DynamicConfig) -> Result<DynamicConfig, bluegreen_core::Error>,
+) -> Result<(NginxProcess, DynamicConfig), StartError> {
+    let invalid = |e: bluegreen_core::Error| StartError::Failed(format!("dynamic config: {e}"));
+    let token = DynamicConfig::generate_token().map_err(invalid)?;
+    port::start_on_fresh_ports(|[listen, control]| {
+        let config = DynamicConfig::new(name, loopback(control), token.clone())
+            .and_then(&configure)
+            .map_err(invalid)?;
+        let nginx =
+            NginxProcess::start(StandaloneConfig::dynamic(prefix, loopback(listen), &config))?;
+        Ok((nginx, config))
+    })
+}
+
+/// Stock nginx in `prefix` including `include` (which must exist) and proxying to `upstream`,
+/// the site on a fresh loopback port; `workers` sets `worker_processes` when given.
+///
+/// # Errors
+/// nginx does not start.
+pub fn start_reload(
+    prefix: &Path,
+    include: &Path,
+    upstream: &str,
+    workers: Option<u32>,
+) -> Result<NginxProcess, StartError> {
+    port::start_on_fresh_ports(|[listen]| {
+        let mut c = StandaloneConfig::reload(prefix, loopback(listen), include, upstream);
+        if let Some(w) = workers {
+            c = c.with_workers(w);
+        }
+        NginxProcess::start(c)
+    })
 }

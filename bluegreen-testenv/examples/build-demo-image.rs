@@ -2,12 +2,12 @@
 //! (`DOCKER_HOST` or the default socket), without a registry:
 //!
 //! ```sh
-//! cargo run -p bluegreen-docker --example build-demo-image -- bluegreen-demo:latest
+//! cargo run -p bluegreen-testenv --features docker --example build-demo-image -- bluegreen-demo:latest
 //! docker run --rm -p 127.0.0.1:8080:8080 -e BLUEGREEN_VERSION=v1 bluegreen-demo:latest
 //! ```
 
 use bluegreen_docker::bollard::Docker;
-use bluegreen_docker::ScratchImage;
+use bluegreen_testenv::docker::ScratchImage;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
