@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
 use bluegreen::health::HttpCheck;
-use bluegreen::postgres::{Migration, Shared, SharedConfig};
+use bluegreen::postgres::{Migration, SharedConfig, SharedDatabase};
 use bluegreen::{Deployer, FileStateStore, HttpVersionProbe, Policy, Release, VersionMarker};
 
 mod common;
@@ -103,7 +103,7 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
         Deployer::builder()
             .environment(Arc::new(env.clone()))
             .switch(Arc::new(HaproxySwitch::new(config.clone())?))
-            .database(Arc::new(Shared::new(
+            .database(Arc::new(SharedDatabase::new(
                 SharedConfig::new(shared_db.clone()).with_migrations(migrations(version)),
             )?))
             .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))

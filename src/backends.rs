@@ -100,10 +100,10 @@ pub(crate) fn switch(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Arc<dy
         SwitchCfg::Haproxy(_) => Err(not_built("switch kind \"haproxy\"", "haproxy")),
         #[cfg(feature = "nginx")]
         SwitchCfg::Nginx(cfg) => {
-            use bluegreen::nginx::{DynamicConfig, DynamicSwitch};
+            use bluegreen::nginx::{NginxDynamicConfig, NginxDynamicSwitch};
             let token_path = p.base.join(&cfg.token_file);
             let token = crate::pipeline::read_secret_file(&token_path, "nginx control token")?;
-            Ok(Arc::new(DynamicSwitch::new(DynamicConfig::new(
+            Ok(Arc::new(NginxDynamicSwitch::new(NginxDynamicConfig::new(
                 &cfg.name,
                 cfg.control,
                 token,
@@ -138,9 +138,10 @@ pub(crate) fn switch(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Arc<dy
 
 /// A PostgreSQL connection from the file, the password from its environment variable.
 #[cfg(feature = "postgres")]
-fn pg(c: &PgCfg, what: &str) -> bluegreen::Result<bluegreen::postgres::PgConfig> {
-    let mut cfg = bluegreen::postgres::PgConfig::new(c.host.clone(), c.port, c.dbname.clone())
-        .with_user(c.user.clone());
+fn pg(c: &PgCfg, what: &str) -> bluegreen::Result<bluegreen::postgres::PostgresConfig> {
+    let mut cfg =
+        bluegreen::postgres::PostgresConfig::new(c.host.clone(), c.port, c.dbname.clone())
+            .with_user(c.user.clone());
     if let Some(var) = &c.password_env {
         let pw = std::env::var(var).map_err(|_| {
             Error::invalid(
@@ -163,12 +164,12 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
             connection,
             migrations,
         } => {
-            use bluegreen::postgres::{Migration, Shared, SharedConfig};
+            use bluegreen::postgres::{Migration, SharedConfig, SharedDatabase};
             let mut c = SharedConfig::new(pg(connection, "database")?);
             if let Some(dir) = migrations {
                 c = c.with_migrations(Migration::from_dir(p.base.join(dir))?);
             }
-            Ok(Some(Arc::new(Shared::new(c)?)))
+            Ok(Some(Arc::new(SharedDatabase::new(c)?)))
         }
         #[cfg(feature = "postgres")]
         DatabaseCfg::Copied {
@@ -176,12 +177,12 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
             workers,
             template,
         } => {
-            use bluegreen::postgres::{Copied, CopiedConfig};
+            use bluegreen::postgres::{CopiedConfig, CopiedDatabase};
             let mut c = CopiedConfig::new(pg(connection, "database")?).with_template(*template);
             if let Some(n) = workers {
                 c = c.with_workers(*n);
             }
-            Ok(Some(Arc::new(Copied::new(c)?)))
+            Ok(Some(Arc::new(CopiedDatabase::new(c)?)))
         }
         #[cfg(feature = "postgres")]
         DatabaseCfg::Replicated {
@@ -190,7 +191,7 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
             after_cutover,
         } => {
             use crate::pipeline::AfterCutoverCfg;
-            use bluegreen::postgres::{AfterCutover, Replicated, ReplicatedConfig};
+            use bluegreen::postgres::{AfterCutover, ReplicatedConfig, ReplicatedDatabase};
             let mut c = ReplicatedConfig::new(pg(connection, "database")?).with_after_cutover(
                 match after_cutover {
                     AfterCutoverCfg::Reverse => AfterCutover::Reverse,
@@ -207,7 +208,7 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
                 }
                 c = c.with_lag_bound(std::time::Duration::from_secs_f64(*secs));
             }
-            Ok(Some(Arc::new(Replicated::new(c)?)))
+            Ok(Some(Arc::new(ReplicatedDatabase::new(c)?)))
         }
         #[cfg(not(feature = "postgres"))]
         DatabaseCfg::Shared { .. }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bluegreen::haproxy::HaproxyConfig;
 use bluegreen::nginx::standalone::{lua_available, NginxProcess, StandaloneConfig};
-use bluegreen::nginx::DynamicConfig;
+use bluegreen::nginx::NginxDynamicConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bluegreen");
 const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -210,9 +210,9 @@ fn the_cli_drives_real_nginx_in_dynamic_mode() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (port, control) = (free_port(), free_port());
-    let token = DynamicConfig::generate_token().unwrap();
+    let token = NginxDynamicConfig::generate_token().unwrap();
     std::fs::write(dir.path().join("nginx.token"), token.expose()).unwrap();
-    let config = DynamicConfig::new(
+    let config = NginxDynamicConfig::new(
         "shop",
         format!("127.0.0.1:{control}").parse().unwrap(),
         token,

@@ -318,7 +318,7 @@ impl DockerConfig {
             }
         }
         for k in self.env.keys() {
-            crate::environment::validate_env_key(k)?;
+            validate_env_key(k)?;
         }
         if let ContainerHealth::Check(h) = &self.health {
             if h.argv.is_empty() || h.argv.iter().any(|a| a.contains('\0')) {
@@ -361,6 +361,18 @@ impl fmt::Debug for DockerConfig {
             .field("exec_timeout", &self.exec_timeout)
             .finish()
     }
+}
+
+/// Environment variable names reach the engine as `KEY=value`.
+pub(crate) fn validate_env_key(k: &str) -> Result<()> {
+    if k.is_empty() || k.contains('=') || k.contains('\0') {
+        return Err(Error::invalid(
+            "environment variable name",
+            k,
+            "must be non-empty, without `=` or NUL",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -417,5 +429,13 @@ mod tests {
             dbg.contains("DB_PASSWORD") && !dbg.contains("hunter2"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn environment_names_are_checked() {
+        assert!(validate_env_key("DATABASE_URL").is_ok());
+        for bad in ["", "A=B", "A\0"] {
+            assert!(validate_env_key(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -3,6 +3,11 @@
 
 use bluegreen_core::{Error, Slot};
 
+/// The address the default connection uses, for error messages.
+pub(crate) fn docker_host_for_messages() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string())
+}
+
 /// A failure of the Docker environment.
 ///
 /// It reaches callers as the source of an [`Error::Backend`] (backend `docker`); downcast the
@@ -166,11 +171,7 @@ pub enum DockerError {
 impl DockerError {
     /// An Engine call failure; an unreachable engine is reported as such.
     pub(crate) fn engine(call: impl Into<String>, source: bollard::errors::Error) -> Self {
-        Self::engine_at(
-            &crate::environment::docker_host_for_messages(),
-            call,
-            source,
-        )
+        Self::engine_at(&docker_host_for_messages(), call, source)
     }
 
     /// As [`engine`](Self::engine), naming `host` when the engine cannot be reached.
@@ -213,7 +214,7 @@ impl DockerError {
             | DockerError::Context { .. }
             | DockerError::Build { .. } => false,
         };
-        Error::backend(crate::BACKEND, operation, retryable, self)
+        Error::backend(crate::NAME, operation, retryable, self)
     }
 }
 

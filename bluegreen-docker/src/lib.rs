@@ -18,4 +18,4 @@ pub use image::{shared_libraries, Healthcheck, ScratchImage};
 pub use bollard;
 
 /// The backend's name, as errors and events report it.
-pub const BACKEND: &str = "docker";
+pub const NAME: &str = "docker";

@@ -22,12 +22,12 @@ pub const CONTROL_PATH: &str = "/bluegreen/split";
 /// The header carrying the control token.
 pub const TOKEN_HEADER: &str = "x-bluegreen-token";
 
-/// Settings of a [`DynamicSwitch`] and of the nginx snippet it talks to.
+/// Settings of a [`NginxDynamicSwitch`] and of the nginx snippet it talks to.
 ///
 /// `Debug` hides the token.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct DynamicConfig {
+pub struct NginxDynamicConfig {
     /// Base name: the upstream is `bluegreen_<name>`, the shared dict too.
     pub name: Name,
     /// The loopback address of the control listener.
@@ -42,9 +42,9 @@ pub struct DynamicConfig {
     pub state_file: Option<PathBuf>,
 }
 
-impl DynamicConfig {
+impl NginxDynamicConfig {
     /// Validates the name (letters, digits, `_`, `-`), that `control` is a loopback address, and the
-    /// token (16 to 128 of letters, digits, `_`, `-`; see [`DynamicConfig::generate_token`]).
+    /// token (16 to 128 of letters, digits, `_`, `-`; see [`NginxDynamicConfig::generate_token`]).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] naming the bad value (the token itself is never printed).
@@ -84,7 +84,7 @@ impl DynamicConfig {
                 "expected 16 to 128 of letters, digits, `_`, `-`",
             ));
         }
-        Ok(DynamicConfig {
+        Ok(NginxDynamicConfig {
             name,
             control,
             token,
@@ -370,24 +370,24 @@ const STICKY_FILTER: &str = r#"    local c, s = ngx.ctx.bluegreen_cookie, ngx.ct
 "#;
 
 /// `Dynamic` mode switch: sets and reads the split through the control listener of the snippet
-/// rendered by [`DynamicConfig::render_snippet`]. Nothing is reloaded.
+/// rendered by [`NginxDynamicConfig::render_snippet`]. Nothing is reloaded.
 ///
 /// Cheap to clone; clones share the configuration.
 #[derive(Debug, Clone)]
-pub struct DynamicSwitch {
-    config: Arc<DynamicConfig>,
+pub struct NginxDynamicSwitch {
+    config: Arc<NginxDynamicConfig>,
 }
 
-impl DynamicSwitch {
+impl NginxDynamicSwitch {
     /// A switch talking to the control listener of `config`.
-    pub fn new(config: DynamicConfig) -> Self {
-        DynamicSwitch {
+    pub fn new(config: NginxDynamicConfig) -> Self {
+        NginxDynamicSwitch {
             config: Arc::new(config),
         }
     }
 
     /// The configuration.
-    pub fn config(&self) -> &DynamicConfig {
+    pub fn config(&self) -> &NginxDynamicConfig {
         &self.config
     }
 
@@ -507,7 +507,7 @@ fn write_state(path: &Path, text: &str) -> Result<(), NginxError> {
 }
 
 #[async_trait]
-impl TrafficSwitch for DynamicSwitch {
+impl TrafficSwitch for NginxDynamicSwitch {
     fn name(&self) -> &str {
         crate::NAME
     }
@@ -549,28 +549,28 @@ mod tests {
     #[test]
     fn config_refuses_bad_names_addresses_and_tokens() {
         let ctl: SocketAddr = "127.0.0.1:9000".parse().unwrap();
-        assert!(DynamicConfig::new("app", ctl, token()).is_ok());
-        assert!(DynamicConfig::new("app;x", ctl, token()).is_err());
-        assert!(DynamicConfig::new("a.b", ctl, token()).is_err());
-        assert!(DynamicConfig::new("app", "0.0.0.0:9000".parse().unwrap(), token()).is_err());
-        assert!(DynamicConfig::new("app", "10.1.2.3:9000".parse().unwrap(), token()).is_err());
-        let err = DynamicConfig::new("app", ctl, Secret::new("short\"quote")).unwrap_err();
+        assert!(NginxDynamicConfig::new("app", ctl, token()).is_ok());
+        assert!(NginxDynamicConfig::new("app;x", ctl, token()).is_err());
+        assert!(NginxDynamicConfig::new("a.b", ctl, token()).is_err());
+        assert!(NginxDynamicConfig::new("app", "0.0.0.0:9000".parse().unwrap(), token()).is_err());
+        assert!(NginxDynamicConfig::new("app", "10.1.2.3:9000".parse().unwrap(), token()).is_err());
+        let err = NginxDynamicConfig::new("app", ctl, Secret::new("short\"quote")).unwrap_err();
         assert!(!err.to_string().contains("short"), "token leaked: {err}");
-        let err = DynamicConfig::new("app", ctl, Secret::new("x\";os.exit()--aaaaaaaaaa"));
+        let err = NginxDynamicConfig::new("app", ctl, Secret::new("x\";os.exit()--aaaaaaaaaa"));
         assert!(err.is_err());
     }
 
     #[test]
     fn generated_tokens_are_accepted_and_differ() {
-        let a = DynamicConfig::generate_token().unwrap();
-        let b = DynamicConfig::generate_token().unwrap();
+        let a = NginxDynamicConfig::generate_token().unwrap();
+        let b = NginxDynamicConfig::generate_token().unwrap();
         assert_ne!(a.expose(), b.expose());
-        assert!(DynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), a).is_ok());
+        assert!(NginxDynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), a).is_ok());
     }
 
     #[test]
     fn snippet_names_the_dict_upstream_and_listener_and_debug_hides_the_token() {
-        let c = DynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), token()).unwrap();
+        let c = NginxDynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), token()).unwrap();
         let s = c.render_snippet();
         assert!(s.contains("lua_shared_dict bluegreen_app 1m;"), "{s}");
         assert!(s.contains("upstream bluegreen_app {"), "{s}");

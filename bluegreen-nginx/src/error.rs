@@ -157,7 +157,7 @@ pub enum NginxError {
     },
 
     /// The control listener refused the token.
-    #[error("the nginx control listener {addr} refused the token (HTTP 401); the token given to DynamicSwitch differs from the one in the rendered snippet")]
+    #[error("the nginx control listener {addr} refused the token (HTTP 401); the token given to NginxDynamicSwitch differs from the one in the rendered snippet")]
     Unauthorized {
         /// Its address.
         addr: String,

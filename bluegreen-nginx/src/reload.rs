@@ -96,10 +96,10 @@ impl VerifyProbe {
     }
 }
 
-/// Settings of a [`ReloadSwitch`].
+/// Settings of a [`NginxReloadSwitch`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct ReloadConfig {
+pub struct NginxReloadConfig {
     /// How to run `nginx -t` against the real main configuration.
     pub nginx: NginxCommand,
     /// The include this switch owns (your `nginx.conf` includes it at http level).
@@ -122,7 +122,7 @@ pub struct ReloadConfig {
     pub drain_wait: Duration,
 }
 
-impl ReloadConfig {
+impl NginxReloadConfig {
     /// A switch owning `include`, rendering `upstream <upstream> { … }`, signalling the master in
     /// `pid_file`, testing with `nginx`.
     ///
@@ -151,7 +151,7 @@ impl ReloadConfig {
                 "must name a file",
             ));
         }
-        Ok(ReloadConfig {
+        Ok(NginxReloadConfig {
             nginx,
             include,
             upstream,
@@ -207,7 +207,7 @@ impl ReloadConfig {
     }
 }
 
-/// What a [`ReloadSwitch::switch_to`] did.
+/// What a [`NginxReloadSwitch::switch_to`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReloadReport {
@@ -312,22 +312,22 @@ pub(crate) fn parse_include(text: &str) -> std::result::Result<Routing, String> 
 /// Clones share one lock: switches through clones of one handle never interleave. Two separate
 /// processes switching the same include are not coordinated (the engine's deployment lock is).
 #[derive(Debug, Clone)]
-pub struct ReloadSwitch {
-    config: Arc<ReloadConfig>,
+pub struct NginxReloadSwitch {
+    config: Arc<NginxReloadConfig>,
     lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-impl ReloadSwitch {
+impl NginxReloadSwitch {
     /// A switch with `config`.
-    pub fn new(config: ReloadConfig) -> Self {
-        ReloadSwitch {
+    pub fn new(config: NginxReloadConfig) -> Self {
+        NginxReloadSwitch {
             config: Arc::new(config),
             lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
     /// The configuration.
-    pub fn config(&self) -> &ReloadConfig {
+    pub fn config(&self) -> &NginxReloadConfig {
         &self.config
     }
 
@@ -634,7 +634,7 @@ async fn wait_old_workers(pid: Pid, before: &[master::Worker], bound: Duration) 
 }
 
 #[async_trait]
-impl TrafficSwitch for ReloadSwitch {
+impl TrafficSwitch for NginxReloadSwitch {
     fn name(&self) -> &str {
         crate::NAME
     }
@@ -717,9 +717,13 @@ mod tests {
     #[test]
     fn config_and_probe_validate_their_input() {
         let cmd = NginxCommand::new("/etc/nginx/nginx.conf");
-        assert!(ReloadConfig::new(cmd.clone(), "/tmp/x.conf", "app", "/run/nginx.pid").is_ok());
-        assert!(ReloadConfig::new(cmd.clone(), "/tmp/x.conf", "a;pp", "/run/nginx.pid").is_err());
-        assert!(ReloadConfig::new(cmd, "/tmp/x.conf", "a.b", "/run/nginx.pid").is_err());
+        assert!(
+            NginxReloadConfig::new(cmd.clone(), "/tmp/x.conf", "app", "/run/nginx.pid").is_ok()
+        );
+        assert!(
+            NginxReloadConfig::new(cmd.clone(), "/tmp/x.conf", "a;pp", "/run/nginx.pid").is_err()
+        );
+        assert!(NginxReloadConfig::new(cmd, "/tmp/x.conf", "a.b", "/run/nginx.pid").is_err());
         let p = VerifyProbe::new("127.0.0.1:80".parse().unwrap());
         assert!(p.clone().with_path("/health?x=1").is_ok());
         assert!(p.clone().with_path("/a b").is_err());

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
-use crate::dynamic::DynamicConfig;
+use crate::dynamic::NginxDynamicConfig;
 use crate::error::NginxError;
 use crate::master::NginxCommand;
 
@@ -60,7 +60,11 @@ pub struct StandaloneConfig {
 
 impl StandaloneConfig {
     /// Dynamic mode: the snippet inline, the site proxying to the Lua-balanced upstream.
-    pub fn dynamic(prefix: impl Into<PathBuf>, listen: SocketAddr, config: &DynamicConfig) -> Self {
+    pub fn dynamic(
+        prefix: impl Into<PathBuf>,
+        listen: SocketAddr,
+        config: &NginxDynamicConfig,
+    ) -> Self {
         StandaloneConfig {
             prefix: prefix.into(),
             listen,

@@ -14,7 +14,7 @@ use bluegreen_core::{
 };
 use bluegreen_nginx::loadgen::Load;
 use bluegreen_nginx::standalone::{NginxProcess, StandaloneConfig};
-use bluegreen_nginx::{DynamicConfig, DynamicSwitch};
+use bluegreen_nginx::{NginxDynamicConfig, NginxDynamicSwitch};
 use bluegreen_process::{ProcessConfig, ProcessEnvironment};
 
 struct KillAll(ProcessEnvironment);
@@ -36,10 +36,10 @@ async fn deployer_with_processes_and_the_dynamic_nginx_switch_deploys_and_rolls_
     }
     let dir = common::tempdir();
     let listen = common::free_addr();
-    let config = DynamicConfig::new(
+    let config = NginxDynamicConfig::new(
         "app",
         common::free_addr(),
-        DynamicConfig::generate_token().unwrap(),
+        NginxDynamicConfig::generate_token().unwrap(),
     )
     .unwrap();
     let _nginx = NginxProcess::start(StandaloneConfig::dynamic(
@@ -48,7 +48,7 @@ async fn deployer_with_processes_and_the_dynamic_nginx_switch_deploys_and_rolls_
         &config,
     ))
     .unwrap();
-    let switch = DynamicSwitch::new(config);
+    let switch = NginxDynamicSwitch::new(config);
     let env = ProcessEnvironment::new(ProcessConfig::new(dir.path().join("process")));
     let _guard = KillAll(env.clone());
     let url = format!("http://{listen}/");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bluegreen_core::testkit::{switch_suite, BoxFuture, SwitchSuite};
 use bluegreen_core::{Error, Secret, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_nginx::loadgen::Load;
-use bluegreen_nginx::{DynamicConfig, DynamicSwitch, NginxError};
+use bluegreen_nginx::{NginxDynamicConfig, NginxDynamicSwitch, NginxError};
 
 fn nginx_error(e: &Error) -> &NginxError {
     match e {
@@ -38,7 +38,7 @@ async fn dynamic_switch_passes_the_switch_conformance_suite() {
     let config = s.switch.config().clone();
     suite.reopen = Some(Arc::new(move || -> BoxFuture<Box<dyn TrafficSwitch>> {
         let config = config.clone();
-        Box::pin(async move { Box::new(DynamicSwitch::new(config)) as Box<dyn TrafficSwitch> })
+        Box::pin(async move { Box::new(NginxDynamicSwitch::new(config)) as Box<dyn TrafficSwitch> })
     }));
     suite.served_by = Some(common::served_by_fn(s.listen));
     switch_suite(&s.switch, &suite).await;
@@ -163,8 +163,8 @@ async fn wrong_token_and_unreachable_listener_are_clear_errors_and_change_nothin
         .unwrap();
 
     // Wrong token: 401, reported as such, split unchanged.
-    let wrong = DynamicSwitch::new(
-        DynamicConfig::new(
+    let wrong = NginxDynamicSwitch::new(
+        NginxDynamicConfig::new(
             "app",
             s.switch.config().control,
             Secret::new("wrong-token-0123456789"),
@@ -193,11 +193,11 @@ async fn wrong_token_and_unreachable_listener_are_clear_errors_and_change_nothin
     assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Blue);
 
     // Unreachable listener (nothing listens there).
-    let nowhere = DynamicSwitch::new(
-        DynamicConfig::new(
+    let nowhere = NginxDynamicSwitch::new(
+        NginxDynamicConfig::new(
             "app",
             common::free_addr(),
-            DynamicConfig::generate_token().unwrap(),
+            NginxDynamicConfig::generate_token().unwrap(),
         )
         .unwrap()
         .with_timeout(Duration::from_secs(2)),
@@ -287,17 +287,17 @@ async fn with_a_state_file_a_restarted_nginx_resumes_the_last_split() {
     let endpoints = backends.endpoints();
     let listen = common::free_addr();
     let state = dir.path().join("split.state");
-    let config = DynamicConfig::new(
+    let config = NginxDynamicConfig::new(
         "app",
         common::free_addr(),
-        DynamicConfig::generate_token().unwrap(),
+        NginxDynamicConfig::generate_token().unwrap(),
     )
     .unwrap()
     .with_state_file(&state)
     .unwrap();
     let standalone = StandaloneConfig::dynamic(dir.path().join("nginx"), listen, &config);
     let nginx = NginxProcess::start(standalone.clone()).unwrap();
-    let switch = DynamicSwitch::new(config);
+    let switch = NginxDynamicSwitch::new(config);
     let canary = TrafficSplit::canary(Slot::Green, 40).unwrap();
     switch.apply(&canary, &endpoints).await.unwrap();
     switch
@@ -329,10 +329,10 @@ async fn with_a_state_file_a_restarted_nginx_resumes_the_last_split() {
 
 #[test]
 fn state_file_paths_are_validated() {
-    let c = DynamicConfig::new(
+    let c = NginxDynamicConfig::new(
         "app",
         "127.0.0.1:9000".parse().unwrap(),
-        DynamicConfig::generate_token().unwrap(),
+        NginxDynamicConfig::generate_token().unwrap(),
     )
     .unwrap();
     assert!(c.clone().with_state_file("/var/lib/bg/split").is_ok());

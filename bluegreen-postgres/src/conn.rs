@@ -6,6 +6,7 @@ use std::time::Duration;
 use bluegreen_core::{DbBinding, Error, Result, Secret};
 use tokio_postgres::{Client, NoTls};
 
+use crate::error::pg_error;
 use crate::ident::validate_ident;
 
 /// Where and as whom to connect: host, port, user, password, database.
@@ -15,15 +16,15 @@ use crate::ident::validate_ident;
 /// releases through [`DbBinding::secret_env`].
 ///
 /// ```
-/// use bluegreen_postgres::PgConfig;
-/// let cfg = PgConfig::new("127.0.0.1", 5432, "app")
+/// use bluegreen_postgres::PostgresConfig;
+/// let cfg = PostgresConfig::new("127.0.0.1", 5432, "app")
 ///     .with_user("deployer")
 ///     .with_password("s3cret");
 /// assert!(!format!("{cfg:?}").contains("s3cret"));
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct PgConfig {
+pub struct PostgresConfig {
     /// Host name, IP address, or a Unix-socket directory (starting with `/`).
     pub host: String,
     /// Port.
@@ -38,9 +39,9 @@ pub struct PgConfig {
     pub connect_timeout: Duration,
 }
 
-impl fmt::Debug for PgConfig {
+impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgConfig")
+        f.debug_struct("PostgresConfig")
             .field("host", &self.host)
             .field("port", &self.port)
             .field("user", &self.user)
@@ -50,10 +51,10 @@ impl fmt::Debug for PgConfig {
     }
 }
 
-impl PgConfig {
+impl PostgresConfig {
     /// Settings for `dbname` on `host:port` as user `postgres`, without a password.
     pub fn new(host: impl Into<String>, port: u16, dbname: impl Into<String>) -> Self {
-        PgConfig {
+        PostgresConfig {
             host: host.into(),
             port,
             user: "postgres".into(),
@@ -88,7 +89,7 @@ impl PgConfig {
     }
 
     /// The same server, database `dbname`.
-    pub(crate) fn db(&self, dbname: &str) -> PgConfig {
+    pub(crate) fn db(&self, dbname: &str) -> PostgresConfig {
         self.clone().with_dbname(dbname)
     }
 
@@ -239,77 +240,5 @@ impl PgConfig {
             v.push(("PGPASSWORD", p.expose().to_string()));
         }
         v
-    }
-}
-
-/// A PostgreSQL error with the server's message (the driver's `Display` says only "db error").
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct PgError {
-    /// What was being done.
-    pub context: String,
-    /// The server's (or driver's) message, with SQLSTATE, detail and hint when present.
-    pub message: String,
-    /// The SQLSTATE code, when the server sent one.
-    pub code: Option<String>,
-}
-
-/// Converts a driver error into core's [`Error::Backend`], keeping the server's message.
-pub(crate) fn pg_error(backend: &str, context: &str, e: tokio_postgres::Error) -> Error {
-    let (message, code, retryable) = match e.as_db_error() {
-        Some(db) => {
-            let mut m = format!("{} ({}): {}", db.severity(), db.code().code(), db.message());
-            if let Some(d) = db.detail() {
-                m.push_str(&format!("; detail: {d}"));
-            }
-            if let Some(h) = db.hint() {
-                m.push_str(&format!("; hint: {h}"));
-            }
-            let code = db.code().code().to_string();
-            // Serialization failures, deadlocks, lock timeouts, "cannot connect now", too many
-            // connections: trying again may work.
-            let retryable = matches!(
-                code.as_str(),
-                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
-            ) || code.starts_with("08");
-            (m, Some(code), retryable)
-        }
-        None => {
-            let mut m = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                m.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-            (m, None, e.is_closed() || io)
-        }
-    };
-    let _ = e;
-    Error::backend(
-        backend,
-        context,
-        retryable,
-        PgError {
-            context: context.to_string(),
-            message,
-            code,
-        },
-    )
-}
-
-/// An [`Error::Backend`] from a message.
-pub(crate) fn fail(backend: &str, operation: &str, message: impl Into<String>) -> Error {
-    Error::backend(backend, operation, false, message.into())
-}
-
-/// The SQLSTATE of a bluegreen error produced by [`pg_error`], if any.
-#[allow(dead_code)] // for callers that branch on a SQLSTATE
-pub(crate) fn sqlstate(e: &Error) -> Option<&str> {
-    match e {
-        Error::Backend { source, .. } => source
-            .downcast_ref::<PgError>()
-            .and_then(|p| p.code.as_deref()),
-        _ => None,
     }
 }

@@ -1,4 +1,4 @@
-//! [`Copied`]: each slot has its own database, cloned from the live one at prepare time.
+//! [`CopiedDatabase`]: each slot has its own database, cloned from the live one at prepare time.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -11,7 +11,8 @@ use futures_util::{pin_mut, SinkExt, StreamExt};
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::quote_ident;
 use crate::tools::{dump_into, dump_restore_parallel};
 use crate::util::{
@@ -23,15 +24,15 @@ const BACKEND: &str = "postgres copied";
 const MARK_DONE: &str = "bluegreen copied:";
 const MARK_SWITCHED: &str = "bluegreen copied (switched):";
 
-/// Settings of [`Copied`].
+/// Settings of [`CopiedDatabase`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CopiedConfig {
     /// The server holding the live database; its `dbname` is the base database (live before the
     /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured).
-    pub server: PgConfig,
+    pub server: PostgresConfig,
     /// The server the copies go to (default: the same server).
-    pub target_server: Option<PgConfig>,
+    pub target_server: Option<PostgresConfig>,
     /// Per-slot database names overriding `<base>_<slot>`.
     pub slot_databases: bluegreen_core::PerSlot<Option<String>>,
     /// Parallel COPY workers (default 2).
@@ -49,12 +50,12 @@ pub struct CopiedConfig {
     pub drop_old_on_finalize: bool,
     /// Settings handed to releases instead of `server`'s (e.g. an application role); the database
     /// name is replaced by the slot's.
-    pub binding: Option<PgConfig>,
+    pub binding: Option<PostgresConfig>,
 }
 
 impl CopiedConfig {
     /// Defaults for `server` (whose `dbname` is the base database).
-    pub fn new(server: PgConfig) -> Self {
+    pub fn new(server: PostgresConfig) -> Self {
         CopiedConfig {
             server,
             target_server: None,
@@ -69,7 +70,7 @@ impl CopiedConfig {
     }
 
     /// Copies go to another server.
-    pub fn with_target_server(mut self, target: PgConfig) -> Self {
+    pub fn with_target_server(mut self, target: PostgresConfig) -> Self {
         self.target_server = Some(target);
         self
     }
@@ -111,7 +112,7 @@ impl CopiedConfig {
     }
 
     /// Connection settings handed to releases (user, password); the database is the slot's.
-    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+    pub fn with_binding(mut self, binding: PostgresConfig) -> Self {
         self.binding = Some(binding);
         self
     }
@@ -152,15 +153,15 @@ pub struct CopyReport {
 /// any failure the target database is dropped.
 ///
 /// **Writes made to the live database after the snapshot are not in the copy.** When the target
-/// must have every write, use [`Replicated`](crate::Replicated), which streams them by logical
+/// must have every write, use [`ReplicatedDatabase`](crate::ReplicatedDatabase), which streams them by logical
 /// replication until the cutover.
 #[derive(Debug, Clone)]
-pub struct Copied {
+pub struct CopiedDatabase {
     config: CopiedConfig,
     dbs: SlotDatabases,
 }
 
-impl Copied {
+impl CopiedDatabase {
     /// A strategy with `config`; validates the database names.
     pub fn new(config: CopiedConfig) -> Result<Self> {
         let dbs = SlotDatabases::for_strategy(
@@ -168,7 +169,7 @@ impl Copied {
             config.target_server.as_ref(),
             &config.slot_databases,
         )?;
-        Ok(Copied { config, dbs })
+        Ok(CopiedDatabase { config, dbs })
     }
 
     /// The database `slot` uses.
@@ -176,7 +177,7 @@ impl Copied {
         self.dbs.of(slot)
     }
 
-    fn target_server(&self) -> &PgConfig {
+    fn target_server(&self) -> &PostgresConfig {
         self.config
             .target_server
             .as_ref()
@@ -403,8 +404,8 @@ const BATCH: usize = 256 * 1024;
 /// One worker: joins the snapshot, then copies tables from the queue until it is empty.
 async fn copy_worker(
     queue: Arc<Mutex<VecDeque<TableRef>>>,
-    src: &PgConfig,
-    tgt: &PgConfig,
+    src: &PostgresConfig,
+    tgt: &PostgresConfig,
     snapshot: &str,
 ) -> Result<(u64, u64)> {
     let s = src.connect(BACKEND).await?;
@@ -459,7 +460,7 @@ async fn copy_worker(
 }
 
 #[async_trait]
-impl DatabaseStrategy for Copied {
+impl DatabaseStrategy for CopiedDatabase {
     fn name(&self) -> &str {
         "copied"
     }

@@ -1,4 +1,4 @@
-//! [`Replicated`]: each slot has its own database, kept current by logical replication from the
+//! [`ReplicatedDatabase`]: each slot has its own database, kept current by logical replication from the
 //! live one until the cutover.
 
 use std::path::PathBuf;
@@ -10,7 +10,8 @@ use bluegreen_core::{
 };
 use tokio_postgres::Client;
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, quote_literal, slot_safe, validate_ident};
 use crate::tools::dump_into;
 use crate::util::{
@@ -34,7 +35,7 @@ pub enum AfterCutover {
     Reverse,
 }
 
-/// Settings of [`Replicated`].
+/// Settings of [`ReplicatedDatabase`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReplicatedConfig {
@@ -42,10 +43,10 @@ pub struct ReplicatedConfig {
     /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured). Its user
     /// needs the `REPLICATION` attribute and ownership of the tables (or superuser). These
     /// settings are also how the target server reaches it for the subscription.
-    pub server: PgConfig,
+    pub server: PostgresConfig,
     /// The server the slot databases live on (default: the same server). Its user must be a
     /// superuser (PostgreSQL 15 requires it for `CREATE SUBSCRIPTION`).
-    pub target_server: Option<PgConfig>,
+    pub target_server: Option<PostgresConfig>,
     /// Per-slot database names overriding `<base>_<slot>`.
     pub slot_databases: PerSlot<Option<String>>,
     /// Directory of `pg_dump` and `psql` (default: the newest `/usr/lib/postgresql/*/bin`, else
@@ -72,12 +73,12 @@ pub struct ReplicatedConfig {
     pub drop_old_on_finalize: bool,
     /// Settings handed to releases instead of the target server's (e.g. an application role);
     /// the database name is replaced by the slot's.
-    pub binding: Option<PgConfig>,
+    pub binding: Option<PostgresConfig>,
 }
 
 impl ReplicatedConfig {
     /// Defaults for `server` (whose `dbname` is the base database).
-    pub fn new(server: PgConfig) -> Self {
+    pub fn new(server: PostgresConfig) -> Self {
         ReplicatedConfig {
             server,
             target_server: None,
@@ -94,7 +95,7 @@ impl ReplicatedConfig {
     }
 
     /// Slot databases live on another server.
-    pub fn with_target_server(mut self, target: PgConfig) -> Self {
+    pub fn with_target_server(mut self, target: PostgresConfig) -> Self {
         self.target_server = Some(target);
         self
     }
@@ -148,7 +149,7 @@ impl ReplicatedConfig {
     }
 
     /// Connection settings handed to releases (user, password); the database is the slot's.
-    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+    pub fn with_binding(mut self, binding: PostgresConfig) -> Self {
         self.binding = Some(binding);
         self
     }
@@ -218,7 +219,7 @@ pub struct CutoverReport {
 /// inside `CREATE SUBSCRIPTION` (never argv), and is removed from any error this crate returns,
 /// but superusers of the target server can read it in `pg_subscription`.
 #[derive(Debug, Clone)]
-pub struct Replicated {
+pub struct ReplicatedDatabase {
     config: ReplicatedConfig,
     dbs: SlotDatabases,
 }
@@ -252,7 +253,7 @@ impl Names {
     }
 }
 
-impl Replicated {
+impl ReplicatedDatabase {
     /// A strategy with `config`; validates the database names.
     pub fn new(config: ReplicatedConfig) -> Result<Self> {
         let dbs = SlotDatabases::for_strategy(
@@ -260,7 +261,7 @@ impl Replicated {
             config.target_server.as_ref(),
             &config.slot_databases,
         )?;
-        Ok(Replicated { config, dbs })
+        Ok(ReplicatedDatabase { config, dbs })
     }
 
     /// The database `slot` uses.
@@ -268,7 +269,7 @@ impl Replicated {
         self.dbs.of(slot)
     }
 
-    fn target_server(&self) -> &PgConfig {
+    fn target_server(&self) -> &PostgresConfig {
         self.config
             .target_server
             .as_ref()
@@ -626,7 +627,7 @@ impl Replicated {
 
     /// Drops every bluegreen subscription inside `db` (left by an earlier deploy: a database
     /// holding a subscription cannot be dropped).
-    async fn drop_subscriptions_in(&self, server: &PgConfig, db: &str) -> Result<()> {
+    async fn drop_subscriptions_in(&self, server: &PostgresConfig, db: &str) -> Result<()> {
         let admin = connect_rw(&server.db("postgres")).await?;
         if !database_exists(BACKEND, &admin, db).await? {
             return Ok(());
@@ -961,7 +962,7 @@ const TABLES_FROM: &str = "FROM pg_class c JOIN pg_namespace n ON n.oid = c.reln
 
 /// Connects with `default_transaction_read_only` off for this session (the database may be
 /// frozen by a cutover).
-async fn connect_rw(cfg: &PgConfig) -> Result<Client> {
+async fn connect_rw(cfg: &PostgresConfig) -> Result<Client> {
     let c = cfg.connect(BACKEND).await?;
     c.batch_execute("SET default_transaction_read_only = off; SET synchronous_commit = on")
         .await
@@ -1119,7 +1120,7 @@ async fn subscription_exists(c: &Client, name: &str) -> Result<bool> {
 async fn create_subscription(
     c: &Client,
     name: &str,
-    publisher: &PgConfig,
+    publisher: &PostgresConfig,
     publication: &str,
     slot: &str,
     copy_data: bool,
@@ -1143,7 +1144,7 @@ async fn create_subscription(
 }
 
 /// Removes the password from an error's text (the server may echo a connection string).
-fn redact(e: Error, cfg: &PgConfig, op: &str) -> Error {
+fn redact(e: Error, cfg: &PostgresConfig, op: &str) -> Error {
     let Some(pw) = cfg.password.as_ref().map(|p| p.expose().to_string()) else {
         return e;
     };
@@ -1218,7 +1219,7 @@ async fn error_counts(c: &Client, sub: &str) -> Result<(i64, i64)> {
 }
 
 #[async_trait]
-impl DatabaseStrategy for Replicated {
+impl DatabaseStrategy for ReplicatedDatabase {
     fn name(&self) -> &str {
         "replicated"
     }
@@ -1416,7 +1417,7 @@ mod tests {
 
     #[test]
     fn errors_never_show_the_subscription_password() {
-        let cfg = PgConfig::new("db.internal", 5432, "app").with_password("pa ss'word");
+        let cfg = PostgresConfig::new("db.internal", 5432, "app").with_password("pa ss'word");
         let e = fail(BACKEND, "x", "conninfo password='pa ss\\'word' is wrong");
         let shown = redact(e, &cfg, "creating subscription").to_string();
         assert!(!shown.contains("pa ss"), "{shown}");

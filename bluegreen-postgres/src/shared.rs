@@ -1,4 +1,4 @@
-//! [`Shared`]: both slots use one database; schema changes go through expand/contract migrations.
+//! [`SharedDatabase`]: both slots use one database; schema changes go through expand/contract migrations.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use bluegreen_core::{DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Result};
 use tokio_postgres::Client;
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, validate_ident};
 use crate::sqlcheck;
 
@@ -136,12 +137,12 @@ impl Migration {
     }
 }
 
-/// Settings of [`Shared`].
+/// Settings of [`SharedDatabase`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SharedConfig {
     /// The shared database (as the migrating user).
-    pub connection: PgConfig,
+    pub connection: PostgresConfig,
     /// Migrations, in order.
     pub migrations: Vec<Migration>,
     /// Schema of the record table (default `public`).
@@ -151,12 +152,12 @@ pub struct SharedConfig {
     /// How long to wait for another deployer's migration lock (default 5 min).
     pub lock_wait: Duration,
     /// Settings handed to releases instead of `connection`'s (e.g. an application role).
-    pub binding: Option<PgConfig>,
+    pub binding: Option<PostgresConfig>,
 }
 
 impl SharedConfig {
     /// Defaults for `connection`, no migrations.
-    pub fn new(connection: PgConfig) -> Self {
+    pub fn new(connection: PostgresConfig) -> Self {
         SharedConfig {
             connection,
             migrations: Vec::new(),
@@ -193,7 +194,7 @@ impl SharedConfig {
     }
 
     /// Connection settings handed to releases.
-    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+    pub fn with_binding(mut self, binding: PostgresConfig) -> Self {
         self.binding = Some(binding);
         self
     }
@@ -211,12 +212,12 @@ impl SharedConfig {
 /// a PostgreSQL advisory lock, so two machines never run the same migration. `rollback` changes
 /// nothing: expand migrations are compatible with the old release and stay.
 #[derive(Debug, Clone)]
-pub struct Shared {
+pub struct SharedDatabase {
     config: SharedConfig,
     table: String,
 }
 
-impl Shared {
+impl SharedDatabase {
     /// A strategy with `config`; checks names and every expand migration.
     pub fn new(config: SharedConfig) -> Result<Self> {
         config.connection.validate()?;
@@ -239,7 +240,7 @@ impl Shared {
             quote_ident(&config.schema),
             quote_ident(&config.table)
         );
-        Ok(Shared { config, table })
+        Ok(SharedDatabase { config, table })
     }
 
     fn binding(&self) -> DbBinding {
@@ -376,7 +377,7 @@ impl Shared {
 }
 
 #[async_trait]
-impl DatabaseStrategy for Shared {
+impl DatabaseStrategy for SharedDatabase {
     fn name(&self) -> &str {
         "shared"
     }

@@ -10,7 +10,8 @@ use bluegreen_core::{
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, Row};
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, validate_ident};
 
 const BACKEND: &str = "postgres";
@@ -23,7 +24,7 @@ const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 #[non_exhaustive]
 pub struct PostgresStoreConfig {
     /// Where the tables live.
-    pub connection: PgConfig,
+    pub connection: PostgresConfig,
     /// Schema of the tables (default `public`).
     pub schema: String,
     /// Prefix of the table names: `<prefix>_state` and `<prefix>_lock` (default `bluegreen`).
@@ -34,7 +35,7 @@ pub struct PostgresStoreConfig {
 
 impl PostgresStoreConfig {
     /// Defaults for `connection`.
-    pub fn new(connection: PgConfig) -> Self {
+    pub fn new(connection: PostgresConfig) -> Self {
         PostgresStoreConfig {
             connection,
             schema: "public".into(),
@@ -76,9 +77,9 @@ impl PostgresStoreConfig {
 ///
 /// ```no_run
 /// # async fn f() -> bluegreen_core::Result<()> {
-/// use bluegreen_postgres::{PgConfig, PostgresStateStore, PostgresStoreConfig};
+/// use bluegreen_postgres::{PostgresConfig, PostgresStateStore, PostgresStoreConfig};
 /// use bluegreen_core::StateStore;
-/// let cfg = PgConfig::new("db.internal", 5432, "ops").with_user("deployer").with_password("…");
+/// let cfg = PostgresConfig::new("db.internal", 5432, "ops").with_user("deployer").with_password("…");
 /// let store = PostgresStateStore::new(PostgresStoreConfig::new(cfg).with_deployment("shop"))?;
 /// let state = store.load().await?;
 /// # Ok(()) }

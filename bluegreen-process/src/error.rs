@@ -138,7 +138,7 @@ impl ProcessError {
             | ProcessError::Signal { .. }
             | ProcessError::NoPort { .. } => true,
         };
-        Error::backend(crate::BACKEND, operation, retryable, self)
+        Error::backend(crate::NAME, operation, retryable, self)
     }
 }
 

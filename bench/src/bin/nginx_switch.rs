@@ -1,8 +1,8 @@
 //! `nginx_switch`: failed requests and switch latency while nginx switches between two demo
 //! backends under keep-alive load, three ways, in one run:
 //!
-//! - (a) `DynamicSwitch` (Lua balancer, no reload),
-//! - (b) `ReloadSwitch` (managed include, `nginx -t`, SIGHUP, verification),
+//! - (a) `NginxDynamicSwitch` (Lua balancer, no reload),
+//! - (b) `NginxReloadSwitch` (managed include, `nginx -t`, SIGHUP, verification),
 //! - (c) the seed runbooks' way: plain string replace of the upstream file + `nginx -s reload`.
 //!
 //! Each scenario gets a fresh nginx (same settings: 2 workers, upstream keepalive 32), the same
@@ -24,7 +24,9 @@ use common::{parse_args, target, Options, Result};
 use bluegreen_core::{Endpoints, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_nginx::loadgen::{Load, LoadStats};
 use bluegreen_nginx::standalone::{self, NginxProcess, StandaloneConfig};
-use bluegreen_nginx::{DynamicConfig, DynamicSwitch, ReloadConfig, ReloadSwitch, VerifyProbe};
+use bluegreen_nginx::{
+    NginxDynamicConfig, NginxDynamicSwitch, NginxReloadConfig, NginxReloadSwitch, VerifyProbe,
+};
 
 /// One scenario's figures.
 struct Outcome {
@@ -65,9 +67,10 @@ fn free_addr() -> Result<SocketAddr> {
 
 async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
     let listen = free_addr()?;
-    let config = DynamicConfig::new("app", free_addr()?, DynamicConfig::generate_token()?)?;
+    let config =
+        NginxDynamicConfig::new("app", free_addr()?, NginxDynamicConfig::generate_token()?)?;
     let _nginx = NginxProcess::start(StandaloneConfig::dynamic(dir, listen, &config))?;
-    let switch = DynamicSwitch::new(config);
+    let switch = NginxDynamicSwitch::new(config);
     switch
         .apply(&TrafficSplit::all(Slot::Blue), endpoints)
         .await?;
@@ -98,8 +101,8 @@ async fn reload(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome
     let listen = free_addr()?;
     let include = dir.join("upstream.conf");
     let standalone = StandaloneConfig::reload(dir, listen, &include, "app");
-    let switch = ReloadSwitch::new(
-        ReloadConfig::new(standalone.command(), &include, "app", standalone.pid_file())?
+    let switch = NginxReloadSwitch::new(
+        NginxReloadConfig::new(standalone.command(), &include, "app", standalone.pid_file())?
             .with_verify(VerifyProbe::new(listen))
             .with_drain_wait(Duration::from_secs(2)),
     );
@@ -128,7 +131,7 @@ async fn reload(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome
     let elapsed = started.elapsed();
     Ok(Outcome {
         elapsed,
-        name: "(b) Reload: ReloadSwitch",
+        name: "(b) Reload: NginxReloadSwitch",
         stats,
         latencies,
         note: format!(

@@ -1,7 +1,7 @@
 //! `pg_clone`: how long cloning one generated PostgreSQL database takes, four ways, in one run on
 //! one throw-away cluster:
 //!
-//! - (a) ours: `bluegreen_postgres::Copied` (one exported snapshot, parallel binary COPY streams,
+//! - (a) ours: `bluegreen_postgres::CopiedDatabase` (one exported snapshot, parallel binary COPY streams,
 //!   indexes and constraints built after the data; the source stays online),
 //! - (b) the seed scripts' way: `pg_dump <db> | psql -X -v ON_ERROR_STOP=1 <copy>` (two child
 //!   processes joined by a pipe, no shell),
@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bluegreen_postgres::{quote_ident, Copied, CopiedConfig, PgConfig};
+use bluegreen_postgres::{quote_ident, CopiedConfig, CopiedDatabase, PostgresConfig};
 use tokio_postgres::Client;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -193,8 +193,8 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn config(&self, db: &str) -> PgConfig {
-        PgConfig::new("127.0.0.1", self.port, db)
+    fn config(&self, db: &str) -> PostgresConfig {
+        PostgresConfig::new("127.0.0.1", self.port, db)
             .with_user("postgres")
             .with_password(self.password.clone())
             .with_connect_timeout(Duration::from_secs(30))
@@ -374,7 +374,7 @@ async fn main() -> Result<()> {
 
     // (a) ours.
     admin.batch_execute("CHECKPOINT").await?;
-    let copied = Copied::new(
+    let copied = CopiedDatabase::new(
         CopiedConfig::new(cluster.config("bench"))
             .with_workers(o.workers)
             .with_bin_dir(&o.bin)

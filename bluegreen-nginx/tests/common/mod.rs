@@ -8,7 +8,7 @@ use bluegreen_core::testkit::{BoxFuture, ServedByFn};
 use bluegreen_core::{Endpoint, Endpoints, Error, Slot};
 use bluegreen_demo::{DemoConfig, DemoServer};
 use bluegreen_nginx::standalone::{self, NginxProcess, StandaloneConfig};
-use bluegreen_nginx::{DynamicConfig, DynamicSwitch};
+use bluegreen_nginx::{NginxDynamicConfig, NginxDynamicSwitch};
 
 /// True when the test can run; false (after printing SKIPPED) when nginx or the Lua module is
 /// missing outside CI. Panics in CI.
@@ -69,7 +69,7 @@ impl Backends {
 
 pub struct DynamicSetup {
     pub nginx: NginxProcess,
-    pub switch: DynamicSwitch,
+    pub switch: NginxDynamicSwitch,
     pub listen: SocketAddr,
     pub backends: Backends,
     pub dir: tempfile::TempDir,
@@ -79,13 +79,17 @@ pub async fn dynamic() -> DynamicSetup {
     let dir = tempdir();
     let backends = Backends::start().await;
     let listen = free_addr();
-    let config =
-        DynamicConfig::new("app", free_addr(), DynamicConfig::generate_token().unwrap()).unwrap();
+    let config = NginxDynamicConfig::new(
+        "app",
+        free_addr(),
+        NginxDynamicConfig::generate_token().unwrap(),
+    )
+    .unwrap();
     let nginx =
         NginxProcess::start(StandaloneConfig::dynamic(dir.path(), listen, &config)).unwrap();
     DynamicSetup {
         nginx,
-        switch: DynamicSwitch::new(config),
+        switch: NginxDynamicSwitch::new(config),
         listen,
         backends,
         dir,
@@ -116,7 +120,7 @@ pub fn served_by_fn(listen: SocketAddr) -> ServedByFn {
 
 pub struct ReloadSetup {
     pub nginx: NginxProcess,
-    pub switch: bluegreen_nginx::ReloadSwitch,
+    pub switch: bluegreen_nginx::NginxReloadSwitch,
     pub listen: SocketAddr,
     pub backends: Backends,
     pub dir: tempfile::TempDir,
@@ -125,16 +129,17 @@ pub struct ReloadSetup {
 /// nginx (stock, no modules) including a managed upstream file that starts at 100 % blue.
 pub async fn reload() -> ReloadSetup {
     use bluegreen_core::TrafficSplit;
-    use bluegreen_nginx::{ReloadConfig, ReloadSwitch, VerifyProbe};
+    use bluegreen_nginx::{NginxReloadConfig, NginxReloadSwitch, VerifyProbe};
     let dir = tempdir();
     let backends = Backends::start().await;
     let listen = free_addr();
     let include = dir.path().join("upstream.conf");
     let standalone = StandaloneConfig::reload(dir.path(), listen, &include, "app");
-    let config = ReloadConfig::new(standalone.command(), &include, "app", standalone.pid_file())
-        .unwrap()
-        .with_verify(VerifyProbe::new(listen));
-    let switch = ReloadSwitch::new(config);
+    let config =
+        NginxReloadConfig::new(standalone.command(), &include, "app", standalone.pid_file())
+            .unwrap()
+            .with_verify(VerifyProbe::new(listen));
+    let switch = NginxReloadSwitch::new(config);
     switch
         .write_initial(&TrafficSplit::all(Slot::Blue), &backends.endpoints())
         .unwrap();

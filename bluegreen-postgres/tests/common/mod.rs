@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bluegreen_postgres::PgConfig;
+use bluegreen_postgres::PostgresConfig;
 use tokio_postgres::Client;
 
 pub const BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -247,8 +247,8 @@ impl Cluster {
     }
 
     /// Superuser settings for `db` over TCP with the password.
-    pub fn config(&self, db: &str) -> PgConfig {
-        PgConfig::new("127.0.0.1", self.port, db)
+    pub fn config(&self, db: &str) -> PostgresConfig {
+        PostgresConfig::new("127.0.0.1", self.port, db)
             .with_user("postgres")
             .with_password(self.password.clone())
             .with_connect_timeout(Duration::from_secs(20))
