@@ -4,57 +4,14 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use bluegreen_core::{Error, Result};
 use bollard::query_parameters::BuildImageOptionsBuilder;
 use bollard::Docker;
 use futures_util::StreamExt;
 
+use crate::config::Healthcheck;
 use crate::error::DockerError;
-
-/// A health check the engine runs inside a container: `argv` every `interval`; exit 0 is
-/// healthy. Baked into an image ([`ScratchImage::with_healthcheck`]) or set per environment
-/// ([`DockerConfig::with_healthcheck`](crate::DockerConfig::with_healthcheck)).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Healthcheck {
-    /// The command (exec form, no shell unless the command is one).
-    pub argv: Vec<String>,
-    /// Time between checks. Default 1 s.
-    pub interval: Duration,
-    /// Bound on one check. Default 3 s.
-    pub timeout: Duration,
-    /// Failures during this initial period do not count. Default 0.
-    pub start_period: Duration,
-    /// Consecutive failures before `unhealthy`. Default 3.
-    pub retries: u32,
-}
-
-impl Healthcheck {
-    /// A health check running `argv`.
-    pub fn new(argv: Vec<String>) -> Self {
-        Healthcheck {
-            argv,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(3),
-            start_period: Duration::ZERO,
-            retries: 3,
-        }
-    }
-
-    /// With the time between checks.
-    pub fn with_interval(mut self, interval: Duration) -> Self {
-        self.interval = interval;
-        self
-    }
-
-    /// With the failures needed for `unhealthy`.
-    pub fn with_retries(mut self, retries: u32) -> Self {
-        self.retries = retries;
-        self
-    }
-}
 
 /// A minimal image (`FROM scratch` by default) made of host files: each executable added with
 /// [`with_executable`](Self::with_executable) comes with the shared libraries `ldd` lists for it,

@@ -11,10 +11,38 @@ use bluegreen_core::{
     Capabilities, Endpoints, Error, Name, Result, Secret, TrafficSplit, TrafficSwitch,
     TrafficSwitchExt,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::error::NginxError;
 use crate::format::{self, Routing};
 use crate::http;
+
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_keepalive() -> u32 {
+    32
+}
+
+/// An absolute path of letters, digits and `/._-` (it is written into the Lua code).
+fn check_state_file(path: &Path) -> Result<()> {
+    let text = path.to_string_lossy();
+    let ok = path.is_absolute()
+        && text.len() <= 1024
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+        && path.file_name().is_some();
+    if !ok {
+        return Err(Error::invalid(
+            "state file",
+            text.into_owned(),
+            "expected an absolute path of letters, digits and /._-",
+        ));
+    }
+    Ok(())
+}
 
 /// The control location's path on the control listener.
 pub const CONTROL_PATH: &str = "/bluegreen/split";
@@ -24,23 +52,46 @@ pub const TOKEN_HEADER: &str = "x-bluegreen-token";
 
 /// Settings of a [`NginxDynamicSwitch`] and of the nginx snippet it talks to.
 ///
-/// `Debug` hides the token.
-#[derive(Debug, Clone)]
+/// `Debug` hides the token, and serializing leaves it out (deserializing reads it from `token`).
+///
+/// ```
+/// use bluegreen_nginx::NginxDynamicConfig;
+///
+/// let c: NginxDynamicConfig = serde_json::from_str(
+///     r#"{ "name": "shop", "control": "127.0.0.1:9000", "token": "0123456789abcdef0123" }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(c.keepalive, 32);
+/// assert!(!serde_json::to_string(&c).unwrap().contains("0123456789abcdef0123"));
+/// // Validated like `new`: the control listener must be on loopback.
+/// assert!(serde_json::from_str::<NginxDynamicConfig>(
+///     r#"{ "name": "shop", "control": "10.0.0.1:9000", "token": "0123456789abcdef0123" }"#,
+/// )
+/// .is_err());
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NginxDynamicConfig {
     /// Base name: the upstream is `bluegreen_<name>`, the shared dict too.
     pub name: Name,
     /// The loopback address of the control listener.
     pub control: SocketAddr,
-    /// The control token (sent in `x-bluegreen-token`).
+    /// The control token (sent in `x-bluegreen-token`). Never serialized.
+    #[serde(skip_serializing)]
     pub token: Secret,
-    /// Bound on one control request.
+    /// Bound on one control request. Default 5 s.
+    #[serde(default = "five_seconds", with = "bluegreen_core::config::duration")]
     pub timeout: Duration,
-    /// `keepalive` connections per worker toward the upstreams (0: none).
+    /// `keepalive` connections per worker toward the upstreams (0: none). Default 32.
+    #[serde(default = "default_keepalive")]
     pub keepalive: u32,
     /// Where the last applied split is kept so that nginx resumes it after a restart.
+    #[serde(default)]
     pub state_file: Option<PathBuf>,
 }
+
+bluegreen_core::validated_serde!(NginxDynamicConfig);
 
 impl NginxDynamicConfig {
     /// Validates the name (letters, digits, `_`, `-`), that `control` is a loopback address, and the
@@ -49,7 +100,27 @@ impl NginxDynamicConfig {
     /// # Errors
     /// [`Error::InvalidInput`] naming the bad value (the token itself is never printed).
     pub fn new(name: &str, control: SocketAddr, token: Secret) -> Result<Self> {
-        let name = Name::new(name)?;
+        let config = NginxDynamicConfig {
+            name: Name::new(name)?,
+            control,
+            token,
+            timeout: five_seconds(),
+            keepalive: default_keepalive(),
+            state_file: None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what [`new`](Self::new) and [`with_state_file`](Self::with_state_file) check; run
+    /// when deserializing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the bad value (the token itself is never printed).
+    pub fn validate(&self) -> Result<()> {
+        let name = &self.name;
+        let control = self.control;
+        let token = &self.token;
         if name.as_str().contains(['.', '+']) {
             return Err(Error::invalid(
                 "nginx upstream name",
@@ -84,14 +155,10 @@ impl NginxDynamicConfig {
                 "expected 16 to 128 of letters, digits, `_`, `-`",
             ));
         }
-        Ok(NginxDynamicConfig {
-            name,
-            control,
-            token,
-            timeout: Duration::from_secs(5),
-            keepalive: 32,
-            state_file: None,
-        })
+        if let Some(path) = &self.state_file {
+            check_state_file(path)?;
+        }
+        Ok(())
     }
 
     /// A random 48-character token from the OS's random source (`/dev/urandom`).
@@ -131,20 +198,7 @@ impl NginxDynamicConfig {
     /// `/._-` (it is written into the Lua code).
     pub fn with_state_file(mut self, path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let text = path.to_string_lossy();
-        let ok = path.is_absolute()
-            && text.len() <= 1024
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
-            && path.file_name().is_some();
-        if !ok {
-            return Err(Error::invalid(
-                "state file",
-                text.into_owned(),
-                "expected an absolute path of letters, digits and /._-",
-            ));
-        }
+        check_state_file(&path)?;
         self.state_file = Some(path);
         Ok(self)
     }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bluegreen_core::{DbBinding, Error, Result, Secret};
+use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, NoTls};
 
 use crate::error::pg_error;
@@ -21,8 +22,21 @@ use crate::ident::validate_ident;
 ///     .with_user("deployer")
 ///     .with_password("s3cret");
 /// assert!(!format!("{cfg:?}").contains("s3cret"));
+///
+/// // In a file: the password is named by an environment variable, read when the file is read,
+/// // and never written back.
+/// std::env::set_var("DOC_PG_PASSWORD", "s3cret");
+/// let from_file: PostgresConfig = serde_json::from_str(
+///     r#"{ "dbname": "app", "user": "deployer", "password_env": "DOC_PG_PASSWORD" }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(from_file.host, "127.0.0.1");
+/// assert_eq!(from_file.password.as_ref().map(|p| p.expose()), Some("s3cret"));
+/// let written = serde_json::to_string(&from_file).unwrap();
+/// assert!(written.contains("DOC_PG_PASSWORD") && !written.contains("s3cret"), "{written}");
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PostgresConfigFile", into = "PostgresConfigFile")]
 #[non_exhaustive]
 pub struct PostgresConfig {
     /// Host name, IP address, or a Unix-socket directory (starting with `/`).
@@ -37,6 +51,83 @@ pub struct PostgresConfig {
     pub dbname: String,
     /// Connect timeout (default 10 s).
     pub connect_timeout: Duration,
+    /// The environment variable the password was read from, when it came from a file; written
+    /// back instead of the password.
+    pub password_env: Option<String>,
+}
+
+/// [`PostgresConfig`] as a file spells it: the password by the name of the environment variable
+/// holding it (`password_env`), never in clear.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostgresConfigFile {
+    #[serde(default = "default_host")]
+    host: String,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default = "default_user")]
+    user: String,
+    dbname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    password_env: Option<String>,
+    #[serde(default = "ten_seconds", with = "bluegreen_core::config::duration")]
+    connect_timeout: Duration,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    5432
+}
+fn default_user() -> String {
+    "postgres".into()
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl TryFrom<PostgresConfigFile> for PostgresConfig {
+    type Error = Error;
+
+    /// Reads the password from `password_env` (an error naming the variable when it is unset)
+    /// and validates the names.
+    fn try_from(f: PostgresConfigFile) -> Result<Self> {
+        let password = match &f.password_env {
+            Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
+                Error::invalid(
+                    "password_env",
+                    var,
+                    format!("the environment variable {var} is not set"),
+                )
+            })?)),
+            None => None,
+        };
+        let config = PostgresConfig {
+            host: f.host,
+            port: f.port,
+            user: f.user,
+            password,
+            dbname: f.dbname,
+            connect_timeout: f.connect_timeout,
+            password_env: f.password_env,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl From<PostgresConfig> for PostgresConfigFile {
+    fn from(c: PostgresConfig) -> Self {
+        PostgresConfigFile {
+            host: c.host,
+            port: c.port,
+            user: c.user,
+            dbname: c.dbname,
+            password_env: c.password_env,
+            connect_timeout: c.connect_timeout,
+        }
+    }
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -57,10 +148,11 @@ impl PostgresConfig {
         PostgresConfig {
             host: host.into(),
             port,
-            user: "postgres".into(),
+            user: default_user(),
             password: None,
             dbname: dbname.into(),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: ten_seconds(),
+            password_env: None,
         }
     }
 
@@ -93,8 +185,12 @@ impl PostgresConfig {
         self.clone().with_dbname(dbname)
     }
 
-    /// Checks the names in these settings.
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks the names in these settings (also run when deserializing).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a database or user name outside the identifier grammar, or a
+    /// host that is empty or holds spaces or quotes.
+    pub fn validate(&self) -> Result<()> {
         validate_ident("database", &self.dbname)?;
         validate_ident("user", &self.user)?;
         if self.host.is_empty() || self.host.chars().any(|c| c.is_whitespace() || c == '\'') {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bluegreen_core::{DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Result, Slot};
 use futures_util::{pin_mut, SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -24,33 +25,55 @@ const BACKEND: &str = "postgres copied";
 const MARK_DONE: &str = "bluegreen copied:";
 const MARK_SWITCHED: &str = "bluegreen copied (switched):";
 
-/// Settings of [`CopiedDatabase`].
-#[derive(Debug, Clone)]
+/// Settings of [`CopiedDatabase`]. In files only `server` (or `connection`) is required.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct CopiedConfig {
     /// The server holding the live database; its `dbname` is the base database (live before the
     /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured).
+    #[serde(alias = "connection")]
     pub server: PostgresConfig,
     /// The server the copies go to (default: the same server).
+    #[serde(default)]
     pub target_server: Option<PostgresConfig>,
     /// Per-slot database names overriding `<base>_<slot>`.
+    #[serde(default)]
     pub slot_databases: bluegreen_core::PerSlot<Option<String>>,
     /// Parallel COPY workers (default 2).
+    #[serde(default = "two")]
     pub workers: usize,
     /// Use `CREATE DATABASE … TEMPLATE <live>` (same server only; refused while anyone else is
     /// connected to the live database). Default false.
+    #[serde(default)]
     pub template: bool,
     /// Directory of `pg_dump` and `psql` (default: the newest `/usr/lib/postgresql/*/bin`, else
     /// `PATH`). They must be at least as new as the server.
+    #[serde(default)]
     pub bin_dir: Option<PathBuf>,
     /// Bound for the whole copy (default 1 hour).
+    #[serde(default = "one_hour", with = "bluegreen_core::config::duration")]
     pub timeout: Duration,
     /// Drop the previous live slot's database in `finalize` (default true). The base database is
     /// never dropped.
+    #[serde(default = "yes")]
     pub drop_old_on_finalize: bool,
     /// Settings handed to releases instead of `server`'s (e.g. an application role); the database
     /// name is replaced by the slot's.
+    #[serde(default)]
     pub binding: Option<PostgresConfig>,
+}
+
+bluegreen_core::validated_serde!(CopiedConfig);
+
+fn two() -> usize {
+    2
+}
+fn one_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+fn yes() -> bool {
+    true
 }
 
 impl CopiedConfig {
@@ -60,13 +83,34 @@ impl CopiedConfig {
             server,
             target_server: None,
             slot_databases: Default::default(),
-            workers: 2,
+            workers: two(),
             template: false,
             bin_dir: None,
-            timeout: Duration::from_secs(3600),
-            drop_old_on_finalize: true,
+            timeout: one_hour(),
+            drop_old_on_finalize: yes(),
             binding: None,
         }
+    }
+
+    /// Checks both servers, every database name and the worker count (also run when
+    /// deserializing; [`CopiedDatabase::new`] checks the same).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](bluegreen_core::Error::InvalidInput) naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.workers == 0 {
+            return Err(bluegreen_core::Error::invalid(
+                "workers",
+                "0",
+                "at least one COPY worker",
+            ));
+        }
+        SlotDatabases::for_strategy(
+            &self.server,
+            self.target_server.as_ref(),
+            &self.slot_databases,
+        )
+        .map(|_| ())
     }
 
     /// Copies go to another server.

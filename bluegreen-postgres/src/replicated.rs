@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use bluegreen_core::{
     DatabaseStrategy, DbBinding, DbContext, DbStep, Error, PerSlot, Result, Slot, Timestamp,
 };
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use crate::conn::PostgresConfig;
@@ -24,7 +25,8 @@ const MARK_READY: &str = "bluegreen replicated:";
 const MARK_SWITCHED: &str = "bluegreen replicated (switched):";
 
 /// What happens to the replication at the cutover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum AfterCutover {
     /// Drop it: the old database stops receiving changes.
@@ -35,48 +37,101 @@ pub enum AfterCutover {
     Reverse,
 }
 
-/// Settings of [`ReplicatedDatabase`].
-#[derive(Debug, Clone)]
+/// Settings of [`ReplicatedDatabase`]. In files only `server` (or `connection`) is required;
+/// `after_cutover` is `"reverse"` or `"drop"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ReplicatedConfig {
     /// The server holding the live database; its `dbname` is the base database (live before the
     /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured). Its user
     /// needs the `REPLICATION` attribute and ownership of the tables (or superuser). These
     /// settings are also how the target server reaches it for the subscription.
+    #[serde(alias = "connection")]
     pub server: PostgresConfig,
     /// The server the slot databases live on (default: the same server). Its user must be a
     /// superuser (PostgreSQL 15 requires it for `CREATE SUBSCRIPTION`).
+    #[serde(default)]
     pub target_server: Option<PostgresConfig>,
     /// Per-slot database names overriding `<base>_<slot>`.
+    #[serde(default)]
     pub slot_databases: PerSlot<Option<String>>,
     /// Directory of `pg_dump` and `psql` (default: the newest `/usr/lib/postgresql/*/bin`, else
     /// `PATH`).
+    #[serde(default)]
     pub bin_dir: Option<PathBuf>,
     /// Bound for the initial copy in `prepare` (default 1 hour).
+    #[serde(default = "one_hour", with = "bluegreen_core::config::duration")]
     pub sync_timeout: Duration,
     /// Bound for the replication to catch up at the cutover, once before and once after writes are
     /// frozen (default 60 s). When it is exceeded, the cutover fails and the live side is left
     /// writable and untouched.
+    #[serde(default = "one_minute", with = "bluegreen_core::config::duration")]
     pub lag_bound: Duration,
     /// Freeze writes on the live database during the cutover (default true):
     /// `ALTER DATABASE … SET default_transaction_read_only = on` and ending its client sessions,
     /// so a write that slips past the proxy's pause fails instead of being lost. The old database
     /// stays read-only after the switch (a rollback makes it writable again).
+    #[serde(default = "yes")]
     pub freeze_source: bool,
     /// Drop or reverse the replication at the cutover (default reverse).
+    #[serde(default)]
     pub after_cutover: AfterCutover,
     /// Added to every sequence value copied at the cutover (default 0: with writes frozen the
     /// values are exact).
+    #[serde(default)]
     pub sequence_margin: i64,
     /// Drop the previous live slot's database in `finalize` (default true). The base database is
     /// never dropped.
+    #[serde(default = "yes")]
     pub drop_old_on_finalize: bool,
     /// Settings handed to releases instead of the target server's (e.g. an application role);
     /// the database name is replaced by the slot's.
+    #[serde(default)]
     pub binding: Option<PostgresConfig>,
 }
 
+bluegreen_core::validated_serde!(ReplicatedConfig);
+
+fn one_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+fn one_minute() -> Duration {
+    Duration::from_secs(60)
+}
+fn yes() -> bool {
+    true
+}
+
 impl ReplicatedConfig {
+    /// Checks both servers, every database name, and that the bounds and the sequence margin
+    /// are usable (also run when deserializing; [`ReplicatedDatabase::new`] checks the names).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.lag_bound.is_zero() || self.sync_timeout.is_zero() {
+            return Err(Error::invalid(
+                "lag_bound / sync_timeout",
+                format!("{:?} / {:?}", self.lag_bound, self.sync_timeout),
+                "must be greater than zero",
+            ));
+        }
+        if self.sequence_margin < 0 {
+            return Err(Error::invalid(
+                "sequence_margin",
+                self.sequence_margin.to_string(),
+                "must not be negative",
+            ));
+        }
+        SlotDatabases::for_strategy(
+            &self.server,
+            self.target_server.as_ref(),
+            &self.slot_databases,
+        )
+        .map(|_| ())
+    }
+
     /// Defaults for `server` (whose `dbname` is the base database).
     pub fn new(server: PostgresConfig) -> Self {
         ReplicatedConfig {
@@ -84,9 +139,9 @@ impl ReplicatedConfig {
             target_server: None,
             slot_databases: Default::default(),
             bin_dir: None,
-            sync_timeout: Duration::from_secs(3600),
-            lag_bound: Duration::from_secs(60),
-            freeze_source: true,
+            sync_timeout: one_hour(),
+            lag_bound: one_minute(),
+            freeze_source: yes(),
             after_cutover: AfterCutover::Reverse,
             sequence_margin: 0,
             drop_old_on_finalize: true,

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bluegreen_core::{DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Result};
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use crate::conn::PostgresConfig;
@@ -14,8 +15,9 @@ use crate::sqlcheck;
 
 const BACKEND: &str = "postgres shared";
 
-/// When a migration runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// When a migration runs. In files: `"expand"`, `"contract"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MigrationPhase {
     /// Before the switch; must keep the old release working (checked).
     Expand,
@@ -34,7 +36,8 @@ impl MigrationPhase {
 }
 
 /// One plain-SQL migration: a unique name (its order key), a phase, and the SQL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Migration {
     /// Unique name, e.g. `0003_add_status`. Migrations run in the order given.
@@ -137,22 +140,40 @@ impl Migration {
     }
 }
 
-/// Settings of [`SharedDatabase`].
-#[derive(Debug, Clone)]
+/// Settings of [`SharedDatabase`]. In files only `connection` is required.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct SharedConfig {
     /// The shared database (as the migrating user).
     pub connection: PostgresConfig,
     /// Migrations, in order.
+    #[serde(default)]
     pub migrations: Vec<Migration>,
     /// Schema of the record table (default `public`).
+    #[serde(default = "public")]
     pub schema: String,
     /// Name of the record table (default `bluegreen_migrations`).
+    #[serde(default = "default_table")]
     pub table: String,
     /// How long to wait for another deployer's migration lock (default 5 min).
+    #[serde(default = "five_minutes", with = "bluegreen_core::config::duration")]
     pub lock_wait: Duration,
     /// Settings handed to releases instead of `connection`'s (e.g. an application role).
+    #[serde(default)]
     pub binding: Option<PostgresConfig>,
+}
+
+bluegreen_core::validated_serde!(SharedConfig);
+
+fn public() -> String {
+    "public".into()
+}
+fn default_table() -> String {
+    "bluegreen_migrations".into()
+}
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
 }
 
 impl SharedConfig {
@@ -161,11 +182,36 @@ impl SharedConfig {
         SharedConfig {
             connection,
             migrations: Vec::new(),
-            schema: "public".into(),
-            table: "bluegreen_migrations".into(),
-            lock_wait: Duration::from_secs(300),
+            schema: public(),
+            table: default_table(),
+            lock_wait: five_minutes(),
             binding: None,
         }
+    }
+
+    /// Checks the connection, the record table's names, and every migration: unique names, and
+    /// expand migrations that keep the old release working (also run when deserializing and by
+    /// [`SharedDatabase::new`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting or the refused statement.
+    pub fn validate(&self) -> Result<()> {
+        self.connection.validate()?;
+        validate_ident("schema", &self.schema)?;
+        validate_ident("table", &self.table)?;
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.migrations {
+            validate_ident("migration name", &m.name)?;
+            if !seen.insert(m.name.as_str()) {
+                return Err(Error::invalid(
+                    "migration name",
+                    &m.name,
+                    "used twice; names must be unique",
+                ));
+            }
+            m.check()?;
+        }
+        Ok(())
     }
 
     /// Adds a migration.
@@ -220,21 +266,7 @@ pub struct SharedDatabase {
 impl SharedDatabase {
     /// A strategy with `config`; checks names and every expand migration.
     pub fn new(config: SharedConfig) -> Result<Self> {
-        config.connection.validate()?;
-        validate_ident("schema", &config.schema)?;
-        validate_ident("table", &config.table)?;
-        let mut seen = std::collections::HashSet::new();
-        for m in &config.migrations {
-            validate_ident("migration name", &m.name)?;
-            if !seen.insert(m.name.as_str()) {
-                return Err(Error::invalid(
-                    "migration name",
-                    &m.name,
-                    "used twice; names must be unique",
-                ));
-            }
-            m.check()?;
-        }
+        config.validate()?;
         let table = format!(
             "{}.{}",
             quote_ident(&config.schema),
