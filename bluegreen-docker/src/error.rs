@@ -192,9 +192,10 @@ impl DockerError {
         }
     }
 
-    /// Converts into the core error for `operation`, deciding whether a retry may help.
-    pub(crate) fn into_core(self, operation: &'static str) -> Error {
-        let retryable = match &self {
+    /// Whether the same call may succeed if tried again: an unreachable engine, a 5xx answer or
+    /// a timeout, a registry that did not answer; not a missing image or a name clash.
+    pub fn is_retryable(&self) -> bool {
+        match self {
             DockerError::Unreachable { .. } | DockerError::ExecTimeout { .. } => true,
             DockerError::Engine { source, .. } => match source {
                 bollard::errors::Error::DockerResponseServerError { status_code, .. } => {
@@ -213,7 +214,13 @@ impl DockerError {
             | DockerError::NotRunning { .. }
             | DockerError::Context { .. }
             | DockerError::Build { .. } => false,
-        };
+        }
+    }
+
+    /// Converts into core's [`Error::Backend`] for backend [`NAME`](crate::NAME) and `operation`,
+    /// keeping this error as the source and its retryability.
+    pub fn into_core(self, operation: &str) -> Error {
+        let retryable = self.is_retryable();
         Error::backend(crate::NAME, operation, retryable, self)
     }
 }

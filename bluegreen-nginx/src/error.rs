@@ -262,8 +262,10 @@ impl NginxError {
         }
     }
 
-    /// Into core's error, naming `operation`.
-    pub(crate) fn into_core(self, operation: &str) -> bluegreen_core::Error {
+    /// Converts into core's [`Error::Backend`](bluegreen_core::Error::Backend) for backend
+    /// [`NAME`](crate::NAME) and `operation`, keeping this error as the source and its
+    /// retryability.
+    pub fn into_core(self, operation: &str) -> bluegreen_core::Error {
         let retryable = self.is_retryable();
         bluegreen_core::Error::backend(crate::NAME, operation, retryable, self)
     }

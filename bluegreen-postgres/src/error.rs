@@ -25,6 +25,13 @@ impl PostgresError {
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
+
+    /// Converts into core's [`Error::Backend`] for backend [`NAME`](crate::NAME) and `operation`,
+    /// keeping this error as the source and its retryability.
+    pub fn into_core(self, operation: &str) -> Error {
+        let retryable = self.retryable;
+        Error::backend(crate::NAME, operation, retryable, self)
+    }
 }
 
 /// Into core's [`Error::Backend`] for backend [`NAME`](crate::NAME), the operation being the
@@ -32,7 +39,7 @@ impl PostgresError {
 impl From<PostgresError> for Error {
     fn from(e: PostgresError) -> Error {
         let context = e.context.clone();
-        Error::backend(crate::NAME, context, e.retryable, e)
+        e.into_core(&context)
     }
 }
 
