@@ -195,7 +195,9 @@ pub struct DockerConfig {
     /// Restart policy. Default [`RestartPolicy::UnlessStopped`].
     #[serde(default)]
     pub restart: RestartPolicy,
-    /// Variables given to every container (before the release's own, which win).
+    /// Variables given to every container (before the release's own, which win). Serialized as
+    /// they are (only `Debug` hides the values): put secrets in
+    /// [`Release::secret_env`](bluegreen_core::Release::secret_env), never here.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// The engine's health check of the containers. Default: the image's.

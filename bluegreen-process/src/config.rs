@@ -40,7 +40,9 @@ pub struct ProcessConfig {
     pub host: String,
     /// A fixed port per slot; `None` picks a free port on `host` at each deploy.
     pub ports: PerSlot<Option<u16>>,
-    /// Variables given to every program (before the release's own, which win).
+    /// Variables given to every program (before the release's own, which win). Serialized as they
+    /// are (only `Debug` hides the values): put secrets in
+    /// [`Release::secret_env`](bluegreen_core::Release::secret_env), never here.
     pub env: BTreeMap<String, String>,
     /// Whether programs inherit this process's environment (`PATH`, …). Default `true`.
     pub inherit_env: bool,
