@@ -752,3 +752,142 @@ pub(crate) fn ensure_token(path: &Path) -> bluegreen::Result<Secret> {
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     Ok(Secret::new(token))
 }
+
+#[cfg(all(
+    test,
+    feature = "docker",
+    feature = "haproxy",
+    feature = "nginx",
+    feature = "traefik",
+    feature = "postgres"
+))]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> bluegreen::Result<Pipeline> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nginx.token"), "0123456789abcdef0123\n").unwrap();
+        let file = dir.path().join("bluegreen.toml");
+        std::fs::write(&file, text).unwrap();
+        Pipeline::load(&file).map(|(p, _)| p)
+    }
+
+    const README_KEYS: &str = r#"
+[project]
+name = "shop"
+
+[environment]
+kind = "docker"
+image = "shop:{version}"
+port = 8080
+pull = "never"
+memory_mb = 512
+cpus = 1.5
+
+[switch]
+kind = "haproxy"
+runtime = "/run/haproxy/admin.sock"
+backend = "app"
+public = "127.0.0.1:80"
+
+[database]
+kind = "replicated"
+lag_bound = 60
+after_cutover = "drop"
+[database.connection]
+host = "127.0.0.1"
+dbname = "shop"
+user = "deployer"
+
+[state]
+kind = "postgres"
+[state.connection]
+dbname = "deploys"
+
+[policy]
+drain_timeout = 12
+"#;
+
+    #[test]
+    fn the_documented_keys_become_the_backend_configs() {
+        let p = load(README_KEYS).unwrap();
+        let EnvironmentCfg::Docker { image, config } = &p.environment else {
+            panic!("{:?}", p.environment)
+        };
+        assert_eq!(image, "shop:{version}");
+        assert_eq!(config.project.as_str(), "shop");
+        assert_eq!(config.container_port, 8080);
+        assert_eq!(config.pull, bluegreen::docker::PullPolicy::Never);
+        assert_eq!(config.memory_bytes, Some(512 * 1024 * 1024));
+        assert_eq!(config.cpus, Some(1.5));
+        assert_eq!(config.stop_timeout, Duration::from_secs(12));
+        let SwitchCfg::Haproxy { config, public } = &p.switch else {
+            panic!("{:?}", p.switch)
+        };
+        assert_eq!(config.address.to_string(), "/run/haproxy/admin.sock");
+        assert_eq!(config.backend(), "app");
+        assert_eq!(config.drain_timeout, Duration::from_secs(12));
+        assert_eq!(*public, Some("127.0.0.1:80".parse().unwrap()));
+        let DatabaseCfg::Replicated(c) = &p.database else {
+            panic!("{:?}", p.database)
+        };
+        assert_eq!(c.lag_bound, Duration::from_secs(60));
+        assert_eq!(c.after_cutover, bluegreen::postgres::AfterCutover::Drop);
+        assert_eq!(c.server.user, "deployer");
+        let StateCfg::Postgres(s) = &p.state else {
+            panic!("{:?}", p.state)
+        };
+        assert_eq!(s.deployment, "shop");
+        assert_eq!(s.connection.dbname, "deploys");
+    }
+
+    #[test]
+    fn nginx_reads_its_token_file_and_traefik_its_dir_relative_to_the_file() {
+        let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"/bin/true\"\n";
+        let p = load(&format!(
+            "{head}[switch]\nkind = \"nginx\"\nname = \"shop\"\ncontrol = \"127.0.0.1:9000\"\n\
+             token_file = \"nginx.token\"\npublic = \"127.0.0.1:8080\""
+        ))
+        .unwrap();
+        let SwitchCfg::Nginx { config, .. } = &p.switch else {
+            panic!("{:?}", p.switch)
+        };
+        assert_eq!(config.token.expose(), "0123456789abcdef0123");
+        let p = load(&format!(
+            "{head}[switch]\nkind = \"traefik\"\nname = \"shop\"\nrule = \"Host(`shop.example`)\"\n\
+             dir = \"dynamic\"\nversion = \"v2\"\nformat = \"toml\""
+        ))
+        .unwrap();
+        let SwitchCfg::Traefik { config, .. } = &p.switch else {
+            panic!("{:?}", p.switch)
+        };
+        assert!(config.dir.is_absolute(), "{:?}", config.dir);
+        assert!(config.dir.ends_with("dynamic"));
+        assert_eq!(config.version, bluegreen::traefik::TraefikVersion::V2);
+        assert_eq!(config.format, bluegreen::traefik::FileFormat::Toml);
+    }
+
+    #[test]
+    fn bad_backend_keys_are_errors_naming_the_section_and_key() {
+        let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"/bin/true\"\n";
+        for (switch, expected) in [
+            ("kind = \"haproxy\"\nruntime = \"/x.sock\"\nbackend_name = \"app\"", "backend_name"),
+            ("kind = \"haproxy\"\nruntime = \"/x.sock\"\nbackend = \"a;b\"", "a;b"),
+            ("kind = \"proxy\"\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\nidle = 1", "idle"),
+            ("kind = \"nginx\"\nname = \"shop\"\ncontrol = \"10.0.0.1:9000\"\ntoken_file = \"nginx.token\"", "loopback"),
+        ] {
+            let err = load(&format!("{head}[switch]\n{switch}")).unwrap_err().to_string();
+            assert!(err.contains("[switch]") && err.contains(expected), "{err}");
+        }
+        let err = load(&format!(
+            "{head}[switch]\nkind = \"haproxy\"\nruntime = \"/x.sock\"\n\
+             [database]\nkind = \"copied\"\n[database.connection]\ndbname = \"x\"\npassword = \"p\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[database]") && err.contains("password"),
+            "{err}"
+        );
+    }
+}
