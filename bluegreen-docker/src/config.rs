@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// `"always"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum PullPolicy {
     /// Never pull: the image must already be on the engine (built or loaded there).
     Never,
@@ -42,6 +43,7 @@ impl fmt::Display for PullPolicy {
 /// `"loopback"`, `"network"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Publish {
     /// The container port is published on the engine host's loopback interface
     /// (`127.0.0.1`, a random free host port); endpoints are
@@ -57,6 +59,7 @@ pub enum Publish {
 /// `"always"`, or `{ on-failure = 3 }`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum RestartPolicy {
     /// Never restarted by the engine.
     No,
@@ -73,6 +76,7 @@ pub enum RestartPolicy {
 /// `{ check = { argv = [...], interval = "1s" } }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum ContainerHealth {
     /// The image's own `HEALTHCHECK`, if it has one. The default.
     #[default]

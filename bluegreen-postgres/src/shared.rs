@@ -18,6 +18,7 @@ const BACKEND: &str = "postgres shared";
 /// When a migration runs. In files: `"expand"`, `"contract"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum MigrationPhase {
     /// Before the switch; must keep the old release working (checked).
     Expand,
