@@ -3,17 +3,18 @@
 //!
 //! - [`duration`]: `#[serde(with = "bluegreen_core::config::duration")]` writes a
 //!   [`Duration`](std::time::Duration) as `"250ms"`, `"5s"`, and reads those, `"2m"`, `"1h"`, or a
-//!   plain number of milliseconds; [`duration::option`] does the same for `Option<Duration>`.
+//!   plain number of milliseconds.
 //! - [`validated_serde!`](crate::validated_serde): a config derives
 //!   `Serialize`/`Deserialize` with `#[serde(remote = "Self")]` and this macro implements the
 //!   traits on top, running the config's `validate()` after every deserialization: a config read
 //!   from a file is as checked as one built with its constructor.
 //!
 //! # Secrets
-//! Config types keep secrets (passwords, tokens) in [`Secret`](crate::Secret), which implements
-//! neither `Serialize` nor `Deserialize`: each config marks such fields `#[serde(skip)]`, so a
-//! serialized config never holds a secret in clear; files name where the secret is (an
-//! environment variable, a file) instead.
+//! Config types keep secrets (passwords, tokens) in [`Secret`](crate::Secret), which deserializes
+//! from a string but does not implement `Serialize`: each config marks such fields
+//! `#[serde(skip_serializing)]`, so a serialized config never holds a secret in clear. Where a
+//! file should not hold the secret either, the config names where it is instead (e.g.
+//! `password_env` in `bluegreen-postgres`).
 
 /// Durations as `"250ms"`, `"5s"`, `"2m"`, `"1h"` strings, or integers of milliseconds.
 ///
@@ -23,7 +24,7 @@ pub mod duration {
     use std::time::Duration;
 
     use serde::de::{self, Visitor};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde::{Deserializer, Serializer};
 
     /// Writes `d` as `"<n>s"` or `"<n>ms"`.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -75,26 +76,6 @@ pub mod duration {
             "m" | "min" => Some(Duration::from_secs(n.checked_mul(60)?)),
             "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
             _ => None,
-        }
-    }
-
-    /// The same for `Option<Duration>` (absent or `null` is `None`); use with
-    /// `#[serde(default, with = "bluegreen_core::config::duration::option")]`.
-    pub mod option {
-        use super::*;
-
-        #[derive(Serialize, Deserialize)]
-        #[serde(transparent)]
-        struct Wrap(#[serde(with = "super")] Duration);
-
-        /// Writes `Some(d)` as [`serialize`](super::serialize) does, `None` as nothing.
-        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-            d.map(Wrap).serialize(s)
-        }
-
-        /// Reads an optional duration.
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
         }
     }
 }
