@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
 use bluegreen::health::HttpCheck;
-use bluegreen::postgres::{Migration, Shared, SharedConfig};
+use bluegreen::postgres::{Migration, SharedConfig, SharedDatabase};
 use bluegreen::{
     Deployer, FileStateStore, HttpVersionProbe, Policy, Release, Version, VersionMarker,
 };
@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     common::main_or_demo(compose_style)
 }
 
-/// The migrations each release ships with, found by its version: one `Shared` strategy (and one
+/// The migrations each release ships with, found by its version: one `SharedDatabase` strategy (and one
 /// `Deployer`) serves every release.
 fn migrations(version: &Version) -> bluegreen::Result<Vec<Migration>> {
     let version = version.as_str();
@@ -110,7 +110,8 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
         .environment(Arc::new(env.clone()))
         .switch(Arc::new(HaproxySwitch::new(config.clone())?))
         .database(Arc::new(
-            Shared::new(SharedConfig::new(shared_db.clone()))?.with_release_migrations(migrations),
+            SharedDatabase::new(SharedConfig::new(shared_db.clone()))?
+                .with_release_migrations(migrations),
         ))
         .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))
         .health_check(Arc::new(HttpCheck::new("/health")))

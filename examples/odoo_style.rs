@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bluegreen::health::HttpCheck;
 use bluegreen::hooks::ExecHook;
-use bluegreen::nginx::DynamicSwitch;
-use bluegreen::postgres::{Copied, CopiedConfig};
+use bluegreen::nginx::NginxDynamicSwitch;
+use bluegreen::postgres::{CopiedConfig, CopiedDatabase};
 use bluegreen::{
     Deployer, Endpoint, FileStateStore, HealthCheck, HealthReport, HookPoint, HttpVersionProbe,
     Policy, Release, Slot, VersionMarker,
@@ -121,13 +121,14 @@ async fn odoo_style() -> Result<(), Box<dyn std::error::Error>> {
              INSERT INTO res_partner (name) SELECT 'partner ' || i FROM generate_series(1, 5000) i;",
         )
         .await?;
-    let copied = Copied::new(CopiedConfig::new(admin.clone().with_dbname(&base)).with_workers(2))?;
+    let copied =
+        CopiedDatabase::new(CopiedConfig::new(admin.clone().with_dbname(&base)).with_workers(2))?;
 
     let rpc_token = "demo-rpc-token";
     let public = format!("http://127.0.0.1:{port}/");
     let deployer = Deployer::builder()
         .environment(Arc::new(env.clone()))
-        .switch(Arc::new(DynamicSwitch::new(nginx_config.clone())))
+        .switch(Arc::new(NginxDynamicSwitch::new(nginx_config.clone())))
         .database(Arc::new(copied.clone()))
         .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))
         .health_check(Arc::new(HttpCheck::new("/web/health")))
@@ -208,7 +209,7 @@ async fn odoo_style() -> Result<(), Box<dyn std::error::Error>> {
         let bad = Release::new("v3", image.clone())?.with_secret_env("DEMO_RPC_TOKEN", "rotated");
         let fast = Deployer::builder()
             .environment(Arc::new(env.clone()))
-            .switch(Arc::new(DynamicSwitch::new(nginx_config.clone())))
+            .switch(Arc::new(NginxDynamicSwitch::new(nginx_config.clone())))
             .database(Arc::new(copied.clone()))
             .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))
             .health_check(Arc::new(JsonRpcCheck {

@@ -1,14 +1,19 @@
-//! Builds the backends a pipeline file names. Each backend is behind its cargo feature; a file
-//! naming a backend this binary was built without is a usage error that says how to get it.
+//! Builds what a pipeline file names: the backends (each behind its cargo feature; a file naming
+//! a backend this binary was built without is a usage error that says how to get it), the
+//! health checks, hooks, data-path probe and analysis, and the [`Deployer`] over them.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use bluegreen::{DatabaseStrategy, Environment, Error, FileStateStore, StateStore, TrafficSwitch};
+use bluegreen::health::{CommandCheck, HttpCheck, TcpCheck};
+use bluegreen::hooks::ExecHook;
+use bluegreen::{
+    DatabaseStrategy, Deployer, Environment, Error, FileStateStore, HealthCheck, HookOptions,
+    HttpVersionProbe, MetricsAnalysis, StateStore, TrafficSwitch, VersionMarker,
+};
 
-#[cfg(feature = "postgres")]
-use crate::pipeline::PgCfg;
-use crate::pipeline::{DatabaseCfg, EnvironmentCfg, Pipeline, StateCfg, SwitchCfg};
+use crate::pipeline::{DatabaseCfg, EnvironmentCfg, HealthCfg, Pipeline, StateCfg, SwitchCfg};
 
 /// The error for a backend compiled out of this binary.
 #[allow(dead_code)]
@@ -32,6 +37,94 @@ fn no_postgres() -> Error {
     )
 }
 
+/// Builds the deployer. With the embedded proxy, the switch is the running `bluegreen serve`,
+/// reached by its admin API; the other switches are driven directly.
+pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Deployer> {
+    let switch = switch(p, state_dir)?;
+    let env = environment(p, state_dir).await?;
+    let mut b = Deployer::builder()
+        .environment(env)
+        .switch(switch)
+        .store(store(p, state_dir)?)
+        .policy(p.policy.clone());
+    if let Some(db) = database(p)? {
+        b = b.database(db);
+    }
+    for h in &p.health_checks {
+        let check: Arc<dyn HealthCheck> = match h {
+            HealthCfg::Http {
+                path,
+                status,
+                body_contains,
+                max_latency_ms,
+                timeout_ms,
+                headers,
+            } => {
+                let mut c = HttpCheck::new(path.clone()).with_status(*status);
+                if let Some(b) = body_contains {
+                    c = c.with_body_contains(b.clone());
+                }
+                if let Some(ms) = max_latency_ms {
+                    c = c.with_max_latency(Duration::from_millis(*ms));
+                }
+                if let Some(ms) = timeout_ms {
+                    c = c.with_timeout(Duration::from_millis(*ms));
+                }
+                for (k, v) in headers {
+                    c = c.with_header(k.clone(), v.clone());
+                }
+                Arc::new(c)
+            }
+            HealthCfg::Tcp { timeout_ms } => Arc::new(TcpCheck::new(Duration::from_millis(
+                timeout_ms.unwrap_or(3000),
+            ))),
+            HealthCfg::Command { argv, timeout_ms } => Arc::new(CommandCheck::new(
+                argv.clone(),
+                Duration::from_millis(timeout_ms.unwrap_or(10_000)),
+            )?),
+        };
+        b = b.health_check(check);
+    }
+    for (i, h) in p.hooks.iter().enumerate() {
+        let name = h.name.clone().unwrap_or_else(|| format!("hook-{i}"));
+        let mut opts = HookOptions::default().with_on_timeout(h.on_timeout);
+        if let Some(t) = h.timeout {
+            opts = opts.with_timeout(Duration::from_secs_f64(t));
+        }
+        b = b.hook_with(
+            h.point,
+            Arc::new(ExecHook::new(name, h.argv.clone())?),
+            opts,
+        );
+    }
+    if let Some(v) = &p.verify {
+        let marker = match &v.header {
+            Some(h) => VersionMarker::Header(h.clone()),
+            None => VersionMarker::Body,
+        };
+        let public = p.public_addr().ok_or_else(|| {
+            Error::invalid(
+                "pipeline file",
+                "[verify]",
+                "set `public` in [switch] (where clients reach it) so the probe can go through it",
+            )
+        })?;
+        let url = format!("http://{public}{}", v.path);
+        b = b.verify_data_path(Arc::new(HttpVersionProbe::new(url, marker)));
+    }
+    if let Some(a) = &p.analysis {
+        let mut m = MetricsAnalysis::new(a.max_error_rate);
+        if let Some(n) = a.min_requests {
+            m = m.with_min_requests(n);
+        }
+        if let Some(ms) = a.max_p99_ms {
+            m = m.with_max_p99(Duration::from_millis(ms));
+        }
+        b = b.analysis(Arc::new(m));
+    }
+    b.build()
+}
+
 /// The environment.
 pub(crate) async fn environment(
     p: &Pipeline,
@@ -45,113 +138,43 @@ pub(crate) async fn environment(
             ))))
         }
         #[cfg(feature = "docker")]
-        EnvironmentCfg::Docker(cfg) => {
-            use crate::pipeline::PullCfg;
-            use bluegreen::docker::{DockerConfig, DockerEnvironment, PullPolicy};
-            let mut c = DockerConfig::new(p.project.name.as_str())?
-                .with_pull(match cfg.pull {
-                    PullCfg::Never => PullPolicy::Never,
-                    PullCfg::IfMissing => PullPolicy::IfMissing,
-                    PullCfg::Always => PullPolicy::Always,
-                })
-                .with_stop_timeout(p.policy.drain_timeout);
-            if let Some(port) = cfg.port {
-                c = c.with_container_port(port);
-            }
-            if let Some(mb) = cfg.memory_mb {
-                let bytes = i64::try_from(mb.saturating_mul(1024 * 1024)).map_err(|_| {
-                    Error::invalid("pipeline file", "environment.memory_mb", "too large")
-                })?;
-                c = c.with_memory_limit(bytes);
-            }
-            if let Some(cpus) = cfg.cpus {
-                c = c.with_cpus(cpus);
-            }
-            for (k, v) in &cfg.env {
-                c = c.with_env(k.clone(), v.clone());
-            }
-            Ok(Arc::new(DockerEnvironment::connect(c).await?))
-        }
+        EnvironmentCfg::Docker { config, .. } => Ok(Arc::new(
+            bluegreen::docker::DockerEnvironment::connect(config.clone()).await?,
+        )),
         #[cfg(not(feature = "docker"))]
-        EnvironmentCfg::Docker(_) => Err(not_built("environment kind \"docker\"", "docker")),
+        EnvironmentCfg::Docker { .. } => Err(not_built("environment kind \"docker\"", "docker")),
     }
 }
 
 /// The traffic switch.
 pub(crate) fn switch(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Arc<dyn TrafficSwitch>> {
     match &p.switch {
-        SwitchCfg::Proxy(cfg) => {
+        SwitchCfg::Proxy { admin, .. } => {
             let token = crate::pipeline::read_token(&Pipeline::token_path(state_dir))?;
             Ok(Arc::new(bluegreen::proxy::RemoteProxySwitch::new(
-                format!("http://{}", cfg.admin),
+                format!("http://{admin}"),
                 token,
             )?))
         }
         #[cfg(feature = "haproxy")]
-        SwitchCfg::Haproxy(cfg) => {
-            use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
-            let c = HaproxyConfig::new(&cfg.runtime)?
-                .with_backend(cfg.backend.clone())
-                .with_servers(cfg.blue_server.clone(), cfg.green_server.clone())
-                .with_drain_timeout(p.policy.drain_timeout);
-            Ok(Arc::new(HaproxySwitch::new(c)?))
-        }
+        SwitchCfg::Haproxy { config, .. } => Ok(Arc::new(bluegreen::haproxy::HaproxySwitch::new(
+            config.clone(),
+        )?)),
         #[cfg(not(feature = "haproxy"))]
-        SwitchCfg::Haproxy(_) => Err(not_built("switch kind \"haproxy\"", "haproxy")),
+        SwitchCfg::Haproxy { .. } => Err(not_built("switch kind \"haproxy\"", "haproxy")),
         #[cfg(feature = "nginx")]
-        SwitchCfg::Nginx(cfg) => {
-            use bluegreen::nginx::{DynamicConfig, DynamicSwitch};
-            let token_path = p.base.join(&cfg.token_file);
-            let token = crate::pipeline::read_secret_file(&token_path, "nginx control token")?;
-            Ok(Arc::new(DynamicSwitch::new(DynamicConfig::new(
-                &cfg.name,
-                cfg.control,
-                token,
-            )?)))
-        }
+        SwitchCfg::Nginx { config, .. } => Ok(Arc::new(bluegreen::nginx::NginxDynamicSwitch::new(
+            config.clone(),
+        ))),
         #[cfg(not(feature = "nginx"))]
-        SwitchCfg::Nginx(_) => Err(not_built("switch kind \"nginx\"", "nginx")),
+        SwitchCfg::Nginx { .. } => Err(not_built("switch kind \"nginx\"", "nginx")),
         #[cfg(feature = "traefik")]
-        SwitchCfg::Traefik(cfg) => {
-            use crate::pipeline::{TraefikFormat, TraefikVer};
-            use bluegreen::traefik::{FileFormat, TraefikConfig, TraefikSwitch, TraefikVersion};
-            let mut c =
-                TraefikConfig::new(cfg.name.clone(), cfg.rule.clone(), p.base.join(&cfg.dir))?
-                    .with_format(match cfg.format {
-                        TraefikFormat::Yaml => FileFormat::Yaml,
-                        TraefikFormat::Toml => FileFormat::Toml,
-                    })
-                    .with_version(match cfg.version {
-                        TraefikVer::V2 => TraefikVersion::V2,
-                        TraefikVer::V3 => TraefikVersion::V3,
-                    })
-                    .with_entry_points(cfg.entry_points.clone());
-            if let Some(api) = &cfg.api {
-                c = c.with_api(api.clone());
-            }
-            Ok(Arc::new(TraefikSwitch::new(c)?))
-        }
+        SwitchCfg::Traefik { config, .. } => Ok(Arc::new(bluegreen::traefik::TraefikSwitch::new(
+            config.clone(),
+        )?)),
         #[cfg(not(feature = "traefik"))]
-        SwitchCfg::Traefik(_) => Err(not_built("switch kind \"traefik\"", "traefik")),
+        SwitchCfg::Traefik { .. } => Err(not_built("switch kind \"traefik\"", "traefik")),
     }
-}
-
-/// A PostgreSQL connection from the file, the password from its environment variable.
-#[cfg(feature = "postgres")]
-fn pg(c: &PgCfg, what: &str) -> bluegreen::Result<bluegreen::postgres::PgConfig> {
-    let mut cfg = bluegreen::postgres::PgConfig::new(c.host.clone(), c.port, c.dbname.clone())
-        .with_user(c.user.clone());
-    if let Some(var) = &c.password_env {
-        let pw = std::env::var(var).map_err(|_| {
-            Error::invalid(
-                "pipeline file",
-                format!("{what}.connection.password_env"),
-                format!("the environment variable {var} is not set"),
-            )
-        })?;
-        cfg = cfg.with_password(pw);
-    }
-    Ok(cfg)
 }
 
 /// The database strategy, if any.
@@ -159,72 +182,35 @@ pub(crate) fn database(p: &Pipeline) -> bluegreen::Result<Option<Arc<dyn Databas
     match &p.database {
         DatabaseCfg::None => Ok(None),
         #[cfg(feature = "postgres")]
-        DatabaseCfg::Shared {
-            connection,
-            migrations,
-        } => {
-            use bluegreen::postgres::{Migration, Shared, SharedConfig};
-            let mut c = SharedConfig::new(pg(connection, "database")?);
-            if let Some(dir) = migrations {
-                c = c.with_migrations(Migration::from_dir(p.base.join(dir))?);
-            }
-            Ok(Some(Arc::new(Shared::new(c)?)))
-        }
+        DatabaseCfg::Shared(c) => Ok(Some(Arc::new(bluegreen::postgres::SharedDatabase::new(
+            c.clone(),
+        )?))),
         #[cfg(feature = "postgres")]
-        DatabaseCfg::Copied {
-            connection,
-            workers,
-            template,
-        } => {
-            use bluegreen::postgres::{Copied, CopiedConfig};
-            let mut c = CopiedConfig::new(pg(connection, "database")?).with_template(*template);
-            if let Some(n) = workers {
-                c = c.with_workers(*n);
-            }
-            Ok(Some(Arc::new(Copied::new(c)?)))
-        }
+        DatabaseCfg::Copied(c) => Ok(Some(Arc::new(bluegreen::postgres::CopiedDatabase::new(
+            c.clone(),
+        )?))),
         #[cfg(feature = "postgres")]
-        DatabaseCfg::Replicated {
-            connection,
-            lag_bound,
-            after_cutover,
-        } => {
-            use crate::pipeline::AfterCutoverCfg;
-            use bluegreen::postgres::{AfterCutover, Replicated, ReplicatedConfig};
-            let mut c = ReplicatedConfig::new(pg(connection, "database")?).with_after_cutover(
-                match after_cutover {
-                    AfterCutoverCfg::Reverse => AfterCutover::Reverse,
-                    AfterCutoverCfg::Drop => AfterCutover::Drop,
-                },
-            );
-            if let Some(secs) = lag_bound {
-                if !(secs.is_finite() && *secs > 0.0) {
-                    return Err(Error::invalid(
-                        "pipeline file",
-                        "database.lag_bound",
-                        "must be a positive number of seconds",
-                    ));
-                }
-                c = c.with_lag_bound(std::time::Duration::from_secs_f64(*secs));
-            }
-            Ok(Some(Arc::new(Replicated::new(c)?)))
-        }
+        DatabaseCfg::Replicated(c) => Ok(Some(Arc::new(
+            bluegreen::postgres::ReplicatedDatabase::new(c.clone())?,
+        ))),
         #[cfg(not(feature = "postgres"))]
-        DatabaseCfg::Shared { .. }
-        | DatabaseCfg::Copied { .. }
-        | DatabaseCfg::Replicated { .. } => Err(no_postgres()),
+        DatabaseCfg::Shared(_) | DatabaseCfg::Copied(_) | DatabaseCfg::Replicated(_) => {
+            Err(no_postgres())
+        }
     }
 }
 
 /// Reaches the database server without changing anything; what it found, or `None` without a
 /// database.
 pub(crate) async fn check_database(p: &Pipeline) -> bluegreen::Result<Option<String>> {
-    let Some(connection) = p.database.connection() else {
-        return Ok(None);
-    };
     #[cfg(feature = "postgres")]
     {
-        let cfg = pg(connection, "database")?;
+        let cfg = match &p.database {
+            DatabaseCfg::None => return Ok(None),
+            DatabaseCfg::Shared(c) => &c.connection,
+            DatabaseCfg::Copied(c) => &c.server,
+            DatabaseCfg::Replicated(c) => &c.server,
+        };
         let client = cfg.connect("validate").await?;
         let row = client
             .query_one("SELECT current_setting('server_version')", &[])
@@ -238,8 +224,10 @@ pub(crate) async fn check_database(p: &Pipeline) -> bluegreen::Result<Option<Str
     }
     #[cfg(not(feature = "postgres"))]
     {
-        let _ = connection;
-        Err(no_postgres())
+        match &p.database {
+            DatabaseCfg::None => Ok(None),
+            _ => Err(no_postgres()),
+        }
     }
 }
 
@@ -248,14 +236,10 @@ pub(crate) fn store(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Arc<dyn
     match &p.state {
         StateCfg::File => Ok(Arc::new(FileStateStore::new(state_dir.join("state"))?)),
         #[cfg(feature = "postgres")]
-        StateCfg::Postgres { connection } => {
-            use bluegreen::postgres::{PostgresStateStore, PostgresStoreConfig};
-            Ok(Arc::new(PostgresStateStore::new(
-                PostgresStoreConfig::new(pg(connection, "state")?)
-                    .with_deployment(p.project.name.as_str()),
-            )?))
-        }
+        StateCfg::Postgres(c) => Ok(Arc::new(bluegreen::postgres::PostgresStateStore::new(
+            c.clone(),
+        )?)),
         #[cfg(not(feature = "postgres"))]
-        StateCfg::Postgres { .. } => Err(not_built("state kind \"postgres\"", "postgres")),
+        StateCfg::Postgres(_) => Err(not_built("state kind \"postgres\"", "postgres")),
     }
 }

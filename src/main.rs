@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bluegreen::proxy::{ProxyConfig, ProxySwitch};
+use bluegreen::proxy::ProxySwitch;
 use bluegreen::{
     DeployEvent, Deployer, Error, LiveTraffic, Report, RunOutcome, TrafficSwitch, Waiting,
 };
@@ -307,7 +307,7 @@ async fn serve(
     state_dir: &std::path::Path,
     mode: Mode,
 ) -> bluegreen::Result<ExitCode> {
-    let cfg = p.proxy().ok_or_else(|| {
+    let (config, admin) = p.proxy().ok_or_else(|| {
         Error::invalid(
             "pipeline file",
             format!("switch kind \"{}\"", p.switch_kind()),
@@ -315,8 +315,8 @@ async fn serve(
         )
     })?;
     let token = pipeline::ensure_token(&Pipeline::token_path(state_dir))?;
-    let proxy = ProxySwitch::bind(ProxyConfig::default().with_listen(cfg.listen)).await?;
-    let admin = proxy.serve_admin(cfg.admin, token).await?;
+    let proxy = ProxySwitch::bind(config.clone()).await?;
+    let admin = proxy.serve_admin(admin, token).await?;
     // Restore the routing recorded in the state, so a restarted proxy serves at once.
     let store = bluegreen::FileStateStore::new(state_dir.join("state"))?;
     if let Some(st) = bluegreen::StateStore::load(&store).await? {
@@ -424,7 +424,7 @@ async fn validate(
     state_dir: &std::path::Path,
     mode: Mode,
 ) -> bluegreen::Result<ExitCode> {
-    let d = p.deployer(state_dir).await?;
+    let d = backends::deployer(p, state_dir).await?;
     let st = d.status().await?;
     let database = backends::check_database(p).await?;
     let mut lines = vec![
@@ -471,7 +471,7 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
     if let Command::Serve = cli.command {
         return serve(&p, &state_dir, mode).await;
     }
-    let d = p.deployer(&state_dir).await?;
+    let d = backends::deployer(&p, &state_dir).await?;
     Ok(match cli.command {
         Command::Serve => unreachable!(),
         Command::Deploy { version, redeploy } => {

@@ -1,7 +1,19 @@
-//! The pipeline file (`bluegreen.toml`) and what it builds.
-// Settings of backends compiled out of this binary are parsed (so the file is checked) but unused.
+//! The pipeline file (`bluegreen.toml`): what it says, checked, as data. The backends it names
+//! are built in `backends.rs`.
+//!
+//! Each `[environment]` / `[switch]` / `[database]` / `[state]` section is the backend's own
+//! config type (`DockerConfig`, `HaproxyConfig`, …, deserialized and validated by the backend
+//! crate), plus the few keys only a pipeline file has: where clients reach the switch (`public`),
+//! the release's image, secrets by reference (`token_file`; `password_env` is the Postgres
+//! config's own), and a few spellings kept from earlier files (`memory_mb`, `lag_bound` in
+//! seconds, a migrations directory). A section is read in two steps: the file-only keys, then
+//! the rest as the backend config, with what the pipeline decides added first (the project name,
+//! `[policy]`'s drain timeout unless the section sets its own, paths made relative to the file).
+// Settings of backends compiled out of this binary are accepted but unused (building such a
+// backend says which feature is missing).
 #![cfg_attr(
     not(all(
+        feature = "docker",
         feature = "haproxy",
         feature = "nginx",
         feature = "traefik",
@@ -13,41 +25,73 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen::health::{CommandCheck, HttpCheck, TcpCheck};
-use bluegreen::hooks::ExecHook;
-use bluegreen::{
-    Deployer, Error, HealthCheck, HookOptions, HookPoint, HttpVersionProbe, MetricsAnalysis, Name,
-    OnTimeout, Policy, Release, Secret, VersionMarker,
-};
+use bluegreen::{Error, HookPoint, Name, OnTimeout, Policy, Release, Secret};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-/// The whole file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The backends' config types; in a binary built without a backend's feature, a placeholder
+/// that accepts the section (building that backend then says which feature is missing).
+mod types {
+    #[cfg(feature = "docker")]
+    pub(crate) use bluegreen::docker::DockerConfig;
+    #[cfg(feature = "haproxy")]
+    pub(crate) use bluegreen::haproxy::HaproxyConfig;
+    #[cfg(feature = "nginx")]
+    pub(crate) use bluegreen::nginx::NginxDynamicConfig;
+    #[cfg(feature = "postgres")]
+    pub(crate) use bluegreen::postgres::{
+        CopiedConfig, PostgresStoreConfig, ReplicatedConfig, SharedConfig,
+    };
+    pub(crate) use bluegreen::proxy::ProxyConfig;
+    #[cfg(feature = "traefik")]
+    pub(crate) use bluegreen::traefik::TraefikConfig;
+
+    /// The settings of a backend this binary was built without: accepted unread.
+    #[allow(dead_code)] // unused when every backend is built
+    #[derive(Debug, Clone)]
+    pub(crate) struct NotBuilt;
+
+    impl<'de> serde::Deserialize<'de> for NotBuilt {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            serde::de::IgnoredAny::deserialize(d).map(|_| NotBuilt)
+        }
+    }
+
+    #[cfg(not(feature = "docker"))]
+    pub(crate) type DockerConfig = NotBuilt;
+    #[cfg(not(feature = "haproxy"))]
+    pub(crate) type HaproxyConfig = NotBuilt;
+    #[cfg(not(feature = "nginx"))]
+    pub(crate) type NginxDynamicConfig = NotBuilt;
+    #[cfg(not(feature = "traefik"))]
+    pub(crate) type TraefikConfig = NotBuilt;
+    #[cfg(not(feature = "postgres"))]
+    pub(crate) type SharedConfig = NotBuilt;
+    #[cfg(not(feature = "postgres"))]
+    pub(crate) type CopiedConfig = NotBuilt;
+    #[cfg(not(feature = "postgres"))]
+    pub(crate) type ReplicatedConfig = NotBuilt;
+    #[cfg(not(feature = "postgres"))]
+    pub(crate) type PostgresStoreConfig = NotBuilt;
+}
+
+pub(crate) use types::*;
+
+/// The whole file, checked.
+#[derive(Debug)]
 pub(crate) struct Pipeline {
     pub(crate) project: Project,
     pub(crate) environment: EnvironmentCfg,
     pub(crate) switch: SwitchCfg,
-    #[serde(default)]
     pub(crate) database: DatabaseCfg,
-    #[serde(default)]
     pub(crate) health_checks: Vec<HealthCfg>,
-    #[serde(default)]
     pub(crate) hooks: Vec<HookCfg>,
-    #[serde(default)]
     pub(crate) policy: Policy,
-    #[serde(default)]
     pub(crate) verify: Option<VerifyCfg>,
-    #[serde(default)]
     pub(crate) analysis: Option<AnalysisCfg>,
-    #[serde(default)]
     pub(crate) state: StateCfg,
-    /// The pipeline file's directory (relative paths in the file start there).
-    #[serde(skip)]
-    pub(crate) base: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,44 +107,21 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from(".bluegreen")
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+/// Where releases run.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process
 pub(crate) enum EnvironmentCfg {
+    /// Local child processes; the section is the release's program (no backend settings).
     Process(ProcessCfg),
-    Docker(DockerCfg),
+    /// Containers on a Docker Engine (`DOCKER_HOST` or the local socket).
+    Docker {
+        /// The release's image; `{version}` is replaced by the version label (`shop:{version}`).
+        image: String,
+        config: DockerConfig,
+    },
 }
 
-/// Containers on a Docker Engine (`DOCKER_HOST` or the local socket).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct DockerCfg {
-    /// The release's image; `{version}` is replaced by the version label (`shop:{version}`).
-    pub(crate) image: String,
-    /// The port the application listens on inside the container.
-    #[serde(default)]
-    pub(crate) port: Option<u16>,
-    /// `never`, `if-missing` (default) or `always`.
-    #[serde(default)]
-    pub(crate) pull: PullCfg,
-    /// Memory limit in MiB.
-    #[serde(default)]
-    pub(crate) memory_mb: Option<u64>,
-    /// CPU limit (e.g. 1.5).
-    #[serde(default)]
-    pub(crate) cpus: Option<f64>,
-    #[serde(default)]
-    pub(crate) env: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum PullCfg {
-    Never,
-    #[default]
-    IfMissing,
-    Always,
-}
-
+/// The program each release runs: these keys are the release's, not the environment's.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ProcessCfg {
@@ -112,184 +133,453 @@ pub(crate) struct ProcessCfg {
     pub(crate) env: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+/// The traffic switch, and where clients reach it (`public`, used by `[verify]`).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process
 pub(crate) enum SwitchCfg {
-    Proxy(ProxyCfg),
-    Haproxy(HaproxyCfg),
-    Nginx(NginxCfg),
-    Traefik(TraefikCfg),
+    /// The embedded proxy run by `bluegreen serve`; `admin` is its control API.
+    Proxy {
+        config: ProxyConfig,
+        admin: SocketAddr,
+    },
+    Haproxy {
+        config: HaproxyConfig,
+        public: Option<SocketAddr>,
+    },
+    /// nginx with the Lua balancer (`Dynamic` mode) driven through its control listener.
+    Nginx {
+        config: NginxDynamicConfig,
+        public: Option<SocketAddr>,
+    },
+    /// Traefik's file provider.
+    Traefik {
+        config: TraefikConfig,
+        public: Option<SocketAddr>,
+    },
 }
 
-/// HAProxy through its runtime API.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HaproxyCfg {
-    /// The runtime API: a unix socket path or `host:port`.
-    pub(crate) runtime: String,
-    #[serde(default = "default_backend")]
-    pub(crate) backend: String,
-    #[serde(default = "default_blue")]
-    pub(crate) blue_server: String,
-    #[serde(default = "default_green")]
-    pub(crate) green_server: String,
-    /// Where clients reach HAProxy (used by `[verify]`).
-    #[serde(default)]
-    pub(crate) public: Option<SocketAddr>,
-}
-
-fn default_backend() -> String {
-    "app".into()
-}
-fn default_blue() -> String {
-    "blue".into()
-}
-fn default_green() -> String {
-    "green".into()
-}
-
-/// nginx with the Lua balancer (`Dynamic` mode) driven through its control listener.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NginxCfg {
-    /// Base name of the upstream (`bluegreen_<name>`).
-    pub(crate) name: String,
-    /// The control listener (loopback).
-    pub(crate) control: SocketAddr,
-    /// File holding the control token (relative to the pipeline file).
-    pub(crate) token_file: PathBuf,
-    /// Where clients reach nginx (used by `[verify]`).
-    #[serde(default)]
-    pub(crate) public: Option<SocketAddr>,
-}
-
-/// Traefik's file provider.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct TraefikCfg {
-    /// Router name; services are `<name>-blue` and `<name>-green`.
-    pub(crate) name: String,
-    /// The router rule, e.g. ``Host(`shop.example`)``.
-    pub(crate) rule: String,
-    /// The directory the file provider watches (relative to the pipeline file).
-    pub(crate) dir: PathBuf,
-    #[serde(default)]
-    pub(crate) format: TraefikFormat,
-    #[serde(default)]
-    pub(crate) version: TraefikVer,
-    #[serde(default)]
-    pub(crate) entry_points: Vec<String>,
-    /// Traefik's API base URL, to verify the change was loaded.
-    #[serde(default)]
-    pub(crate) api: Option<String>,
-    /// Where clients reach Traefik (used by `[verify]`).
-    #[serde(default)]
-    pub(crate) public: Option<SocketAddr>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum TraefikFormat {
-    #[default]
-    Yaml,
-    Toml,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum TraefikVer {
-    V2,
-    #[default]
-    V3,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ProxyCfg {
-    /// Where `bluegreen serve` accepts client traffic.
-    pub(crate) listen: SocketAddr,
-    /// Where `bluegreen serve` accepts control requests (keep it on loopback).
-    pub(crate) admin: SocketAddr,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+/// The database strategy.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process
 pub(crate) enum DatabaseCfg {
-    #[default]
     None,
     /// One database for both slots, expand/contract migrations.
+    Shared(SharedConfig),
+    /// The live database cloned into the target slot's database.
+    Copied(CopiedConfig),
+    /// The target slot's database kept current by logical replication; zero-loss cutover.
+    Replicated(ReplicatedConfig),
+}
+
+/// Where the deployment state and lock live.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process
+pub(crate) enum StateCfg {
+    File,
+    /// Tables in PostgreSQL, for teams that deploy from several machines.
+    Postgres(PostgresStoreConfig),
+}
+
+// ---- The file as written: file-only keys, then the rest for the backend's config. ----------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineFile {
+    project: Project,
+    environment: EnvironmentFile,
+    switch: SwitchFile,
+    #[serde(default)]
+    database: DatabaseFile,
+    #[serde(default)]
+    health_checks: Vec<HealthCfg>,
+    #[serde(default)]
+    hooks: Vec<HookCfg>,
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    verify: Option<VerifyCfg>,
+    #[serde(default)]
+    analysis: Option<AnalysisCfg>,
+    #[serde(default)]
+    state: StateFile,
+}
+
+/// A section with no keys besides `kind`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoKeys {}
+
+/// The keys of a section that are not the backend config's.
+type Rest = toml::Table;
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum EnvironmentFile {
+    Process(ProcessCfg),
+    Docker {
+        image: String,
+        /// Memory limit in MiB (the config's own key is `memory_bytes`).
+        #[serde(default)]
+        memory_mb: Option<u64>,
+        #[serde(flatten)]
+        rest: Rest,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum SwitchFile {
+    Proxy {
+        /// Where `bluegreen serve` accepts client traffic.
+        listen: SocketAddr,
+        /// Where `bluegreen serve` accepts control requests (keep it on loopback).
+        admin: SocketAddr,
+        #[serde(flatten)]
+        rest: Rest,
+    },
+    Haproxy {
+        #[serde(default)]
+        public: Option<SocketAddr>,
+        #[serde(flatten)]
+        rest: Rest,
+    },
+    Nginx {
+        /// File holding the control token (relative to the pipeline file).
+        token_file: PathBuf,
+        #[serde(default)]
+        public: Option<SocketAddr>,
+        #[serde(flatten)]
+        rest: Rest,
+    },
+    Traefik {
+        #[serde(default)]
+        public: Option<SocketAddr>,
+        #[serde(flatten)]
+        rest: Rest,
+    },
+}
+
+#[derive(Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum DatabaseFile {
+    #[default]
+    #[serde(skip)]
+    Default,
+    None(NoKeys),
     Shared {
-        connection: PgCfg,
         /// `<name>.expand.sql` / `<name>.contract.sql` files (relative to the pipeline file).
         #[serde(default)]
         migrations: Option<PathBuf>,
+        #[serde(flatten)]
+        rest: Rest,
     },
-    /// The live database cloned into the target slot's database.
     Copied {
-        connection: PgCfg,
-        /// Parallel copy workers.
-        #[serde(default)]
-        workers: Option<usize>,
-        /// Use `CREATE DATABASE … TEMPLATE` (only when the source has no other connections).
-        #[serde(default)]
-        template: bool,
+        #[serde(flatten)]
+        rest: Rest,
     },
-    /// The target slot's database kept current by logical replication; zero-loss cutover.
     Replicated {
-        connection: PgCfg,
         /// Seconds the replication may take to catch up at the cutover.
         #[serde(default)]
         lag_bound: Option<f64>,
-        /// Keep the old database current after the switch (`reverse`, default) or stop (`drop`).
-        #[serde(default)]
-        after_cutover: AfterCutoverCfg,
+        #[serde(flatten)]
+        rest: Rest,
     },
 }
 
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum AfterCutoverCfg {
+#[derive(Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum StateFile {
     #[default]
-    Reverse,
-    Drop,
+    #[serde(skip)]
+    Default,
+    File(NoKeys),
+    Postgres {
+        #[serde(flatten)]
+        rest: Rest,
+    },
 }
 
-impl DatabaseCfg {
-    /// The database server's connection, unless there is no database.
-    pub(crate) fn connection(&self) -> Option<&PgCfg> {
-        match self {
-            DatabaseCfg::None => None,
-            DatabaseCfg::Shared { connection, .. }
-            | DatabaseCfg::Copied { connection, .. }
-            | DatabaseCfg::Replicated { connection, .. } => Some(connection),
-        }
+/// A duration as the backend configs read it.
+fn duration_value(d: Duration) -> toml::Value {
+    toml::Value::String(format!("{}ms", d.as_millis()))
+}
+
+/// A path relative to the pipeline file's directory.
+fn relative_to(base: &Path, rest: &mut Rest, key: &str) {
+    if let Some(toml::Value::String(s)) = rest.get(key) {
+        let joined = base.join(s).to_string_lossy().into_owned();
+        rest.insert(key.to_string(), toml::Value::String(joined));
     }
 }
 
-/// A PostgreSQL connection. The password comes from an environment variable, never the file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PgCfg {
-    #[serde(default = "default_pg_host")]
-    pub(crate) host: String,
-    #[serde(default = "default_pg_port")]
-    pub(crate) port: u16,
-    pub(crate) dbname: String,
-    #[serde(default = "default_pg_user")]
-    pub(crate) user: String,
-    /// The environment variable holding the password.
-    #[serde(default)]
-    pub(crate) password_env: Option<String>,
+/// The rest of `section` as the backend's config type, which validates it.
+fn backend_config<C: DeserializeOwned>(
+    file: &Path,
+    section: &str,
+    rest: Rest,
+) -> bluegreen::Result<C> {
+    C::deserialize(toml::Value::Table(rest))
+        .map_err(|e| config_error(file, format!("[{section}]: {}", e.message())))
 }
 
-fn default_pg_host() -> String {
-    "127.0.0.1".into()
-}
-fn default_pg_port() -> u16 {
-    5432
-}
-fn default_pg_user() -> String {
-    "postgres".into()
+impl Pipeline {
+    /// Reads and checks `file`.
+    pub(crate) fn load(file: &Path) -> bluegreen::Result<(Pipeline, PathBuf)> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Error::io(format!("reading the pipeline file {}", file.display()), e))?;
+        let mut f: PipelineFile = toml::from_str(&text).map_err(|e| config_error(file, e))?;
+        let base = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let state_dir = base.join(&f.project.state_dir);
+        // The seed runbook's knobs.
+        for (var, field) in [
+            ("HEALTH_CHECK_TIMEOUT", 0),
+            ("HEALTH_CHECK_INTERVAL", 1),
+            ("DRAIN_TIMEOUT", 2),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                let d = parse_duration(var, &v)?;
+                match field {
+                    0 => f.policy.readiness_timeout = d,
+                    1 => {
+                        f.policy.poll_max = d;
+                        f.policy.poll_initial = f.policy.poll_initial.min(d);
+                    }
+                    _ => f.policy.drain_timeout = d,
+                }
+            }
+        }
+        f.policy
+            .validate()
+            .map_err(|e| config_error(file, format!("[policy]: {e}")))?;
+        for (i, h) in f.hooks.iter().enumerate() {
+            if h.argv.first().map(|a| a.is_empty()).unwrap_or(true) {
+                return Err(config_error(
+                    file,
+                    format!("hooks[{i}]: argv must name a program"),
+                ));
+            }
+        }
+        if let Some(a) = &f.analysis {
+            if !(0.0..=1.0).contains(&a.max_error_rate) {
+                return Err(config_error(
+                    file,
+                    "[analysis] max_error_rate must be between 0 and 1",
+                ));
+            }
+        }
+        let drain = duration_value(f.policy.drain_timeout);
+        let project = f.project.name.as_str().to_string();
+
+        let environment = match f.environment {
+            EnvironmentFile::Process(pc) => EnvironmentCfg::Process(pc),
+            EnvironmentFile::Docker {
+                image,
+                memory_mb,
+                mut rest,
+            } => {
+                if rest.contains_key("project") {
+                    return Err(config_error(
+                        file,
+                        "[environment]: the project is [project] name, not `project`",
+                    ));
+                }
+                rest.insert("project".into(), toml::Value::String(project.clone()));
+                rest.entry("stop_timeout").or_insert_with(|| drain.clone());
+                if let Some(mb) = memory_mb {
+                    let bytes = i64::try_from(mb.saturating_mul(1024 * 1024)).map_err(|_| {
+                        Error::invalid("pipeline file", "environment.memory_mb", "too large")
+                    })?;
+                    rest.insert("memory_bytes".into(), toml::Value::Integer(bytes));
+                }
+                EnvironmentCfg::Docker {
+                    image,
+                    config: backend_config(file, "environment", rest)?,
+                }
+            }
+        };
+
+        let switch = match f.switch {
+            SwitchFile::Proxy {
+                listen,
+                admin,
+                mut rest,
+            } => {
+                rest.insert("listen".into(), toml::Value::String(listen.to_string()));
+                SwitchCfg::Proxy {
+                    config: backend_config(file, "switch", rest)?,
+                    admin,
+                }
+            }
+            SwitchFile::Haproxy { public, mut rest } => {
+                rest.entry("drain_timeout").or_insert_with(|| drain.clone());
+                SwitchCfg::Haproxy {
+                    config: backend_config(file, "switch", rest)?,
+                    public,
+                }
+            }
+            SwitchFile::Nginx {
+                token_file,
+                public,
+                mut rest,
+            } => {
+                if rest.contains_key("token") {
+                    return Err(config_error(
+                        file,
+                        "[switch]: the control token goes in a file named by `token_file`, not in the pipeline file",
+                    ));
+                }
+                let token = read_secret_file(&base.join(&token_file), "nginx control token")?;
+                rest.insert(
+                    "token".into(),
+                    toml::Value::String(token.expose().to_string()),
+                );
+                SwitchCfg::Nginx {
+                    config: backend_config(file, "switch", rest)?,
+                    public,
+                }
+            }
+            SwitchFile::Traefik { public, mut rest } => {
+                relative_to(&base, &mut rest, "dir");
+                SwitchCfg::Traefik {
+                    config: backend_config(file, "switch", rest)?,
+                    public,
+                }
+            }
+        };
+
+        let database = match f.database {
+            DatabaseFile::Default | DatabaseFile::None(_) => DatabaseCfg::None,
+            DatabaseFile::Shared { migrations, rest } => {
+                #[allow(unused_mut)]
+                let mut config: SharedConfig = backend_config(file, "database", rest)?;
+                if let Some(dir) = migrations {
+                    #[cfg(feature = "postgres")]
+                    {
+                        use bluegreen::postgres::Migration;
+                        config = config.with_migrations(Migration::from_dir(base.join(dir))?);
+                    }
+                    #[cfg(not(feature = "postgres"))]
+                    let _ = dir;
+                }
+                DatabaseCfg::Shared(config)
+            }
+            DatabaseFile::Copied { rest } => {
+                DatabaseCfg::Copied(backend_config(file, "database", rest)?)
+            }
+            DatabaseFile::Replicated {
+                lag_bound,
+                mut rest,
+            } => {
+                if let Some(secs) = lag_bound {
+                    if !(secs.is_finite() && secs > 0.0) {
+                        return Err(Error::invalid(
+                            "pipeline file",
+                            "database.lag_bound",
+                            "must be a positive number of seconds",
+                        ));
+                    }
+                    rest.insert(
+                        "lag_bound".into(),
+                        duration_value(Duration::from_secs_f64(secs)),
+                    );
+                }
+                DatabaseCfg::Replicated(backend_config(file, "database", rest)?)
+            }
+        };
+
+        let state = match f.state {
+            StateFile::Default | StateFile::File(_) => StateCfg::File,
+            StateFile::Postgres { mut rest } => {
+                rest.entry("deployment")
+                    .or_insert_with(|| toml::Value::String(project.clone()));
+                StateCfg::Postgres(backend_config(file, "state", rest)?)
+            }
+        };
+
+        let p = Pipeline {
+            project: f.project,
+            environment,
+            switch,
+            database,
+            health_checks: f.health_checks,
+            hooks: f.hooks,
+            policy: f.policy,
+            verify: f.verify,
+            analysis: f.analysis,
+            state,
+        };
+        Ok((p, state_dir))
+    }
+
+    /// The admin token file of `bluegreen serve`.
+    pub(crate) fn token_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("admin.token")
+    }
+
+    /// A release of `version`.
+    pub(crate) fn release(&self, version: &str) -> bluegreen::Result<Release> {
+        match &self.environment {
+            EnvironmentCfg::Process(pc) => {
+                let mut r = Release::new(version, pc.program.clone())?;
+                r.args = pc.args.clone();
+                r.env = pc.env.clone();
+                Ok(r)
+            }
+            EnvironmentCfg::Docker { image, .. } => {
+                // Validate first: the version is spliced into an image reference.
+                let v = bluegreen::Version::new(version)?;
+                Release::new(version, image.replace("{version}", v.as_str()))
+            }
+        }
+    }
+
+    /// The state store's kind, as written in the file.
+    pub(crate) fn state_kind(&self) -> &'static str {
+        match &self.state {
+            StateCfg::File => "file",
+            StateCfg::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The environment's kind, as written in the file.
+    pub(crate) fn environment_kind(&self) -> &'static str {
+        match &self.environment {
+            EnvironmentCfg::Process(_) => "process",
+            EnvironmentCfg::Docker { .. } => "docker",
+        }
+    }
+
+    /// The embedded proxy's settings and control address, when the switch is the embedded proxy.
+    pub(crate) fn proxy(&self) -> Option<(&ProxyConfig, SocketAddr)> {
+        match &self.switch {
+            SwitchCfg::Proxy { config, admin } => Some((config, *admin)),
+            _ => None,
+        }
+    }
+
+    /// The switch's kind, as written in the file.
+    pub(crate) fn switch_kind(&self) -> &'static str {
+        match &self.switch {
+            SwitchCfg::Proxy { .. } => "proxy",
+            SwitchCfg::Haproxy { .. } => "haproxy",
+            SwitchCfg::Nginx { .. } => "nginx",
+            SwitchCfg::Traefik { .. } => "traefik",
+        }
+    }
+
+    /// Where clients reach the switch, when known (the `[verify]` probe goes there).
+    pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
+        match &self.switch {
+            SwitchCfg::Proxy { config, .. } => Some(config.listen),
+            SwitchCfg::Haproxy { public, .. }
+            | SwitchCfg::Nginx { public, .. }
+            | SwitchCfg::Traefik { public, .. } => *public,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,15 +652,6 @@ pub(crate) struct AnalysisCfg {
     pub(crate) max_p99_ms: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub(crate) enum StateCfg {
-    #[default]
-    File,
-    /// Tables in PostgreSQL, for teams that deploy from several machines.
-    Postgres { connection: PgCfg },
-}
-
 /// A config error naming the file (and, from toml, the line, column and key).
 pub(crate) fn config_error(file: &Path, msg: impl std::fmt::Display) -> Error {
     Error::invalid("pipeline file", file.display().to_string(), msg.to_string())
@@ -409,216 +690,7 @@ pub(crate) fn parse_duration(var: &str, s: &str) -> bluegreen::Result<Duration> 
     Ok(Duration::from_secs_f64(secs))
 }
 
-impl Pipeline {
-    /// Reads and checks `file`.
-    pub(crate) fn load(file: &Path) -> bluegreen::Result<(Pipeline, PathBuf)> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| Error::io(format!("reading the pipeline file {}", file.display()), e))?;
-        let mut p: Pipeline = toml::from_str(&text).map_err(|e| config_error(file, e))?;
-        let base = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        let state_dir = base.join(&p.project.state_dir);
-        p.base = base;
-        // The seed runbook's knobs.
-        for (var, field) in [
-            ("HEALTH_CHECK_TIMEOUT", 0),
-            ("HEALTH_CHECK_INTERVAL", 1),
-            ("DRAIN_TIMEOUT", 2),
-        ] {
-            if let Ok(v) = std::env::var(var) {
-                let d = parse_duration(var, &v)?;
-                match field {
-                    0 => p.policy.readiness_timeout = d,
-                    1 => {
-                        p.policy.poll_max = d;
-                        p.policy.poll_initial = p.policy.poll_initial.min(d);
-                    }
-                    _ => p.policy.drain_timeout = d,
-                }
-            }
-        }
-        p.policy
-            .validate()
-            .map_err(|e| config_error(file, format!("[policy]: {e}")))?;
-        for (i, h) in p.hooks.iter().enumerate() {
-            if h.argv.first().map(|a| a.is_empty()).unwrap_or(true) {
-                return Err(config_error(
-                    file,
-                    format!("hooks[{i}]: argv must name a program"),
-                ));
-            }
-        }
-        if let Some(a) = &p.analysis {
-            if !(0.0..=1.0).contains(&a.max_error_rate) {
-                return Err(config_error(
-                    file,
-                    "[analysis] max_error_rate must be between 0 and 1",
-                ));
-            }
-        }
-        Ok((p, state_dir))
-    }
-
-    /// The admin token file of `bluegreen serve`.
-    pub(crate) fn token_path(state_dir: &Path) -> PathBuf {
-        state_dir.join("admin.token")
-    }
-
-    /// A release of `version`.
-    pub(crate) fn release(&self, version: &str) -> bluegreen::Result<Release> {
-        match &self.environment {
-            EnvironmentCfg::Process(pc) => {
-                let mut r = Release::new(version, pc.program.clone())?;
-                r.args = pc.args.clone();
-                r.env = pc.env.clone();
-                Ok(r)
-            }
-            EnvironmentCfg::Docker(dc) => {
-                // Validate first: the version is spliced into an image reference.
-                let v = bluegreen::Version::new(version)?;
-                Release::new(version, dc.image.replace("{version}", v.as_str()))
-            }
-        }
-    }
-
-    /// The state store's kind, as written in the file.
-    pub(crate) fn state_kind(&self) -> &'static str {
-        match &self.state {
-            StateCfg::File => "file",
-            StateCfg::Postgres { .. } => "postgres",
-        }
-    }
-
-    /// The environment's kind, as written in the file.
-    pub(crate) fn environment_kind(&self) -> &'static str {
-        match &self.environment {
-            EnvironmentCfg::Process(_) => "process",
-            EnvironmentCfg::Docker(_) => "docker",
-        }
-    }
-
-    /// The embedded proxy's settings, when the switch is the embedded proxy.
-    pub(crate) fn proxy(&self) -> Option<&ProxyCfg> {
-        match &self.switch {
-            SwitchCfg::Proxy(p) => Some(p),
-            _ => None,
-        }
-    }
-
-    /// The switch's kind, as written in the file.
-    pub(crate) fn switch_kind(&self) -> &'static str {
-        match &self.switch {
-            SwitchCfg::Proxy(_) => "proxy",
-            SwitchCfg::Haproxy(_) => "haproxy",
-            SwitchCfg::Nginx(_) => "nginx",
-            SwitchCfg::Traefik(_) => "traefik",
-        }
-    }
-
-    /// Where clients reach the switch, when known (the `[verify]` probe goes there).
-    pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
-        match &self.switch {
-            SwitchCfg::Proxy(p) => Some(p.listen),
-            SwitchCfg::Haproxy(h) => h.public,
-            SwitchCfg::Nginx(n) => n.public,
-            SwitchCfg::Traefik(t) => t.public,
-        }
-    }
-
-    /// Builds the deployer. With the embedded proxy, the switch is the running `bluegreen serve`,
-    /// reached by its admin API; the other switches are driven directly.
-    pub(crate) async fn deployer(&self, state_dir: &Path) -> bluegreen::Result<Deployer> {
-        let switch = crate::backends::switch(self, state_dir)?;
-        let env = crate::backends::environment(self, state_dir).await?;
-        let mut b = Deployer::builder()
-            .environment(env)
-            .switch(switch)
-            .store(crate::backends::store(self, state_dir)?)
-            .policy(self.policy.clone());
-        if let Some(db) = crate::backends::database(self)? {
-            b = b.database(db);
-        }
-        for h in &self.health_checks {
-            let check: Arc<dyn HealthCheck> = match h {
-                HealthCfg::Http {
-                    path,
-                    status,
-                    body_contains,
-                    max_latency_ms,
-                    timeout_ms,
-                    headers,
-                } => {
-                    let mut c = HttpCheck::new(path.clone()).with_status(*status);
-                    if let Some(b) = body_contains {
-                        c = c.with_body_contains(b.clone());
-                    }
-                    if let Some(ms) = max_latency_ms {
-                        c = c.with_max_latency(Duration::from_millis(*ms));
-                    }
-                    if let Some(ms) = timeout_ms {
-                        c = c.with_timeout(Duration::from_millis(*ms));
-                    }
-                    for (k, v) in headers {
-                        c = c.with_header(k.clone(), v.clone());
-                    }
-                    Arc::new(c)
-                }
-                HealthCfg::Tcp { timeout_ms } => Arc::new(TcpCheck::new(Duration::from_millis(
-                    timeout_ms.unwrap_or(3000),
-                ))),
-                HealthCfg::Command { argv, timeout_ms } => Arc::new(CommandCheck::new(
-                    argv.clone(),
-                    Duration::from_millis(timeout_ms.unwrap_or(10_000)),
-                )?),
-            };
-            b = b.health_check(check);
-        }
-        for (i, h) in self.hooks.iter().enumerate() {
-            let name = h.name.clone().unwrap_or_else(|| format!("hook-{i}"));
-            let mut opts = HookOptions::default().with_on_timeout(h.on_timeout);
-            if let Some(t) = h.timeout {
-                opts = opts.with_timeout(Duration::from_secs_f64(t));
-            }
-            b = b.hook_with(
-                h.point,
-                Arc::new(ExecHook::new(name, h.argv.clone())?),
-                opts,
-            );
-        }
-        if let Some(v) = &self.verify {
-            let marker = match &v.header {
-                Some(h) => VersionMarker::Header(h.clone()),
-                None => VersionMarker::Body,
-            };
-            let public = self.public_addr().ok_or_else(|| {
-                Error::invalid(
-                    "pipeline file",
-                    "[verify]",
-                    "set `public` in [switch] (where clients reach it) so the probe can go through it",
-                )
-            })?;
-            let url = format!("http://{public}{}", v.path);
-            b = b.verify_data_path(Arc::new(HttpVersionProbe::new(url, marker)));
-        }
-        if let Some(a) = &self.analysis {
-            let mut m = MetricsAnalysis::new(a.max_error_rate);
-            if let Some(n) = a.min_requests {
-                m = m.with_min_requests(n);
-            }
-            if let Some(ms) = a.max_p99_ms {
-                m = m.with_max_p99(Duration::from_millis(ms));
-            }
-            b = b.analysis(Arc::new(m));
-        }
-        b.build()
-    }
-}
-
 /// Reads a secret (a token) from a file, trimmed; an empty file is an error.
-#[allow(dead_code)]
 pub(crate) fn read_secret_file(path: &Path, what: &str) -> bluegreen::Result<Secret> {
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
@@ -679,4 +751,143 @@ pub(crate) fn ensure_token(path: &Path) -> bluegreen::Result<Secret> {
     f.write_all(token.as_bytes())
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     Ok(Secret::new(token))
+}
+
+#[cfg(all(
+    test,
+    feature = "docker",
+    feature = "haproxy",
+    feature = "nginx",
+    feature = "traefik",
+    feature = "postgres"
+))]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> bluegreen::Result<Pipeline> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nginx.token"), "0123456789abcdef0123\n").unwrap();
+        let file = dir.path().join("bluegreen.toml");
+        std::fs::write(&file, text).unwrap();
+        Pipeline::load(&file).map(|(p, _)| p)
+    }
+
+    const README_KEYS: &str = r#"
+[project]
+name = "shop"
+
+[environment]
+kind = "docker"
+image = "shop:{version}"
+port = 8080
+pull = "never"
+memory_mb = 512
+cpus = 1.5
+
+[switch]
+kind = "haproxy"
+runtime = "/run/haproxy/admin.sock"
+backend = "app"
+public = "127.0.0.1:80"
+
+[database]
+kind = "replicated"
+lag_bound = 60
+after_cutover = "drop"
+[database.connection]
+host = "127.0.0.1"
+dbname = "shop"
+user = "deployer"
+
+[state]
+kind = "postgres"
+[state.connection]
+dbname = "deploys"
+
+[policy]
+drain_timeout = 12
+"#;
+
+    #[test]
+    fn the_documented_keys_become_the_backend_configs() {
+        let p = load(README_KEYS).unwrap();
+        let EnvironmentCfg::Docker { image, config } = &p.environment else {
+            panic!("{:?}", p.environment)
+        };
+        assert_eq!(image, "shop:{version}");
+        assert_eq!(config.project.as_str(), "shop");
+        assert_eq!(config.container_port, 8080);
+        assert_eq!(config.pull, bluegreen::docker::PullPolicy::Never);
+        assert_eq!(config.memory_bytes, Some(512 * 1024 * 1024));
+        assert_eq!(config.cpus, Some(1.5));
+        assert_eq!(config.stop_timeout, Duration::from_secs(12));
+        let SwitchCfg::Haproxy { config, public } = &p.switch else {
+            panic!("{:?}", p.switch)
+        };
+        assert_eq!(config.address.to_string(), "/run/haproxy/admin.sock");
+        assert_eq!(config.backend(), "app");
+        assert_eq!(config.drain_timeout, Duration::from_secs(12));
+        assert_eq!(*public, Some("127.0.0.1:80".parse().unwrap()));
+        let DatabaseCfg::Replicated(c) = &p.database else {
+            panic!("{:?}", p.database)
+        };
+        assert_eq!(c.lag_bound, Duration::from_secs(60));
+        assert_eq!(c.after_cutover, bluegreen::postgres::AfterCutover::Drop);
+        assert_eq!(c.server.user, "deployer");
+        let StateCfg::Postgres(s) = &p.state else {
+            panic!("{:?}", p.state)
+        };
+        assert_eq!(s.deployment, "shop");
+        assert_eq!(s.connection.dbname, "deploys");
+    }
+
+    #[test]
+    fn nginx_reads_its_token_file_and_traefik_its_dir_relative_to_the_file() {
+        let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"/bin/true\"\n";
+        let p = load(&format!(
+            "{head}[switch]\nkind = \"nginx\"\nname = \"shop\"\ncontrol = \"127.0.0.1:9000\"\n\
+             token_file = \"nginx.token\"\npublic = \"127.0.0.1:8080\""
+        ))
+        .unwrap();
+        let SwitchCfg::Nginx { config, .. } = &p.switch else {
+            panic!("{:?}", p.switch)
+        };
+        assert_eq!(config.token.expose(), "0123456789abcdef0123");
+        let p = load(&format!(
+            "{head}[switch]\nkind = \"traefik\"\nname = \"shop\"\nrule = \"Host(`shop.example`)\"\n\
+             dir = \"dynamic\"\nversion = \"v2\"\nformat = \"toml\""
+        ))
+        .unwrap();
+        let SwitchCfg::Traefik { config, .. } = &p.switch else {
+            panic!("{:?}", p.switch)
+        };
+        assert!(config.dir.is_absolute(), "{:?}", config.dir);
+        assert!(config.dir.ends_with("dynamic"));
+        assert_eq!(config.version, bluegreen::traefik::TraefikVersion::V2);
+        assert_eq!(config.format, bluegreen::traefik::FileFormat::Toml);
+    }
+
+    #[test]
+    fn bad_backend_keys_are_errors_naming_the_section_and_key() {
+        let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"/bin/true\"\n";
+        for (switch, expected) in [
+            ("kind = \"haproxy\"\nruntime = \"/x.sock\"\nbackend_name = \"app\"", "backend_name"),
+            ("kind = \"haproxy\"\nruntime = \"/x.sock\"\nbackend = \"a;b\"", "a;b"),
+            ("kind = \"proxy\"\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\nidle = 1", "idle"),
+            ("kind = \"nginx\"\nname = \"shop\"\ncontrol = \"10.0.0.1:9000\"\ntoken_file = \"nginx.token\"", "loopback"),
+        ] {
+            let err = load(&format!("{head}[switch]\n{switch}")).unwrap_err().to_string();
+            assert!(err.contains("[switch]") && err.contains(expected), "{err}");
+        }
+        let err = load(&format!(
+            "{head}[switch]\nkind = \"haproxy\"\nruntime = \"/x.sock\"\n\
+             [database]\nkind = \"copied\"\n[database.connection]\ndbname = \"x\"\npassword = \"p\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[database]") && err.contains("password"),
+            "{err}"
+        );
+    }
 }

@@ -111,6 +111,7 @@
 #![forbid(unsafe_code)]
 
 pub mod analysis;
+pub mod config;
 mod engine;
 pub mod error;
 pub mod events;
@@ -151,3 +152,7 @@ pub use types::{
     validate_token, Endpoint, Endpoints, Name, PerSlot, Release, Secret, Slot, Sticky,
     TrafficSplit, Version,
 };
+
+// For `validated_serde!`: the crates using it need not name serde themselves.
+#[doc(hidden)]
+pub use serde as __serde;

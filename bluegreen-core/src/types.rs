@@ -245,6 +245,10 @@ impl FromStr for Version {
 /// A secret string (password, token, connection string). Its `Debug` and `Display` print
 /// `<redacted>`, and it is never serialized into state files.
 ///
+/// It deserializes from a plain string (so a config read from a secrets manager can carry it) but
+/// deliberately does not implement `Serialize`: config types mark secret fields
+/// `#[serde(skip_serializing)]`, so writing a config out never writes a secret in clear.
+///
 /// ```
 /// use bluegreen_core::Secret;
 /// let s = Secret::new("hunter2");
@@ -275,6 +279,12 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
     }
 }
 

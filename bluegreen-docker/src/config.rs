@@ -5,11 +5,13 @@ use std::fmt;
 use std::time::Duration;
 
 use bluegreen_core::{Error, Name, Result};
+use serde::{Deserialize, Serialize};
 
-use crate::image::Healthcheck;
-
-/// When the image of a release is pulled from a registry.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// When the image of a release is pulled from a registry. In files: `"never"`, `"if-missing"`,
+/// `"always"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum PullPolicy {
     /// Never pull: the image must already be on the engine (built or loaded there).
     Never,
@@ -37,8 +39,11 @@ impl fmt::Display for PullPolicy {
     }
 }
 
-/// How a slot's container is reached, which decides the endpoints `deploy` returns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How a slot's container is reached, which decides the endpoints `deploy` returns. In files:
+/// `"loopback"`, `"network"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Publish {
     /// The container port is published on the engine host's loopback interface
     /// (`127.0.0.1`, a random free host port); endpoints are
@@ -50,8 +55,11 @@ pub enum Publish {
     Network,
 }
 
-/// Docker's restart policy for the slot containers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Docker's restart policy for the slot containers. In files: `"no"`, `"unless-stopped"`,
+/// `"always"`, or `{ on-failure = 3 }`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum RestartPolicy {
     /// Never restarted by the engine.
     No,
@@ -64,8 +72,11 @@ pub enum RestartPolicy {
     Always,
 }
 
-/// The health check of the slot containers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The health check of the slot containers. In files: `"image"`, `"disabled"`, or
+/// `{ check = { argv = [...], interval = "1s" } }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum ContainerHealth {
     /// The image's own `HEALTHCHECK`, if it has one. The default.
     #[default]
@@ -74,6 +85,54 @@ pub enum ContainerHealth {
     Disabled,
     /// This check instead of the image's.
     Check(Healthcheck),
+}
+
+/// A health check the engine runs inside a container: `argv` every `interval`; exit 0 is
+/// healthy. Baked into an image (`ScratchImage::with_healthcheck`) or set per environment
+/// ([`DockerConfig::with_healthcheck`](DockerConfig::with_healthcheck)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Healthcheck {
+    /// The command (exec form, no shell unless the command is one).
+    pub argv: Vec<String>,
+    /// Time between checks. Default 1 s.
+    #[serde(default = "one_second", with = "bluegreen_core::config::duration")]
+    pub interval: Duration,
+    /// Bound on one check. Default 3 s.
+    #[serde(default = "three_seconds", with = "bluegreen_core::config::duration")]
+    pub timeout: Duration,
+    /// Failures during this initial period do not count. Default 0.
+    #[serde(default, with = "bluegreen_core::config::duration")]
+    pub start_period: Duration,
+    /// Consecutive failures before `unhealthy`. Default 3.
+    #[serde(default = "three")]
+    pub retries: u32,
+}
+
+impl Healthcheck {
+    /// A health check running `argv`.
+    pub fn new(argv: Vec<String>) -> Self {
+        Healthcheck {
+            argv,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(3),
+            start_period: Duration::ZERO,
+            retries: 3,
+        }
+    }
+
+    /// With the time between checks.
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// With the failures needed for `unhealthy`.
+    pub fn with_retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
 }
 
 /// Settings of a [`DockerEnvironment`](crate::DockerEnvironment): one project, two slot
@@ -94,8 +153,17 @@ pub enum ContainerHealth {
 /// assert_eq!(config.container_name(bluegreen_core::Slot::Green), "shop-green");
 /// assert_eq!(config.network_name(), "shop");
 /// assert!(DockerConfig::new("shop;rm -rf").is_err());
+///
+/// // In a file only `project` is required; durations are "1s", "500ms", "2m".
+/// let from_file: DockerConfig = serde_json::from_str(
+///     r#"{ "project": "shop", "container_port": 8069, "pull": "never", "stop_timeout": "20s" }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(from_file.pull, PullPolicy::Never);
+/// assert!(serde_json::from_str::<DockerConfig>(r#"{ "project": "Shop" }"#).is_err());
 /// ```
-#[derive(Clone, PartialEq)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DockerConfig {
     /// The project: names the containers (`<project>-<slot>`), the default network and the
@@ -103,35 +171,100 @@ pub struct DockerConfig {
     pub project: Name,
     /// The user-defined bridge network the slots join (default: the project name). Created with
     /// our labels when missing; an existing network is used as it is and never removed.
+    #[serde(default)]
     pub network: Option<Name>,
     /// The port the application listens on inside the container (handed to it as `PORT`).
     /// Default 8080.
+    #[serde(default = "default_container_port", alias = "port")]
     pub container_port: u16,
     /// How endpoints are reached. Default [`Publish::Loopback`].
+    #[serde(default)]
     pub publish: Publish,
     /// The host put into [`Publish::Loopback`] endpoints: `127.0.0.1` for a local engine; for a
     /// remote engine, an address of that host where the switch can reach the published ports.
+    #[serde(default = "loopback")]
     pub endpoint_host: String,
     /// The host address published ports bind to. Default `127.0.0.1`.
+    #[serde(default = "loopback")]
     pub bind_ip: String,
     /// When images are pulled. Default [`PullPolicy::IfMissing`].
+    #[serde(default)]
     pub pull: PullPolicy,
     /// Memory limit in bytes (`--memory`); `None` for no limit.
+    #[serde(default)]
     pub memory_bytes: Option<i64>,
     /// CPU limit in CPUs (`--cpus`, e.g. `1.5`); `None` for no limit.
+    #[serde(default)]
     pub cpus: Option<f64>,
     /// Restart policy. Default [`RestartPolicy::UnlessStopped`].
+    #[serde(default)]
     pub restart: RestartPolicy,
-    /// Variables given to every container (before the release's own, which win).
+    /// Variables given to every container (before the release's own, which win). Serialized as
+    /// they are (only `Debug` hides the values): put secrets in
+    /// [`Release::secret_env`](bluegreen_core::Release::secret_env), never here.
+    #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// The engine's health check of the containers. Default: the image's.
+    #[serde(default)]
     pub health: ContainerHealth,
     /// How long after `start` a deploy watches for an immediate exit. Default 1 s.
+    #[serde(default = "one_second", with = "bluegreen_core::config::duration")]
     pub startup_grace: Duration,
     /// Drain bound when `deploy` replaces a running container and for `remove`. Default 10 s.
+    #[serde(default = "ten_seconds", with = "bluegreen_core::config::duration")]
     pub stop_timeout: Duration,
     /// Bound on one `exec`. Default 10 min.
+    #[serde(default = "ten_minutes", with = "bluegreen_core::config::duration")]
     pub exec_timeout: Duration,
+}
+
+bluegreen_core::validated_serde!(DockerConfig);
+
+fn default_container_port() -> u16 {
+    8080
+}
+fn loopback() -> String {
+    "127.0.0.1".to_string()
+}
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+fn three_seconds() -> Duration {
+    Duration::from_secs(3)
+}
+fn three() -> u32 {
+    3
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+fn ten_minutes() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// A project name of at most 40 characters (so that `<project>-green` stays a valid DNS label),
+/// lower-case, starting with a letter.
+fn check_project(name: &Name) -> Result<()> {
+    let project = name.as_str();
+    if project.len() > 40 {
+        return Err(Error::invalid(
+            "docker project",
+            project,
+            "at most 40 characters (container names are <project>-<slot>)",
+        ));
+    }
+    if !project.as_bytes()[0].is_ascii_alphabetic()
+        || project.contains(['+', '.', '_'])
+        || project.chars().any(|c| c.is_ascii_uppercase())
+    {
+        return Err(Error::invalid(
+            "docker project",
+            project,
+            "use lower-case letters, digits and `-`, starting with a letter (it becomes a \
+             DNS alias on the project network)",
+        ));
+    }
+    Ok(())
 }
 
 impl DockerConfig {
@@ -141,26 +274,8 @@ impl DockerConfig {
     /// # Errors
     /// [`Error::InvalidInput`] for an invalid project name.
     pub fn new(project: impl Into<String>) -> Result<Self> {
-        let project = project.into();
-        let name = Name::new(project.clone())?;
-        if project.len() > 40 {
-            return Err(Error::invalid(
-                "docker project",
-                project,
-                "at most 40 characters (container names are <project>-<slot>)",
-            ));
-        }
-        if !project.as_bytes()[0].is_ascii_alphabetic()
-            || project.contains(['+', '.', '_'])
-            || project.chars().any(|c| c.is_ascii_uppercase())
-        {
-            return Err(Error::invalid(
-                "docker project",
-                project,
-                "use lower-case letters, digits and `-`, starting with a letter (it becomes a \
-                 DNS alias on the project network)",
-            ));
-        }
+        let name = Name::new(project.into())?;
+        check_project(&name)?;
         Ok(DockerConfig {
             project: name,
             network: None,
@@ -281,8 +396,13 @@ impl DockerConfig {
         self
     }
 
-    /// Checks the settings that reach the engine.
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks the settings that reach the engine (run when deserializing and by
+    /// [`DockerEnvironment::connect`](crate::DockerEnvironment::connect)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        check_project(&self.project)?;
         if self.container_port == 0 {
             return Err(Error::invalid(
                 "container port",
@@ -318,7 +438,7 @@ impl DockerConfig {
             }
         }
         for k in self.env.keys() {
-            crate::environment::validate_env_key(k)?;
+            validate_env_key(k)?;
         }
         if let ContainerHealth::Check(h) = &self.health {
             if h.argv.is_empty() || h.argv.iter().any(|a| a.contains('\0')) {
@@ -361,6 +481,18 @@ impl fmt::Debug for DockerConfig {
             .field("exec_timeout", &self.exec_timeout)
             .finish()
     }
+}
+
+/// Environment variable names reach the engine as `KEY=value`.
+pub(crate) fn validate_env_key(k: &str) -> Result<()> {
+    if k.is_empty() || k.contains('=') || k.contains('\0') {
+        return Err(Error::invalid(
+            "environment variable name",
+            k,
+            "must be non-empty, without `=` or NUL",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -417,5 +549,13 @@ mod tests {
             dbg.contains("DB_PASSWORD") && !dbg.contains("hunter2"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn environment_names_are_checked() {
+        assert!(validate_env_key("DATABASE_URL").is_ok());
+        for bad in ["", "A=B", "A\0"] {
+            assert!(validate_env_key(bad).is_err(), "{bad:?}");
+        }
     }
 }

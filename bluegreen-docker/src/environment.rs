@@ -26,8 +26,9 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures_util::StreamExt;
 
+use crate::config::validate_env_key;
 use crate::config::{ContainerHealth, DockerConfig, Publish, PullPolicy, RestartPolicy};
-use crate::error::{is_not_found, is_not_modified, DockerError};
+use crate::error::{docker_host_for_messages, is_not_found, is_not_modified, DockerError};
 
 /// Label naming the project that owns a container or network.
 pub const LABEL_PROJECT: &str = "bluegreen.project";
@@ -100,23 +101,6 @@ pub struct OwnedContainer {
     pub deployment: Option<String>,
     /// The engine's state (`running`, `exited`, …).
     pub state: String,
-}
-
-/// The address the default connection uses, for error messages.
-pub(crate) fn docker_host_for_messages() -> String {
-    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string())
-}
-
-/// Environment variable names reach the engine as `KEY=value`.
-pub(crate) fn validate_env_key(k: &str) -> Result<()> {
-    if k.is_empty() || k.contains('=') || k.contains('\0') {
-        return Err(Error::invalid(
-            "environment variable name",
-            k,
-            "must be non-empty, without `=` or NUL",
-        ));
-    }
-    Ok(())
 }
 
 /// Appends `chunk`, keeping memory bounded: past twice the limit, the oldest bytes go.
@@ -943,7 +927,7 @@ impl DockerEnvironment {
 #[async_trait]
 impl Environment for DockerEnvironment {
     fn name(&self) -> &str {
-        crate::BACKEND
+        crate::NAME
     }
 
     async fn deploy(&self, slot: Slot, release: &Release) -> Result<Vec<Endpoint>> {
@@ -1169,13 +1153,5 @@ mod tests {
         trim_to(&mut buf, MAX_LOG_BYTES);
         assert_eq!(buf.len(), MAX_LOG_BYTES);
         assert!(buf.ends_with(b"aEND"));
-    }
-
-    #[test]
-    fn environment_names_are_checked() {
-        assert!(validate_env_key("DATABASE_URL").is_ok());
-        for bad in ["", "A=B", "A\0"] {
-            assert!(validate_env_key(bad).is_err(), "{bad:?}");
-        }
     }
 }

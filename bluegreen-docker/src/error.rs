@@ -3,6 +3,11 @@
 
 use bluegreen_core::{Error, Slot};
 
+/// The address the default connection uses, for error messages.
+pub(crate) fn docker_host_for_messages() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string())
+}
+
 /// A failure of the Docker environment.
 ///
 /// It reaches callers as the source of an [`Error::Backend`] (backend `docker`); downcast the
@@ -148,11 +153,7 @@ impl DockerError {
     /// An Engine call failure; an unreachable engine is reported as such.
     #[cfg(test)]
     pub(crate) fn engine(call: impl Into<String>, source: bollard::errors::Error) -> Self {
-        Self::engine_at(
-            &crate::environment::docker_host_for_messages(),
-            call,
-            source,
-        )
+        Self::engine_at(&docker_host_for_messages(), call, source)
     }
 
     /// An Engine call failure, naming `host` when the engine cannot be reached.
@@ -173,9 +174,10 @@ impl DockerError {
         }
     }
 
-    /// Converts into the core error for `operation`, deciding whether a retry may help.
-    pub(crate) fn into_core(self, operation: &'static str) -> Error {
-        let retryable = match &self {
+    /// Whether the same call may succeed if tried again: an unreachable engine, a 5xx answer or
+    /// a timeout, a registry that did not answer; not a missing image or a name clash.
+    pub fn is_retryable(&self) -> bool {
+        match self {
             DockerError::Unreachable { .. } | DockerError::ExecTimeout { .. } => true,
             DockerError::Engine { source, .. } => match source {
                 bollard::errors::Error::DockerResponseServerError { status_code, .. } => {
@@ -192,8 +194,14 @@ impl DockerError {
             | DockerError::ExitedAtStart { .. }
             | DockerError::NoPublishedPort { .. }
             | DockerError::NotRunning { .. } => false,
-        };
-        Error::backend(crate::BACKEND, operation, retryable, self)
+        }
+    }
+
+    /// Converts into core's [`Error::Backend`] for backend [`NAME`](crate::NAME) and `operation`,
+    /// keeping this error as the source and its retryability.
+    pub fn into_core(self, operation: &str) -> Error {
+        let retryable = self.is_retryable();
+        Error::backend(crate::NAME, operation, retryable, self)
     }
 }
 

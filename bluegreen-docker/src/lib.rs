@@ -4,18 +4,16 @@
 mod config;
 mod environment;
 mod error;
-mod image;
 
-pub use config::{ContainerHealth, DockerConfig, Publish, PullPolicy, RestartPolicy};
+pub use config::{ContainerHealth, DockerConfig, Healthcheck, Publish, PullPolicy, RestartPolicy};
 pub use environment::{
     DockerEnvironment, OwnedContainer, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_SLOT, LABEL_VERSION,
     MAX_LOG_BYTES,
 };
 pub use error::DockerError;
-pub use image::Healthcheck;
 
 /// The bollard client this crate uses, re-exported so callers build clients of the same version.
 pub use bollard;
 
 /// The backend's name, as errors and events report it.
-pub const BACKEND: &str = "docker";
+pub const NAME: &str = "docker";

@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bluegreen_core::{Error, Name, Result, Slot};
+use serde::{Deserialize, Serialize};
 
-/// Where HAProxy's runtime API listens (`stats socket … level admin`).
+/// Where HAProxy's runtime API listens (`stats socket … level admin`). In files, the string
+/// [`RuntimeAddress::parse`] reads (`"/run/haproxy/admin.sock"`, `"127.0.0.1:9999"`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RuntimeAddress {
@@ -69,6 +71,19 @@ impl fmt::Display for RuntimeAddress {
     }
 }
 
+impl Serialize for RuntimeAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RuntimeAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        RuntimeAddress::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Checks that `value` can be placed in haproxy.cfg as one word without quoting.
 pub(crate) fn check_word(what: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {
@@ -109,29 +124,84 @@ pub(crate) fn config_word<'a>(what: &'static str, path: &'a Path) -> Result<&'a 
 ///     .with_servers("app_blue", "app_green")
 ///     .with_drain_timeout(Duration::from_secs(30));
 /// assert_eq!(config.backend(), "app");
+///
+/// // In a file only the address is required (`runtime` is accepted for `address`).
+/// let from_file: HaproxyConfig = serde_json::from_str(
+///     r#"{ "runtime": "127.0.0.1:9999", "blue_server": "b", "green_server": "g" }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(from_file.server(bluegreen_core::Slot::Green), "g");
+/// assert!(serde_json::from_str::<HaproxyConfig>(
+///     r#"{ "address": "/run/admin.sock", "backend": "app;shutdown sessions" }"#,
+/// )
+/// .is_err());
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct HaproxyConfig {
     /// The runtime API address.
+    #[serde(alias = "runtime")]
     pub address: RuntimeAddress,
-    backend: String,
-    blue_server: String,
-    green_server: String,
+    /// The backend driven (default `app`).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// The server of the blue slot (default `blue`).
+    #[serde(default = "default_blue")]
+    pub blue_server: String,
+    /// The server of the green slot (default `green`).
+    #[serde(default = "default_green")]
+    pub green_server: String,
     /// How long `apply` waits for a server's sessions (`scur`) to reach 0 before putting it into
     /// maintenance. Default 30 s.
+    #[serde(default = "thirty_seconds", with = "bluegreen_core::config::duration")]
     pub drain_timeout: Duration,
     /// Bound on one runtime API command, connect to last byte. Default 5 s.
+    #[serde(default = "five_seconds", with = "bluegreen_core::config::duration")]
     pub command_timeout: Duration,
     /// How long `apply` waits for a server it enabled to be reported up (its health check
     /// passing) before giving up and restoring the previous state. Default 10 s.
+    #[serde(default = "ten_seconds", with = "bluegreen_core::config::duration")]
     pub ready_timeout: Duration,
     /// How often `apply` polls HAProxy while it waits (health, drain). Default 50 ms.
+    #[serde(default = "fifty_millis", with = "bluegreen_core::config::duration")]
     pub poll_interval: Duration,
     /// The health-check path in the rendered snippet. Default `/health`.
+    #[serde(default = "default_health_path")]
     pub health_path: String,
     /// The health-check interval in the rendered snippet. Default 1 s.
+    #[serde(default = "one_second", with = "bluegreen_core::config::duration")]
     pub check_interval: Duration,
+}
+
+bluegreen_core::validated_serde!(HaproxyConfig);
+
+fn default_backend() -> String {
+    "app".to_string()
+}
+fn default_blue() -> String {
+    "blue".to_string()
+}
+fn default_green() -> String {
+    "green".to_string()
+}
+fn default_health_path() -> String {
+    "/health".to_string()
+}
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+fn fifty_millis() -> Duration {
+    Duration::from_millis(50)
 }
 
 impl HaproxyConfig {
@@ -145,15 +215,15 @@ impl HaproxyConfig {
     pub fn with_address(address: RuntimeAddress) -> Self {
         HaproxyConfig {
             address,
-            backend: "app".to_string(),
-            blue_server: "blue".to_string(),
-            green_server: "green".to_string(),
-            drain_timeout: Duration::from_secs(30),
-            command_timeout: Duration::from_secs(5),
-            ready_timeout: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(50),
-            health_path: "/health".to_string(),
-            check_interval: Duration::from_secs(1),
+            backend: default_backend(),
+            blue_server: default_blue(),
+            green_server: default_green(),
+            drain_timeout: thirty_seconds(),
+            command_timeout: five_seconds(),
+            ready_timeout: ten_seconds(),
+            poll_interval: fifty_millis(),
+            health_path: default_health_path(),
+            check_interval: one_second(),
         }
     }
 
@@ -217,6 +287,15 @@ impl HaproxyConfig {
             Slot::Blue => &self.blue_server,
             Slot::Green => &self.green_server,
         }
+    }
+
+    /// Checks every name and that no time bound is zero (also done when deserializing and when
+    /// the switch is built).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        self.validated().map(|_| ())
     }
 
     /// Validates every name; returns them as [`Name`]s (backend, blue server, green server).

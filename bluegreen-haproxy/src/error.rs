@@ -168,7 +168,7 @@ impl HaproxyError {
     /// Converts into [`bluegreen_core::Error::Backend`] for backend `haproxy` and `operation`.
     pub fn into_core(self, operation: &str) -> bluegreen_core::Error {
         let retryable = self.is_retryable();
-        bluegreen_core::Error::backend(crate::BACKEND, operation, retryable, self)
+        bluegreen_core::Error::backend(crate::NAME, operation, retryable, self)
     }
 }
 

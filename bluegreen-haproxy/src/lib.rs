@@ -16,4 +16,4 @@ pub use error::HaproxyError;
 pub use switch::HaproxySwitch;
 
 /// The backend name this crate reports in errors and events.
-pub const BACKEND: &str = "haproxy";
+pub const NAME: &str = "haproxy";

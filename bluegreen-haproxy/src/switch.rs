@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use crate::client::{AdminState, Command, RuntimeClient, ServerState, StatRow};
 use crate::config::HaproxyConfig;
 use crate::error::HaproxyError;
-use crate::BACKEND;
+use crate::NAME;
 
 /// Drives the blue and green servers of one HAProxy backend through the runtime API.
 ///
@@ -499,7 +499,7 @@ async fn resolve(e: &Endpoint) -> Result<Target> {
 #[async_trait]
 impl TrafficSwitch for HaproxySwitch {
     fn name(&self) -> &str {
-        BACKEND
+        NAME
     }
 
     /// Weights (`set weight`), real in-flight counts (`scur`) and per-server metrics (`show

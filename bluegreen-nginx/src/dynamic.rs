@@ -11,10 +11,38 @@ use bluegreen_core::{
     Capabilities, Endpoints, Error, Name, Result, Secret, TrafficSplit, TrafficSwitch,
     TrafficSwitchExt,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::error::NginxError;
 use crate::format::{self, Routing};
 use crate::http;
+
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_keepalive() -> u32 {
+    32
+}
+
+/// An absolute path of letters, digits and `/._-` (it is written into the Lua code).
+fn check_state_file(path: &Path) -> Result<()> {
+    let text = path.to_string_lossy();
+    let ok = path.is_absolute()
+        && text.len() <= 1024
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+        && path.file_name().is_some();
+    if !ok {
+        return Err(Error::invalid(
+            "state file",
+            text.into_owned(),
+            "expected an absolute path of letters, digits and /._-",
+        ));
+    }
+    Ok(())
+}
 
 /// The control location's path on the control listener.
 pub const CONTROL_PATH: &str = "/bluegreen/split";
@@ -22,34 +50,77 @@ pub const CONTROL_PATH: &str = "/bluegreen/split";
 /// The header carrying the control token.
 pub const TOKEN_HEADER: &str = "x-bluegreen-token";
 
-/// Settings of a [`DynamicSwitch`] and of the nginx snippet it talks to.
+/// Settings of a [`NginxDynamicSwitch`] and of the nginx snippet it talks to.
 ///
-/// `Debug` hides the token.
-#[derive(Debug, Clone)]
+/// `Debug` hides the token, and serializing leaves it out (deserializing reads it from `token`).
+///
+/// ```
+/// use bluegreen_nginx::NginxDynamicConfig;
+///
+/// let c: NginxDynamicConfig = serde_json::from_str(
+///     r#"{ "name": "shop", "control": "127.0.0.1:9000", "token": "0123456789abcdef0123" }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(c.keepalive, 32);
+/// assert!(!serde_json::to_string(&c).unwrap().contains("0123456789abcdef0123"));
+/// // Validated like `new`: the control listener must be on loopback.
+/// assert!(serde_json::from_str::<NginxDynamicConfig>(
+///     r#"{ "name": "shop", "control": "10.0.0.1:9000", "token": "0123456789abcdef0123" }"#,
+/// )
+/// .is_err());
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
-pub struct DynamicConfig {
+pub struct NginxDynamicConfig {
     /// Base name: the upstream is `bluegreen_<name>`, the shared dict too.
     pub name: Name,
     /// The loopback address of the control listener.
     pub control: SocketAddr,
-    /// The control token (sent in `x-bluegreen-token`).
+    /// The control token (sent in `x-bluegreen-token`). Never serialized.
+    #[serde(skip_serializing)]
     pub token: Secret,
-    /// Bound on one control request.
+    /// Bound on one control request. Default 5 s.
+    #[serde(default = "five_seconds", with = "bluegreen_core::config::duration")]
     pub timeout: Duration,
-    /// `keepalive` connections per worker toward the upstreams (0: none).
+    /// `keepalive` connections per worker toward the upstreams (0: none). Default 32.
+    #[serde(default = "default_keepalive")]
     pub keepalive: u32,
     /// Where the last applied split is kept so that nginx resumes it after a restart.
+    #[serde(default)]
     pub state_file: Option<PathBuf>,
 }
 
-impl DynamicConfig {
+bluegreen_core::validated_serde!(NginxDynamicConfig);
+
+impl NginxDynamicConfig {
     /// Validates the name (letters, digits, `_`, `-`), that `control` is a loopback address, and the
-    /// token (16 to 128 of letters, digits, `_`, `-`; see [`DynamicConfig::generate_token`]).
+    /// token (16 to 128 of letters, digits, `_`, `-`; see [`NginxDynamicConfig::generate_token`]).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] naming the bad value (the token itself is never printed).
     pub fn new(name: &str, control: SocketAddr, token: Secret) -> Result<Self> {
-        let name = Name::new(name)?;
+        let config = NginxDynamicConfig {
+            name: Name::new(name)?,
+            control,
+            token,
+            timeout: five_seconds(),
+            keepalive: default_keepalive(),
+            state_file: None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what [`new`](Self::new) and [`with_state_file`](Self::with_state_file) check; run
+    /// when deserializing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the bad value (the token itself is never printed).
+    pub fn validate(&self) -> Result<()> {
+        let name = &self.name;
+        let control = self.control;
+        let token = &self.token;
         if name.as_str().contains(['.', '+']) {
             return Err(Error::invalid(
                 "nginx upstream name",
@@ -84,14 +155,10 @@ impl DynamicConfig {
                 "expected 16 to 128 of letters, digits, `_`, `-`",
             ));
         }
-        Ok(DynamicConfig {
-            name,
-            control,
-            token,
-            timeout: Duration::from_secs(5),
-            keepalive: 32,
-            state_file: None,
-        })
+        if let Some(path) = &self.state_file {
+            check_state_file(path)?;
+        }
+        Ok(())
     }
 
     /// A random 48-character token from the OS's random source (`/dev/urandom`).
@@ -131,20 +198,7 @@ impl DynamicConfig {
     /// `/._-` (it is written into the Lua code).
     pub fn with_state_file(mut self, path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let text = path.to_string_lossy();
-        let ok = path.is_absolute()
-            && text.len() <= 1024
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
-            && path.file_name().is_some();
-        if !ok {
-            return Err(Error::invalid(
-                "state file",
-                text.into_owned(),
-                "expected an absolute path of letters, digits and /._-",
-            ));
-        }
+        check_state_file(&path)?;
         self.state_file = Some(path);
         Ok(self)
     }
@@ -370,24 +424,24 @@ const STICKY_FILTER: &str = r#"    local c, s = ngx.ctx.bluegreen_cookie, ngx.ct
 "#;
 
 /// `Dynamic` mode switch: sets and reads the split through the control listener of the snippet
-/// rendered by [`DynamicConfig::render_snippet`]. Nothing is reloaded.
+/// rendered by [`NginxDynamicConfig::render_snippet`]. Nothing is reloaded.
 ///
 /// Cheap to clone; clones share the configuration.
 #[derive(Debug, Clone)]
-pub struct DynamicSwitch {
-    config: Arc<DynamicConfig>,
+pub struct NginxDynamicSwitch {
+    config: Arc<NginxDynamicConfig>,
 }
 
-impl DynamicSwitch {
+impl NginxDynamicSwitch {
     /// A switch talking to the control listener of `config`.
-    pub fn new(config: DynamicConfig) -> Self {
-        DynamicSwitch {
+    pub fn new(config: NginxDynamicConfig) -> Self {
+        NginxDynamicSwitch {
             config: Arc::new(config),
         }
     }
 
     /// The configuration.
-    pub fn config(&self) -> &DynamicConfig {
+    pub fn config(&self) -> &NginxDynamicConfig {
         &self.config
     }
 
@@ -507,7 +561,7 @@ fn write_state(path: &Path, text: &str) -> Result<(), NginxError> {
 }
 
 #[async_trait]
-impl TrafficSwitch for DynamicSwitch {
+impl TrafficSwitch for NginxDynamicSwitch {
     fn name(&self) -> &str {
         crate::NAME
     }
@@ -549,28 +603,28 @@ mod tests {
     #[test]
     fn config_refuses_bad_names_addresses_and_tokens() {
         let ctl: SocketAddr = "127.0.0.1:9000".parse().unwrap();
-        assert!(DynamicConfig::new("app", ctl, token()).is_ok());
-        assert!(DynamicConfig::new("app;x", ctl, token()).is_err());
-        assert!(DynamicConfig::new("a.b", ctl, token()).is_err());
-        assert!(DynamicConfig::new("app", "0.0.0.0:9000".parse().unwrap(), token()).is_err());
-        assert!(DynamicConfig::new("app", "10.1.2.3:9000".parse().unwrap(), token()).is_err());
-        let err = DynamicConfig::new("app", ctl, Secret::new("short\"quote")).unwrap_err();
+        assert!(NginxDynamicConfig::new("app", ctl, token()).is_ok());
+        assert!(NginxDynamicConfig::new("app;x", ctl, token()).is_err());
+        assert!(NginxDynamicConfig::new("a.b", ctl, token()).is_err());
+        assert!(NginxDynamicConfig::new("app", "0.0.0.0:9000".parse().unwrap(), token()).is_err());
+        assert!(NginxDynamicConfig::new("app", "10.1.2.3:9000".parse().unwrap(), token()).is_err());
+        let err = NginxDynamicConfig::new("app", ctl, Secret::new("short\"quote")).unwrap_err();
         assert!(!err.to_string().contains("short"), "token leaked: {err}");
-        let err = DynamicConfig::new("app", ctl, Secret::new("x\";os.exit()--aaaaaaaaaa"));
+        let err = NginxDynamicConfig::new("app", ctl, Secret::new("x\";os.exit()--aaaaaaaaaa"));
         assert!(err.is_err());
     }
 
     #[test]
     fn generated_tokens_are_accepted_and_differ() {
-        let a = DynamicConfig::generate_token().unwrap();
-        let b = DynamicConfig::generate_token().unwrap();
+        let a = NginxDynamicConfig::generate_token().unwrap();
+        let b = NginxDynamicConfig::generate_token().unwrap();
         assert_ne!(a.expose(), b.expose());
-        assert!(DynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), a).is_ok());
+        assert!(NginxDynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), a).is_ok());
     }
 
     #[test]
     fn snippet_names_the_dict_upstream_and_listener_and_debug_hides_the_token() {
-        let c = DynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), token()).unwrap();
+        let c = NginxDynamicConfig::new("app", "127.0.0.1:9000".parse().unwrap(), token()).unwrap();
         let s = c.render_snippet();
         assert!(s.contains("lua_shared_dict bluegreen_app 1m;"), "{s}");
         assert!(s.contains("upstream bluegreen_app {"), "{s}");

@@ -157,7 +157,7 @@ pub enum NginxError {
     },
 
     /// The control listener refused the token.
-    #[error("the nginx control listener {addr} refused the token (HTTP 401); the token given to DynamicSwitch differs from the one in the rendered snippet")]
+    #[error("the nginx control listener {addr} refused the token (HTTP 401); the token given to NginxDynamicSwitch differs from the one in the rendered snippet")]
     Unauthorized {
         /// Its address.
         addr: String,
@@ -262,8 +262,10 @@ impl NginxError {
         }
     }
 
-    /// Into core's error, naming `operation`.
-    pub(crate) fn into_core(self, operation: &str) -> bluegreen_core::Error {
+    /// Converts into core's [`Error::Backend`](bluegreen_core::Error::Backend) for backend
+    /// [`NAME`](crate::NAME) and `operation`, keeping this error as the source and its
+    /// retryability.
+    pub fn into_core(self, operation: &str) -> bluegreen_core::Error {
         let retryable = self.is_retryable();
         bluegreen_core::Error::backend(crate::NAME, operation, retryable, self)
     }

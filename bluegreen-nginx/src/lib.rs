@@ -9,11 +9,11 @@ mod http;
 mod master;
 mod reload;
 
-pub use dynamic::{DynamicConfig, DynamicSwitch, CONTROL_PATH, TOKEN_HEADER};
+pub use dynamic::{NginxDynamicConfig, NginxDynamicSwitch, CONTROL_PATH, TOKEN_HEADER};
 pub use error::{NginxError, Restored, Step};
 pub use format::{Routing, MAX_PEERS_PER_SLOT};
 pub use master::NginxCommand;
-pub use reload::{ReloadConfig, ReloadReport, ReloadSwitch, SlotMarker, VerifyProbe};
+pub use reload::{NginxReloadConfig, NginxReloadSwitch, ReloadReport, SlotMarker, VerifyProbe};
 
 /// The name both switches report (`TrafficSwitch::name`), as found in errors and events.
 pub const NAME: &str = "nginx";

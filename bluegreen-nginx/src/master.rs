@@ -7,16 +7,24 @@ use rustix::process::{Pid, Signal};
 
 use crate::error::NginxError;
 
-/// How to run the `nginx` binary against a configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to run the `nginx` binary against a configuration. In files: `main_config`, and
+/// optionally `binary` and `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NginxCommand {
     /// The binary (`nginx`, found on `PATH`, by default).
+    #[serde(default = "default_binary")]
     pub binary: PathBuf,
     /// The main configuration file (`-c`).
     pub main_config: PathBuf,
     /// The prefix (`-p`), when not the compiled-in one.
+    #[serde(default)]
     pub prefix: Option<PathBuf>,
+}
+
+fn default_binary() -> PathBuf {
+    PathBuf::from("nginx")
 }
 
 impl NginxCommand {

@@ -12,6 +12,7 @@ use bluegreen_core::{
     TrafficSwitchExt,
 };
 use rustix::process::Pid;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{NginxError, Restored, Step};
 use crate::format::{self, Routing};
@@ -20,8 +21,10 @@ use crate::master::{self, NginxCommand};
 
 const HEADER: &str = "# bluegreen-nginx Reload include: generated, do not edit (bluegreen refuses to read a hand-edited file).";
 
-/// How the verification probe tells which slot answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the verification probe tells which slot answered. In files:
+/// `{ header = "x-bluegreen-slot" }` or `{ upstream-addr-header = "x-upstream" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum SlotMarker {
     /// A response header whose value is `blue` or `green` (the demo app's `x-bluegreen-slot`).
@@ -33,17 +36,64 @@ pub enum SlotMarker {
 }
 
 /// A request sent through nginx after a reload to check that new requests reach the target.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// In files only `addr` is required.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct VerifyProbe {
     /// nginx's listener to probe.
     pub addr: SocketAddr,
     /// The path to request (`/` by default).
+    #[serde(default = "root_path")]
     pub path: String,
-    /// How to tell the slot.
+    /// How to tell the slot (`x-bluegreen-slot` by default).
+    #[serde(default = "default_marker")]
     pub marker: SlotMarker,
-    /// Consecutive answers from the target needed.
+    /// Consecutive answers from the target needed (3 by default).
+    #[serde(default = "three")]
     pub consecutive: u32,
+}
+
+bluegreen_core::validated_serde!(VerifyProbe);
+
+fn root_path() -> String {
+    "/".into()
+}
+
+fn default_marker() -> SlotMarker {
+    SlotMarker::Header("x-bluegreen-slot".into())
+}
+
+fn three() -> u32 {
+    3
+}
+
+fn check_verify_path(path: &str) -> Result<()> {
+    let ok = path.starts_with('/')
+        && path.len() <= 1024
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-~?=&%".contains(&b));
+    if !ok {
+        return Err(Error::invalid(
+            "verify path",
+            path,
+            "expected a /-rooted path of letters, digits and /._-~?=&%",
+        ));
+    }
+    Ok(())
+}
+
+fn check_marker(marker: &SlotMarker) -> Result<()> {
+    let (SlotMarker::Header(h) | SlotMarker::UpstreamAddrHeader(h)) = marker;
+    if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(Error::invalid(
+            "verify header",
+            h,
+            "expected letters, digits and `-`",
+        ));
+    }
+    Ok(())
 }
 
 impl VerifyProbe {
@@ -51,10 +101,19 @@ impl VerifyProbe {
     pub fn new(addr: SocketAddr) -> Self {
         VerifyProbe {
             addr,
-            path: "/".into(),
-            marker: SlotMarker::Header("x-bluegreen-slot".into()),
-            consecutive: 3,
+            path: root_path(),
+            marker: default_marker(),
+            consecutive: three(),
         }
+    }
+
+    /// Checks the path and the marker's header name; run when deserializing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad path or header name.
+    pub fn validate(&self) -> Result<()> {
+        check_verify_path(&self.path)?;
+        check_marker(&self.marker)
     }
 
     /// With another path (`/`-rooted; letters, digits and `/._-~?=&%` only).
@@ -62,18 +121,7 @@ impl VerifyProbe {
     /// # Errors
     /// [`Error::InvalidInput`] for anything else.
     pub fn with_path(mut self, path: &str) -> Result<Self> {
-        let ok = path.starts_with('/')
-            && path.len() <= 1024
-            && path
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._-~?=&%".contains(&b));
-        if !ok {
-            return Err(Error::invalid(
-                "verify path",
-                path,
-                "expected a /-rooted path of letters, digits and /._-~?=&%",
-            ));
-        }
+        check_verify_path(path)?;
         self.path = path.to_string();
         Ok(self)
     }
@@ -83,23 +131,38 @@ impl VerifyProbe {
     /// # Errors
     /// [`Error::InvalidInput`] for a bad header name.
     pub fn with_marker(mut self, marker: SlotMarker) -> Result<Self> {
-        let (SlotMarker::Header(h) | SlotMarker::UpstreamAddrHeader(h)) = &marker;
-        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err(Error::invalid(
-                "verify header",
-                h,
-                "expected letters, digits and `-`",
-            ));
-        }
+        check_marker(&marker)?;
         self.marker = marker;
         Ok(self)
     }
 }
 
-/// Settings of a [`ReloadSwitch`].
-#[derive(Debug, Clone)]
+/// Settings of a [`NginxReloadSwitch`].
+///
+/// ```
+/// use bluegreen_nginx::NginxReloadConfig;
+///
+/// let c: NginxReloadConfig = serde_json::from_str(
+///     r#"{
+///         "nginx": { "main_config": "/etc/nginx/nginx.conf" },
+///         "include": "/etc/nginx/conf.d/shop-upstream.conf",
+///         "upstream": "shop",
+///         "pid_file": "/run/nginx.pid",
+///         "verify": { "addr": "127.0.0.1:80" },
+///         "reload_timeout": "20s"
+///     }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(c.keepalive, 32);
+/// assert!(serde_json::from_str::<NginxReloadConfig>(
+///     r#"{ "nginx": { "main_config": "n.conf" }, "include": "/", "upstream": "shop", "pid_file": "p" }"#,
+/// )
+/// .is_err());
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
-pub struct ReloadConfig {
+pub struct NginxReloadConfig {
     /// How to run `nginx -t` against the real main configuration.
     pub nginx: NginxCommand,
     /// The include this switch owns (your `nginx.conf` includes it at http level).
@@ -109,20 +172,45 @@ pub struct ReloadConfig {
     /// The master's pid file.
     pub pid_file: PathBuf,
     /// Probe through nginx after each reload (strongly advised).
+    #[serde(default)]
     pub verify: Option<VerifyProbe>,
-    /// `keepalive` connections per worker toward the upstreams (0: none).
+    /// `keepalive` connections per worker toward the upstreams (0: none). Default 32.
+    #[serde(default = "default_keepalive")]
     pub keepalive: u32,
-    /// Bound on `nginx -t`.
+    /// Bound on `nginx -t`. Default 30 s.
+    #[serde(default = "thirty_seconds", with = "bluegreen_core::config::duration")]
     pub test_timeout: Duration,
-    /// Bound on the master starting new workers after SIGHUP.
+    /// Bound on the master starting new workers after SIGHUP. Default 15 s.
+    #[serde(default = "fifteen_seconds", with = "bluegreen_core::config::duration")]
     pub reload_timeout: Duration,
-    /// Bound on verification through nginx.
+    /// Bound on verification through nginx. Default 15 s.
+    #[serde(default = "fifteen_seconds", with = "bluegreen_core::config::duration")]
     pub verify_timeout: Duration,
     /// How long to wait for old workers to finish their requests before reporting them.
+    /// Default 5 s.
+    #[serde(default = "five_seconds", with = "bluegreen_core::config::duration")]
     pub drain_wait: Duration,
 }
 
-impl ReloadConfig {
+bluegreen_core::validated_serde!(NginxReloadConfig);
+
+fn default_keepalive() -> u32 {
+    32
+}
+
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn fifteen_seconds() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl NginxReloadConfig {
     /// A switch owning `include`, rendering `upstream <upstream> { … }`, signalling the master in
     /// `pid_file`, testing with `nginx`.
     ///
@@ -135,7 +223,29 @@ impl ReloadConfig {
         upstream: &str,
         pid_file: impl Into<PathBuf>,
     ) -> Result<Self> {
-        let upstream = Name::new(upstream)?;
+        let config = NginxReloadConfig {
+            nginx,
+            include: include.into(),
+            upstream: Name::new(upstream)?,
+            pid_file: pid_file.into(),
+            verify: None,
+            keepalive: default_keepalive(),
+            test_timeout: thirty_seconds(),
+            reload_timeout: fifteen_seconds(),
+            verify_timeout: fifteen_seconds(),
+            drain_wait: five_seconds(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what [`new`](Self::new) checks, and the probe; run when deserializing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an upstream name outside letters, digits, `_`, `-`, an
+    /// include path without a file name, or a bad probe.
+    pub fn validate(&self) -> Result<()> {
+        let upstream = &self.upstream;
         if upstream.as_str().contains(['.', '+']) {
             return Err(Error::invalid(
                 "nginx upstream name",
@@ -143,7 +253,7 @@ impl ReloadConfig {
                 "use letters, digits, `_` and `-` only",
             ));
         }
-        let include = include.into();
+        let include = &self.include;
         if include.file_name().is_none() {
             return Err(Error::invalid(
                 "include path",
@@ -151,20 +261,11 @@ impl ReloadConfig {
                 "must name a file",
             ));
         }
-        Ok(ReloadConfig {
-            nginx,
-            include,
-            upstream,
-            pid_file: pid_file.into(),
-            verify: None,
-            keepalive: 32,
-            test_timeout: Duration::from_secs(30),
-            reload_timeout: Duration::from_secs(15),
-            verify_timeout: Duration::from_secs(15),
-            drain_wait: Duration::from_secs(5),
-        })
+        if let Some(probe) = &self.verify {
+            probe.validate()?;
+        }
+        Ok(())
     }
-
     /// With a verification probe.
     pub fn with_verify(mut self, probe: VerifyProbe) -> Self {
         self.verify = Some(probe);
@@ -207,7 +308,7 @@ impl ReloadConfig {
     }
 }
 
-/// What a [`ReloadSwitch::switch_to`] did.
+/// What a [`NginxReloadSwitch::switch_to`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReloadReport {
@@ -312,22 +413,22 @@ pub(crate) fn parse_include(text: &str) -> std::result::Result<Routing, String> 
 /// Clones share one lock: switches through clones of one handle never interleave. Two separate
 /// processes switching the same include are not coordinated (the engine's deployment lock is).
 #[derive(Debug, Clone)]
-pub struct ReloadSwitch {
-    config: Arc<ReloadConfig>,
+pub struct NginxReloadSwitch {
+    config: Arc<NginxReloadConfig>,
     lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-impl ReloadSwitch {
+impl NginxReloadSwitch {
     /// A switch with `config`.
-    pub fn new(config: ReloadConfig) -> Self {
-        ReloadSwitch {
+    pub fn new(config: NginxReloadConfig) -> Self {
+        NginxReloadSwitch {
             config: Arc::new(config),
             lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
     /// The configuration.
-    pub fn config(&self) -> &ReloadConfig {
+    pub fn config(&self) -> &NginxReloadConfig {
         &self.config
     }
 
@@ -634,7 +735,7 @@ async fn wait_old_workers(pid: Pid, before: &[master::Worker], bound: Duration) 
 }
 
 #[async_trait]
-impl TrafficSwitch for ReloadSwitch {
+impl TrafficSwitch for NginxReloadSwitch {
     fn name(&self) -> &str {
         crate::NAME
     }
@@ -717,9 +818,13 @@ mod tests {
     #[test]
     fn config_and_probe_validate_their_input() {
         let cmd = NginxCommand::new("/etc/nginx/nginx.conf");
-        assert!(ReloadConfig::new(cmd.clone(), "/tmp/x.conf", "app", "/run/nginx.pid").is_ok());
-        assert!(ReloadConfig::new(cmd.clone(), "/tmp/x.conf", "a;pp", "/run/nginx.pid").is_err());
-        assert!(ReloadConfig::new(cmd, "/tmp/x.conf", "a.b", "/run/nginx.pid").is_err());
+        assert!(
+            NginxReloadConfig::new(cmd.clone(), "/tmp/x.conf", "app", "/run/nginx.pid").is_ok()
+        );
+        assert!(
+            NginxReloadConfig::new(cmd.clone(), "/tmp/x.conf", "a;pp", "/run/nginx.pid").is_err()
+        );
+        assert!(NginxReloadConfig::new(cmd, "/tmp/x.conf", "a.b", "/run/nginx.pid").is_err());
         let p = VerifyProbe::new("127.0.0.1:80".parse().unwrap());
         assert!(p.clone().with_path("/health?x=1").is_ok());
         assert!(p.clone().with_path("/a b").is_err());

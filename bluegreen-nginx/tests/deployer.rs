@@ -12,7 +12,7 @@ use bluegreen_core::{
     CanaryStep, Deployer, FileStateStore, HttpVersionProbe, Policy, Release, RunOutcome,
     TrafficSplit, TrafficSwitch, VersionMarker,
 };
-use bluegreen_nginx::DynamicSwitch;
+use bluegreen_nginx::NginxDynamicSwitch;
 use bluegreen_process::{ProcessConfig, ProcessEnvironment};
 use bluegreen_testenv::{Load, LoadOptions};
 
@@ -37,7 +37,7 @@ async fn deployer_with_processes_and_the_dynamic_nginx_switch_deploys_and_rolls_
     let (nginx, config) =
         bluegreen_testenv::nginx::start_dynamic(&dir.path().join("nginx"), "app", Ok).unwrap();
     let listen = nginx.listen();
-    let switch = DynamicSwitch::new(config);
+    let switch = NginxDynamicSwitch::new(config);
     let env = ProcessEnvironment::new(ProcessConfig::new(dir.path().join("process")));
     let _guard = KillAll(env.clone());
     let url = format!("http://{listen}/");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bluegreen_core::testkit::switch_suite;
 use bluegreen_core::{Error, Secret, Slot, TrafficSplit, TrafficSwitch};
-use bluegreen_nginx::{DynamicConfig, DynamicSwitch, NginxError};
+use bluegreen_nginx::{NginxDynamicConfig, NginxDynamicSwitch, NginxError};
 use bluegreen_testenv::port::RefusedAddr;
 use bluegreen_testenv::{Load, LoadOptions};
 
@@ -39,7 +39,7 @@ async fn dynamic_switch_passes_the_switch_conformance_suite() {
         .backends
         .suite()
         .served_through(s.listen)
-        .reopen(move || DynamicSwitch::new(config.clone()))
+        .reopen(move || NginxDynamicSwitch::new(config.clone()))
         .build();
     switch_suite(&s.switch, &suite).await.assert_complete();
     let boxed: Box<dyn TrafficSwitch> = Box::new(s.switch.clone());
@@ -163,8 +163,8 @@ async fn wrong_token_and_unreachable_listener_are_clear_errors_and_change_nothin
         .unwrap();
 
     // Wrong token: 401, reported as such, split unchanged.
-    let wrong = DynamicSwitch::new(
-        DynamicConfig::new(
+    let wrong = NginxDynamicSwitch::new(
+        NginxDynamicConfig::new(
             "app",
             s.switch.config().control,
             Secret::new("wrong-token-0123456789"),
@@ -194,11 +194,11 @@ async fn wrong_token_and_unreachable_listener_are_clear_errors_and_change_nothin
 
     // Unreachable listener (nothing listens there).
     let refused = RefusedAddr::new();
-    let nowhere = DynamicSwitch::new(
-        DynamicConfig::new(
+    let nowhere = NginxDynamicSwitch::new(
+        NginxDynamicConfig::new(
             "app",
             refused.addr(),
-            DynamicConfig::generate_token().unwrap(),
+            NginxDynamicConfig::generate_token().unwrap(),
         )
         .unwrap()
         .with_timeout(Duration::from_secs(2)),
@@ -294,7 +294,7 @@ async fn with_a_state_file_a_restarted_nginx_resumes_the_last_split() {
     let listen = nginx.listen();
     // Restarted below on the same ports, as an operator restarts it.
     let standalone = nginx.config().clone();
-    let switch = DynamicSwitch::new(config);
+    let switch = NginxDynamicSwitch::new(config);
     let canary = TrafficSplit::canary(Slot::Green, 40).unwrap();
     switch.apply(&canary, &endpoints).await.unwrap();
     switch
@@ -326,10 +326,10 @@ async fn with_a_state_file_a_restarted_nginx_resumes_the_last_split() {
 
 #[test]
 fn state_file_paths_are_validated() {
-    let c = DynamicConfig::new(
+    let c = NginxDynamicConfig::new(
         "app",
         "127.0.0.1:9000".parse().unwrap(),
-        DynamicConfig::generate_token().unwrap(),
+        NginxDynamicConfig::generate_token().unwrap(),
     )
     .unwrap();
     assert!(c.clone().with_state_file("/var/lib/bg/split").is_ok());

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bluegreen_core::testkit::switch_suite;
 use bluegreen_core::{Endpoint, Error, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
-use bluegreen_nginx::{NginxError, ReloadConfig, ReloadSwitch, Restored, Routing, Step};
+use bluegreen_nginx::{NginxError, NginxReloadConfig, NginxReloadSwitch, Restored, Routing, Step};
 
 fn nginx_error(e: &Error) -> &NginxError {
     match e {
@@ -34,7 +34,7 @@ async fn reload_switch_passes_the_switch_conformance_suite() {
         .backends
         .suite()
         .served_through(s.listen)
-        .reopen(move || ReloadSwitch::new(config.clone()))
+        .reopen(move || NginxReloadSwitch::new(config.clone()))
         .build();
     switch_suite(&s.switch, &suite).await.assert_complete();
 }
@@ -97,7 +97,7 @@ async fn a_switch_whose_requests_do_not_reach_the_target_is_rolled_back() {
         .unwrap();
     let mut endpoints = s.backends.endpoints();
     endpoints.green = vec![Endpoint::new("127.0.0.1", wrong.local_addr().port())];
-    let switch = ReloadSwitch::new(
+    let switch = NginxReloadSwitch::new(
         s.switch
             .config()
             .clone()
@@ -140,7 +140,7 @@ async fn nginx_not_running_and_a_stale_pid_file_are_told_apart_and_change_nothin
     std::fs::write(&stale, format!("{dead}\n")).unwrap();
     let mut config = s.switch.config().clone();
     config.pid_file = stale;
-    let err = ReloadSwitch::new(config)
+    let err = NginxReloadSwitch::new(config)
         .apply(&TrafficSplit::all(Slot::Green), &endpoints)
         .await
         .unwrap_err();
@@ -179,7 +179,7 @@ async fn permission_denied_on_the_include_is_reported_with_the_path() {
     // Even root cannot create files in sysfs.
     let mut config = s.switch.config().clone();
     config.include = "/sys/kernel/bluegreen-nginx-test.conf".into();
-    let err = ReloadSwitch::new(config)
+    let err = NginxReloadSwitch::new(config)
         .apply(&TrafficSplit::all(Slot::Green), &s.backends.endpoints())
         .await
         .unwrap_err();
@@ -222,7 +222,7 @@ async fn old_workers_still_serving_are_reported_and_their_request_completes() {
     let slow =
         tokio::spawn(async move { bluegreen_demo::client::get(listen, "/slow?ms=5000").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let switch = ReloadSwitch::new(
+    let switch = NginxReloadSwitch::new(
         s.switch
             .config()
             .clone()
@@ -250,7 +250,7 @@ async fn old_workers_still_serving_are_reported_and_their_request_completes() {
         split: TrafficSplit::all(Slot::Blue),
         endpoints: s.backends.endpoints(),
     };
-    let report = ReloadSwitch::new(
+    let report = NginxReloadSwitch::new(
         s.switch
             .config()
             .clone()
@@ -267,7 +267,7 @@ fn reload_config_refuses_hostile_names() {
     let cmd = bluegreen_nginx::NginxCommand::new("/etc/nginx/nginx.conf");
     for bad in ["app;", "app\n", "a b", "app}", ""] {
         assert!(
-            ReloadConfig::new(cmd.clone(), "/tmp/u.conf", bad, "/run/nginx.pid").is_err(),
+            NginxReloadConfig::new(cmd.clone(), "/tmp/u.conf", bad, "/run/nginx.pid").is_err(),
             "{bad:?}"
         );
     }
@@ -302,7 +302,7 @@ async fn a_reload_the_master_rejects_is_reported_and_the_previous_include_restor
     config.nginx = bluegreen_nginx::NginxCommand::new(&other_conf).with_prefix(&other);
     let mut endpoints = s.backends.endpoints();
     endpoints.green = vec![Endpoint::new("no-such-host.invalid", 8080)];
-    let err = ReloadSwitch::new(config)
+    let err = NginxReloadSwitch::new(config)
         .apply(&TrafficSplit::all(Slot::Green), &endpoints)
         .await
         .unwrap_err();

@@ -4,8 +4,10 @@ use std::fmt;
 use std::time::Duration;
 
 use bluegreen_core::{DbBinding, Error, Result, Secret};
+use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, NoTls};
 
+use crate::error::pg_error;
 use crate::ident::validate_ident;
 
 /// Where and as whom to connect: host, port, user, password, database.
@@ -15,15 +17,28 @@ use crate::ident::validate_ident;
 /// releases through [`DbBinding::secret_env`].
 ///
 /// ```
-/// use bluegreen_postgres::PgConfig;
-/// let cfg = PgConfig::new("127.0.0.1", 5432, "app")
+/// use bluegreen_postgres::PostgresConfig;
+/// let cfg = PostgresConfig::new("127.0.0.1", 5432, "app")
 ///     .with_user("deployer")
 ///     .with_password("s3cret");
 /// assert!(!format!("{cfg:?}").contains("s3cret"));
+///
+/// // In a file: the password is named by an environment variable, read when the file is read,
+/// // and never written back.
+/// std::env::set_var("DOC_PG_PASSWORD", "s3cret");
+/// let from_file: PostgresConfig = serde_json::from_str(
+///     r#"{ "dbname": "app", "user": "deployer", "password_env": "DOC_PG_PASSWORD" }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(from_file.host, "127.0.0.1");
+/// assert_eq!(from_file.password.as_ref().map(|p| p.expose()), Some("s3cret"));
+/// let written = serde_json::to_string(&from_file).unwrap();
+/// assert!(written.contains("DOC_PG_PASSWORD") && !written.contains("s3cret"), "{written}");
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PostgresConfigFile", into = "PostgresConfigFile")]
 #[non_exhaustive]
-pub struct PgConfig {
+pub struct PostgresConfig {
     /// Host name, IP address, or a Unix-socket directory (starting with `/`).
     pub host: String,
     /// Port.
@@ -36,11 +51,88 @@ pub struct PgConfig {
     pub dbname: String,
     /// Connect timeout (default 10 s).
     pub connect_timeout: Duration,
+    /// The environment variable the password was read from, when it came from a file; written
+    /// back instead of the password.
+    pub password_env: Option<String>,
 }
 
-impl fmt::Debug for PgConfig {
+/// [`PostgresConfig`] as a file spells it: the password by the name of the environment variable
+/// holding it (`password_env`), never in clear.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostgresConfigFile {
+    #[serde(default = "default_host")]
+    host: String,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default = "default_user")]
+    user: String,
+    dbname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    password_env: Option<String>,
+    #[serde(default = "ten_seconds", with = "bluegreen_core::config::duration")]
+    connect_timeout: Duration,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    5432
+}
+fn default_user() -> String {
+    "postgres".into()
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl TryFrom<PostgresConfigFile> for PostgresConfig {
+    type Error = Error;
+
+    /// Reads the password from `password_env` (an error naming the variable when it is unset)
+    /// and validates the names.
+    fn try_from(f: PostgresConfigFile) -> Result<Self> {
+        let password = match &f.password_env {
+            Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
+                Error::invalid(
+                    "password_env",
+                    var,
+                    format!("the environment variable {var} is not set"),
+                )
+            })?)),
+            None => None,
+        };
+        let config = PostgresConfig {
+            host: f.host,
+            port: f.port,
+            user: f.user,
+            password,
+            dbname: f.dbname,
+            connect_timeout: f.connect_timeout,
+            password_env: f.password_env,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl From<PostgresConfig> for PostgresConfigFile {
+    fn from(c: PostgresConfig) -> Self {
+        PostgresConfigFile {
+            host: c.host,
+            port: c.port,
+            user: c.user,
+            dbname: c.dbname,
+            password_env: c.password_env,
+            connect_timeout: c.connect_timeout,
+        }
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgConfig")
+        f.debug_struct("PostgresConfig")
             .field("host", &self.host)
             .field("port", &self.port)
             .field("user", &self.user)
@@ -50,16 +142,17 @@ impl fmt::Debug for PgConfig {
     }
 }
 
-impl PgConfig {
+impl PostgresConfig {
     /// Settings for `dbname` on `host:port` as user `postgres`, without a password.
     pub fn new(host: impl Into<String>, port: u16, dbname: impl Into<String>) -> Self {
-        PgConfig {
+        PostgresConfig {
             host: host.into(),
             port,
-            user: "postgres".into(),
+            user: default_user(),
             password: None,
             dbname: dbname.into(),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: ten_seconds(),
+            password_env: None,
         }
     }
 
@@ -88,12 +181,16 @@ impl PgConfig {
     }
 
     /// The same server, database `dbname`.
-    pub(crate) fn db(&self, dbname: &str) -> PgConfig {
+    pub(crate) fn db(&self, dbname: &str) -> PostgresConfig {
         self.clone().with_dbname(dbname)
     }
 
-    /// Checks the names in these settings.
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks the names in these settings (also run when deserializing).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a database or user name outside the identifier grammar, or a
+    /// host that is empty or holds spaces or quotes.
+    pub fn validate(&self) -> Result<()> {
         validate_ident("database", &self.dbname)?;
         validate_ident("user", &self.user)?;
         if self.host.is_empty() || self.host.chars().any(|c| c.is_whitespace() || c == '\'') {
@@ -239,77 +336,5 @@ impl PgConfig {
             v.push(("PGPASSWORD", p.expose().to_string()));
         }
         v
-    }
-}
-
-/// A PostgreSQL error with the server's message (the driver's `Display` says only "db error").
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct PgError {
-    /// What was being done.
-    pub context: String,
-    /// The server's (or driver's) message, with SQLSTATE, detail and hint when present.
-    pub message: String,
-    /// The SQLSTATE code, when the server sent one.
-    pub code: Option<String>,
-}
-
-/// Converts a driver error into core's [`Error::Backend`], keeping the server's message.
-pub(crate) fn pg_error(backend: &str, context: &str, e: tokio_postgres::Error) -> Error {
-    let (message, code, retryable) = match e.as_db_error() {
-        Some(db) => {
-            let mut m = format!("{} ({}): {}", db.severity(), db.code().code(), db.message());
-            if let Some(d) = db.detail() {
-                m.push_str(&format!("; detail: {d}"));
-            }
-            if let Some(h) = db.hint() {
-                m.push_str(&format!("; hint: {h}"));
-            }
-            let code = db.code().code().to_string();
-            // Serialization failures, deadlocks, lock timeouts, "cannot connect now", too many
-            // connections: trying again may work.
-            let retryable = matches!(
-                code.as_str(),
-                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
-            ) || code.starts_with("08");
-            (m, Some(code), retryable)
-        }
-        None => {
-            let mut m = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                m.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-            (m, None, e.is_closed() || io)
-        }
-    };
-    let _ = e;
-    Error::backend(
-        backend,
-        context,
-        retryable,
-        PgError {
-            context: context.to_string(),
-            message,
-            code,
-        },
-    )
-}
-
-/// An [`Error::Backend`] from a message.
-pub(crate) fn fail(backend: &str, operation: &str, message: impl Into<String>) -> Error {
-    Error::backend(backend, operation, false, message.into())
-}
-
-/// The SQLSTATE of a bluegreen error produced by [`pg_error`], if any.
-#[allow(dead_code)] // for callers that branch on a SQLSTATE
-pub(crate) fn sqlstate(e: &Error) -> Option<&str> {
-    match e {
-        Error::Backend { source, .. } => source
-            .downcast_ref::<PgError>()
-            .and_then(|p| p.code.as_deref()),
-        _ => None,
     }
 }

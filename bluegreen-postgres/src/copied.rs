@@ -1,4 +1,4 @@
-//! [`Copied`]: each slot has its own database, cloned from the live one at prepare time.
+//! [`CopiedDatabase`]: each slot has its own database, cloned from the live one at prepare time.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -10,10 +10,12 @@ use bluegreen_core::{
     DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Slot,
 };
 use futures_util::{pin_mut, SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::quote_ident;
 use crate::tools::{dump_into, dump_restore_parallel};
 use crate::util::{
@@ -25,53 +27,96 @@ const BACKEND: &str = "postgres copied";
 const MARK_DONE: &str = "bluegreen copied:";
 const MARK_SWITCHED: &str = "bluegreen copied (switched):";
 
-/// Settings of [`Copied`].
-#[derive(Debug, Clone)]
+/// Settings of [`CopiedDatabase`]. In files only `server` (or `connection`) is required.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct CopiedConfig {
     /// The server holding the live database; its `dbname` is the base database (live before the
     /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured).
-    pub server: PgConfig,
+    #[serde(alias = "connection")]
+    pub server: PostgresConfig,
     /// The server the copies go to (default: the same server).
-    pub target_server: Option<PgConfig>,
+    #[serde(default)]
+    pub target_server: Option<PostgresConfig>,
     /// Per-slot database names overriding `<base>_<slot>`.
+    #[serde(default)]
     pub slot_databases: bluegreen_core::PerSlot<Option<String>>,
     /// Parallel COPY workers (default 2).
+    #[serde(default = "two")]
     pub workers: usize,
     /// Use `CREATE DATABASE … TEMPLATE <live>` (same server only; refused while anyone else is
     /// connected to the live database). Default false.
+    #[serde(default)]
     pub template: bool,
     /// Directory of `pg_dump` and `psql` (default: the newest `/usr/lib/postgresql/*/bin`, else
     /// `PATH`). They must be at least as new as the server.
+    #[serde(default)]
     pub bin_dir: Option<PathBuf>,
     /// Bound for the whole copy (default 1 hour).
+    #[serde(default = "one_hour", with = "bluegreen_core::config::duration")]
     pub timeout: Duration,
     /// Drop the previous live slot's database in `finalize` (default true). The base database is
     /// never dropped.
+    #[serde(default = "yes")]
     pub drop_old_on_finalize: bool,
     /// Settings handed to releases instead of `server`'s (e.g. an application role); the database
     /// name is replaced by the slot's.
-    pub binding: Option<PgConfig>,
+    #[serde(default)]
+    pub binding: Option<PostgresConfig>,
+}
+
+bluegreen_core::validated_serde!(CopiedConfig);
+
+fn two() -> usize {
+    2
+}
+fn one_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+fn yes() -> bool {
+    true
 }
 
 impl CopiedConfig {
     /// Defaults for `server` (whose `dbname` is the base database).
-    pub fn new(server: PgConfig) -> Self {
+    pub fn new(server: PostgresConfig) -> Self {
         CopiedConfig {
             server,
             target_server: None,
             slot_databases: Default::default(),
-            workers: 2,
+            workers: two(),
             template: false,
             bin_dir: None,
-            timeout: Duration::from_secs(3600),
-            drop_old_on_finalize: true,
+            timeout: one_hour(),
+            drop_old_on_finalize: yes(),
             binding: None,
         }
     }
 
+    /// Checks both servers, every database name and the worker count (also run when
+    /// deserializing; [`CopiedDatabase::new`] checks the same).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](bluegreen_core::Error::InvalidInput) naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.workers == 0 {
+            return Err(bluegreen_core::Error::invalid(
+                "workers",
+                "0",
+                "at least one COPY worker",
+            ));
+        }
+        SlotDatabases::for_strategy(
+            &self.server,
+            self.target_server.as_ref(),
+            &self.slot_databases,
+        )
+        .map(|_| ())
+    }
+
     /// Copies go to another server.
-    pub fn with_target_server(mut self, target: PgConfig) -> Self {
+    pub fn with_target_server(mut self, target: PostgresConfig) -> Self {
         self.target_server = Some(target);
         self
     }
@@ -113,7 +158,7 @@ impl CopiedConfig {
     }
 
     /// Connection settings handed to releases (user, password); the database is the slot's.
-    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+    pub fn with_binding(mut self, binding: PostgresConfig) -> Self {
         self.binding = Some(binding);
         self
     }
@@ -154,15 +199,15 @@ pub struct CopyReport {
 /// any failure the target database is dropped.
 ///
 /// **Writes made to the live database after the snapshot are not in the copy.** When the target
-/// must have every write, use [`Replicated`](crate::Replicated), which streams them by logical
+/// must have every write, use [`ReplicatedDatabase`](crate::ReplicatedDatabase), which streams them by logical
 /// replication until the cutover.
 #[derive(Debug, Clone)]
-pub struct Copied {
+pub struct CopiedDatabase {
     config: CopiedConfig,
     dbs: SlotDatabases,
 }
 
-impl Copied {
+impl CopiedDatabase {
     /// A strategy with `config`; validates the database names.
     pub fn new(config: CopiedConfig) -> Result<Self> {
         let dbs = SlotDatabases::for_strategy(
@@ -170,7 +215,7 @@ impl Copied {
             config.target_server.as_ref(),
             &config.slot_databases,
         )?;
-        Ok(Copied { config, dbs })
+        Ok(CopiedDatabase { config, dbs })
     }
 
     /// The database `slot` uses.
@@ -178,7 +223,7 @@ impl Copied {
         self.dbs.of(slot)
     }
 
-    fn target_server(&self) -> &PgConfig {
+    fn target_server(&self) -> &PostgresConfig {
         self.config
             .target_server
             .as_ref()
@@ -405,8 +450,8 @@ const BATCH: usize = 256 * 1024;
 /// One worker: joins the snapshot, then copies tables from the queue until it is empty.
 async fn copy_worker(
     queue: Arc<Mutex<VecDeque<TableRef>>>,
-    src: &PgConfig,
-    tgt: &PgConfig,
+    src: &PostgresConfig,
+    tgt: &PostgresConfig,
     snapshot: &str,
 ) -> Result<(u64, u64)> {
     let s = src.connect(BACKEND).await?;
@@ -461,7 +506,7 @@ async fn copy_worker(
 }
 
 #[async_trait]
-impl DatabaseStrategy for Copied {
+impl DatabaseStrategy for CopiedDatabase {
     fn name(&self) -> &str {
         BACKEND
     }

@@ -3,6 +3,7 @@
 
 mod conn;
 mod copied;
+mod error;
 mod ident;
 mod replicated;
 mod shared;
@@ -11,11 +12,16 @@ mod store;
 mod tools;
 mod util;
 
-pub use conn::{PgConfig, PgError};
-pub use copied::{Copied, CopiedConfig, CopyReport};
+pub use conn::PostgresConfig;
+pub use copied::{CopiedConfig, CopiedDatabase, CopyReport};
+pub use error::PostgresError;
 pub use ident::{quote_ident, quote_literal, validate_ident};
 pub use replicated::{
-    AfterCutover, CutoverReport, Replicated, ReplicatedConfig, ReplicationStatus,
+    AfterCutover, CutoverReport, ReplicatedConfig, ReplicatedDatabase, ReplicationStatus,
 };
-pub use shared::{Migration, MigrationPhase, ReleaseMigrationsFn, Shared, SharedConfig};
+pub use shared::{Migration, MigrationPhase, ReleaseMigrationsFn, SharedConfig, SharedDatabase};
 pub use store::{PostgresStateStore, PostgresStoreConfig};
+
+/// The backend name the state store reports in errors; the strategies report
+/// `postgres shared`, `postgres copied` and `postgres replicated`.
+pub const NAME: &str = "postgres";

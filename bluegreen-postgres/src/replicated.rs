@@ -1,4 +1,4 @@
-//! [`Replicated`]: each slot has its own database, kept current by logical replication from the
+//! [`ReplicatedDatabase`]: each slot has its own database, kept current by logical replication from the
 //! live one until the cutover.
 
 use std::path::PathBuf;
@@ -9,9 +9,11 @@ use bluegreen_core::{
     DatabaseStrategy, DbBinding, DbContext, DbStep, Error, PerSlot, Prepared, Result, Slot,
     Timestamp,
 };
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, quote_literal, slot_safe, validate_ident};
 use crate::tools::dump_into;
 use crate::util::{
@@ -24,7 +26,8 @@ const MARK_READY: &str = "bluegreen replicated:";
 const MARK_SWITCHED: &str = "bluegreen replicated (switched):";
 
 /// What happens to the replication at the cutover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum AfterCutover {
     /// Drop it: the old database stops receiving changes.
@@ -35,58 +38,111 @@ pub enum AfterCutover {
     Reverse,
 }
 
-/// Settings of [`Replicated`].
-#[derive(Debug, Clone)]
+/// Settings of [`ReplicatedDatabase`]. In files only `server` (or `connection`) is required;
+/// `after_cutover` is `"reverse"` or `"drop"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ReplicatedConfig {
     /// The server holding the live database; its `dbname` is the base database (live before the
     /// first deploy; the slots use `<base>_blue` and `<base>_green` unless configured). Its user
     /// needs the `REPLICATION` attribute and ownership of the tables (or superuser). These
     /// settings are also how the target server reaches it for the subscription.
-    pub server: PgConfig,
+    #[serde(alias = "connection")]
+    pub server: PostgresConfig,
     /// The server the slot databases live on (default: the same server). Its user must be a
     /// superuser (PostgreSQL 15 requires it for `CREATE SUBSCRIPTION`).
-    pub target_server: Option<PgConfig>,
+    #[serde(default)]
+    pub target_server: Option<PostgresConfig>,
     /// Per-slot database names overriding `<base>_<slot>`.
+    #[serde(default)]
     pub slot_databases: PerSlot<Option<String>>,
     /// Directory of `pg_dump` and `psql` (default: the newest `/usr/lib/postgresql/*/bin`, else
     /// `PATH`).
+    #[serde(default)]
     pub bin_dir: Option<PathBuf>,
     /// Bound for the initial copy in `prepare` (default 1 hour).
+    #[serde(default = "one_hour", with = "bluegreen_core::config::duration")]
     pub sync_timeout: Duration,
     /// Bound for the replication to catch up at the cutover, once before and once after writes are
     /// frozen (default 60 s). When it is exceeded, the cutover fails and the live side is left
     /// writable and untouched.
+    #[serde(default = "one_minute", with = "bluegreen_core::config::duration")]
     pub lag_bound: Duration,
     /// Freeze writes on the live database during the cutover (default true):
     /// `ALTER DATABASE … SET default_transaction_read_only = on` and ending its client sessions,
     /// so a write that slips past the proxy's pause fails instead of being lost. The old database
     /// stays read-only after the switch (a rollback makes it writable again).
+    #[serde(default = "yes")]
     pub freeze_source: bool,
     /// Drop or reverse the replication at the cutover (default reverse).
+    #[serde(default)]
     pub after_cutover: AfterCutover,
     /// Added to every sequence value copied at the cutover (default 0: with writes frozen the
     /// values are exact).
+    #[serde(default)]
     pub sequence_margin: i64,
     /// Drop the previous live slot's database in `finalize` (default true). The base database is
     /// never dropped.
+    #[serde(default = "yes")]
     pub drop_old_on_finalize: bool,
     /// Settings handed to releases instead of the target server's (e.g. an application role);
     /// the database name is replaced by the slot's.
-    pub binding: Option<PgConfig>,
+    #[serde(default)]
+    pub binding: Option<PostgresConfig>,
+}
+
+bluegreen_core::validated_serde!(ReplicatedConfig);
+
+fn one_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+fn one_minute() -> Duration {
+    Duration::from_secs(60)
+}
+fn yes() -> bool {
+    true
 }
 
 impl ReplicatedConfig {
+    /// Checks both servers, every database name, and that the bounds and the sequence margin
+    /// are usable (also run when deserializing; [`ReplicatedDatabase::new`] checks the names).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.lag_bound.is_zero() || self.sync_timeout.is_zero() {
+            return Err(Error::invalid(
+                "lag_bound / sync_timeout",
+                format!("{:?} / {:?}", self.lag_bound, self.sync_timeout),
+                "must be greater than zero",
+            ));
+        }
+        if self.sequence_margin < 0 {
+            return Err(Error::invalid(
+                "sequence_margin",
+                self.sequence_margin.to_string(),
+                "must not be negative",
+            ));
+        }
+        SlotDatabases::for_strategy(
+            &self.server,
+            self.target_server.as_ref(),
+            &self.slot_databases,
+        )
+        .map(|_| ())
+    }
+
     /// Defaults for `server` (whose `dbname` is the base database).
-    pub fn new(server: PgConfig) -> Self {
+    pub fn new(server: PostgresConfig) -> Self {
         ReplicatedConfig {
             server,
             target_server: None,
             slot_databases: Default::default(),
             bin_dir: None,
-            sync_timeout: Duration::from_secs(3600),
-            lag_bound: Duration::from_secs(60),
-            freeze_source: true,
+            sync_timeout: one_hour(),
+            lag_bound: one_minute(),
+            freeze_source: yes(),
             after_cutover: AfterCutover::Reverse,
             sequence_margin: 0,
             drop_old_on_finalize: true,
@@ -95,7 +151,7 @@ impl ReplicatedConfig {
     }
 
     /// Slot databases live on another server.
-    pub fn with_target_server(mut self, target: PgConfig) -> Self {
+    pub fn with_target_server(mut self, target: PostgresConfig) -> Self {
         self.target_server = Some(target);
         self
     }
@@ -149,7 +205,7 @@ impl ReplicatedConfig {
     }
 
     /// Connection settings handed to releases (user, password); the database is the slot's.
-    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+    pub fn with_binding(mut self, binding: PostgresConfig) -> Self {
         self.binding = Some(binding);
         self
     }
@@ -219,7 +275,7 @@ pub struct CutoverReport {
 /// inside `CREATE SUBSCRIPTION` (never argv), and is removed from any error this crate returns,
 /// but superusers of the target server can read it in `pg_subscription`.
 #[derive(Debug, Clone)]
-pub struct Replicated {
+pub struct ReplicatedDatabase {
     config: ReplicatedConfig,
     dbs: SlotDatabases,
 }
@@ -253,7 +309,7 @@ impl Names {
     }
 }
 
-impl Replicated {
+impl ReplicatedDatabase {
     /// A strategy with `config`; validates the database names.
     pub fn new(config: ReplicatedConfig) -> Result<Self> {
         let dbs = SlotDatabases::for_strategy(
@@ -261,7 +317,7 @@ impl Replicated {
             config.target_server.as_ref(),
             &config.slot_databases,
         )?;
-        Ok(Replicated { config, dbs })
+        Ok(ReplicatedDatabase { config, dbs })
     }
 
     /// The database `slot` uses.
@@ -269,7 +325,7 @@ impl Replicated {
         self.dbs.of(slot)
     }
 
-    fn target_server(&self) -> &PgConfig {
+    fn target_server(&self) -> &PostgresConfig {
         self.config
             .target_server
             .as_ref()
@@ -627,7 +683,7 @@ impl Replicated {
 
     /// Drops every bluegreen subscription inside `db` (left by an earlier deploy: a database
     /// holding a subscription cannot be dropped).
-    async fn drop_subscriptions_in(&self, server: &PgConfig, db: &str) -> Result<()> {
+    async fn drop_subscriptions_in(&self, server: &PostgresConfig, db: &str) -> Result<()> {
         let admin = connect_rw(&server.db("postgres")).await?;
         if !database_exists(BACKEND, &admin, db).await? {
             return Ok(());
@@ -962,7 +1018,7 @@ const TABLES_FROM: &str = "FROM pg_class c JOIN pg_namespace n ON n.oid = c.reln
 
 /// Connects with `default_transaction_read_only` off for this session (the database may be
 /// frozen by a cutover).
-async fn connect_rw(cfg: &PgConfig) -> Result<Client> {
+async fn connect_rw(cfg: &PostgresConfig) -> Result<Client> {
     let c = cfg.connect(BACKEND).await?;
     c.batch_execute("SET default_transaction_read_only = off; SET synchronous_commit = on")
         .await
@@ -1120,7 +1176,7 @@ async fn subscription_exists(c: &Client, name: &str) -> Result<bool> {
 async fn create_subscription(
     c: &Client,
     name: &str,
-    publisher: &PgConfig,
+    publisher: &PostgresConfig,
     publication: &str,
     slot: &str,
     copy_data: bool,
@@ -1144,7 +1200,7 @@ async fn create_subscription(
 }
 
 /// Removes the password from an error's text (the server may echo a connection string).
-fn redact(e: Error, cfg: &PgConfig, op: &str) -> Error {
+fn redact(e: Error, cfg: &PostgresConfig, op: &str) -> Error {
     let Some(pw) = cfg.password.as_ref().map(|p| p.expose().to_string()) else {
         return e;
     };
@@ -1219,7 +1275,7 @@ async fn error_counts(c: &Client, sub: &str) -> Result<(i64, i64)> {
 }
 
 #[async_trait]
-impl DatabaseStrategy for Replicated {
+impl DatabaseStrategy for ReplicatedDatabase {
     fn name(&self) -> &str {
         BACKEND
     }
@@ -1412,7 +1468,7 @@ mod tests {
 
     #[test]
     fn errors_never_show_the_subscription_password() {
-        let cfg = PgConfig::new("db.internal", 5432, "app").with_password("pa ss'word");
+        let cfg = PostgresConfig::new("db.internal", 5432, "app").with_password("pa ss'word");
         let e = fail(BACKEND, "x", "conninfo password='pa ss\\'word' is wrong");
         let shown = redact(e, &cfg, "creating subscription").to_string();
         assert!(!shown.contains("pa ss"), "{shown}");

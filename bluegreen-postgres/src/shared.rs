@@ -1,4 +1,4 @@
-//! [`Shared`]: both slots use one database; schema changes go through expand/contract migrations.
+//! [`SharedDatabase`]: both slots use one database; schema changes go through expand/contract migrations.
 
 use std::fmt;
 use std::path::Path;
@@ -9,16 +9,20 @@ use async_trait::async_trait;
 use bluegreen_core::{
     DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Version,
 };
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, validate_ident};
 use crate::sqlcheck;
 
 const BACKEND: &str = "postgres shared";
 
-/// When a migration runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// When a migration runs. In files: `"expand"`, `"contract"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum MigrationPhase {
     /// Before the switch; must keep the old release working (checked).
     Expand,
@@ -37,7 +41,8 @@ impl MigrationPhase {
 }
 
 /// One plain-SQL migration: a unique name (its order key), a phase, and the SQL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Migration {
     /// Unique name, e.g. `0003_add_status`. Migrations run in the order given.
@@ -140,35 +145,66 @@ impl Migration {
     }
 }
 
-/// Settings of [`Shared`].
-#[derive(Debug, Clone)]
+/// Settings of [`SharedDatabase`]. In files only `connection` is required.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct SharedConfig {
     /// The shared database (as the migrating user).
-    pub connection: PgConfig,
+    pub connection: PostgresConfig,
     /// Migrations, in order.
+    #[serde(default)]
     pub migrations: Vec<Migration>,
     /// Schema of the record table (default `public`).
+    #[serde(default = "public")]
     pub schema: String,
     /// Name of the record table (default `bluegreen_migrations`).
+    #[serde(default = "default_table")]
     pub table: String,
     /// How long to wait for another deployer's migration lock (default 5 min).
+    #[serde(default = "five_minutes", with = "bluegreen_core::config::duration")]
     pub lock_wait: Duration,
     /// Settings handed to releases instead of `connection`'s (e.g. an application role).
-    pub binding: Option<PgConfig>,
+    #[serde(default)]
+    pub binding: Option<PostgresConfig>,
+}
+
+bluegreen_core::validated_serde!(SharedConfig);
+
+fn public() -> String {
+    "public".into()
+}
+fn default_table() -> String {
+    "bluegreen_migrations".into()
+}
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
 }
 
 impl SharedConfig {
     /// Defaults for `connection`, no migrations.
-    pub fn new(connection: PgConfig) -> Self {
+    pub fn new(connection: PostgresConfig) -> Self {
         SharedConfig {
             connection,
             migrations: Vec::new(),
-            schema: "public".into(),
-            table: "bluegreen_migrations".into(),
-            lock_wait: Duration::from_secs(300),
+            schema: public(),
+            table: default_table(),
+            lock_wait: five_minutes(),
             binding: None,
         }
+    }
+
+    /// Checks the connection, the record table's names, and every migration: unique names, and
+    /// expand migrations that keep the old release working (also run when deserializing and by
+    /// [`SharedDatabase::new`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting or the refused statement.
+    pub fn validate(&self) -> Result<()> {
+        self.connection.validate()?;
+        validate_ident("schema", &self.schema)?;
+        validate_ident("table", &self.table)?;
+        check_migrations(&self.migrations)
     }
 
     /// Adds a migration.
@@ -197,14 +233,14 @@ impl SharedConfig {
     }
 
     /// Connection settings handed to releases.
-    pub fn with_binding(mut self, binding: PgConfig) -> Self {
+    pub fn with_binding(mut self, binding: PostgresConfig) -> Self {
         self.binding = Some(binding);
         self
     }
 }
 
 /// Finds the migrations a release ships with, by its version (see
-/// [`Shared::with_release_migrations`]).
+/// [`SharedDatabase::with_release_migrations`]).
 pub type ReleaseMigrationsFn = Arc<dyn Fn(&Version) -> Result<Vec<Migration>> + Send + Sync>;
 
 /// Both slots use one database. Schema changes are plain SQL migrations in two phases:
@@ -221,18 +257,18 @@ pub type ReleaseMigrationsFn = Arc<dyn Fn(&Version) -> Result<Vec<Migration>> + 
 ///
 /// The migrations of a release are [`SharedConfig::migrations`] (the same for every release)
 /// followed by the ones it ships with, found by its version
-/// ([`with_release_migrations`](Self::with_release_migrations)): one `Shared`, and so one
+/// ([`with_release_migrations`](Self::with_release_migrations)): one `SharedDatabase`, and so one
 /// `Deployer`, serves every release.
 #[derive(Clone)]
-pub struct Shared {
+pub struct SharedDatabase {
     config: SharedConfig,
     table: String,
     release_migrations: Option<ReleaseMigrationsFn>,
 }
 
-impl fmt::Debug for Shared {
+impl fmt::Debug for SharedDatabase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
+        f.debug_struct("SharedDatabase")
             .field("config", &self.config)
             .field("table", &self.table)
             .field("release_migrations", &self.release_migrations.is_some())
@@ -240,19 +276,16 @@ impl fmt::Debug for Shared {
     }
 }
 
-impl Shared {
+impl SharedDatabase {
     /// A strategy with `config`; checks names and every expand migration.
     pub fn new(config: SharedConfig) -> Result<Self> {
-        config.connection.validate()?;
-        validate_ident("schema", &config.schema)?;
-        validate_ident("table", &config.table)?;
-        check_migrations(&config.migrations)?;
+        config.validate()?;
         let table = format!(
             "{}.{}",
             quote_ident(&config.schema),
             quote_ident(&config.table)
         );
-        Ok(Shared {
+        Ok(SharedDatabase {
             config,
             table,
             release_migrations: None,
@@ -266,8 +299,8 @@ impl Shared {
     /// refused before anything runs.
     ///
     /// ```
-    /// # use bluegreen_postgres::{Migration, PgConfig, Shared, SharedConfig};
-    /// let shared = Shared::new(SharedConfig::new(PgConfig::new("127.0.0.1", 5432, "app")))?
+    /// # use bluegreen_postgres::{Migration, PostgresConfig, SharedConfig, SharedDatabase};
+    /// let shared = SharedDatabase::new(SharedConfig::new(PostgresConfig::new("127.0.0.1", 5432, "app")))?
     ///     .with_release_migrations(|version| {
     ///         let mut m = vec![Migration::expand("001_orders", "CREATE TABLE orders (id int)")];
     ///         if version.as_str() >= "v2" {
@@ -471,7 +504,7 @@ fn check_migrations(migrations: &[Migration]) -> Result<()> {
 // `before_switch`, `after_switch` and `rollback` keep the trait's no-op defaults: one database
 // needs no sync, and expand migrations keep the old release working, so a rollback leaves them.
 #[async_trait]
-impl DatabaseStrategy for Shared {
+impl DatabaseStrategy for SharedDatabase {
     fn name(&self) -> &str {
         BACKEND
     }

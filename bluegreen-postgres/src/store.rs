@@ -10,7 +10,8 @@ use bluegreen_core::{
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, Row};
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, validate_ident};
 
 const BACKEND: &str = "postgres";
@@ -18,29 +19,64 @@ const BACKEND: &str = "postgres";
 /// Server time in milliseconds since the epoch: every lease compares against one clock.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
-/// Settings of a [`PostgresStateStore`].
-#[derive(Debug, Clone)]
+/// Settings of a [`PostgresStateStore`]. In files only `connection` is required.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PostgresStoreConfig {
     /// Where the tables live.
-    pub connection: PgConfig,
+    pub connection: PostgresConfig,
     /// Schema of the tables (default `public`).
+    #[serde(default = "public")]
     pub schema: String,
     /// Prefix of the table names: `<prefix>_state` and `<prefix>_lock` (default `bluegreen`).
+    #[serde(default = "default_prefix")]
     pub table_prefix: String,
     /// The deployment's key: several deployments can share the tables (default `default`).
+    #[serde(default = "default_deployment")]
     pub deployment: String,
+}
+
+bluegreen_core::validated_serde!(PostgresStoreConfig);
+
+fn public() -> String {
+    "public".into()
+}
+fn default_prefix() -> String {
+    "bluegreen".into()
+}
+fn default_deployment() -> String {
+    "default".into()
 }
 
 impl PostgresStoreConfig {
     /// Defaults for `connection`.
-    pub fn new(connection: PgConfig) -> Self {
+    pub fn new(connection: PostgresConfig) -> Self {
         PostgresStoreConfig {
             connection,
-            schema: "public".into(),
-            table_prefix: "bluegreen".into(),
-            deployment: "default".into(),
+            schema: public(),
+            table_prefix: default_prefix(),
+            deployment: default_deployment(),
         }
+    }
+
+    /// Checks the connection and the table names (also run when deserializing and by
+    /// [`PostgresStateStore::new`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        self.connection.validate()?;
+        validate_ident("schema", &self.schema)?;
+        validate_ident("table prefix", &self.table_prefix)?;
+        if self.table_prefix.len() > 50 {
+            return Err(Error::invalid(
+                "table prefix",
+                &self.table_prefix,
+                "longer than 50 characters",
+            ));
+        }
+        Ok(())
     }
 
     /// With a schema for the tables (it must exist).
@@ -76,9 +112,9 @@ impl PostgresStoreConfig {
 ///
 /// ```no_run
 /// # async fn f() -> bluegreen_core::Result<()> {
-/// use bluegreen_postgres::{PgConfig, PostgresStateStore, PostgresStoreConfig};
+/// use bluegreen_postgres::{PostgresConfig, PostgresStateStore, PostgresStoreConfig};
 /// use bluegreen_core::StateStore;
-/// let cfg = PgConfig::new("db.internal", 5432, "ops").with_user("deployer").with_password("…");
+/// let cfg = PostgresConfig::new("db.internal", 5432, "ops").with_user("deployer").with_password("…");
 /// let store = PostgresStateStore::new(PostgresStoreConfig::new(cfg).with_deployment("shop"))?;
 /// let state = store.load().await?;
 /// # Ok(()) }
@@ -94,16 +130,7 @@ pub struct PostgresStateStore {
 impl PostgresStateStore {
     /// A store with `config`; validates the names; connects on first use.
     pub fn new(config: PostgresStoreConfig) -> Result<Self> {
-        config.connection.validate()?;
-        validate_ident("schema", &config.schema)?;
-        validate_ident("table prefix", &config.table_prefix)?;
-        if config.table_prefix.len() > 50 {
-            return Err(Error::invalid(
-                "table prefix",
-                &config.table_prefix,
-                "longer than 50 characters",
-            ));
-        }
+        config.validate()?;
         let t = |suffix: &str| {
             format!(
                 "{}.{}",

@@ -8,7 +8,8 @@ use bluegreen_core::{Error, Result};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
-use crate::conn::{fail, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::fail;
 
 /// Environment variables of the caller that could redirect a child's connection.
 const SCRUBBED: &[&str] = &[
@@ -44,7 +45,7 @@ pub(crate) fn program(bin_dir: Option<&Path>, name: &str) -> PathBuf {
     best.map(|(_, p)| p).unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn command(bin_dir: Option<&Path>, name: &str, cfg: &PgConfig) -> Command {
+fn command(bin_dir: Option<&Path>, name: &str, cfg: &PostgresConfig) -> Command {
     let mut c = Command::new(program(bin_dir, name));
     for k in SCRUBBED {
         c.env_remove(k);
@@ -62,9 +63,9 @@ fn command(bin_dir: Option<&Path>, name: &str, cfg: &PgConfig) -> Command {
 pub(crate) async fn dump_into(
     backend: &str,
     bin_dir: Option<&Path>,
-    source: &PgConfig,
+    source: &PostgresConfig,
     dump_args: &[String],
-    target: &PgConfig,
+    target: &PostgresConfig,
     timeout: Duration,
 ) -> Result<()> {
     let op = format!("pg_dump {} | psql", dump_args.join(" "));
@@ -180,9 +181,9 @@ async fn run_tool(backend: &str, mut cmd: Command, what: &str) -> Result<()> {
 pub(crate) async fn dump_restore_parallel(
     backend: &str,
     bin_dir: Option<&Path>,
-    source: &PgConfig,
+    source: &PostgresConfig,
     dump_args: &[String],
-    target: &PgConfig,
+    target: &PostgresConfig,
     jobs: usize,
     timeout: Duration,
 ) -> Result<()> {

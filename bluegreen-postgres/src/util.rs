@@ -4,7 +4,8 @@
 use bluegreen_core::{DbBinding, DbContext, PerSlot, Result, Slot};
 use tokio_postgres::Client;
 
-use crate::conn::{fail, pg_error, PgConfig};
+use crate::conn::PostgresConfig;
+use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, quote_literal, validate_ident};
 
 /// Which database each slot uses: `<base>_<slot>` unless configured.
@@ -31,11 +32,11 @@ impl SlotDatabases {
         }
     }
 
-    /// The databases of a per-slot strategy (`Copied`, `Replicated`): the base is `server`'s
+    /// The databases of a per-slot strategy (`CopiedDatabase`, `ReplicatedDatabase`): the base is `server`'s
     /// database, `per_slot` overrides `<base>_<slot>`. Validates both servers and every name.
     pub(crate) fn for_strategy(
-        server: &PgConfig,
-        target_server: Option<&PgConfig>,
+        server: &PostgresConfig,
+        target_server: Option<&PostgresConfig>,
         per_slot: &PerSlot<Option<String>>,
     ) -> Result<Self> {
         server.validate()?;
@@ -72,8 +73,8 @@ impl SlotDatabases {
 /// What a release gets for database `db`: `binding`'s settings (e.g. an application role) when
 /// set, else the target server's, with the database name replaced.
 pub(crate) fn binding_for(
-    binding: Option<&PgConfig>,
-    target_server: &PgConfig,
+    binding: Option<&PostgresConfig>,
+    target_server: &PostgresConfig,
     db: &str,
 ) -> DbBinding {
     binding.unwrap_or(target_server).db(db).binding()

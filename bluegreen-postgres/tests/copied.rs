@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
 use bluegreen_core::{DatabaseStrategy, DbContext, Prepared, Release, Slot};
-use bluegreen_postgres::{Copied, CopiedConfig};
+use bluegreen_postgres::{CopiedConfig, CopiedDatabase};
 use common::{facts, orders_checksum, Cluster, SEED};
 
 async fn seeded(cluster: &Cluster, db: &str) {
@@ -34,7 +34,7 @@ async fn copied_passes_the_database_suite() {
         return;
     };
     seeded(&cluster, "app").await;
-    let db = Copied::new(strategy(&cluster, "app")).unwrap();
+    let db = CopiedDatabase::new(strategy(&cluster, "app")).unwrap();
     assert_eq!(db.database_of(Slot::Blue), "app_blue");
     let expected = facts(&cluster.client("app").await.unwrap()).await;
     let cfg = cluster.config("postgres");
@@ -167,7 +167,7 @@ async fn the_copy_equals_one_snapshot_under_concurrent_writes() {
         return;
     };
     seeded(&cluster, "live").await;
-    let db = Copied::new(strategy(&cluster, "live").with_workers(3)).unwrap();
+    let db = CopiedDatabase::new(strategy(&cluster, "live").with_workers(3)).unwrap();
     let src = cluster.client("live").await.unwrap();
     let base_total = facts(&src).await.2;
 
@@ -246,7 +246,7 @@ async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
         return;
     };
     seeded(&cluster, "tpl").await;
-    let db = Copied::new(strategy(&cluster, "tpl").with_template(true)).unwrap();
+    let db = CopiedDatabase::new(strategy(&cluster, "tpl").with_template(true)).unwrap();
     let busy = cluster.client("tpl").await.unwrap();
     let err = db
         .copy_database("tpl", "tpl_green")
@@ -272,9 +272,10 @@ async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
     drop(copy);
 
     // A failing pg_dump: an error naming it, and no half-made target left.
-    let broken =
-        Copied::new(strategy(&cluster, "tpl").with_bin_dir(cluster.path().join("no-such-bin")))
-            .unwrap();
+    let broken = CopiedDatabase::new(
+        strategy(&cluster, "tpl").with_bin_dir(cluster.path().join("no-such-bin")),
+    )
+    .unwrap();
     let err = broken
         .copy_database("tpl", "tpl_blue")
         .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bluegreen_core::testkit::Fakes;
 use bluegreen_core::{Deployer, KeepOld, Policy, Release, RetryConfig, RunOutcome, Slot};
-use bluegreen_postgres::{Replicated, ReplicatedConfig};
+use bluegreen_postgres::{ReplicatedConfig, ReplicatedDatabase};
 use common::{facts, one_i64, Cluster, SEED};
 
 fn policy() -> Policy {
@@ -34,7 +34,7 @@ async fn the_engine_deploys_twice_and_rolls_back_with_replicated() {
     cluster.create_db("app").await;
     let base = cluster.client("app").await.unwrap();
     base.batch_execute(SEED).await.unwrap();
-    let db = Replicated::new(
+    let db = ReplicatedDatabase::new(
         ReplicatedConfig::new(cluster.config("app"))
             .with_bin_dir(cluster.bin_dir())
             .with_sync_timeout(Duration::from_secs(120)),
@@ -146,7 +146,7 @@ async fn with_a_warm_old_slot_each_deploy_replaces_the_previous_reverse_replicat
         .batch_execute(SEED)
         .await
         .unwrap();
-    let db = Replicated::new(
+    let db = ReplicatedDatabase::new(
         ReplicatedConfig::new(cluster.config("app"))
             .with_bin_dir(cluster.bin_dir())
             .with_sync_timeout(Duration::from_secs(120)),

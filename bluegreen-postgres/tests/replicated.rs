@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
 use bluegreen_core::{DatabaseStrategy, DbContext, Prepared, Release, Slot};
-use bluegreen_postgres::{AfterCutover, PgConfig, Replicated, ReplicatedConfig};
+use bluegreen_postgres::{AfterCutover, PostgresConfig, ReplicatedConfig, ReplicatedDatabase};
 use common::{facts, one_i64, Cluster, SEED};
 use tokio_postgres::Client;
 
@@ -81,7 +81,7 @@ async fn replicated_passes_the_database_suite_and_cleans_up() {
         return;
     };
     seeded(&cluster, "app").await;
-    let db = Replicated::new(config(&cluster, "app")).unwrap();
+    let db = ReplicatedDatabase::new(config(&cluster, "app")).unwrap();
     assert_eq!(db.database_of(Slot::Green), "app_green");
     let expected = facts(&cluster.client("app").await.unwrap()).await;
     let cfg = cluster.config("postgres");
@@ -161,7 +161,7 @@ impl Writer {
         self.committed.lock().unwrap().len()
     }
 
-    async fn run(self: Arc<Self>, base: PgConfig) {
+    async fn run(self: Arc<Self>, base: PostgresConfig) {
         let mut conn: Option<(String, Client)> = None;
         let mut i = 0u64;
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -255,7 +255,7 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
         return;
     };
     seeded(&cluster, "live_green").await;
-    let db = Replicated::new(
+    let db = ReplicatedDatabase::new(
         config(&cluster, "live")
             .with_after_cutover(AfterCutover::Reverse)
             .with_drop_old_on_finalize(false),
@@ -391,7 +391,7 @@ async fn lag_that_never_converges_fails_the_cutover_and_leaves_live_writable() {
         return;
     };
     let src = seeded(&cluster, "lag").await;
-    let db = Replicated::new(
+    let db = ReplicatedDatabase::new(
         config(&cluster, "lag")
             .with_lag_bound(Duration::from_millis(1500))
             .with_after_cutover(AfterCutover::Drop),
@@ -440,7 +440,7 @@ async fn lag_that_never_converges_fails_the_cutover_and_leaves_live_writable() {
     // Once the blocker goes, the same cutover succeeds with every write (a generous bound here:
     // the machine may be loaded).
     tx.rollback().await.unwrap();
-    let db = Replicated::new(
+    let db = ReplicatedDatabase::new(
         config(&cluster, "lag")
             .with_lag_bound(Duration::from_secs(60))
             .with_after_cutover(AfterCutover::Drop),
@@ -495,7 +495,7 @@ async fn refuses_tables_without_replica_identity_and_missing_privileges_creating
     )
     .await
     .unwrap();
-    let db = Replicated::new(config(&cluster, "nopk")).unwrap();
+    let db = ReplicatedDatabase::new(config(&cluster, "nopk")).unwrap();
     let c = ctx(None, Slot::Blue);
     let err = db.prepare(&c).await.unwrap_err().to_string();
     println!("{err}");
@@ -507,9 +507,9 @@ async fn refuses_tables_without_replica_identity_and_missing_privileges_creating
     assert_eq!(leftovers(&cluster, &["nopk"]).await, Vec::<String>::new());
 
     // A user without the REPLICATION attribute who owns nothing: every missing privilege named.
-    let weak = Replicated::new(
+    let weak = ReplicatedDatabase::new(
         ReplicatedConfig::new(
-            PgConfig::new("127.0.0.1", cluster.port, "nopk")
+            PostgresConfig::new("127.0.0.1", cluster.port, "nopk")
                 .with_user("deployer")
                 .with_password("deployer-secret"),
         )
@@ -526,9 +526,9 @@ async fn refuses_tables_without_replica_identity_and_missing_privileges_creating
     assert!(!format!("{weak:?}").contains("deployer-secret"));
     assert!(!db_exists(&admin, "nopk_blue").await);
     // A target user who is not a superuser cannot create the subscription.
-    let weak_target = Replicated::new(
+    let weak_target = ReplicatedDatabase::new(
         config(&cluster, "nopk").with_target_server(
-            PgConfig::new("127.0.0.1", cluster.port, "postgres")
+            PostgresConfig::new("127.0.0.1", cluster.port, "postgres")
                 .with_user("deployer")
                 .with_password("deployer-secret"),
         ),
@@ -562,7 +562,7 @@ async fn refuses_a_source_without_wal_level_logical() {
         return;
     };
     seeded(&cluster, "plain").await;
-    let db = Replicated::new(config(&cluster, "plain")).unwrap();
+    let db = ReplicatedDatabase::new(config(&cluster, "plain")).unwrap();
     let err = db
         .prepare(&ctx(None, Slot::Blue))
         .await
@@ -585,7 +585,7 @@ async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back
         return;
     };
     let src = seeded(&a, "shop_green").await;
-    let db = Replicated::new(
+    let db = ReplicatedDatabase::new(
         config(&a, "shop")
             .with_target_server(b.config("postgres"))
             .with_after_cutover(AfterCutover::Reverse),

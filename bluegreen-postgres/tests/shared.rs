@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bluegreen_core::testkit::{database_suite, DatabaseSuite};
 use bluegreen_core::{DatabaseStrategy, DbContext, Error, Prepared, Release, Slot};
-use bluegreen_postgres::{Migration, MigrationPhase, Shared, SharedConfig};
+use bluegreen_postgres::{Migration, MigrationPhase, SharedConfig, SharedDatabase};
 use common::{one_i64, Cluster, SEED};
 use tokio_postgres::Client;
 
@@ -78,8 +78,9 @@ async fn shared_passes_the_database_suite_and_contract_waits_for_finalize() {
         return;
     };
     let c = seeded(&cluster, "app").await;
-    let db = Shared::new(SharedConfig::new(cluster.config("app")).with_migrations(migrations()))
-        .unwrap();
+    let db =
+        SharedDatabase::new(SharedConfig::new(cluster.config("app")).with_migrations(migrations()))
+            .unwrap();
 
     // Phase by phase: expand in prepare, nothing more until finalize.
     let first = ctx(None, Slot::Blue);
@@ -176,7 +177,7 @@ async fn expand_refuses_breaking_statements_and_failures_leave_nothing_half_appl
             Migration::expand("0001_ok", "CREATE TABLE fine (id int PRIMARY KEY);"),
             Migration::expand("0002_bad", format!("CREATE TABLE t2 (id int);\n  {sql};")),
         ];
-        let err = Shared::new(cfg.clone().with_migrations(ms)).unwrap_err();
+        let err = SharedDatabase::new(cfg.clone().with_migrations(ms)).unwrap_err();
         assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(
@@ -193,7 +194,7 @@ async fn expand_refuses_breaking_statements_and_failures_leave_nothing_half_appl
     assert!(!table_exists(&c, "public.fine").await);
     assert!(recorded(&c).await.is_empty());
     // The same statement is fine in a contract migration.
-    Shared::new(cfg.clone().with_migration(Migration::contract(
+    SharedDatabase::new(cfg.clone().with_migration(Migration::contract(
         "0003_drop",
         "ALTER TABLE orders DROP COLUMN note",
     )))
@@ -209,7 +210,7 @@ async fn expand_refuses_breaking_statements_and_failures_leave_nothing_half_appl
         ),
         Migration::expand("0003_after", "CREATE TABLE after_fail (id int);"),
     ];
-    let db = Shared::new(cfg.clone().with_migrations(ms)).unwrap();
+    let db = SharedDatabase::new(cfg.clone().with_migrations(ms)).unwrap();
     let err = db.prepare(&ctx(None, Slot::Blue)).await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("0002_fails"), "{msg}");
@@ -225,7 +226,7 @@ async fn expand_refuses_breaking_statements_and_failures_leave_nothing_half_appl
     assert_eq!(one_i64(&c, "SELECT count(*) FROM orders").await, 3000);
 
     // An applied migration edited afterwards is an error, not silently skipped or re-run.
-    let edited = Shared::new(cfg.clone().with_migration(Migration::expand(
+    let edited = SharedDatabase::new(cfg.clone().with_migration(Migration::expand(
         "0001_ok",
         "CREATE TABLE fine (id bigint PRIMARY KEY);",
     )))
@@ -256,7 +257,7 @@ async fn the_advisory_lock_serializes_concurrent_deployers_and_each_migration_ru
          CREATE TABLE made_once (id int);",
     );
     let open = || {
-        Shared::new(
+        SharedDatabase::new(
             SharedConfig::new(cluster.config("app"))
                 .with_migration(slow.clone())
                 .with_lock_wait(Duration::from_secs(60)),
@@ -289,7 +290,7 @@ async fn the_advisory_lock_serializes_concurrent_deployers_and_each_migration_ru
         )
         .await
         .unwrap();
-    let impatient = Shared::new(
+    let impatient = SharedDatabase::new(
         SharedConfig::new(cluster.config("app"))
             .with_migration(Migration::expand(
                 "0002_next",
@@ -305,7 +306,7 @@ async fn the_advisory_lock_serializes_concurrent_deployers_and_each_migration_ru
     assert!(!table_exists(&c, "public.next").await);
     // Released: the same deployer goes ahead.
     drop(holder);
-    let patient = Shared::new(
+    let patient = SharedDatabase::new(
         SharedConfig::new(cluster.config("app"))
             .with_migration(Migration::expand(
                 "0002_next",
@@ -362,7 +363,7 @@ async fn one_shared_strategy_serves_every_release_with_the_migrations_it_ships()
         return;
     };
     let c = seeded(&cluster, "app").await;
-    let db = Shared::new(SharedConfig::new(cluster.config("app")))
+    let db = SharedDatabase::new(SharedConfig::new(cluster.config("app")))
         .unwrap()
         .with_release_migrations(shipped);
 

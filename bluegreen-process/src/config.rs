@@ -5,7 +5,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bluegreen_core::{PerSlot, Slot};
+use bluegreen_core::{Error, PerSlot, Result, Slot};
+use serde::{Deserialize, Serialize};
 
 /// Settings of a [`ProcessEnvironment`](crate::ProcessEnvironment).
 ///
@@ -21,8 +22,15 @@ use bluegreen_core::{PerSlot, Slot};
 ///     .with_stop_timeout(Duration::from_secs(20));
 /// assert_eq!(config.host, "127.0.0.1");
 /// assert_eq!(config.ports.get(Slot::Green), &Some(8082));
+///
+/// // In a file, every field has its default; durations are "500ms", "10s", "2m".
+/// let from_file: ProcessConfig =
+///     serde_json::from_str(r#"{ "state_dir": "/srv/app", "stop_timeout": "20s" }"#).unwrap();
+/// assert_eq!(from_file.stop_timeout, Duration::from_secs(20));
+/// assert!(serde_json::from_str::<ProcessConfig>(r#"{ "host": "" }"#).is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ProcessConfig {
     /// Where pid files (`<slot>.json`) and logs (`<slot>.log`) live. Created (mode 0700) when
@@ -32,19 +40,25 @@ pub struct ProcessConfig {
     pub host: String,
     /// A fixed port per slot; `None` picks a free port on `host` at each deploy.
     pub ports: PerSlot<Option<u16>>,
-    /// Variables given to every program (before the release's own, which win).
+    /// Variables given to every program (before the release's own, which win). Serialized as they
+    /// are (only `Debug` hides the values): put secrets in
+    /// [`Release::secret_env`](bluegreen_core::Release::secret_env), never here.
     pub env: BTreeMap<String, String>,
     /// Whether programs inherit this process's environment (`PATH`, …). Default `true`.
     pub inherit_env: bool,
     /// Working directory of programs; `None` keeps this process's.
     pub working_dir: Option<PathBuf>,
     /// How long after spawning `deploy` watches for an immediate exit. Default 500 ms.
+    #[serde(with = "bluegreen_core::config::duration")]
     pub startup_grace: Duration,
     /// Drain bound used when `deploy` replaces a running program and by `remove`. Default 10 s.
+    #[serde(with = "bluegreen_core::config::duration")]
     pub stop_timeout: Duration,
     /// How long after SIGKILL a process may take to disappear before `stop` fails. Default 5 s.
+    #[serde(with = "bluegreen_core::config::duration")]
     pub kill_timeout: Duration,
     /// Bound on one `exec`; the command's process group is killed after it. Default 10 min.
+    #[serde(with = "bluegreen_core::config::duration")]
     pub exec_timeout: Duration,
 }
 
@@ -55,7 +69,33 @@ impl Default for ProcessConfig {
     }
 }
 
+bluegreen_core::validated_serde!(ProcessConfig);
+
 impl ProcessConfig {
+    /// Checks what a file could get wrong: an empty state directory or host, and variable names
+    /// that cannot reach a program (empty, with `=` or NUL). Run when deserializing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(Error::invalid("state_dir", "", "must not be empty"));
+        }
+        if self.host.trim().is_empty() {
+            return Err(Error::invalid("host", &self.host, "must not be empty"));
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(Error::invalid(
+                    "environment variable name",
+                    k,
+                    "must be non-empty, without `=` or NUL",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Defaults, keeping state in `state_dir`.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         ProcessConfig {

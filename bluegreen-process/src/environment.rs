@@ -300,7 +300,7 @@ fn runs_release(rec: &SlotRecord, release: &Release, program: &str, host: &str) 
 #[async_trait]
 impl Environment for ProcessEnvironment {
     fn name(&self) -> &str {
-        crate::BACKEND
+        crate::NAME
     }
 
     async fn deploy(&self, slot: Slot, release: &Release) -> Result<Vec<Endpoint>> {

@@ -122,9 +122,10 @@ pub enum ProcessError {
 }
 
 impl ProcessError {
-    /// Converts into the core error for `operation`, deciding whether a retry may help.
-    pub(crate) fn into_core(self, operation: &'static str) -> Error {
-        let retryable = match &self {
+    /// Whether the same call may succeed if tried again: a signal or kill that did not take, no
+    /// free port, an interrupted spawn; not a crashing release or a missing program.
+    pub fn is_retryable(&self) -> bool {
+        match self {
             // A crashing release or a missing program fails the same way next time.
             ProcessError::Spawn { source, .. } => matches!(
                 source.kind(),
@@ -137,8 +138,14 @@ impl ProcessError {
             ProcessError::Unkillable { .. }
             | ProcessError::Signal { .. }
             | ProcessError::NoPort { .. } => true,
-        };
-        Error::backend(crate::BACKEND, operation, retryable, self)
+        }
+    }
+
+    /// Converts into core's [`Error::Backend`] for backend [`NAME`](crate::NAME) and `operation`,
+    /// keeping this error as the source and its retryability.
+    pub fn into_core(self, operation: &str) -> Error {
+        let retryable = self.is_retryable();
+        Error::backend(crate::NAME, operation, retryable, self)
     }
 }
 

@@ -11,4 +11,4 @@ pub use environment::{ProcessEnvironment, MAX_LOG_BYTES};
 pub use error::ProcessError;
 
 /// The backend's name, as errors and events report it.
-pub const BACKEND: &str = "process";
+pub const NAME: &str = "process";

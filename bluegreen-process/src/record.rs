@@ -146,7 +146,7 @@ pub(crate) fn write(path: &Path, record: &SlotRecord) -> Result<()> {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let json = serde_json::to_vec_pretty(record)
-        .map_err(|e| Error::backend(crate::BACKEND, "save pid file", false, e))?;
+        .map_err(|e| Error::backend(crate::NAME, "save pid file", false, e))?;
     let result = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)

@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::ProxySwitch;
+use crate::{ProxyError, ProxySwitch};
 
 const MAX_BODY: usize = 1 << 20;
 
@@ -362,7 +362,7 @@ impl RemoteProxySwitch {
             .no_proxy()
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| Error::backend(crate::NAME, "admin client", false, e))?;
+            .map_err(|e| ProxyError::Client(e).into_core("admin client"))?;
         Ok(RemoteProxySwitch {
             base,
             token,
@@ -384,16 +384,12 @@ impl RemoteProxySwitch {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| {
-            Error::backend(
-                crate::NAME,
-                op,
-                true,
-                format!(
-                    "the proxy's admin API at {} is unreachable ({e}); is `bluegreen serve` running?",
-                    self.base
-                ),
-            )
+        let resp = req.send().await.map_err(|source| {
+            ProxyError::Unreachable {
+                base: self.base.clone(),
+                source,
+            }
+            .into_core(op)
         })?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -406,13 +402,12 @@ impl RemoteProxySwitch {
         Err(match err.kind.as_str() {
             "invalid" => Error::invalid("proxy request", op.to_string(), err.message),
             "unsupported" => Error::unsupported("operation", crate::NAME),
-            "unauthorized" => Error::backend(
-                crate::NAME,
-                op,
-                false,
-                "the admin API refused the token (check the token file)",
-            ),
-            _ => Error::backend(crate::NAME, op, status.is_server_error(), err.message),
+            "unauthorized" => ProxyError::Unauthorized.into_core(op),
+            _ => ProxyError::Api {
+                status: status.as_u16(),
+                message: err.message,
+            }
+            .into_core(op),
         })
     }
 
@@ -422,7 +417,7 @@ impl RemoteProxySwitch {
             .await?
             .json()
             .await
-            .map_err(|e| Error::backend(crate::NAME, "state", true, e))
+            .map_err(|e| ProxyError::Answer(e).into_core("state"))
     }
 }
 
@@ -474,7 +469,7 @@ impl TrafficSwitch for RemoteProxySwitch {
             .await?
             .json()
             .await
-            .map_err(|e| Error::backend(crate::NAME, "in_flight", true, e))?;
+            .map_err(|e| ProxyError::Answer(e).into_core("in_flight"))?;
         Ok(b.in_flight)
     }
 
@@ -488,7 +483,7 @@ impl TrafficSwitch for RemoteProxySwitch {
         .await?
         .json()
         .await
-        .map_err(|e| Error::backend(crate::NAME, "metrics", true, e))
+        .map_err(|e| ProxyError::Answer(e).into_core("metrics"))
     }
 
     async fn pause(&self) -> Result<()> {

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bluegreen_core::{Error, Result};
+use hyper::header::HeaderName;
 use serde::{Deserialize, Serialize};
 
 /// Settings of a [`ProxySwitch`](crate::ProxySwitch).
@@ -26,34 +28,34 @@ use serde::{Deserialize, Serialize};
 /// assert_eq!(from_file.max_pause_wait, Duration::from_secs(2));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(remote = "Self", default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ProxyConfig {
     /// Address the proxy listens on (default `127.0.0.1:0`: a free loopback port).
     pub listen: SocketAddr,
     /// Bound on establishing a connection to an upstream (default 3 s); exceeding it is a 502.
-    #[serde(with = "duration")]
+    #[serde(with = "bluegreen_core::config::duration")]
     pub connect_timeout: Duration,
     /// Bound on waiting for an upstream's response headers once the request was sent
     /// (default 60 s); exceeding it is a 504.
-    #[serde(with = "duration")]
+    #[serde(with = "bluegreen_core::config::duration")]
     pub response_header_timeout: Duration,
     /// How long an idle HTTP/1.1 client keep-alive connection is kept open, and the bound on
     /// receiving a request's headers (default 60 s). HTTP/2 connections stay open while the
     /// client keeps them.
-    #[serde(with = "duration")]
+    #[serde(with = "bluegreen_core::config::duration")]
     pub idle_timeout: Duration,
     /// How long an idle pooled upstream connection is kept (default 4 s: below the common 5 s
     /// keep-alive of application servers, so the proxy closes first and never reuses a
     /// connection the upstream is closing).
-    #[serde(with = "duration")]
+    #[serde(with = "bluegreen_core::config::duration")]
     pub upstream_idle_timeout: Duration,
     /// Most requests that may wait while the proxy is paused (default 10 000); more are answered
     /// 503 with `Retry-After` at once.
     pub max_paused_requests: usize,
     /// Longest a request waits while the proxy is paused (default 10 s); then it is answered 503
     /// with `Retry-After`.
-    #[serde(with = "duration")]
+    #[serde(with = "bluegreen_core::config::duration")]
     pub max_pause_wait: Duration,
     /// Request header that sends a request to the preview slot (default `x-bluegreen-preview`).
     pub preview_header: String,
@@ -67,7 +69,7 @@ pub struct ProxyConfig {
     /// appended to.
     pub trust_forwarded_headers: bool,
     /// How long [`shutdown`](crate::ProxySwitch::shutdown) waits for open requests (default 30 s).
-    #[serde(with = "duration")]
+    #[serde(with = "bluegreen_core::config::duration")]
     pub shutdown_timeout: Duration,
 }
 
@@ -90,7 +92,20 @@ impl Default for ProxyConfig {
     }
 }
 
+bluegreen_core::validated_serde!(ProxyConfig);
+
 impl ProxyConfig {
+    /// Checks the header and cookie names (also done when deserializing and by
+    /// [`ProxySwitch::bind`](crate::ProxySwitch::bind)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a malformed header or cookie name.
+    pub fn validate(&self) -> Result<()> {
+        check_header_name("preview header", &self.preview_header)?;
+        check_cookie_name("preview cookie", &self.preview_cookie)?;
+        check_cookie_name("sticky cookie", &self.sticky_cookie)
+    }
+
     /// With the listen address.
     pub fn with_listen(mut self, addr: SocketAddr) -> Self {
         self.listen = addr;
@@ -164,61 +179,21 @@ impl ProxyConfig {
     }
 }
 
-/// Durations as `"250ms"`, `"5s"`, `"2m"`, `"1h"` strings, or integers of milliseconds.
-mod duration {
-    use std::time::Duration;
+fn check_header_name(what: &'static str, name: &str) -> Result<()> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map(|_| ())
+        .map_err(|_| Error::invalid(what, name, "not a valid HTTP header name"))
+}
 
-    use serde::de::{self, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        if d.subsec_millis() == 0 {
-            s.serialize_str(&format!("{}s", d.as_secs()))
-        } else {
-            s.serialize_str(&format!("{}ms", d.as_millis()))
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        d.deserialize_any(DurationVisitor)
-    }
-
-    struct DurationVisitor;
-
-    impl Visitor<'_> for DurationVisitor {
-        type Value = Duration;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a duration such as \"250ms\", \"5s\", \"2m\" or milliseconds")
-        }
-
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-            Ok(Duration::from_millis(v))
-        }
-
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            u64::try_from(v)
-                .map(Duration::from_millis)
-                .map_err(|_| E::custom("a duration cannot be negative"))
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-            parse(v).ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
-        }
-    }
-
-    pub(super) fn parse(v: &str) -> Option<Duration> {
-        let v = v.trim();
-        let split = v.find(|c: char| !c.is_ascii_digit())?;
-        let (num, unit) = v.split_at(split);
-        let n: u64 = num.parse().ok()?;
-        match unit.trim() {
-            "ms" => Some(Duration::from_millis(n)),
-            "s" => Some(Duration::from_secs(n)),
-            "m" | "min" => Some(Duration::from_secs(n.checked_mul(60)?)),
-            "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
-            _ => None,
-        }
+pub(crate) fn check_cookie_name(what: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(what, name, "not a valid cookie name"))
     }
 }
 
@@ -228,14 +203,6 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units_and_round_trip() {
-        assert_eq!(duration::parse("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(duration::parse("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(duration::parse("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(duration::parse("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(duration::parse("5"), None);
-        assert_eq!(duration::parse("s"), None);
-        assert_eq!(duration::parse("5 parsecs"), None);
-
         let c = ProxyConfig::default().with_connect_timeout(Duration::from_millis(1500));
         let json = serde_json::to_string(&c).unwrap();
         assert!(json.contains("\"connect_timeout\":\"1500ms\""), "{json}");
@@ -244,5 +211,16 @@ mod tests {
         let ms: ProxyConfig = serde_json::from_str(r#"{"idle_timeout": 1200}"#).unwrap();
         assert_eq!(ms.idle_timeout, Duration::from_millis(1200));
         assert!(serde_json::from_str::<ProxyConfig>(r#"{"idle_timeout": "soon"}"#).is_err());
+    }
+
+    #[test]
+    fn deserializing_validates_and_rejects_unknown_keys() {
+        let err = serde_json::from_str::<ProxyConfig>(r#"{"preview_header": "a b"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("not a valid HTTP header name"),
+            "{err}"
+        );
+        assert!(serde_json::from_str::<ProxyConfig>(r#"{"sticky_cookie": ""}"#).is_err());
+        assert!(serde_json::from_str::<ProxyConfig>(r#"{"listen_on": "127.0.0.1:1"}"#).is_err());
     }
 }

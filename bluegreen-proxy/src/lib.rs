@@ -4,6 +4,7 @@
 
 pub mod admin;
 mod config;
+mod error;
 mod metrics;
 mod pause;
 mod proxy;
@@ -12,6 +13,7 @@ mod switch;
 
 pub use admin::{AdminServer, RemoteProxySwitch};
 pub use config::ProxyConfig;
+pub use error::ProxyError;
 pub use switch::ProxySwitch;
 
 /// The name this switch reports (`TrafficSwitch::name`), as found in errors and events.

@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::config::check_cookie_name;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bluegreen_core::{
     Capabilities, Endpoints, Error, PerSlot, Result, Slot, SlotMetrics, TrafficSplit,
     TrafficSwitch, TrafficSwitchExt,
 };
-use hyper::header::HeaderName;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -49,30 +49,6 @@ impl fmt::Debug for ProxySwitch {
     }
 }
 
-fn check_header_name(what: &'static str, name: &str) -> Result<()> {
-    HeaderName::from_bytes(name.as_bytes())
-        .map(|_| ())
-        .map_err(|_| Error::invalid(what, name, "not a valid HTTP header name"))
-}
-
-fn check_cookie_name(what: &'static str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(what, name, "not a valid cookie name"))
-    }
-}
-
-fn check_config(config: &ProxyConfig) -> Result<()> {
-    check_header_name("preview header", &config.preview_header)?;
-    check_cookie_name("preview cookie", &config.preview_cookie)?;
-    check_cookie_name("sticky cookie", &config.sticky_cookie)
-}
-
 /// What the proxy can do; its remote client declares the same.
 pub(crate) fn capabilities() -> Capabilities {
     Capabilities::basic()
@@ -92,7 +68,7 @@ impl ProxySwitch {
     /// [`Error::InvalidInput`] for a malformed header or cookie name in `config`;
     /// [`Error::Io`] when the address cannot be bound.
     pub async fn bind(config: ProxyConfig) -> Result<ProxySwitch> {
-        check_config(&config)?;
+        config.validate()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::io(format!("binding the proxy to {}", config.listen), e))?;
@@ -105,7 +81,7 @@ impl ProxySwitch {
     /// # Errors
     /// As [`bind`](ProxySwitch::bind).
     pub fn from_listener(listener: TcpListener, config: ProxyConfig) -> Result<ProxySwitch> {
-        check_config(&config)?;
+        config.validate()?;
         Self::serve(listener, config)
     }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bluegreen_nginx::{DynamicConfig, NginxCommand};
+use bluegreen_nginx::{NginxCommand, NginxDynamicConfig};
 use rustix::process::{Pid, Signal};
 
 use crate::port::{self, StartError};
@@ -55,7 +55,7 @@ pub fn available(lua: bool) -> bool {
 }
 
 /// The `nginx` command line of a standalone configuration in `prefix`: known before nginx starts,
-/// for a `ReloadConfig`.
+/// for a `NginxReloadConfig`.
 pub fn command(prefix: &Path) -> NginxCommand {
     NginxCommand::new(prefix.join("nginx.conf")).with_prefix(prefix)
 }
@@ -87,7 +87,11 @@ pub struct StandaloneConfig {
 
 impl StandaloneConfig {
     /// Dynamic mode: the snippet inline, the site proxying to the Lua-balanced upstream.
-    pub fn dynamic(prefix: impl Into<PathBuf>, listen: SocketAddr, config: &DynamicConfig) -> Self {
+    pub fn dynamic(
+        prefix: impl Into<PathBuf>,
+        listen: SocketAddr,
+        config: &NginxDynamicConfig,
+    ) -> Self {
         StandaloneConfig {
             prefix: prefix.into(),
             listen,
@@ -301,12 +305,12 @@ fn loopback(port: u16) -> SocketAddr {
 pub fn start_dynamic(
     prefix: &Path,
     name: &str,
-    configure: impl Fn(DynamicConfig) -> Result<DynamicConfig, bluegreen_core::Error>,
-) -> Result<(NginxProcess, DynamicConfig), StartError> {
+    configure: impl Fn(NginxDynamicConfig) -> Result<NginxDynamicConfig, bluegreen_core::Error>,
+) -> Result<(NginxProcess, NginxDynamicConfig), StartError> {
     let invalid = |e: bluegreen_core::Error| StartError::Failed(format!("dynamic config: {e}"));
-    let token = DynamicConfig::generate_token().map_err(invalid)?;
+    let token = NginxDynamicConfig::generate_token().map_err(invalid)?;
     port::start_on_fresh_ports(|[listen, control]| {
-        let config = DynamicConfig::new(name, loopback(control), token.clone())
+        let config = NginxDynamicConfig::new(name, loopback(control), token.clone())
             .and_then(&configure)
             .map_err(invalid)?;
         let nginx =

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bluegreen_postgres::PgConfig;
+use bluegreen_postgres::PostgresConfig;
 use tokio_postgres::Client;
 
 use crate::port::{self, StartError};
@@ -434,8 +434,8 @@ impl Cluster {
     }
 
     /// Superuser settings for `db` over TCP (with the password, if any).
-    pub fn config(&self, db: &str) -> PgConfig {
-        let c = PgConfig::new("127.0.0.1", self.port, db)
+    pub fn config(&self, db: &str) -> PostgresConfig {
+        let c = PostgresConfig::new("127.0.0.1", self.port, db)
             .with_user("postgres")
             .with_connect_timeout(Duration::from_secs(20));
         if self.password.is_empty() {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bluegreen_core::{Error, Result, Secret, Slot};
+use serde::{Deserialize, Serialize};
 
 /// Longest [`RouteName`]: the derived names (`<name>-preview`) stay within 63 characters.
 pub const MAX_NAME_LEN: usize = 55;
@@ -23,8 +24,15 @@ pub const MAX_NAME_LEN: usize = 55;
 ///     assert!(RouteName::new(bad).is_err(), "{bad:?}");
 /// }
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
 pub struct RouteName(String);
+
+impl<'de> Deserialize<'de> for RouteName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        RouteName::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
 
 impl RouteName {
     /// Validates `name`.
@@ -92,8 +100,9 @@ pub(crate) fn validate_rule(rule: &str) -> Result<()> {
     Ok(())
 }
 
-/// The file format written into the watched directory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+/// The file format written into the watched directory. In files: `"yaml"`, `"toml"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum FileFormat {
     /// `<name>.bluegreen.yml`.
@@ -114,8 +123,9 @@ impl FileFormat {
 }
 
 /// The Traefik major version, which decides the matcher names in the preview rule (`Headers` in
-/// v2, `Header` in v3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+/// v2, `Header` in v3). In files: `"v2"`, `"v3"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum TraefikVersion {
     /// Traefik v2 (v2.11).
@@ -126,7 +136,9 @@ pub enum TraefikVersion {
 }
 
 /// How preview (test) requests are recognised: they go to the idle slot instead of the split.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// In files: `{ header = { name = "X-Preview", value = "1" } }` or `{ cookie = { … } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum PreviewMatch {
     /// A request header with this exact value.
@@ -182,10 +194,12 @@ impl PreviewMatch {
 }
 
 /// TLS settings of the routers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RouterTls {
     /// The certificate resolver (`certResolver`), if any.
+    #[serde(default)]
     pub cert_resolver: Option<String>,
 }
 
@@ -202,8 +216,22 @@ pub struct RouterTls {
 ///     .with_api("http://127.0.0.1:8080")
 ///     .with_verify_timeout(Duration::from_secs(20));
 /// assert!(config.file_path().ends_with("shop.bluegreen.toml"));
+///
+/// // In a file `name`, `rule` and `dir` are required; the API password is never serialized.
+/// let from_file: TraefikConfig = serde_json::from_str(
+///     r#"{ "name": "shop", "rule": "Host(`shop.example.com`)", "dir": "/etc/traefik/dynamic",
+///          "version": "v2", "api": "http://127.0.0.1:8080", "api_basic_auth": ["ops", "s3cret"] }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(from_file.version, TraefikVersion::V2);
+/// assert!(!serde_json::to_string(&from_file).unwrap().contains("s3cret"));
+/// assert!(serde_json::from_str::<TraefikConfig>(
+///     r#"{ "name": "shop", "rule": "Host(`{{ .Env }}`)", "dir": "/d" }"#,
+/// )
+/// .is_err());
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TraefikConfig {
     /// Router name; the services are `<name>` (weighted), `<name>-blue`, `<name>-green`.
@@ -213,38 +241,71 @@ pub struct TraefikConfig {
     /// The file provider's watched directory (`providers.file.directory`).
     pub dir: PathBuf,
     /// YAML or TOML.
+    #[serde(default)]
     pub format: FileFormat,
     /// Traefik's major version.
+    #[serde(default)]
     pub version: TraefikVersion,
     /// Entry points of the routers (empty: all entry points).
+    #[serde(default)]
     pub entry_points: Vec<String>,
     /// Middlewares of the routers, in order (`compress`, `auth@docker`, …).
+    #[serde(default)]
     pub middlewares: Vec<String>,
     /// Whether the routers are TLS routers (`tls: {}`), and with which certificate resolver.
+    #[serde(default)]
     pub tls: Option<RouterTls>,
     /// Base URL of Traefik's API (`http://127.0.0.1:8080`); when set, every change is verified
     /// there and `current` reads it. When unset, `current` reads the file.
+    #[serde(default)]
     pub api: Option<String>,
     /// How long to poll the API for the new configuration after writing it. Traefik throttles
     /// provider changes (`providersThrottleDuration`, 2 s by default), so keep this well above it.
+    #[serde(default = "fifteen_seconds", with = "bluegreen_core::config::duration")]
     pub verify_timeout: Duration,
     /// Pause between two API polls.
+    #[serde(
+        default = "two_hundred_millis",
+        with = "bluegreen_core::config::duration"
+    )]
     pub poll_interval: Duration,
     /// Bound of one API request.
+    #[serde(default = "five_seconds", with = "bluegreen_core::config::duration")]
     pub request_timeout: Duration,
     /// HTTP basic-auth credentials for the API (user, password), when Traefik's API is behind a
-    /// `basicAuth` middleware. The password is a [`Secret`]: never in `Debug` or logs.
+    /// `basicAuth` middleware. The password is a [`Secret`]: never in `Debug` or logs, and the
+    /// pair is left out when serializing (in files: `["user", "password"]`).
+    #[serde(default, skip_serializing)]
     pub api_basic_auth: Option<(String, Secret)>,
     /// What makes a request a preview request.
+    #[serde(default)]
     pub preview_match: PreviewMatch,
     /// `httpOnly` on the sticky cookie.
+    #[serde(default = "yes")]
     pub sticky_http_only: bool,
     /// `secure` on the sticky cookie.
+    #[serde(default)]
     pub sticky_secure: bool,
     /// When set (e.g. `docker`), the slots' services are not written into the file: the weighted
     /// service and the preview router refer to `<name>-<slot>@<provider>`, defined by that
     /// provider (for Docker: [`DockerLabels::service_only`](crate::DockerLabels::service_only)).
+    #[serde(default)]
     pub slot_services_from: Option<String>,
+}
+
+bluegreen_core::validated_serde!(TraefikConfig);
+
+fn fifteen_seconds() -> Duration {
+    Duration::from_secs(15)
+}
+fn two_hundred_millis() -> Duration {
+    Duration::from_millis(200)
+}
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+fn yes() -> bool {
+    true
 }
 
 impl TraefikConfig {
@@ -266,9 +327,9 @@ impl TraefikConfig {
             middlewares: Vec::new(),
             tls: None,
             api: None,
-            verify_timeout: Duration::from_secs(15),
-            poll_interval: Duration::from_millis(200),
-            request_timeout: Duration::from_secs(5),
+            verify_timeout: fifteen_seconds(),
+            poll_interval: two_hundred_millis(),
+            request_timeout: five_seconds(),
             api_basic_auth: None,
             preview_match: PreviewMatch::default(),
             sticky_http_only: true,
@@ -436,7 +497,10 @@ impl TraefikConfig {
         &self.dir
     }
 
-    /// Checks every value that reaches the file or the API URL.
+    /// Checks every value that reaches the file or the API URL (also run when deserializing).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the value.
     pub fn validate(&self) -> Result<()> {
         validate_rule(&self.rule)?;
         for ep in &self.entry_points {

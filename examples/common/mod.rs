@@ -137,13 +137,13 @@ pub(crate) fn local_haproxy(
 /// The PostgreSQL server from the standard libpq variables (`PGHOST`, `PGPORT`, `PGUSER`,
 /// `PGPASSWORD`), connected to database `dbname`; `None` when `PGHOST` is not set.
 #[cfg(feature = "postgres")]
-pub(crate) fn pg_from_env(dbname: &str) -> Option<bluegreen::postgres::PgConfig> {
+pub(crate) fn pg_from_env(dbname: &str) -> Option<bluegreen::postgres::PostgresConfig> {
     let host = std::env::var("PGHOST").ok()?;
     let port = std::env::var("PGPORT")
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(5432);
-    let mut c = bluegreen::postgres::PgConfig::new(host, port, dbname)
+    let mut c = bluegreen::postgres::PostgresConfig::new(host, port, dbname)
         .with_user(std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into()));
     if let Ok(pw) = std::env::var("PGPASSWORD") {
         c = c.with_password(pw);

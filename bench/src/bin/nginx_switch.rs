@@ -1,8 +1,8 @@
 //! `nginx_switch`: failed requests and switch latency while nginx switches between two demo
 //! backends under keep-alive load, three ways, in one run:
 //!
-//! - (a) `DynamicSwitch` (Lua balancer, no reload),
-//! - (b) `ReloadSwitch` (managed include, `nginx -t`, SIGHUP, verification),
+//! - (a) `NginxDynamicSwitch` (Lua balancer, no reload),
+//! - (b) `NginxReloadSwitch` (managed include, `nginx -t`, SIGHUP, verification),
 //! - (c) the seed runbooks' way: plain string replace of the upstream file + `nginx -s reload`.
 //!
 //! Each scenario gets a fresh nginx (same settings: 2 workers, upstream keepalive 32), the same
@@ -21,7 +21,7 @@ mod common;
 use common::{parse_args, target, Options, Result};
 
 use bluegreen_core::{Endpoints, Slot, TrafficSplit, TrafficSwitch};
-use bluegreen_nginx::{DynamicSwitch, ReloadConfig, ReloadSwitch, VerifyProbe};
+use bluegreen_nginx::{NginxDynamicSwitch, NginxReloadConfig, NginxReloadSwitch, VerifyProbe};
 use bluegreen_testenv::nginx;
 use bluegreen_testenv::{DemoBackends, Load, LoadOptions, LoadStats};
 
@@ -61,7 +61,7 @@ impl Outcome {
 async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
     let (nginx, config) = nginx::start_dynamic(dir, "app", Ok)?;
     let listen = nginx.listen();
-    let switch = DynamicSwitch::new(config);
+    let switch = NginxDynamicSwitch::new(config);
     switch
         .apply(&TrafficSplit::all(Slot::Blue), endpoints)
         .await?;
@@ -82,13 +82,15 @@ async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
 
 async fn reload(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
     let include = dir.join("upstream.conf");
-    let config = ReloadConfig::new(nginx::command(dir), &include, "app", nginx::pid_file(dir))?
-        .with_drain_wait(Duration::from_secs(2));
+    let config =
+        NginxReloadConfig::new(nginx::command(dir), &include, "app", nginx::pid_file(dir))?
+            .with_drain_wait(Duration::from_secs(2));
     // The include exists before nginx starts; the verify probe needs nginx's port.
-    ReloadSwitch::new(config.clone()).write_initial(&TrafficSplit::all(Slot::Blue), endpoints)?;
+    NginxReloadSwitch::new(config.clone())
+        .write_initial(&TrafficSplit::all(Slot::Blue), endpoints)?;
     let nginx = nginx::start_reload(dir, &include, "app", None)?;
     let listen = nginx.listen();
-    let switch = ReloadSwitch::new(config.with_verify(VerifyProbe::new(listen)));
+    let switch = NginxReloadSwitch::new(config.with_verify(VerifyProbe::new(listen)));
     let started = Instant::now();
     let load = Load::start(listen, LoadOptions::new(o.clients));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -112,7 +114,7 @@ async fn reload(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome
     let elapsed = started.elapsed();
     Ok(Outcome {
         elapsed,
-        name: "(b) Reload: ReloadSwitch",
+        name: "(b) Reload: NginxReloadSwitch",
         stats,
         latencies,
         note: format!(

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bluegreen_postgres::{quote_ident, Copied, CopiedConfig};
+use bluegreen_postgres::{quote_ident, CopiedConfig, CopiedDatabase};
 use bluegreen_testenv::pg::{Cluster, ClusterOptions};
 use tokio_postgres::Client;
 
@@ -231,7 +231,7 @@ async fn main() -> Result<()> {
 
     // (a) ours.
     admin.batch_execute("CHECKPOINT").await?;
-    let copied = Copied::new(
+    let copied = CopiedDatabase::new(
         CopiedConfig::new(cluster.config("bench"))
             .with_workers(o.workers)
             .with_bin_dir(cluster.bin_dir())

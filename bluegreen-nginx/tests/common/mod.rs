@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use bluegreen_core::{Slot, TrafficSplit};
-use bluegreen_nginx::{DynamicSwitch, ReloadConfig, ReloadSwitch, VerifyProbe};
+use bluegreen_nginx::{NginxDynamicSwitch, NginxReloadConfig, NginxReloadSwitch, VerifyProbe};
 pub use bluegreen_testenv::demo::served_by;
 pub use bluegreen_testenv::nginx::available as require;
 use bluegreen_testenv::nginx::{self, NginxProcess};
@@ -18,7 +18,7 @@ pub fn tempdir() -> tempfile::TempDir {
 
 pub struct DynamicSetup {
     pub nginx: NginxProcess,
-    pub switch: DynamicSwitch,
+    pub switch: NginxDynamicSwitch,
     pub listen: SocketAddr,
     pub backends: Backends,
     pub dir: tempfile::TempDir,
@@ -31,7 +31,7 @@ pub async fn dynamic() -> DynamicSetup {
     DynamicSetup {
         listen: nginx.listen(),
         nginx,
-        switch: DynamicSwitch::new(config),
+        switch: NginxDynamicSwitch::new(config),
         backends,
         dir,
     }
@@ -39,7 +39,7 @@ pub async fn dynamic() -> DynamicSetup {
 
 pub struct ReloadSetup {
     pub nginx: NginxProcess,
-    pub switch: ReloadSwitch,
+    pub switch: NginxReloadSwitch,
     pub listen: SocketAddr,
     pub backends: Backends,
     pub dir: tempfile::TempDir,
@@ -50,7 +50,7 @@ pub async fn reload() -> ReloadSetup {
     let dir = tempdir();
     let backends = Backends::start().await;
     let include = dir.path().join("upstream.conf");
-    let config = ReloadConfig::new(
+    let config = NginxReloadConfig::new(
         nginx::command(dir.path()),
         &include,
         "app",
@@ -59,14 +59,14 @@ pub async fn reload() -> ReloadSetup {
     .unwrap();
     // The include must exist before nginx starts; the verify probe needs nginx's port, known
     // once it runs.
-    ReloadSwitch::new(config.clone())
+    NginxReloadSwitch::new(config.clone())
         .write_initial(&TrafficSplit::all(Slot::Blue), &backends.endpoints())
         .unwrap();
     let nginx = nginx::start_reload(dir.path(), &include, "app", None).unwrap();
     let listen = nginx.listen();
     ReloadSetup {
         nginx,
-        switch: ReloadSwitch::new(config.with_verify(VerifyProbe::new(listen))),
+        switch: NginxReloadSwitch::new(config.with_verify(VerifyProbe::new(listen))),
         listen,
         backends,
         dir,
