@@ -85,7 +85,12 @@ enum Command {
     /// Check the file and reach every backend without changing anything.
     Validate,
     /// Remove the deployment lock (for a holder that died on another machine).
-    BreakLock,
+    BreakLock {
+        /// Break it even when the holder is a process still running on this host (that run then
+        /// stops at its next step without changing anything more).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Output: a spinner on a terminal, plain lines otherwise, JSON lines with `--json`.
@@ -105,9 +110,13 @@ fn emit_json(v: serde_json::Value) {
 fn exit_code(e: &Error) -> u8 {
     match e {
         Error::InvalidInput { .. } => 2,
-        Error::Locked { .. } | Error::InFlight { .. } => 3,
+        Error::Locked { .. }
+        | Error::InFlight { .. }
+        | Error::HolderAlive { .. }
+        | Error::LockLost { .. } => 3,
         Error::NeedsDecision { .. } => 5,
         Error::Phase { live, source, .. } => match (live, source.as_ref()) {
+            (_, Error::LockLost { .. }) => 3,
             (_, Error::NeedsDecision { .. }) | (LiveTraffic::Affected, _) => 5,
             (_, Error::Interrupted) => 130,
             _ => 1,
@@ -546,13 +555,17 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
             ExitCode::SUCCESS
         }
         Command::Validate => validate(&p, &state_dir, mode).await?,
-        Command::BreakLock => {
-            let removed = d.break_lock().await?;
+        Command::BreakLock { force } => {
+            let removed = if force {
+                d.force_break_lock().await?
+            } else {
+                d.break_lock().await?
+            };
             if mode == Mode::Json {
                 emit_json(serde_json::json!({"result": "ok", "removed": removed}));
             } else {
                 match removed {
-                    Some(l) => println!("removed the lock held by {l}"),
+                    Some(l) => println!("removed the lock held by {l} (epoch {})", l.epoch),
                     None => println!("no lock was held"),
                 }
             }

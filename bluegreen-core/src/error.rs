@@ -22,6 +22,9 @@ pub enum LiveTraffic {
     RolledBack,
     /// Traffic had moved and was **not** switched back: someone has to decide (see the error).
     Affected,
+    /// Not checked: the run lost the deployment lock and stopped without changing anything more
+    /// (another run holds the lock; `status` shows where traffic goes).
+    Unknown,
 }
 
 impl fmt::Display for LiveTraffic {
@@ -30,6 +33,7 @@ impl fmt::Display for LiveTraffic {
             LiveTraffic::Untouched => "live traffic untouched",
             LiveTraffic::RolledBack => "traffic switched back to the previous slot",
             LiveTraffic::Affected => "traffic was NOT switched back",
+            LiveTraffic::Unknown => "live traffic not checked (the run lost its lock and stopped)",
         })
     }
 }
@@ -93,7 +97,18 @@ pub enum Error {
     )]
     Locked {
         /// Who holds it.
-        holder: LockInfo,
+        holder: Box<LockInfo>,
+    },
+
+    /// `break_lock` refused: the holder is a running process on this host.
+    #[error(
+        "the deployment lock is held by {holder}, a process that is still running on this host; \
+         wait for it or stop it (breaking the lock of a live run lets two runs change the slots; \
+         `break-lock --force` does it anyway)"
+    )]
+    HolderAlive {
+        /// Who holds it.
+        holder: Box<LockInfo>,
     },
 
     /// The lease this process held was lost (expired and taken, or broken).

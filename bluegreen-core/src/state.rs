@@ -417,6 +417,20 @@ impl LockOwner {
             purpose: purpose.into(),
         }
     }
+
+    /// Whether this owner is a running process, when that can be known from here: `Some` for an
+    /// owner on this host (read from `/proc`), `None` for another host or without `/proc`.
+    pub fn alive_here(&self) -> Option<bool> {
+        if self.host != hostname() || !std::path::Path::new("/proc/self").exists() {
+            return None;
+        }
+        Some(std::path::Path::new(&format!("/proc/{}", self.pid)).exists())
+    }
+
+    /// Whether this owner is another process than the caller's.
+    pub fn is_other_process(&self) -> bool {
+        self.host != hostname() || self.pid != std::process::id()
+    }
 }
 
 fn hostname() -> String {
@@ -439,12 +453,42 @@ pub struct LockInfo {
     pub since: Timestamp,
     /// When it expires unless renewed.
     pub expires: Timestamp,
+    /// The fencing token: every lease a store grants has a greater epoch than every lease it
+    /// granted before (released and broken ones included). A save presenting an older epoch is
+    /// refused, so a run that lost its lease can never overwrite what the new holder wrote.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl LockInfo {
     /// Whether it has expired at `now`.
     pub fn expired_at(&self, now: Timestamp) -> bool {
         now >= self.expires
+    }
+
+    /// Whether `other` is this same lease (same token and epoch), whatever its expiry.
+    pub fn same_lease(&self, other: &LockInfo) -> bool {
+        self.token == other.token && self.epoch == other.epoch
+    }
+
+    /// Checks that `lease` is this held lock and has not expired at `now`: what a store checks
+    /// before a save.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`](crate::Error::LockLost) saying who holds the lock now, or that the lease
+    /// expired.
+    pub fn check_held_by(&self, lease: &LockInfo, now: Timestamp) -> crate::Result<()> {
+        if !self.same_lease(lease) {
+            return Err(crate::Error::LockLost {
+                reason: format!("now held by {self} (epoch {})", self.epoch),
+            });
+        }
+        if self.expired_at(now) {
+            return Err(crate::Error::LockLost {
+                reason: format!("the lease expired at {}", self.expires),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -18,17 +18,21 @@ use crate::traits::StateStore;
 ///   `fsync` of the directory. A reader never sees a half-written file.
 /// - Every read-modify-write (compare-and-swap save, lock acquisition) runs under an advisory
 ///   `flock` on `<dir>/.guard`, so two processes (or tasks) never interleave.
-/// - The lock is a lease (`lock.json`: holder host, pid, purpose, since, expiry). An expired lease
+/// - The lock is a lease (`lock.json`: holder host, pid, purpose, since, expiry, epoch); `epoch`
+///   keeps the highest epoch granted, so epochs only grow. A save is refused unless its lease is the
+///   one in `lock.json`, unexpired. An expired lease
 ///   is taken over; so is a lease whose holder is a process on this host that no longer exists.
 /// - A corrupt or newer-format `state.json` is an error and is never overwritten.
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-/// use bluegreen_core::{store::FileStateStore, StateStore, DeploymentState};
+/// use std::time::Duration;
+/// use bluegreen_core::{store::FileStateStore, StateStore, DeploymentState, LockOwner};
 /// let dir = std::env::temp_dir().join(format!("bg-doc-{}", std::process::id()));
 /// let store = FileStateStore::new(&dir).unwrap();
 /// assert!(store.load().await.unwrap().is_none());
-/// let rev = store.save(&DeploymentState::default()).await.unwrap();
+/// let lease = store.acquire(&LockOwner::current("doc"), Duration::from_secs(60)).await.unwrap();
+/// let rev = store.save(&DeploymentState::default(), &lease).await.unwrap();
 /// assert_eq!(rev, 1);
 /// # std::fs::remove_dir_all(&dir).unwrap();
 /// # });
@@ -138,12 +142,22 @@ fn read_lock(path: &Path) -> Result<Option<LockInfo>> {
     }
 }
 
+/// The highest lease epoch granted in this directory (0 before the first).
+fn read_epoch(path: &Path) -> Result<u64> {
+    match read_optional(path)? {
+        None => Ok(0),
+        Some(b) => String::from_utf8_lossy(&b)
+            .trim()
+            .parse()
+            .map_err(|e| Error::CorruptState {
+                location: path.display().to_string(),
+                reason: format!("lease epoch: {e}"),
+            }),
+    }
+}
+
 fn holder_is_dead(l: &LockInfo) -> bool {
-    let me = LockOwner::current("");
-    l.owner.host == me.host
-        && l.owner.pid != me.pid
-        && !Path::new(&format!("/proc/{}", l.owner.pid)).exists()
-        && Path::new("/proc/self").exists()
+    l.owner.is_other_process() && l.owner.alive_here() == Some(false)
 }
 
 #[async_trait]
@@ -162,10 +176,20 @@ impl StateStore for FileStateStore {
         .map_err(|e| Error::backend("file", "load", false, e))?
     }
 
-    async fn save(&self, state: &DeploymentState) -> Result<u64> {
+    async fn save(&self, state: &DeploymentState, lease: &Lease) -> Result<u64> {
         let path = self.state_path();
+        let lock_path = self.lock_path();
+        let lease = lease.clone();
         let mut next = state.clone();
         self.guarded(move |_| {
+            match read_lock(&lock_path)? {
+                Some(held) => held.check_held_by(&lease, Timestamp::now())?,
+                None => {
+                    return Err(Error::LockLost {
+                        reason: "the lock was broken or released".into(),
+                    })
+                }
+            }
             let found = match read_optional(&path)? {
                 None => 0,
                 Some(b) => DeploymentState::from_json(&path.display().to_string(), &b)?.revision,
@@ -185,20 +209,28 @@ impl StateStore for FileStateStore {
 
     async fn acquire(&self, owner: &LockOwner, ttl: Duration) -> Result<Lease> {
         let path = self.lock_path();
+        let epoch_path = self.dir.join("epoch");
         let owner = owner.clone();
         self.guarded(move |_| {
             let now = Timestamp::now();
             if let Some(held) = read_lock(&path)? {
                 if !held.expired_at(now) && !holder_is_dead(&held) {
-                    return Err(Error::Locked { holder: held });
+                    return Err(Error::Locked {
+                        holder: Box::new(held),
+                    });
                 }
                 tracing::warn!(holder = %held, "taking over a stale deployment lock");
             }
+            // The epoch outlives the lock file (released and broken locks included).
+            let epoch =
+                read_epoch(&epoch_path)?.max(read_lock(&path)?.map(|l| l.epoch).unwrap_or(0)) + 1;
+            write_atomic(&epoch_path, epoch.to_string().as_bytes())?;
             let lease = LockInfo {
                 owner,
                 token: new_token(),
                 since: now,
                 expires: now.plus(ttl),
+                epoch,
             };
             write_atomic(
                 &path,
@@ -286,7 +318,14 @@ mod tests {
     async fn state_files_are_private_and_written_whole() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStateStore::new(dir.path().join("s")).unwrap();
-        store.save(&DeploymentState::default()).await.unwrap();
+        let lease = store
+            .acquire(&LockOwner::current("test"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        store
+            .save(&DeploymentState::default(), &lease)
+            .await
+            .unwrap();
         let mode = fs::metadata(store.state_path())
             .unwrap()
             .permissions()
@@ -306,11 +345,18 @@ mod tests {
     async fn corrupt_and_newer_state_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStateStore::new(dir.path()).unwrap();
+        let lease = store
+            .acquire(&LockOwner::current("test"), Duration::from_secs(60))
+            .await
+            .unwrap();
         fs::write(store.state_path(), b"{ half a file").unwrap();
         let err = store.load().await.unwrap_err();
         assert!(matches!(err, Error::CorruptState { .. }), "{err}");
         assert!(err.to_string().contains("state.json"), "{err}");
-        let err = store.save(&DeploymentState::default()).await.unwrap_err();
+        let err = store
+            .save(&DeploymentState::default(), &lease)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::CorruptState { .. }), "{err}");
         assert_eq!(fs::read(store.state_path()).unwrap(), b"{ half a file");
 
@@ -320,7 +366,10 @@ mod tests {
             matches!(err, Error::UnsupportedStateFormat { found: 42, .. }),
             "{err}"
         );
-        assert!(store.save(&DeploymentState::default()).await.is_err());
+        assert!(store
+            .save(&DeploymentState::default(), &lease)
+            .await
+            .is_err());
     }
 
     #[tokio::test]
@@ -335,6 +384,7 @@ mod tests {
             token: "t".into(),
             since: Timestamp::now(),
             expires: Timestamp::now().plus(Duration::from_secs(3600)),
+            epoch: 0,
         };
         write_atomic(&store.lock_path(), &serde_json::to_vec(&stale).unwrap()).unwrap();
         let lease = store
@@ -351,6 +401,7 @@ mod tests {
             token: "r".into(),
             since: Timestamp::now(),
             expires: Timestamp::now().plus(Duration::from_secs(3600)),
+            epoch: 0,
         };
         write_atomic(&store.lock_path(), &serde_json::to_vec(&held).unwrap()).unwrap();
         let err = store

@@ -652,10 +652,13 @@ pub trait Hook: Send + Sync + Debug {
 /// # Behavior
 /// - `load` returns `None` when nothing was ever saved; a corrupt or newer-format state is an error,
 ///   never silently replaced.
-/// - `save` is compare-and-swap: it succeeds only if the stored revision equals `state.revision`,
-///   and returns the new revision (stored revision + 1). Otherwise [`Error::Conflict`].
+/// - `save` is fenced and compare-and-swap, in one atomic step: it succeeds only if `lease` is the
+///   lock held now (same token and epoch, not expired; otherwise [`Error::LockLost`]) and the stored
+///   revision equals `state.revision` (otherwise [`Error::Conflict`]); it returns the new revision
+///   (stored revision + 1).
 /// - `acquire` takes the lock for `ttl` or fails with [`Error::Locked`] naming the holder; an expired
-///   lock is taken over. Of two concurrent callers exactly one wins.
+///   lock is taken over. Of two concurrent callers exactly one wins. The lease's `epoch` is greater
+///   than that of every lease the store granted before, released and broken ones included.
 /// - `renew` extends a held lease; it fails with [`Error::LockLost`] if the lease was taken or broken.
 /// - `release` frees a held lease; releasing a lease that is no longer held is `Ok` (and changes
 ///   nothing).
@@ -668,8 +671,9 @@ pub trait StateStore: Send + Sync + Debug {
     /// Loads the state.
     async fn load(&self) -> Result<Option<DeploymentState>>;
 
-    /// Saves `state` if the stored revision is `state.revision`; returns the new revision.
-    async fn save(&self, state: &DeploymentState) -> Result<u64>;
+    /// Saves `state` if `lease` is the lock held now and the stored revision is `state.revision`;
+    /// returns the new revision.
+    async fn save(&self, state: &DeploymentState, lease: &Lease) -> Result<u64>;
 
     /// Takes the lock.
     async fn acquire(&self, owner: &LockOwner, ttl: Duration) -> Result<Lease>;

@@ -29,7 +29,8 @@ pub struct PostgresStoreConfig {
     /// Schema of the tables (default `public`).
     #[serde(default = "public")]
     pub schema: String,
-    /// Prefix of the table names: `<prefix>_state` and `<prefix>_lock` (default `bluegreen`).
+    /// Prefix of the table names: `<prefix>_state`, `<prefix>_lock` and `<prefix>_epoch` (default
+    /// `bluegreen`).
     #[serde(default = "default_prefix")]
     pub table_prefix: String,
     /// The deployment's key: several deployments can share the tables (default `default`).
@@ -107,6 +108,10 @@ impl PostgresStoreConfig {
 ///   expiry, in the **server's** clock (so operators' clocks do not matter). Acquisition is one
 ///   `INSERT … ON CONFLICT DO UPDATE … WHERE expires <= now`: of two concurrent callers exactly one
 ///   wins; an expired lease is taken over.
+/// - Table `<prefix>_epoch` keeps the highest lease epoch granted per deployment key, so epochs only
+///   grow (released and broken locks included). `save` locks the lock row and refuses (as
+///   [`Error::LockLost`]) a lease that is not the one held now, unexpired in the server's clock: a
+///   run that lost its lease never overwrites what the new holder wrote.
 /// - Tables are created on first use (`CREATE TABLE IF NOT EXISTS`, under an advisory lock).
 /// - Each handle keeps one connection, reopened when it breaks.
 ///
@@ -124,6 +129,7 @@ pub struct PostgresStateStore {
     config: PostgresStoreConfig,
     state_table: String,
     lock_table: String,
+    epoch_table: String,
     client: Mutex<Option<Client>>,
 }
 
@@ -141,6 +147,7 @@ impl PostgresStateStore {
         Ok(PostgresStateStore {
             state_table: t("state"),
             lock_table: t("lock"),
+            epoch_table: t("epoch"),
             config,
             client: Mutex::new(None),
         })
@@ -206,9 +213,14 @@ impl PostgresStateStore {
                  owner text NOT NULL,
                  since_ms bigint NOT NULL,
                  expires_ms bigint NOT NULL);
+             ALTER TABLE {lt} ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+             CREATE TABLE IF NOT EXISTS {et} (
+                 deployment text PRIMARY KEY,
+                 epoch bigint NOT NULL);
              COMMIT;",
             st = self.state_table,
-            lt = self.lock_table
+            lt = self.lock_table,
+            et = self.epoch_table
         );
         client
             .batch_execute(&sql)
@@ -240,6 +252,7 @@ fn lock_from_row(row: &Row) -> Result<LockInfo> {
         token: row.get("token"),
         since: Timestamp(row.get::<_, i64>("since_ms").max(0) as u64),
         expires: Timestamp(row.get::<_, i64>("expires_ms").max(0) as u64),
+        epoch: row.get::<_, i64>("epoch").max(0) as u64,
     })
 }
 
@@ -278,8 +291,10 @@ impl StateStore for PostgresStateStore {
         .await
     }
 
-    async fn save(&self, state: &DeploymentState) -> Result<u64> {
+    async fn save(&self, state: &DeploymentState, lease: &Lease) -> Result<u64> {
         let key = self.config.deployment.clone();
+        let lease = lease.clone();
+        let lt = self.lock_table.clone();
         let expected = state.revision;
         let mut next = state.clone();
         next.revision = expected + 1;
@@ -292,6 +307,28 @@ impl StateStore for PostgresStateStore {
                     .transaction()
                     .await
                     .map_err(|e| pg_error(BACKEND, "save", e))?;
+                // Fencing: the lock row is locked until the commit, so it cannot change hands
+                // between this check and the write.
+                let held = tx
+                    .query_opt(
+                        &format!(
+                            "SELECT *, {NOW_MS} AS now_ms FROM {lt} WHERE deployment = $1 FOR UPDATE"
+                        ),
+                        &[&key],
+                    )
+                    .await
+                    .map_err(|e| pg_error(BACKEND, "save", e))?;
+                match &held {
+                    Some(row) => {
+                        let now = Timestamp(row.get::<_, i64>("now_ms").max(0) as u64);
+                        lock_from_row(row)?.check_held_by(&lease, now)?;
+                    }
+                    None => {
+                        return Err(Error::LockLost {
+                            reason: "the lock was broken or released".into(),
+                        })
+                    }
+                }
                 let current = tx
                     .query_opt(
                         &format!(
@@ -354,6 +391,7 @@ impl StateStore for PostgresStateStore {
         let key = self.config.deployment.clone();
         let owner_json = serde_json::to_string(owner).expect("owner serializes");
         let lt = self.lock_table.clone();
+        let et = self.epoch_table.clone();
         let ttl = ttl_ms(ttl);
         self.with_client(move |c| {
             Box::pin(async move {
@@ -362,13 +400,19 @@ impl StateStore for PostgresStateStore {
                     let won = c
                         .query_opt(
                             &format!(
-                                "INSERT INTO {lt} AS l (deployment, token, owner, since_ms, expires_ms)
-                                 VALUES ($1, $2, $3, {NOW_MS}, {NOW_MS} + $4)
+                                "WITH e AS (
+                                   INSERT INTO {et} AS x (deployment, epoch) VALUES ($1, 1)
+                                   ON CONFLICT (deployment) DO UPDATE SET epoch = x.epoch + 1
+                                   RETURNING epoch)
+                                 INSERT INTO {lt} AS l
+                                   (deployment, token, owner, since_ms, expires_ms, epoch)
+                                 VALUES ($1, $2, $3, {NOW_MS}, {NOW_MS} + $4, (SELECT epoch FROM e))
                                  ON CONFLICT (deployment) DO UPDATE
                                    SET token = EXCLUDED.token, owner = EXCLUDED.owner,
-                                       since_ms = EXCLUDED.since_ms, expires_ms = EXCLUDED.expires_ms
+                                       since_ms = EXCLUDED.since_ms, expires_ms = EXCLUDED.expires_ms,
+                                       epoch = EXCLUDED.epoch
                                    WHERE l.expires_ms <= EXCLUDED.since_ms
-                                 RETURNING token, owner, since_ms, expires_ms"
+                                 RETURNING token, owner, since_ms, expires_ms, epoch"
                             ),
                             &[&key, &token, &owner_json, &ttl],
                         )
@@ -378,7 +422,9 @@ impl StateStore for PostgresStateStore {
                         return lock_from_row(&row);
                     }
                     if let Some(holder) = read_lock(c, &lt, &key, "acquire").await? {
-                        return Err(Error::Locked { holder });
+                        return Err(Error::Locked {
+                            holder: Box::new(holder),
+                        });
                     }
                     // Released between the two statements: try again.
                 }
@@ -405,7 +451,7 @@ impl StateStore for PostgresStateStore {
                         &format!(
                             "UPDATE {lt} SET expires_ms = {NOW_MS} + $3
                              WHERE deployment = $1 AND token = $2
-                             RETURNING token, owner, since_ms, expires_ms"
+                             RETURNING token, owner, since_ms, expires_ms, epoch"
                         ),
                         &[&key, &token, &ttl],
                     )
@@ -461,7 +507,7 @@ impl StateStore for PostgresStateStore {
                     .query_opt(
                         &format!(
                             "DELETE FROM {lt} WHERE deployment = $1
-                             RETURNING token, owner, since_ms, expires_ms"
+                             RETURNING token, owner, since_ms, expires_ms, epoch"
                         ),
                         &[&key],
                     )

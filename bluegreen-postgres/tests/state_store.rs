@@ -39,9 +39,16 @@ async fn postgres_store_passes_the_state_store_suite_and_keeps_keys_apart() {
         .acquire(&LockOwner::current("deploy other"), Duration::from_secs(30))
         .await
         .unwrap();
-    assert_eq!(other.save(&DeploymentState::default()).await.unwrap(), 1);
+    assert_eq!(
+        other
+            .save(&DeploymentState::default(), &lease)
+            .await
+            .unwrap(),
+        1
+    );
     let suite_store = open();
-    assert_eq!(suite_store.load().await.unwrap().unwrap().revision, 2);
+    // The suite's last (fenced) save left revision 3 under the default key.
+    assert_eq!(suite_store.load().await.unwrap().unwrap().revision, 3);
     other.release(&lease).await.unwrap();
 
     // A corrupt stored state is an error and is not overwritten.
@@ -56,7 +63,11 @@ async fn postgres_store_passes_the_state_store_suite_and_keeps_keys_apart() {
     assert!(matches!(err, Error::CorruptState { .. }), "{err}");
     let mut s = DeploymentState::default();
     s.revision = 1;
-    let err = other.save(&s).await.unwrap_err();
+    let lease = other
+        .acquire(&LockOwner::current("deploy other"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let err = other.save(&s, &lease).await.unwrap_err();
     assert!(matches!(err, Error::CorruptState { .. }), "{err}");
     let still: String = c
         .query_one(
@@ -82,7 +93,17 @@ async fn store_survives_a_broken_connection_and_reports_bad_names() {
     ));
 
     let store = PostgresStateStore::new(PostgresStoreConfig::new(cfg.clone())).unwrap();
-    assert_eq!(store.save(&DeploymentState::default()).await.unwrap(), 1);
+    let lease = store
+        .acquire(&LockOwner::current("test"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .save(&DeploymentState::default(), &lease)
+            .await
+            .unwrap(),
+        1
+    );
     // Kill the store's session.
     let admin = cluster.client("postgres").await.unwrap();
     admin

@@ -270,7 +270,7 @@ impl Run<'_> {
                         action: "rolled back".into(),
                     },
                 )
-                .await;
+                .await?;
             if live == LiveTraffic::Affected {
                 return Err(Error::NeedsDecision {
                     reason: format!(

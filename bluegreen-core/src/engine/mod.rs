@@ -284,7 +284,7 @@ impl Deployer {
             let phase = run.flight().phase;
             let (live, cleanup) = run
                 .undo("aborted by request".into(), phase, Outcome::Aborted)
-                .await;
+                .await?;
             if live == LiveTraffic::Affected {
                 return Err(Error::NeedsDecision {
                     reason: format!(
@@ -382,8 +382,12 @@ impl Deployer {
             if st.state == InstanceState::Absent && run.state.slots.get(idle).is_none() {
                 return Ok(None);
             }
+            run.fence(format!("cleanup: {}: remove {idle}", env.name()))
+                .await?;
             env.remove(idle).await?;
             if let (Some(db), Some(live)) = (&run.d.database, run.state.live_release().cloned()) {
+                run.fence(format!("cleanup: {}: finalize", db.name()))
+                    .await?;
                 db.finalize(&DbContext {
                     live: Some(active),
                     target: active,
@@ -405,6 +409,11 @@ impl Deployer {
         let mut run = self.begin("reset".into()).await?;
         let res = async {
             for slot in Slot::ALL {
+                run.fence(format!(
+                    "reset: {}: remove {slot}",
+                    run.d.environment.name()
+                ))
+                .await?;
                 run.d.environment.remove(slot).await?;
             }
             let history = std::mem::take(&mut run.state.history);
@@ -422,9 +431,29 @@ impl Deployer {
         run.finish(res).await
     }
 
-    /// Removes the deployment lock whoever holds it (for a holder that died on another machine).
-    /// Returns what was removed.
+    /// Removes the deployment lock of a holder that is gone (e.g. a run that died on another
+    /// machine). Returns what was removed. A holder in this same process is taken to be the
+    /// caller's own (a run it abandoned).
+    ///
+    /// # Errors
+    /// [`Error::HolderAlive`] when the holder is another process still running on this host:
+    /// breaking its lock would let two runs change the slots at once (that run would stop at its
+    /// next step, fenced, but only after the new holder may have started). See
+    /// [`force_break_lock`](Self::force_break_lock).
     pub async fn break_lock(&self) -> Result<Option<LockInfo>> {
+        if let Some(holder) = self.inner.store.lock_info().await? {
+            if holder.owner.is_other_process() && holder.owner.alive_here() == Some(true) {
+                return Err(Error::HolderAlive {
+                    holder: Box::new(holder),
+                });
+            }
+        }
+        self.inner.store.break_lock().await
+    }
+
+    /// Removes the deployment lock whoever holds it, even a live process on this host. That run,
+    /// fenced, stops at its next step without changing anything more. Returns what was removed.
+    pub async fn force_break_lock(&self) -> Result<Option<LockInfo>> {
         self.inner.store.break_lock().await
     }
 }

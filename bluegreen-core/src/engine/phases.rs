@@ -22,6 +22,8 @@ impl Run<'_> {
         let Some(db) = self.d.database.clone() else {
             return Ok(Step::Skip("no database strategy"));
         };
+        self.fenced(format!("{}: prepare the database", db.name()))
+            .await?;
         let Prepared { binding, step } = {
             let ctx = self.db_ctx();
             self.retry(|| db.prepare(&ctx)).await
@@ -49,6 +51,8 @@ impl Run<'_> {
         if self.binding.is_none() {
             // Resumed after a crash: the secret part of the binding was never persisted.
             if let Some(db) = self.d.database.clone() {
+                self.fenced(format!("{}: prepare the database again", db.name()))
+                    .await?;
                 let prepared = {
                     let ctx = self.db_ctx();
                     self.retry(|| db.prepare(&ctx)).await
@@ -70,6 +74,12 @@ impl Run<'_> {
             .entry(crate::DEPLOYMENT_LABEL.to_string())
             .or_insert_with(|| f.id.to_string());
         let env = self.d.environment.clone();
+        self.fenced(format!(
+            "{}: deploy {} to {target}",
+            env.name(),
+            release.version
+        ))
+        .await?;
         let eps = self
             .retry(|| env.deploy(target, &release))
             .await
@@ -105,6 +115,8 @@ impl Run<'_> {
         // Recorded before the switch is touched, so undo stops preview routing after a crash too.
         self.flight_mut().previewing = true;
         self.save().await.by(self.d.store.name())?;
+        self.fenced(format!("{}: route preview traffic to {target}", sw.name()))
+            .await?;
         self.retry(|| sw.preview(Some(target), &eps))
             .await
             .by(sw.name())?;
@@ -136,8 +148,12 @@ impl Run<'_> {
             // Recorded before the switch is touched, so undo resumes it after a crash too.
             self.flight_mut().paused = true;
             self.save().await.by(self.d.store.name())?;
+            self.fenced(format!("{}: pause", self.d.switch.name()))
+                .await?;
             self.d.switch.pause().await.by(self.d.switch.name())?;
         }
+        self.fenced(format!("{}: database cutover", db.name()))
+            .await?;
         let step = {
             let ctx = self.db_ctx();
             self.retry(|| db.before_switch(&ctx)).await
@@ -161,9 +177,12 @@ impl Run<'_> {
                 .map(|c| c.same_weights(&split))
                 .unwrap_or(false);
         if !already {
+            self.fenced(format!("{}: switch to {split}", sw.name()))
+                .await?;
             self.retry(|| sw.apply(&split, &eps)).await.by(sw.name())?;
         }
         if self.flight().paused {
+            self.fenced(format!("{}: resume", sw.name())).await?;
             sw.resume().await.by(sw.name())?;
             self.flight_mut().paused = false;
         }
@@ -187,6 +206,8 @@ impl Run<'_> {
         if split.weight(target) == 100 {
             self.state.active = Some(target);
             if self.flight().previewing {
+                self.fenced(format!("{}: stop preview routing", sw.name()))
+                    .await?;
                 match sw.preview(None, &eps).await {
                     Ok(()) => self.flight_mut().previewing = false,
                     Err(e) => tracing::warn!(error = %e, "stopping preview routing failed"),
@@ -344,6 +365,8 @@ impl Run<'_> {
         let Some(db) = self.d.database.clone() else {
             return Ok(Step::Skip("no database strategy"));
         };
+        self.fenced(format!("{}: after-switch step", db.name()))
+            .await?;
         let step = {
             let ctx = self.db_ctx();
             self.retry(|| db.after_switch(&ctx)).await
@@ -382,6 +405,7 @@ impl Run<'_> {
         if p.keep_old == KeepOld::Stop {
             let env = self.d.environment.clone();
             let drain = p.drain_timeout;
+            self.fenced(format!("{}: stop {prev}", env.name())).await?;
             self.retry(|| env.stop(prev, drain)).await.by(env.name())?;
         }
         Ok(Step::Continue)
@@ -390,6 +414,7 @@ impl Run<'_> {
     pub(super) async fn finalize(&mut self) -> PhaseResult<Step> {
         if self.d.policy.keep_old == KeepOld::Stop && self.flight().previous.is_some() {
             if let Some(db) = self.d.database.clone() {
+                self.fenced(format!("{}: finalize", db.name())).await?;
                 let step = {
                     let ctx = self.db_ctx();
                     self.retry(|| db.finalize(&ctx)).await

@@ -42,6 +42,8 @@ pub(super) struct Run<'a> {
     pub(super) started: Instant,
     /// Set while finishing a flight left by a crashed run.
     pub(super) recovered: bool,
+    /// The last change this run was cleared to make (reported if it loses its lock).
+    last_change: std::sync::Mutex<Option<String>>,
 }
 
 /// The slot a deploy targets and the live slot, from the state.
@@ -117,17 +119,68 @@ impl<'a> Run<'a> {
             binding: None,
             started: Instant::now(),
             recovered: false,
+            last_change: Default::default(),
         }
+    }
+
+    /// Proves this run still holds the deployment lock before it changes anything (`what`: the
+    /// change, for the report if the lock is gone). A run that lost its lock stops at once, undo
+    /// included: another run may be changing the same slots.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] naming why and the last change this run made.
+    pub(super) async fn fence(&self, what: impl Into<String>) -> Result<()> {
+        let what = what.into();
+        let Some(lease) = &self.lease else {
+            return Ok(());
+        };
+        match lease.check().await {
+            Ok(()) => {
+                *self.last_change.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+                Ok(())
+            }
+            Err(e) => Err(self.stopped(e, &what)),
+        }
+    }
+
+    /// A lost lock as the caller sees it: why, what the run was about to do, and the last change
+    /// it made. Other errors pass through.
+    fn stopped(&self, e: Error, before: &str) -> Error {
+        match e {
+            Error::LockLost { reason } => Error::LockLost {
+                reason: format!(
+                    "{reason}; this run stopped before: {before}; the last change it made: {}",
+                    self.last_change
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_deref()
+                        .unwrap_or("none")
+                ),
+            },
+            e => e,
+        }
+    }
+
+    /// [`fence`](Self::fence) inside a phase: a lost lock is blamed on the state store.
+    pub(super) async fn fenced(&self, what: impl Into<String>) -> PhaseResult<()> {
+        self.fence(what).await.by(self.d.store.name())
     }
 
     pub(super) fn interrupted(&self) -> bool {
         self.d.interrupted.load(Ordering::SeqCst)
     }
 
-    /// A safe point inside a long wait.
+    /// A safe point inside a long wait: stops on an interrupt, and at once when the lease is
+    /// known to be lost (the renewal task found it gone, or it expired).
     pub(super) fn check_interrupt(&self) -> PhaseResult<()> {
         if self.interrupted() {
             return Err(("operator".to_string(), Error::Interrupted));
+        }
+        if let Some(why) = self.lease.as_ref().and_then(|l| l.lost()) {
+            return Err((
+                self.d.store.name().to_string(),
+                self.stopped(Error::LockLost { reason: why }, "waiting"),
+            ));
         }
         Ok(())
     }
@@ -153,10 +206,20 @@ impl<'a> Run<'a> {
 
     /// Saves the state, unless the lease was lost.
     pub(super) async fn save(&mut self) -> Result<()> {
-        if let Some(why) = self.lease.as_ref().and_then(|l| l.lost()) {
-            return Err(Error::LockLost { reason: why });
+        let Some(keeper) = &self.lease else {
+            return Err(Error::LockLost {
+                reason: "the lock was already released".into(),
+            });
+        };
+        if let Some(why) = keeper.lost() {
+            return Err(self.stopped(Error::LockLost { reason: why }, "saving the state"));
         }
-        let rev = self.d.store.save(&self.state).await?;
+        let rev = self
+            .d
+            .store
+            .save(&self.state, &keeper.lease())
+            .await
+            .map_err(|e| self.stopped(e, "saving the state"))?;
         self.state.revision = rev;
         Ok(())
     }
@@ -328,6 +391,7 @@ impl<'a> Run<'a> {
         };
         for h in self.d.hooks_at(point) {
             let name = h.hook.name().to_string();
+            self.fenced(format!("{point:?} hook {name}")).await?;
             match tokio::time::timeout(h.options.timeout, h.hook.run(&ctx)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -363,14 +427,20 @@ impl<'a> Run<'a> {
     }
 }
 
-/// A phase error of deployment `id`, before undo says what happened to live traffic.
+/// A phase error of deployment `id`, before undo says what happened to live traffic. A run that
+/// lost its lock has not checked live traffic and says so.
 pub(super) fn wrap_id(id: u64, kind: RunKind, phase: Phase, backend: &str, e: Error) -> Error {
+    let live = if matches!(e, Error::LockLost { .. }) {
+        LiveTraffic::Unknown
+    } else {
+        LiveTraffic::Untouched
+    };
     Error::Phase {
         kind: kind.as_str(),
         id,
         phase,
         backend: backend.to_string(),
-        live: LiveTraffic::Untouched,
+        live,
         cleanup: Vec::new(),
         source: Box::new(e),
     }

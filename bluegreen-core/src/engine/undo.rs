@@ -49,35 +49,51 @@ impl Run<'_> {
             reason: reason.clone(),
             rolled_back: false,
         };
-        let (live, cleanup) = self.undo(reason, phase, outcome).await;
-        Error::Phase {
-            kind: f.kind.as_str(),
-            id: f.id,
-            phase,
-            backend,
-            live,
-            cleanup,
-            source: Box::new(err),
+        match self.undo(reason, phase, outcome).await {
+            Ok((live, cleanup)) => Error::Phase {
+                kind: f.kind.as_str(),
+                id: f.id,
+                phase,
+                backend,
+                live,
+                cleanup,
+                source: Box::new(err),
+            },
+            Err(lost) => Error::Phase {
+                kind: f.kind.as_str(),
+                id: f.id,
+                phase,
+                backend,
+                live: LiveTraffic::Unknown,
+                cleanup: vec![format!("undo stopped after the failure: {err}")],
+                source: Box::new(lost),
+            },
         }
     }
 
     /// Undoes the flight that reached `phase`: what the table says the phases reached may have
     /// left, as far as the flight's flags say it happened (resume, stop preview, switch back —
     /// restarting the previous slot if needed —, roll the database back, remove the target), then
-    /// records `outcome`. Returns what happened to live traffic and any problems met (best effort,
-    /// never aborts).
+    /// records `outcome`. Returns what happened to live traffic and any problems met (best effort:
+    /// a failed step does not stop the others).
+    ///
+    /// # Errors
+    /// [`Error::LockLost`]: the run no longer holds the lock, so it stopped undoing at once and
+    /// changed nothing more (another run may own the slots now).
     pub(super) async fn undo(
         &mut self,
         reason: String,
         phase: Phase,
         outcome: Outcome,
-    ) -> (LiveTraffic, Vec<String>) {
+    ) -> Result<(LiveTraffic, Vec<String>)> {
         let mut problems = Vec::new();
         // An interrupt has been honoured by stopping; the undo itself must run to the end.
         self.d.interrupted.store(false, Ordering::SeqCst);
         self.flight_mut().failing = Some(reason.clone());
-        if let Err(e) = self.save().await {
-            problems.push(format!("saving the rollback marker failed: {e}"));
+        match self.save().await {
+            Err(e @ Error::LockLost { .. }) => return Err(e),
+            Err(e) => problems.push(format!("saving the rollback marker failed: {e}")),
+            Ok(()) => {}
         }
         let f = self.flight().clone();
         self.emit(DeployEvent::RollingBack {
@@ -92,12 +108,15 @@ impl Run<'_> {
         for todo in table::undo_after(phase) {
             match todo {
                 Undo::Resume if caps.pause && f.paused => {
+                    self.fence(format!("undo: {}: resume", sw.name())).await?;
                     if let Err(e) = sw.resume().await {
                         problems.push(format!("{}: resume failed: {e}", sw.name()));
                     }
                     self.flight_mut().paused = false;
                 }
                 Undo::StopPreview if caps.preview && f.previewing => {
+                    self.fence(format!("undo: {}: stop preview routing", sw.name()))
+                        .await?;
                     if let Err(e) = sw.preview(None, &self.endpoints()).await {
                         problems.push(format!("{}: stopping preview failed: {e}", sw.name()));
                     }
@@ -114,6 +133,7 @@ impl Run<'_> {
                     match f.previous.filter(|p| *p != f.target) {
                         Some(prev) => match self.switch_back(prev, &f).await {
                             Ok(()) => live = LiveTraffic::RolledBack,
+                            Err(e @ Error::LockLost { .. }) => return Err(e),
                             Err(e) => {
                                 problems.push(format!("switching back to {prev} failed: {e}"));
                                 live = LiveTraffic::Affected;
@@ -127,17 +147,25 @@ impl Run<'_> {
                 }
                 Undo::RollBackDatabase if !target_serves => {
                     if let Some(db) = self.d.database.clone() {
+                        self.fence(format!("undo: {}: roll back", db.name()))
+                            .await?;
                         if let Err(e) = db.rollback(&self.db_ctx()).await {
                             problems.push(format!("{}: database rollback failed: {e}", db.name()));
                         }
                     }
                 }
                 Undo::RunAfterRollbackHooks if live == LiveTraffic::RolledBack => {
-                    if let Err((name, e)) = self.run_hooks(HookPoint::AfterRollback).await {
-                        problems.push(format!("after_rollback hook {name} failed: {e}"));
+                    match self.run_hooks(HookPoint::AfterRollback).await {
+                        Ok(()) => {}
+                        Err((_, e @ Error::LockLost { .. })) => return Err(e),
+                        Err((name, e)) => {
+                            problems.push(format!("after_rollback hook {name} failed: {e}"))
+                        }
                     }
                 }
                 Undo::RemoveTarget if !f.reuse_target && !target_serves => {
+                    self.fence(format!("undo: {}: remove {}", env.name(), f.target))
+                        .await?;
                     match env.remove(f.target).await {
                         Ok(()) => self.state.slots.set(f.target, None),
                         Err(e) => problems.push(format!(
@@ -168,15 +196,17 @@ impl Run<'_> {
             started_at: f.started_at,
             finished_at: Timestamp::now(),
         });
-        if let Err(e) = self.save().await {
-            problems.push(format!("saving the final state failed: {e}"));
+        match self.save().await {
+            Err(e @ Error::LockLost { .. }) => return Err(e),
+            Err(e) => problems.push(format!("saving the final state failed: {e}")),
+            Ok(()) => {}
         }
         self.emit(DeployEvent::Finished {
             id: f.id,
             outcome,
             elapsed: self.started.elapsed(),
         });
-        (live, problems)
+        Ok((live, problems))
     }
 
     /// Routes all traffic back to `prev`, restarting it first if it was stopped.
@@ -198,6 +228,12 @@ impl Run<'_> {
                             status.state
                         ),
                     })?;
+            self.fence(format!(
+                "switch back: {}: redeploy {} to {prev}",
+                env.name(),
+                record.release.version
+            ))
+            .await?;
             let new_eps = self.retry(|| env.deploy(prev, &record.release)).await?;
             self.await_healthy(prev, &new_eps)
                 .await
@@ -212,6 +248,8 @@ impl Run<'_> {
             .clone()
             .filter(|s| s.weight(prev) == 100)
             .unwrap_or_else(|| TrafficSplit::all(prev));
+        self.fence(format!("switch back: {}: switch to {split}", sw.name()))
+            .await?;
         self.retry(|| sw.apply(&split, &eps)).await?;
         let now = sw.current().await?;
         if !now

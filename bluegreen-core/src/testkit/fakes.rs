@@ -208,6 +208,8 @@ pub struct World {
     db_prepared: HashSet<Slot>,
     state: Option<DeploymentState>,
     lock: Option<LockInfo>,
+    /// The highest lease epoch granted.
+    lock_epoch: u64,
     capabilities: Capabilities,
 }
 
@@ -1070,9 +1072,17 @@ impl StateStore for MemoryStateStore {
         Ok(lock(&self.world).state.clone())
     }
 
-    async fn save(&self, state: &DeploymentState) -> Result<u64> {
+    async fn save(&self, state: &DeploymentState, lease: &Lease) -> Result<u64> {
         hit(&self.world, self.name(), Op::StoreSave).await?;
         let mut w = lock(&self.world);
+        match &w.lock {
+            Some(held) => held.check_held_by(lease, Timestamp::now())?,
+            None => {
+                return Err(Error::LockLost {
+                    reason: "the lock was broken or released".into(),
+                })
+            }
+        }
         let found = w.state.as_ref().map(|s| s.revision).unwrap_or(0);
         if found != state.revision {
             return Err(Error::Conflict {
@@ -1102,14 +1112,18 @@ impl StateStore for MemoryStateStore {
         let now = Timestamp::now();
         if let Some(l) = &w.lock {
             if !l.expired_at(now) {
-                return Err(Error::Locked { holder: l.clone() });
+                return Err(Error::Locked {
+                    holder: Box::new(l.clone()),
+                });
             }
         }
+        w.lock_epoch += 1;
         let lease = LockInfo {
             owner: owner.clone(),
             token: new_token(),
             since: now,
             expires: now.plus(ttl),
+            epoch: w.lock_epoch,
         };
         w.lock = Some(lease.clone());
         Ok(lease)

@@ -717,14 +717,19 @@ pub async fn state_store_suite(
     let name = a.name().to_string();
     let mut report = SuiteReport::new(&name);
 
-    // Empty store; CAS save; conflicts.
+    // Empty store; fenced CAS save; conflicts.
     assert!(
         a.load().await.unwrap().is_none(),
         "{name}: a fresh store must load None"
     );
+    let ttl = Duration::from_secs(30);
+    let writer = a
+        .acquire(&LockOwner::current("saves"), ttl)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: acquire failed: {e}"));
     let mut s = DeploymentState::default();
     let r1 = a
-        .save(&s)
+        .save(&s, &writer)
         .await
         .unwrap_or_else(|e| panic!("{name}: first save failed: {e}"));
     assert_eq!(r1, 1, "{name}: first save must return revision 1");
@@ -732,13 +737,14 @@ pub async fn state_store_suite(
     assert_eq!(loaded.revision, 1, "{name}: loaded revision");
     s.revision = r1;
     s.last_id = 7;
-    let r2 = b.save(&s).await.unwrap();
+    // The lease is the store's, not the handle's: another handle saves with it too.
+    let r2 = b.save(&s, &writer).await.unwrap();
     assert_eq!(r2, 2);
     let stale = DeploymentState {
         revision: 1,
         ..DeploymentState::default()
     };
-    match a.save(&stale).await {
+    match a.save(&stale, &writer).await {
         Err(Error::Conflict {
             expected: 1,
             found: 2,
@@ -750,10 +756,66 @@ pub async fn state_store_suite(
         7,
         "{name}: stale save changed the state"
     );
+    a.release(&writer).await.unwrap();
     report.record_ran("state store: compare-and-swap saves");
 
+    // Fencing: a save is refused unless its lease is the one held now, unexpired.
+    let current = DeploymentState {
+        revision: 2,
+        ..DeploymentState::default()
+    };
+    match a.save(&current, &writer).await {
+        Err(Error::LockLost { .. }) => {}
+        other => panic!("{name}: a save with a released lease must be LockLost, got {other:?}"),
+    }
+    let first = a.acquire(&LockOwner::current("first"), ttl).await.unwrap();
+    assert!(
+        first.epoch > writer.epoch,
+        "{name}: epochs must grow ({} then {})",
+        writer.epoch,
+        first.epoch
+    );
+    let broken = b.break_lock().await.unwrap().expect("a lock to break");
+    assert!(broken.same_lease(&first));
+    match a.save(&current, &first).await {
+        Err(Error::LockLost { .. }) => {}
+        other => panic!("{name}: a save with a broken lease must be LockLost, got {other:?}"),
+    }
+    let second = b.acquire(&LockOwner::current("second"), ttl).await.unwrap();
+    assert!(
+        second.epoch > first.epoch,
+        "{name}: epochs must grow after a break ({} then {})",
+        first.epoch,
+        second.epoch
+    );
+    match a.save(&current, &first).await {
+        Err(Error::LockLost { .. }) => {}
+        other => panic!("{name}: a save with an older epoch must be LockLost, got {other:?}"),
+    }
+    b.save(&current, &second).await.unwrap();
+    b.release(&second).await.unwrap();
+    let brief = a
+        .acquire(&LockOwner::current("brief"), Duration::from_millis(150))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let after = DeploymentState {
+        revision: 3,
+        ..DeploymentState::default()
+    };
+    match a.save(&after, &brief).await {
+        Err(Error::LockLost { .. }) => {}
+        other => panic!("{name}: a save with an expired lease must be LockLost, got {other:?}"),
+    }
+    a.break_lock().await.unwrap();
+    assert_eq!(
+        b.load().await.unwrap().unwrap().revision,
+        3,
+        "{name}: a refused save changed the state"
+    );
+    report.record_ran("state store: saves fenced by the lease epoch");
+
     // Exclusive lock naming its holder.
-    let ttl = Duration::from_secs(30);
     let alice = LockOwner::current("deploy v1 (alice)");
     let bob = LockOwner::current("deploy v2 (bob)");
     let lease = a.acquire(&alice, ttl).await.unwrap();
