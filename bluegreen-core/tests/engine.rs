@@ -43,6 +43,16 @@ fn builder(fakes: &Fakes, policy: Policy) -> DeployerBuilder {
         .policy(policy)
 }
 
+/// Environment, switch, store and health check only: no database, hooks or probe.
+fn plain_builder(fakes: &Fakes, policy: Policy) -> DeployerBuilder {
+    Deployer::builder()
+        .environment(Arc::new(fakes.environment()))
+        .switch(Arc::new(fakes.switch()))
+        .store(Arc::new(fakes.store()))
+        .health_check(Arc::new(fakes.health_check()))
+        .policy(policy)
+}
+
 fn world(policy: Policy) -> World {
     let fakes = Fakes::new();
     let deployer = builder(&fakes, policy).build().unwrap();
@@ -754,13 +764,8 @@ async fn a_failed_final_data_path_check_switches_back_and_reports_no_success() {
 async fn a_failed_final_check_restarts_a_stopped_old_slot_to_switch_back() {
     // No database here: without an irreversible finalize, undo switches back on its own.
     let fakes = Fakes::new();
-    let deployer = Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .health_check(Arc::new(fakes.health_check()))
+    let deployer = plain_builder(&fakes, fast_policy().with_keep_old(KeepOld::Stop))
         .verify_data_path(Arc::new(fakes.probe()))
-        .policy(fast_policy().with_keep_old(KeepOld::Stop))
         .build()
         .unwrap();
     let w = World { fakes, deployer };
@@ -814,14 +819,7 @@ async fn a_failed_final_check_after_an_irreversible_finalize_stops_and_asks() {
 #[tokio::test]
 async fn without_a_probe_the_final_check_reads_the_switch_back_and_says_what_it_skipped() {
     let fakes = Fakes::new();
-    let d = Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .health_check(Arc::new(fakes.health_check()))
-        .policy(fast_policy())
-        .build()
-        .unwrap();
+    let d = plain_builder(&fakes, fast_policy()).build().unwrap();
     let mut events = d.subscribe();
     let reads = fakes.call_count(Op::SwitchCurrent);
     d.deploy(release("v1")).await.unwrap();
