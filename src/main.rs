@@ -9,7 +9,8 @@
 //! Exit codes: 0 success; 1 the operation failed (live traffic untouched or switched back);
 //! 2 usage or pipeline-file error; 3 another operation holds the lock or a deployment is in flight;
 //! 4 waiting for a person (`promote` / `abort`); 5 a decision is needed: live traffic may be
-//! affected; 130 interrupted (Ctrl-C), after rolling back at a safe point.
+//! affected; 6 (`status`) drift: the backends differ from the recorded state, or the switch routes
+//! to endpoints that do not answer; 130 interrupted (Ctrl-C), after rolling back at a safe point.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -324,23 +325,25 @@ async fn serve(
         )
     })?;
     let token = pipeline::ensure_token(&Pipeline::token_path(state_dir))?;
-    let proxy = ProxySwitch::bind(config.clone()).await?;
-    let admin = proxy.serve_admin(admin, token).await?;
-    // Restore the routing recorded in the state, so a restarted proxy serves at once.
-    let store = bluegreen::FileStateStore::new(state_dir.join("state"))?;
-    if let Some(st) = bluegreen::StateStore::load(&store).await? {
-        if let Some(split) = st.split {
-            let mut eps = bluegreen::Endpoints::default();
-            for slot in bluegreen::Slot::ALL {
-                if let Some(r) = st.slots.get(slot) {
-                    eps.set(slot, r.endpoints.clone());
-                }
-            }
+    // A restarted proxy serves at once, exactly as before: it restores the routing it last
+    // applied from its own routing file.
+    let mut config = config.clone();
+    if config.routing_file.is_none() {
+        config.routing_file = Some(Pipeline::routing_path(state_dir));
+    }
+    let proxy = ProxySwitch::bind(config).await?;
+    if proxy.current().await?.is_none() {
+        // No routing file yet (a first start, or one written by an older version): the routing
+        // the state last recorded, with the endpoints a switched flight recorded before its
+        // switch (the slot records get them only when the run completes).
+        let store = backends::store(p, state_dir)?;
+        if let Some((split, eps)) = store.load().await?.and_then(|st| st.last_routing()) {
             if let Err(e) = proxy.apply(&split, &eps).await {
                 eprintln!("warning: could not restore the recorded split {split}: {e}");
             }
         }
     }
+    let admin = proxy.serve_admin(admin, token).await?;
     if mode == Mode::Json {
         emit_json(
             serde_json::json!({"result": "serving", "listen": proxy.local_addr().to_string(), "admin": admin.local_addr().to_string()}),
@@ -363,8 +366,12 @@ async fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The exit code of `status` when it finds drift.
+const DRIFT: u8 = 6;
+
 async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
     let st = d.status().await?;
+    let code = if st.drift.is_empty() { 0 } else { DRIFT };
     if mode == Mode::Json {
         emit_json(serde_json::json!({
             "result": "ok",
@@ -379,8 +386,9 @@ async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
             })),
             "lock": st.lock,
             "drift": st.drift,
+            "exit_code": code,
         }));
-        return Ok(ExitCode::SUCCESS);
+        return Ok(ExitCode::from(code));
     }
     println!(
         "live:    {}",
@@ -425,7 +433,7 @@ async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
     for d in &st.drift {
         println!("drift:   {d}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(code))
 }
 
 async fn validate(

@@ -520,6 +520,11 @@ impl Pipeline {
         state_dir.join("admin.token")
     }
 
+    /// Where `bluegreen serve` keeps the routing the embedded proxy last applied.
+    pub(crate) fn routing_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("proxy-routing.json")
+    }
+
     /// A release of `version`.
     pub(crate) fn release(&self, version: &str) -> bluegreen::Result<Release> {
         match &self.environment {

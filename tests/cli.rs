@@ -224,3 +224,145 @@ fn ctrl_c_during_a_deploy_stops_at_a_safe_point_and_leaves_a_consistent_state() 
         "{last}"
     );
 }
+
+/// A `deploy --json` running in the background; its remaining output is read by a thread.
+struct Running {
+    child: Child,
+    output: std::thread::JoinHandle<Vec<String>>,
+}
+
+/// Deploys `version` in the background and returns once it reports the observe phase: traffic
+/// is on the new release and the run is watching it.
+fn deploy_until_observing(p: &Pipeline, version: &str) -> Running {
+    let mut child = p
+        .cmd(&["--json", "deploy", version])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("deploy {version} ended before observing"))
+            .unwrap();
+        let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if ev["event"] == "phase_started" && ev["phase"] == "observe" {
+            break;
+        }
+    }
+    let output = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+    Running { child, output }
+}
+
+/// Waits for a deploy started by [`deploy_until_observing`]: its exit code and result line.
+fn deploy_result(mut run: Running) -> (i32, serde_json::Value) {
+    let status = run.child.wait().unwrap();
+    let lines = run.output.join().unwrap();
+    let last = lines
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result line: {lines:?}"));
+    (status.code().unwrap_or(-1), last)
+}
+
+/// kill -9 `bluegreen serve`.
+fn kill_serve(p: &mut Pipeline) {
+    let mut serve = p.serve.take().expect("serve running");
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+}
+
+#[test]
+fn restarting_serve_during_observe_never_reports_a_success_that_is_not_true() {
+    let mut p = Pipeline::new("[policy]\nobservation = { window = 0.5, interval = 100 }\n");
+    p.serve();
+    // blue holds v5, green is live on v6.
+    assert!(p.run(&["deploy", "v5"]).status.success());
+    assert!(p.run(&["deploy", "v6"]).status.success());
+    assert_eq!(p.get().as_deref(), Some("v6"));
+    let (code, st, _) = p.json(&["status"]);
+    assert_eq!(code, 0, "a healthy pipeline has no drift: {st}");
+    assert_eq!(st["drift"].as_array().unwrap().len(), 0, "{st}");
+    // Long enough to kill and restart `serve` inside the observation window.
+    let text = std::fs::read_to_string(p.file()).unwrap();
+    std::fs::write(p.file(), text.replace("window = 0.5", "window = 6")).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _rt = rt.enter();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], p.listen).into();
+    let opts = || bluegreen_testenv::LoadOptions::new(2).with_pause(Duration::from_millis(5));
+    let routing = p.dir.path().join(".bluegreen/proxy-routing.json");
+
+    // v7 goes to blue on a new port. `serve` restarts with its routing file (v7), then v8 goes
+    // to green and `serve` restarts without it (an older serve left none): the state has v8's
+    // endpoints, recorded by the flight before the switch.
+    for (version, keep_routing_file) in [("v7", true), ("v8", false)] {
+        let before = bluegreen_testenv::Load::start(addr, opts());
+        let deploy = deploy_until_observing(&p, version);
+        let seen = rt.block_on(before.finish());
+        assert_eq!(
+            seen.failed, 0,
+            "{version} before the kill: {:?}",
+            seen.errors
+        );
+
+        kill_serve(&mut p);
+        if !keep_routing_file {
+            std::fs::remove_file(&routing).unwrap();
+        }
+        p.serve();
+        // From the moment the restarted `serve` listens, every request is answered by the new
+        // release.
+        let after = bluegreen_testenv::Load::start(addr, opts());
+        let (code, result) = deploy_result(deploy);
+        std::thread::sleep(Duration::from_millis(300));
+        let seen = rt.block_on(after.finish());
+        assert_eq!(code, 0, "{version}: {result}");
+        assert_eq!(result["status"], "live", "{result}");
+        assert_eq!(
+            seen.failed, 0,
+            "{version} after the restart: {:?}",
+            seen.errors
+        );
+        assert!(seen.ok > 0);
+        assert_eq!(
+            seen.versions.keys().collect::<Vec<_>>(),
+            vec![version],
+            "{version}: {seen:?}"
+        );
+        assert_eq!(p.get().as_deref(), Some(version));
+        let (code, st, _) = p.json(&["status"]);
+        assert_eq!(code, 0, "{version}: {st}");
+        assert_eq!(st["drift"].as_array().unwrap().len(), 0, "{st}");
+    }
+
+    // The switch routes the live slot to endpoints that do not answer (its routing file was
+    // tampered with while it was down): `status` says so and exits 6.
+    kill_serve(&mut p);
+    let text = std::fs::read_to_string(&routing).unwrap();
+    let mut r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    r["endpoints"]["green"][0]["port"] = dead_port.into();
+    std::fs::write(&routing, r.to_string()).unwrap();
+    p.serve();
+    let (code, st, _) = p.json(&["status"]);
+    assert_eq!(code, 6, "{st}");
+    assert_eq!(st["exit_code"], 6, "{st}");
+    let drift = st["drift"].as_array().unwrap();
+    assert!(
+        drift
+            .iter()
+            .any(|d| d.as_str().unwrap().contains("do not answer")),
+        "{st}"
+    );
+    let out = p.run(&["status"]);
+    assert_eq!(out.status.code(), Some(6));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("drift:") && text.contains("do not answer"),
+        "{text}"
+    );
+}

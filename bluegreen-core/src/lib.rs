@@ -25,7 +25,9 @@
 //! wait until healthy (rise threshold, adaptive polling, timeout), `after_deploy` hooks
 //! (migrations), preview, smoke tests, the manual gate, the database cutover, the switch (each
 //! canary step) read back from the proxy, the data-path probe, the observation window, after-switch
-//! steps, drain and stop (or keep warm) the old slot, finalize. The phase is saved before it runs.
+//! steps, drain and stop (or keep warm) the old slot, finalize, and the final data-path check
+//! (the switch read back, the target release answering through it): a run succeeds only once
+//! that has passed. The phase is saved before it runs.
 //!
 //! - A failure before the switch leaves live traffic untouched and removes the target.
 //! - A failure after it switches back first, then cleans up.

@@ -113,13 +113,16 @@ pub enum Phase {
     AfterSwitchHook,
     /// Drain the old slot and stop it (or keep it warm).
     DrainOld,
-    /// `DatabaseStrategy::finalize`, record history, done.
+    /// `DatabaseStrategy::finalize`.
     Finalize,
+    /// The final data-path check: the switch still routes all traffic to the target and requests
+    /// through it reach the target release. Only then is the run recorded as a success.
+    ConfirmDataPath,
 }
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 17] = [
+    pub const ALL: [Phase; 18] = [
         Phase::Plan,
         Phase::PrepareDatabase,
         Phase::BeforeDeployHook,
@@ -137,6 +140,7 @@ impl Phase {
         Phase::AfterSwitchHook,
         Phase::DrainOld,
         Phase::Finalize,
+        Phase::ConfirmDataPath,
     ];
 
     /// Snake-case name.
@@ -159,6 +163,7 @@ impl Phase {
             Phase::AfterSwitchHook => "after_switch_hook",
             Phase::DrainOld => "drain_old",
             Phase::Finalize => "finalize",
+            Phase::ConfirmDataPath => "confirm_data_path",
         }
     }
 }
@@ -365,6 +370,26 @@ impl DeploymentState {
         self.active
             .and_then(|s| self.slots.get(s).as_ref())
             .map(|r| &r.release)
+    }
+
+    /// The routing last recorded: the split, with each slot's endpoints from its record — except
+    /// the target of a flight that may have switched, whose endpoints the flight recorded before
+    /// the switch (its slot record gets them only when the run completes). What a switch that lost
+    /// its own configuration should apply to serve as it did. `None` before any split.
+    pub fn last_routing(&self) -> Option<(TrafficSplit, crate::types::Endpoints)> {
+        let split = self.split.clone()?;
+        let mut eps = crate::types::Endpoints::default();
+        for slot in Slot::ALL {
+            if let Some(r) = self.slots.get(slot) {
+                eps.set(slot, r.endpoints.clone());
+            }
+        }
+        if let Some(f) = self.in_flight.as_ref() {
+            if f.switched && !f.endpoints.is_empty() {
+                eps.set(f.target, f.endpoints.clone());
+            }
+        }
+        Some((split, eps))
     }
 
     /// Parses a serialized state, refusing newer formats.

@@ -96,7 +96,12 @@ impl FileStateStore {
     }
 }
 
-fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+/// Reads `path`, or `None` when it does not exist. Shared with backends that keep their own files
+/// (the embedded proxy's routing file).
+///
+/// # Errors
+/// [`Error::Io`] for any other read failure.
+pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -104,8 +109,12 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     }
 }
 
-/// Writes `bytes` to `path` atomically with mode 0600.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` atomically with mode 0600: a temporary file in the same directory,
+/// `fsync`, `rename`, `fsync` of the directory. A reader sees the old content or the new, whole.
+///
+/// # Errors
+/// [`Error::Io`] naming the temporary file; it is removed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",

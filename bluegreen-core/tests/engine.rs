@@ -43,6 +43,16 @@ fn builder(fakes: &Fakes, policy: Policy) -> DeployerBuilder {
         .policy(policy)
 }
 
+/// Environment, switch, store and health check only: no database, hooks or probe.
+fn plain_builder(fakes: &Fakes, policy: Policy) -> DeployerBuilder {
+    Deployer::builder()
+        .environment(Arc::new(fakes.environment()))
+        .switch(Arc::new(fakes.switch()))
+        .store(Arc::new(fakes.store()))
+        .health_check(Arc::new(fakes.health_check()))
+        .policy(policy)
+}
+
 fn world(policy: Policy) -> World {
     let fakes = Fakes::new();
     let deployer = builder(&fakes, policy).build().unwrap();
@@ -714,6 +724,164 @@ async fn fault_data_path_verification() {
     assert_v1_untouched(&w, &err, Phase::VerifyDataPath, "fake-probe").await;
 }
 
+/// From the next probe after the per-step verification (three answers in a row) on, every probe
+/// fails: the data path broke during the run, after the switch was verified.
+fn break_the_data_path_after_verification(w: &World) {
+    let first = w.fakes.call_count(Op::Probe) + 4;
+    for n in first..first + 200 {
+        w.fakes.fail_on_call(Op::Probe, n, "502 Bad Gateway");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_final_data_path_check_switches_back_and_reports_no_success() {
+    let w = with_v1(fast_policy()).await;
+    break_the_data_path_after_verification(&w);
+    let err = w.deployer.deploy(release("v2")).await.unwrap_err();
+    assert!(
+        matches!(err.root(), Error::DataPathMismatch { .. }),
+        "{err}"
+    );
+    assert_eq!(err.live_traffic(), Some(LiveTraffic::RolledBack), "{err}");
+    assert_v1_untouched(&w, &err, Phase::ConfirmDataPath, "fake-probe").await;
+    assert_eq!(w.fakes.switch_count(), 2, "switched, then back");
+    let st = w.fakes.stored_state().unwrap();
+    assert!(
+        matches!(
+            st.history.back().unwrap().outcome,
+            Outcome::Failed {
+                phase: Phase::ConfirmDataPath,
+                rolled_back: true,
+                ..
+            }
+        ),
+        "{:?}",
+        st.history.back()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_final_check_restarts_a_stopped_old_slot_to_switch_back() {
+    // No database here: without an irreversible finalize, undo switches back on its own.
+    let fakes = Fakes::new();
+    let deployer = plain_builder(&fakes, fast_policy().with_keep_old(KeepOld::Stop))
+        .verify_data_path(Arc::new(fakes.probe()))
+        .build()
+        .unwrap();
+    let w = World { fakes, deployer };
+    w.deployer.deploy(release("v1")).await.unwrap();
+    break_the_data_path_after_verification(&w);
+    let err = w.deployer.deploy(release("v2")).await.unwrap_err();
+    assert_eq!(err.phase(), Some(Phase::ConfirmDataPath), "{err}");
+    assert_eq!(err.live_traffic(), Some(LiveTraffic::RolledBack), "{err}");
+    // Blue was stopped by DrainOld; switching back started it again first.
+    assert_eq!(w.fakes.live(), Some(Slot::Blue));
+    assert_eq!(w.fakes.running(Slot::Blue).as_deref(), Some("v1"));
+    assert_eq!(w.fakes.instance_state(Slot::Green), InstanceState::Absent);
+    assert!(
+        w.fakes.violations().is_empty(),
+        "{:?}",
+        w.fakes.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_final_check_after_an_irreversible_finalize_stops_and_asks() {
+    // The fake database's finalize (old slot stopped) cannot be undone.
+    let w = with_v1(fast_policy().with_keep_old(KeepOld::Stop)).await;
+    break_the_data_path_after_verification(&w);
+    let err = w.deployer.deploy(release("v2")).await.unwrap_err();
+    assert_eq!(err.phase(), Some(Phase::ConfirmDataPath), "{err}");
+    assert!(matches!(err.root(), Error::NeedsDecision { .. }), "{err}");
+    assert_eq!(err.live_traffic(), Some(LiveTraffic::Affected));
+    // Not recorded as a success: the run waits for a person at the final check.
+    let st = w.fakes.stored_state().unwrap();
+    let f = st.in_flight.expect("the run waits");
+    assert_eq!(f.phase, Phase::ConfirmDataPath);
+    assert!(matches!(f.waiting, Some(Waiting::Decision { .. })));
+    assert!(!st
+        .history
+        .iter()
+        .any(|h| h.version.as_str() == "v2" && h.outcome == Outcome::Succeeded));
+    assert!(w.fakes.stored_lock().is_none());
+    // What is left: a person decides. Abort switches back, restarting the stopped blue.
+    w.fakes.clear_faults();
+    w.deployer.abort().await.unwrap();
+    assert_eq!(w.fakes.live(), Some(Slot::Blue));
+    assert_eq!(w.fakes.running(Slot::Blue).as_deref(), Some("v1"));
+    assert!(
+        w.fakes.violations().is_empty(),
+        "{:?}",
+        w.fakes.violations()
+    );
+}
+
+#[tokio::test]
+async fn without_a_probe_the_final_check_reads_the_switch_back_and_says_what_it_skipped() {
+    let fakes = Fakes::new();
+    let d = plain_builder(&fakes, fast_policy()).build().unwrap();
+    let mut events = d.subscribe();
+    let reads = fakes.call_count(Op::SwitchCurrent);
+    d.deploy(release("v1")).await.unwrap();
+    assert!(fakes.call_count(Op::SwitchCurrent) > reads);
+    let mut skipped = None;
+    while let Ok(ev) = events.try_recv() {
+        if let DeployEvent::PhaseSkipped {
+            phase: Phase::ConfirmDataPath,
+            reason,
+            ..
+        } = ev
+        {
+            skipped = Some(reason);
+        }
+    }
+    let reason = skipped.expect("the final check reports what it could not check");
+    assert!(reason.contains("no data-path probe"), "{reason}");
+}
+
+#[tokio::test]
+async fn status_reports_a_data_path_that_does_not_answer_as_drift() {
+    let w = with_v1(fast_policy()).await;
+    let st = w.deployer.status().await.unwrap();
+    assert!(st.drift.is_empty(), "{:?}", st.drift);
+    w.fakes.fail_always(Op::Probe, "502 Bad Gateway");
+    let st = w.deployer.status().await.unwrap();
+    assert_eq!(st.drift.len(), 1, "{:?}", st.drift);
+    assert!(
+        st.drift[0].contains("do not answer") && st.drift[0].contains("v1"),
+        "{:?}",
+        st.drift
+    );
+}
+
+#[tokio::test]
+async fn the_state_records_the_targets_endpoints_before_the_switch() {
+    let policy = fast_policy().with_observation(Duration::from_secs(30), Duration::from_millis(5));
+    let w = with_v1(policy).await;
+    let blue = w.fakes.endpoints().blue;
+    let d = w.deployer.clone();
+    let task = tokio::spawn(async move { d.deploy(release("v2")).await });
+    let start = Instant::now();
+    let st = loop {
+        let st = w.fakes.stored_state().unwrap();
+        if st.in_flight.as_ref().map(|f| f.phase) == Some(Phase::Observe) {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "never observed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    task.abort();
+    let _ = task.await;
+    // Green's slot record is written only when the run completes, but a switch that restarts now
+    // must route green to v2's endpoints: the flight recorded them before the switch.
+    assert!(st.slots.green.is_none());
+    let (split, eps) = st.last_routing().unwrap();
+    assert_eq!(split, TrafficSplit::all(Slot::Green));
+    assert_eq!(eps.green, w.fakes.endpoints().green);
+    assert!(!eps.green.is_empty());
+    assert_eq!(eps.blue, blue);
+}
+
 #[tokio::test]
 async fn fault_observation_health() {
     let policy = fast_policy()
@@ -814,6 +982,7 @@ fn op_of(phase: Phase) -> Op {
         Phase::AfterSwitchHook => Op::hook("post"),
         Phase::DrainOld => Op::SwitchInFlight,
         Phase::Finalize => Op::DatabaseFinalize,
+        Phase::ConfirmDataPath => Op::Probe,
         other => panic!("no hang point for {other}"),
     }
 }
@@ -829,7 +998,13 @@ async fn crash_in(phase: Phase, resume: Resume) -> (World, Report) {
     let w = with_v1(policy.clone()).await;
     // v1's deploy stopped nothing; make blue warm again in the record for KeepOld::Stop runs.
     let op = op_of(phase);
-    w.fakes.hang_next(op.clone());
+    if phase == Phase::ConfirmDataPath {
+        // The probe runs first in VerifyDataPath (three answers in a row); hang the next one.
+        w.fakes
+            .hang_on_call(op.clone(), w.fakes.call_count(op.clone()) + 4);
+    } else {
+        w.fakes.hang_next(op.clone());
+    }
     let d = w.deployer.clone();
     let task = tokio::spawn(async move { d.deploy(release("v2")).await });
     let start = Instant::now();

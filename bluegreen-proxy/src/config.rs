@@ -1,6 +1,7 @@
 //! The proxy's settings.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bluegreen_core::{Error, Result};
@@ -71,6 +72,11 @@ pub struct ProxyConfig {
     /// How long [`shutdown`](crate::ProxySwitch::shutdown) waits for open requests (default 30 s).
     #[serde(with = "bluegreen_core::config::duration")]
     pub shutdown_timeout: Duration,
+    /// Where the proxy keeps the routing it last applied (split, both slots' endpoints, preview),
+    /// to restore it when it starts again (default none: a new proxy answers 503 until a split
+    /// is applied). Written atomically (temporary file, `fsync`, `rename`; mode 0600) before a
+    /// change takes effect; a change that cannot be written is refused.
+    pub routing_file: Option<PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -88,6 +94,7 @@ impl Default for ProxyConfig {
             sticky_cookie: "bluegreen_slot".to_string(),
             trust_forwarded_headers: false,
             shutdown_timeout: Duration::from_secs(30),
+            routing_file: None,
         }
     }
 }
@@ -169,6 +176,13 @@ impl ProxyConfig {
     /// With trust in the client's `X-Forwarded-Proto` / `X-Forwarded-Host`.
     pub fn with_trust_forwarded_headers(mut self, trust: bool) -> Self {
         self.trust_forwarded_headers = trust;
+        self
+    }
+
+    /// With a file that keeps the routing across restarts (see
+    /// [`routing_file`](ProxyConfig::routing_file)).
+    pub fn with_routing_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.routing_file = Some(path.into());
         self
     }
 

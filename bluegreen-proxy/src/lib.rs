@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod metrics;
 mod pause;
+mod persist;
 mod proxy;
 mod routing;
 mod switch;

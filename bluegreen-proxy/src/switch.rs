@@ -89,7 +89,17 @@ impl ProxySwitch {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the proxy's bound address", e))?;
+        let restored = match &config.routing_file {
+            Some(path) => crate::persist::load(path)?,
+            None => None,
+        };
         let state = Arc::new(State::new(config));
+        if let Some(table) = restored {
+            if let Some(split) = &table.split {
+                tracing::info!(%split, "proxy routing restored from its routing file");
+            }
+            state.table.store(Arc::new(table));
+        }
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(serve(listener, Arc::clone(&state), rx));
         tracing::info!(%local_addr, "bluegreen proxy listening");
@@ -182,14 +192,20 @@ impl ProxySwitch {
     }
 
     /// Builds a new table from the current one and swaps it in; writers are serialized so no
-    /// update is lost, readers never wait.
-    fn update(&self, change: impl FnOnce(&Table) -> Option<Table>) {
+    /// update is lost, readers never wait. With a routing file, the new table is written first
+    /// (a small synchronous write under the writer lock, so the file's order is the tables'
+    /// order); if that fails nothing changes.
+    fn update(&self, change: impl FnOnce(&Table) -> Option<Table>) -> Result<()> {
         let state = &self.inner.state;
         let _writer = state.writer.lock().unwrap_or_else(|p| p.into_inner());
         let current = state.table.load_full();
         if let Some(next) = change(&current) {
+            if let Some(path) = &state.config.routing_file {
+                crate::persist::save(path, &next)?;
+            }
             state.table.store(Arc::new(next));
         }
+        Ok(())
     }
 
     fn table(&self) -> &ArcSwap<Table> {
@@ -228,7 +244,7 @@ impl TrafficSwitch for ProxySwitch {
                 endpoints: endpoints.clone(),
                 preview: current.preview.clone(),
             })
-        });
+        })?;
         tracing::info!(%split, "proxy split applied");
         Ok(())
     }
@@ -262,7 +278,7 @@ impl TrafficSwitch for ProxySwitch {
             let mut next = current.clone();
             next.preview = preview;
             Some(next)
-        });
+        })?;
         Ok(())
     }
 

@@ -697,3 +697,78 @@ async fn dropping_the_last_handle_stops_the_proxy() {
     }
     assert!(stopped, "the proxy still accepts connections");
 }
+
+#[tokio::test]
+async fn a_restarted_proxy_restores_the_routing_it_last_applied() {
+    use std::os::unix::fs::PermissionsExt;
+    let (b, g) = (upstream("blue").await, upstream("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routing.json");
+    let config = ProxyConfig::default().with_routing_file(&file);
+    let p = ProxySwitch::bind(config.clone()).await.unwrap();
+    p.apply(&TrafficSplit::all(Slot::Blue), &eps(&b, &g))
+        .await
+        .unwrap();
+    // The target got new endpoints with the switch: the file has them.
+    let g2 = upstream("green v7").await;
+    p.apply(&TrafficSplit::all(Slot::Green), &eps(&b, &g2))
+        .await
+        .unwrap();
+    p.preview(Some(Slot::Blue), &eps(&b, &g2)).await.unwrap();
+    p.shutdown().await;
+    drop(p);
+
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the routing file is private");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "routing.json")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let again = ProxySwitch::bind(config).await.unwrap();
+    assert_eq!(
+        again.current().await.unwrap(),
+        Some(TrafficSplit::all(Slot::Green))
+    );
+    assert_eq!(again.endpoints(), eps(&b, &g2));
+    assert_eq!(again.preview_slot(), Some(Slot::Blue));
+    let c = client();
+    assert_eq!(
+        get(&c, &again.url("/")).await,
+        (200, "green v7".to_string())
+    );
+    assert_eq!(g.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_corrupt_routing_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routing.json");
+    std::fs::write(&file, b"{ not json").unwrap();
+    let err = ProxySwitch::bind(ProxyConfig::default().with_routing_file(&file))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::CorruptState { .. }), "{err}");
+    assert!(err.to_string().contains("routing.json"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"{ not json");
+}
+
+#[tokio::test]
+async fn a_change_that_cannot_be_kept_is_refused_and_changes_nothing() {
+    let (b, g) = (upstream("blue").await, upstream("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("missing-dir").join("routing.json");
+    let p = ProxySwitch::bind(ProxyConfig::default().with_routing_file(&file))
+        .await
+        .unwrap();
+    let err = p
+        .apply(&TrafficSplit::all(Slot::Blue), &eps(&b, &g))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert_eq!(p.current().await.unwrap(), None);
+    let (status, _) = get(&client(), &p.url("/")).await;
+    assert_eq!(status, 503);
+}

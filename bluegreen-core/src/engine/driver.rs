@@ -181,7 +181,8 @@ impl Run<'_> {
         };
         self.complete(outcome.clone());
         if let Err(e) = self.save().await {
-            return Err(self.wrap(Phase::Finalize, self.d.store.name(), e));
+            let last = table::PHASES[table::PHASES.len() - 1].phase;
+            return Err(self.wrap(last, self.d.store.name(), e));
         }
         self.emit(DeployEvent::Finished {
             id,

@@ -6,7 +6,9 @@
 //! (traffic never moved) and never switches twice. Any failure before the switch leaves live
 //! traffic untouched and removes the target; any failure after it switches back first. After an
 //! irreversible database step the engine does not roll back on its own: it stops and asks
-//! (`promote` / `abort`).
+//! (`promote` / `abort`). A run succeeds only after its last phase, the final data-path check
+//! ([`Phase::ConfirmDataPath`]), has read the switch back and, with a probe, seen the target
+//! release answer through it.
 //!
 //! Layout: `builder` (parts and policy), `lease` (the lock kept alive), `report` (what operations
 //! return), `run` (one locked run: save, emit, retry, errors), `table` (the runbook: order,
@@ -315,6 +317,10 @@ impl Deployer {
     }
 
     /// The recorded state, the backends' view of both slots, the lock, and any drift between them.
+    ///
+    /// With a [`DataPathProbe`](crate::DataPathProbe), at rest (nothing in flight, all traffic on
+    /// the live slot), drift also covers the data path: a switch that routes to endpoints that do
+    /// not answer with the live release (a few probes within at most 3 s) is reported.
     pub async fn status(&self) -> Result<StatusReport> {
         let d = &*self.inner;
         let state = d.store.load().await?.unwrap_or_default();
@@ -341,6 +347,9 @@ impl Deployer {
                     slots.get(active).state
                 ));
             }
+        }
+        if let Some(problem) = data_path_drift(d, &state, switch.as_ref()).await {
+            drift.push(problem);
         }
         Ok(StatusReport {
             state,
@@ -455,5 +464,32 @@ impl Deployer {
     /// fenced, stops at its next step without changing anything more. Returns what was removed.
     pub async fn force_break_lock(&self) -> Result<Option<LockInfo>> {
         self.inner.store.break_lock().await
+    }
+}
+
+/// The longest `status` waits for the live release to answer through the switch.
+const STATUS_PROBE_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// With a probe, at rest, and all traffic on the live slot: whether requests through the switch
+/// reach the live release. A switch that routes to endpoints that do not answer is drift.
+async fn data_path_drift(
+    d: &Inner,
+    state: &DeploymentState,
+    switch: Option<&crate::types::TrafficSplit>,
+) -> Option<String> {
+    let probe = d.probe.as_ref()?;
+    let active = state.active?;
+    let release = state.live_release()?;
+    if state.in_flight.is_some() || switch.map(|s| s.weight(active)) != Some(100) {
+        // A run is moving traffic, or the split itself already differs (reported above).
+        return None;
+    }
+    let within = d.policy.verify_timeout.min(STATUS_PROBE_WITHIN);
+    match phases::probe_until_served(&**probe, &release.version, within, 1, || false).await {
+        phases::Probed::NotServed(last) => Some(format!(
+            "the switch routes to endpoints that do not answer with {} (live on {active}): {last}",
+            release.version
+        )),
+        _ => None,
     }
 }

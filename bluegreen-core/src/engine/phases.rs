@@ -5,12 +5,13 @@ use std::time::{Duration, Instant};
 
 use super::run::{step_split, By, PhaseResult, Run};
 use super::table::Step;
-use crate::analysis::{AnalysisContext, Verdict};
+use crate::analysis::{AnalysisContext, DataPathProbe, Verdict};
 use crate::error::Error;
 use crate::events::DeployEvent;
 use crate::policy::{KeepOld, Promotion};
 use crate::state::{RunKind, Waiting};
 use crate::traits::{HookPoint, Prepared};
+use crate::types::{TrafficSplit, Version};
 
 impl Run<'_> {
     /// Lock, load and target choice happen before the flight exists; nothing is left to do.
@@ -236,35 +237,8 @@ impl Run<'_> {
             ));
         }
         let version = f.release.version.clone();
-        let deadline = Instant::now() + self.d.policy.verify_timeout;
-        let mut in_a_row = 0;
-        let mut last = String::from("no answer");
-        while Instant::now() < deadline {
-            self.check_interrupt()?;
-            match probe.probe(&version).await {
-                Ok(r) if r.matched => {
-                    in_a_row += 1;
-                    if in_a_row >= 3 {
-                        return Ok(Step::Continue);
-                    }
-                    continue;
-                }
-                Ok(r) => last = r.observed,
-                Err(e) => last = e.to_string(),
-            }
-            in_a_row = 0;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err((
-            probe.name().to_string(),
-            Error::DataPathMismatch {
-                expected: version.to_string(),
-                detail: format!(
-                    "last answer within {:?}: {last}",
-                    self.d.policy.verify_timeout
-                ),
-            },
-        ))
+        self.probe_target(&*probe, &version).await?;
+        Ok(Step::Continue)
     }
 
     pub(super) async fn observe(&mut self) -> PhaseResult<Step> {
@@ -411,6 +385,55 @@ impl Run<'_> {
         Ok(Step::Continue)
     }
 
+    /// The last word before success: the switch still sends every request to the target (read
+    /// back, not remembered) and, with a probe, requests through it reach the target release.
+    /// A switch that restarted and lost or mis-restored its routing fails here, and the run
+    /// switches back instead of reporting a success that is not true.
+    pub(super) async fn confirm_data_path(&mut self) -> PhaseResult<Step> {
+        let sw = self.d.switch.clone();
+        let f = self.flight();
+        let (target, version) = (f.target, f.release.version.clone());
+        let expected = TrafficSplit::all(target);
+        let now = self.retry(|| sw.current()).await.by(sw.name())?;
+        if !now
+            .as_ref()
+            .map(|c| c.same_weights(&expected))
+            .unwrap_or(false)
+        {
+            return Err((
+                sw.name().to_string(),
+                Error::VerifyMismatch {
+                    expected,
+                    actual: now.map(|s| s.to_string()).unwrap_or_else(|| "none".into()),
+                },
+            ));
+        }
+        let Some(probe) = self.d.probe.clone() else {
+            return Ok(Step::Skip(
+                "no data-path probe: the switch's read-back is the only evidence",
+            ));
+        };
+        self.probe_target(&*probe, &version).await?;
+        Ok(Step::Continue)
+    }
+
+    /// Probes through the switch until three answers in a row come from `version`, within the
+    /// policy's `verify_timeout`.
+    async fn probe_target(&self, probe: &dyn DataPathProbe, version: &Version) -> PhaseResult<()> {
+        let within = self.d.policy.verify_timeout;
+        match probe_until_served(probe, version, within, 3, || self.interrupted()).await {
+            Probed::Served => Ok(()),
+            Probed::Interrupted => Err(("operator".to_string(), Error::Interrupted)),
+            Probed::NotServed(last) => Err((
+                probe.name().to_string(),
+                Error::DataPathMismatch {
+                    expected: version.to_string(),
+                    detail: format!("last answer within {within:?}: {last}"),
+                },
+            )),
+        }
+    }
+
     pub(super) async fn finalize(&mut self) -> PhaseResult<Step> {
         if self.d.policy.keep_old == KeepOld::Stop && self.flight().previous.is_some() {
             if let Some(db) = self.d.database.clone() {
@@ -425,4 +448,47 @@ impl Run<'_> {
         }
         Ok(Step::Continue)
     }
+}
+
+/// How probing the data path ended.
+pub(super) enum Probed {
+    /// Enough answers in a row came from the expected release.
+    Served,
+    /// The run was interrupted while probing.
+    Interrupted,
+    /// Not within the time allowed; the last answer seen.
+    NotServed(String),
+}
+
+/// Probes until `in_a_row` answers in a row come from `version`, for at most `within`; `stop` is
+/// a safe point between probes.
+pub(super) async fn probe_until_served(
+    probe: &dyn DataPathProbe,
+    version: &Version,
+    within: Duration,
+    in_a_row: u32,
+    stop: impl Fn() -> bool,
+) -> Probed {
+    let deadline = Instant::now() + within;
+    let mut matched = 0;
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if stop() {
+            return Probed::Interrupted;
+        }
+        match probe.probe(version).await {
+            Ok(r) if r.matched => {
+                matched += 1;
+                if matched >= in_a_row {
+                    return Probed::Served;
+                }
+                continue;
+            }
+            Ok(r) => last = r.observed,
+            Err(e) => last = e.to_string(),
+        }
+        matched = 0;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Probed::NotServed(last)
 }

@@ -149,7 +149,23 @@ fn actions(d: &Inner, b: &Before<'_>, phase: Phase) -> Vec<(String, String)> {
             }
             None => Vec::new(),
         },
-        Phase::Finalize => one(d.store.name(), "record history, unlock".into()),
+        Phase::Finalize if p.keep_old == KeepOld::Stop && b.previous.is_some() => {
+            db("finalize: drop what the old side no longer needs".into())
+        }
+        Phase::ConfirmDataPath => {
+            let mut v = one(
+                d.switch.name(),
+                format!("read back: all traffic to {target}"),
+            );
+            if let Some(probe) = &d.probe {
+                v.extend(one(
+                    probe.name(),
+                    format!("requests still reach {}", b.release.version),
+                ));
+            }
+            v.extend(one(d.store.name(), "record history, unlock".into()));
+            v
+        }
         _ => Vec::new(),
     }
 }

@@ -104,7 +104,7 @@ const fn per_step(spec: PhaseSpec) -> PhaseSpec {
 }
 
 /// The runbook, in order.
-pub(super) static PHASES: [PhaseSpec; 17] = [
+pub(super) static PHASES: [PhaseSpec; 18] = [
     // The run has claimed the target slot: undo clears it, whatever the failure.
     row(Phase::Plan, handler!(plan), &[Undo::RemoveTarget]),
     database(row(
@@ -139,6 +139,9 @@ pub(super) static PHASES: [PhaseSpec; 17] = [
     row(Phase::AfterSwitchHook, handler!(after_switch_hooks), &[]),
     row(Phase::DrainOld, handler!(drain_old), &[]),
     database(row(Phase::Finalize, handler!(finalize), &[])),
+    // Success only when true: a failure here switches back like any failure after the switch
+    // (or stops and asks after an irreversible database step).
+    row(Phase::ConfirmDataPath, handler!(confirm_data_path), &[]),
 ];
 
 /// The row of `phase`.
