@@ -366,3 +366,38 @@ fn restarting_serve_during_observe_never_reports_a_success_that_is_not_true() {
         "{text}"
     );
 }
+
+#[test]
+fn deploying_the_live_version_again_is_a_no_op_and_redeploy_warns() {
+    let mut p = Pipeline::new("[policy]\nobservation = { window = 0, interval = 100 }\n");
+    p.serve();
+    assert!(p.run(&["deploy", "v1"]).status.success());
+    assert!(p.run(&["deploy", "v2"]).status.success());
+
+    // A retried CI job: v2 is live, nothing changes, the rollback target v1 stays on blue.
+    let out = p.run(&["deploy", "v2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("v2 is already live on green"), "{text}");
+    let (code, v, _) = p.json(&["deploy", "v2"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["status"], "already_live");
+    let (_, st, _) = p.json(&["status"]);
+    assert_eq!(st["slots"]["blue"]["version"], "v1", "{st}");
+    let (_, h, _) = p.json(&["history"]);
+    assert_eq!(h["history"].as_array().unwrap().len(), 2, "{h}");
+
+    // --redeploy replaces the idle slot, saying that the rollback target goes.
+    let out = p.run(&["deploy", "v2", "--redeploy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("replaces v1 on blue") && err.contains("rollback"),
+        "{err}"
+    );
+    let (_, st, _) = p.json(&["status"]);
+    assert_eq!(st["active"], "blue", "{st}");
+    assert_eq!(st["slots"]["blue"]["version"], "v2", "{st}");
+    assert_eq!(st["slots"]["green"]["version"], "v2", "{st}");
+    assert_eq!(p.get().as_deref(), Some("v2"));
+}
