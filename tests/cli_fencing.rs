@@ -64,12 +64,8 @@ fn assert_survivor_live(p: &Pipeline) {
     assert!(st["in_flight"].is_null() && st["lock"].is_null(), "{st}");
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deploy_whose_lease_expired_changes_nothing_more() {
+/// `serve` running, v1 live on blue, and a request loop through the proxy.
+fn v1_live_under_load() -> (Pipeline, Load) {
     let mut p = Pipeline::new(POLICY);
     p.serve();
     assert!(p.run(&["deploy", "v1"]).status.success());
@@ -77,6 +73,32 @@ async fn a_deploy_whose_lease_expired_changes_nothing_more() {
         ([127, 0, 0, 1], p.listen).into(),
         LoadOptions::new(2).with_pause(Duration::from_millis(5)),
     );
+    (p, load)
+}
+
+/// Waits for the run that lost its lock: it stopped (exit 3) having changed nothing, no request
+/// failed, and the survivor's v3 is live.
+async fn loser_stopped_and_survivor_live(p: Pipeline, loser: Child, load: Load) {
+    let (p, out) = blocking(move || {
+        let out = loser.wait_with_output().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        (p, out)
+    })
+    .await;
+    assert_stopped_fenced(&out);
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    assert!(stats.ok > 0);
+    assert_survivor_live(&p);
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_whose_lease_expired_changes_nothing_more() {
+    let (p, load) = v1_live_under_load();
 
     // A: frozen in wait_ready (SIGSTOP) past its 2 s lease.
     let (p, a) = blocking(move || {
@@ -93,28 +115,12 @@ async fn a_deploy_whose_lease_expired_changes_nothing_more() {
 
     // A wakes up: its next step finds the lock gone and it stops, removing nothing.
     signal(&a, Signal::CONT);
-    let (p, out) = blocking(move || {
-        let out = a.wait_with_output().unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        (p, out)
-    })
-    .await;
-    assert_stopped_fenced(&out);
-    let stats = load.finish().await;
-    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
-    assert!(stats.ok > 0);
-    assert_survivor_live(&p);
+    loser_stopped_and_survivor_live(p, a, load).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaking_a_live_holders_lock_is_refused_unless_forced_and_the_holder_then_stops() {
-    let mut p = Pipeline::new(POLICY);
-    p.serve();
-    assert!(p.run(&["deploy", "v1"]).status.success());
-    let load = Load::start(
-        ([127, 0, 0, 1], p.listen).into(),
-        LoadOptions::new(2).with_pause(Duration::from_millis(5)),
-    );
+    let (p, load) = v1_live_under_load();
 
     let (p, a) = blocking(move || {
         let a = slow_deploy(&p, "v2", 4000);
@@ -143,14 +149,5 @@ async fn breaking_a_live_holders_lock_is_refused_unless_forced_and_the_holder_th
     })
     .await;
 
-    let (p, out) = blocking(move || {
-        let out = a.wait_with_output().unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        (p, out)
-    })
-    .await;
-    assert_stopped_fenced(&out);
-    let stats = load.finish().await;
-    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
-    assert_survivor_live(&p);
+    loser_stopped_and_survivor_live(p, a, load).await;
 }

@@ -2,37 +2,27 @@
 //! lease's epoch, every change is preceded by a lease check, and a run that lost its lease stops
 //! at once, undo included, saying which lock it lost and the last change it made.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{deploy_until, fast_policy, release};
+
 use bluegreen_core::testkit::{Fakes, Op};
 use bluegreen_core::{
-    Deployer, Error, FileStateStore, LiveTraffic, LockInfo, LockOwner, Policy, Release, RunOutcome,
-    Slot, StateStore,
+    Deployer, Error, FileStateStore, LiveTraffic, LockInfo, LockOwner, Policy, RunOutcome, Slot,
+    StateStore,
 };
 
 fn policy() -> Policy {
-    Policy::default()
-        .with_poll(Duration::from_millis(1), Duration::from_millis(5))
-        .with_observation(Duration::ZERO, Duration::from_millis(5))
+    fast_policy()
         .with_lock(Duration::from_millis(300), Duration::ZERO)
         .with_readiness_timeout(Duration::from_secs(10))
 }
 
 fn deployer(fakes: &Fakes) -> Deployer {
-    Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .database(Arc::new(fakes.database()))
-        .health_check(Arc::new(fakes.health_check()))
-        .policy(policy())
-        .build()
-        .unwrap()
-}
-
-fn release(v: &str) -> Release {
-    Release::new(v, "app").unwrap()
+    common::deployer(fakes, policy())
 }
 
 /// Everything the environment, switch and database were asked to change since `from`.
@@ -91,18 +81,8 @@ async fn a_run_whose_lock_was_broken_stops_and_the_new_holder_goes_live() {
     let fakes = Fakes::new();
     let a = deployer(&fakes);
     a.deploy(release("v1")).await.unwrap();
-    let checks = fakes.call_count(Op::HealthCheck);
     fakes.delay_next(Op::HealthCheck, Duration::from_millis(250));
-    let run_a = {
-        let a = a.clone();
-        tokio::spawn(async move { a.deploy(release("v2")).await })
-    };
-    for _ in 0..200 {
-        if fakes.call_count(Op::HealthCheck) > checks {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let run_a = deploy_until(&fakes, &a, "v2", Op::HealthCheck).await;
     // Another operator breaks the lock and deploys v3: it recovers A's flight first.
     let b = deployer(&fakes);
     let broken = b.force_break_lock().await.unwrap().expect("A's lock");

@@ -1,30 +1,17 @@
 //! Deploying the version that is already live changes nothing: a retried CI job must not destroy
 //! the rollback target (issue #12, part 3).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
+use common::{deploy_until, fast_policy, release};
+
 use bluegreen_core::testkit::{Fakes, Op};
-use bluegreen_core::{Deployer, Environment, Policy, Release, RunOutcome, Slot};
+use bluegreen_core::{Deployer, Environment, RunOutcome, Slot};
 
 fn deployer(fakes: &Fakes) -> Deployer {
-    Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .database(Arc::new(fakes.database()))
-        .health_check(Arc::new(fakes.health_check()))
-        .policy(
-            Policy::default()
-                .with_poll(Duration::from_millis(1), Duration::from_millis(5))
-                .with_observation(Duration::ZERO, Duration::from_millis(5)),
-        )
-        .build()
-        .unwrap()
-}
-
-fn release(v: &str) -> Release {
-    Release::new(v, "app").unwrap()
+    common::deployer(fakes, fast_policy())
 }
 
 #[tokio::test]
@@ -91,19 +78,8 @@ async fn a_retried_deploy_after_a_recovered_crash_is_a_no_op() {
     let d = deployer(&fakes);
     d.deploy(release("v1")).await.unwrap();
     // Kill the v2 run after traffic moved (hanging in the after-switch database step).
-    let before = fakes.call_count(Op::DatabaseAfterSwitch);
     fakes.hang_next(Op::DatabaseAfterSwitch);
-    let task = {
-        let d = d.clone();
-        tokio::spawn(async move { d.deploy(release("v2")).await })
-    };
-    for _ in 0..500 {
-        if fakes.call_count(Op::DatabaseAfterSwitch) > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert!(fakes.call_count(Op::DatabaseAfterSwitch) > before);
+    let task = deploy_until(&fakes, &d, "v2", Op::DatabaseAfterSwitch).await;
     let left = fakes
         .stored_state()
         .unwrap()

@@ -479,6 +479,21 @@ impl Fakes {
         self.w().calls.get(&op).copied().unwrap_or(0)
     }
 
+    /// Waits (polling, at most `within`) until `op` has been called more than `count` times, e.g.
+    /// until a run running in another task reaches a hung or delayed call. Returns whether it was.
+    pub async fn called_more_than(&self, op: Op, count: u64, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.call_count(op.clone()) > count {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     fn expect_known(&self, op: &Op) {
         if let Op::Hook(name) = op {
             let w = self.w();
