@@ -195,7 +195,7 @@ struct CrashPlan {
 }
 
 /// The shared state behind a set of fakes. Inspect it through [`Fakes`] accessors.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct World {
     instances: PerSlot<Option<Instance>>,
     next_port: u16,
@@ -276,6 +276,16 @@ impl Fakes {
 
     fn w(&self) -> MutexGuard<'_, World> {
         lock(&self.world)
+    }
+
+    /// A new world that starts as a copy of this one as it is now (instances, switch, store and
+    /// lock, scripted faults, call counts, logs); the two evolve separately from then on. For
+    /// exploring several futures from one point, e.g. a crash during recovery after a crash.
+    pub fn fork(&self) -> Fakes {
+        let copy = self.w().clone();
+        Fakes {
+            world: Arc::new(Mutex::new(copy)),
+        }
     }
 
     /// The fake environment.
