@@ -32,7 +32,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bluegreen_core::testkit::Fakes;
+use bluegreen_core::testkit::{Fakes, Op};
 use bluegreen_core::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -60,6 +60,11 @@ enum Setup {
 enum Action {
     /// Deploy v3.
     Deploy,
+    /// Deploy v3, which never becomes healthy: the run fails before the switch and undoes itself.
+    DeployUnhealthy,
+    /// Deploy v3, which turns unhealthy once it receives traffic: the run fails while observing
+    /// and switches back.
+    DeployFailingAfterSwitch,
     /// Deploy v2 again where v2 is live: a no-op.
     DeployLiveAgain,
     /// `redeploy` v2 where v2 is live: replaces the idle slot.
@@ -105,6 +110,18 @@ fn canary() -> Policy {
 /// shifts the numbering of later calls but not the exhaustiveness.
 fn canary_manual() -> Policy {
     fast().with_canary(vec![CanaryStep::new(10, Duration::from_millis(1)).manual()])
+}
+
+/// v3's readiness gives up quickly.
+fn impatient() -> Policy {
+    fast().with_readiness_timeout(Duration::from_millis(20))
+}
+
+/// A short observation window after the switch, failing on the first unhealthy round.
+fn observed() -> Policy {
+    fast()
+        .with_observation(Duration::from_millis(5), Duration::from_millis(1))
+        .with_thresholds(1, 1)
 }
 
 fn gate() -> Policy {
@@ -182,6 +199,20 @@ const SCENARIOS: &[Scenario] = &[
         action: Action::Deploy,
         database: true,
         policy: canary,
+    },
+    Scenario {
+        name: "deploy failing before the switch",
+        setup: Setup::V1V2,
+        action: Action::DeployUnhealthy,
+        database: true,
+        policy: impatient,
+    },
+    Scenario {
+        name: "deploy failing after the switch",
+        setup: Setup::V1V2,
+        action: Action::DeployFailingAfterSwitch,
+        database: true,
+        policy: observed,
     },
     Scenario {
         name: "deploy the live version again (a no-op)",
@@ -398,10 +429,21 @@ async fn set_up(d: &Deployer, setup: Setup) {
     }
 }
 
+/// Scripts what makes the action's run fail (v3 unhealthy), if it is meant to.
+fn script_failure(fakes: &Fakes, action: Action) {
+    match action {
+        Action::DeployUnhealthy => fakes.set_unhealthy_version("v3"),
+        Action::DeployFailingAfterSwitch => fakes.set_unhealthy_after_switch("v3"),
+        _ => {}
+    }
+}
+
 /// Runs `action`; the report when it reports one.
 async fn act(d: Deployer, action: Action) -> Result<Option<Report>> {
     match action {
-        Action::Deploy => d.deploy(release("v3")).await.map(Some),
+        Action::Deploy | Action::DeployUnhealthy | Action::DeployFailingAfterSwitch => {
+            d.deploy(release("v3")).await.map(Some)
+        }
         Action::DeployLiveAgain => d.deploy(release("v2")).await.map(Some),
         Action::Redeploy => d.redeploy(release("v2")).await.map(Some),
         Action::Rollback => d.rollback().await.map(Some),
@@ -477,6 +519,33 @@ fn check_success(fakes: &Fakes, report: &Report, out: &mut Vec<Broken>) {
                 fakes.split().map(|s| s.to_string()),
                 fakes.live(),
                 fakes.served_version()
+            ),
+        ));
+    }
+}
+
+/// I6's counterpart: a run that failed says live traffic is untouched or rolled back, and it is:
+/// the release live before it still serves.
+fn check_failure(fakes: &Fakes, live_before: &Option<String>, err: &Error, out: &mut Vec<Broken>) {
+    let said = match err {
+        Error::Phase { live, .. } => *live,
+        other => {
+            out.push(("I6", format!("failed without naming its phase: {other}")));
+            return;
+        }
+    };
+    if !matches!(said, LiveTraffic::Untouched | LiveTraffic::RolledBack) {
+        out.push((
+            "I6",
+            format!("failed and says live traffic is {said:?}: {err}"),
+        ));
+    }
+    if fakes.served_version() != *live_before {
+        out.push((
+            "I6",
+            format!(
+                "failed saying {said:?}, but {:?} serves instead of {live_before:?}",
+                fakes.served_version(),
             ),
         ));
     }
@@ -724,6 +793,7 @@ async fn explore(sc: &'static Scenario, nested: bool, findings: &mut Vec<Finding
         let fakes = Fakes::new();
         let d = deployer(&fakes, sc);
         set_up(&d, sc.setup).await;
+        script_failure(&fakes, sc.action);
         let before = Before::of(&fakes);
 
         let first = match run_with_crash_at(&fakes, n, act(d, sc.action)).await {
@@ -731,9 +801,16 @@ async fn explore(sc: &'static Scenario, nested: bool, findings: &mut Vec<Finding
             Ran::Finished(res) => {
                 // The run finished before call n: the run without a crash, the last to check.
                 let mut broken = Vec::new();
+                let meant_to_fail = matches!(
+                    sc.action,
+                    Action::DeployUnhealthy | Action::DeployFailingAfterSwitch
+                );
                 match res {
                     Ok(Some(report)) => check_success(&fakes, &report, &mut broken),
                     Ok(None) => {}
+                    Err(e) if meant_to_fail => {
+                        check_failure(&fakes, &before.versions.1, &e, &mut broken)
+                    }
                     Err(e) => broken.push(("run", format!("the run without a crash failed: {e}"))),
                 }
                 check_at_rest(&fakes, &before, reset, &mut broken);
@@ -751,7 +828,7 @@ async fn explore(sc: &'static Scenario, nested: bool, findings: &mut Vec<Finding
         for m in 1.. {
             assert!(m < 10_000, "{}: the recovery never finishes", sc.name);
             let world = fakes.fork();
-            let recovering = recovery(world.clone(), sc);
+            let recovering = recovery(world.clone(), sc, before.versions.1.clone());
             match run_with_crash_at(&world, m, recovering).await {
                 Ran::Crashed(second) => {
                     explored += 1;
@@ -771,7 +848,7 @@ async fn explore(sc: &'static Scenario, nested: bool, findings: &mut Vec<Finding
 
 /// After a crash: a new process recovers, the invariants hold, the next deploy goes live.
 async fn recover_and_go_on(fakes: Fakes, sc: &'static Scenario, before: &Before) -> Vec<Broken> {
-    let mut broken = recovery(fakes.clone(), sc).await;
+    let mut broken = recovery(fakes.clone(), sc, before.versions.1.clone()).await;
     go_on(&fakes, sc, before, &mut broken).await;
     broken
 }
@@ -792,7 +869,7 @@ async fn go_on(fakes: &Fakes, sc: &Scenario, before: &Before, broken: &mut Vec<B
 /// Recovery after a crash, by a new process (a new [`Deployer`] over the same store and
 /// backends): break the dead holder's lock, `recover`, and finish what a person or a retry would
 /// finish (a run waiting for a person, a crashed `cleanup` or `reset`). Returns what it broke.
-async fn recovery(fakes: Fakes, sc: &'static Scenario) -> Vec<Broken> {
+async fn recovery(fakes: Fakes, sc: &'static Scenario, live_before: Option<String>) -> Vec<Broken> {
     let mut broken = Vec::new();
     let d = deployer(&fakes, sc);
     d.break_lock().await.unwrap();
@@ -802,6 +879,10 @@ async fn recovery(fakes: Fakes, sc: &'static Scenario) -> Vec<Broken> {
         Ok(Ok(None)) => {}
         // Left waiting for a person: a valid state at rest; the person decides below.
         Ok(Err(Error::InFlight { .. })) => {}
+        // The run it finished failed (the release meant to fail): it must say so truly.
+        Ok(Err(e @ Error::Phase { .. })) if sc.action == Action::DeployFailingAfterSwitch => {
+            check_failure(&fakes, &live_before, &e, &mut broken)
+        }
         Ok(Err(e)) => broken.push(("recover", format!("recovery failed: {e}"))),
     }
     let waiting = fakes
@@ -925,6 +1006,7 @@ async fn every_crash_point_of_every_operation_recovers_to_a_safe_state() {
 const NESTED: &[&str] = &[
     "deploy",
     "deploy, database, preview, pause, old slot stopped",
+    "deploy failing after the switch",
     "rollback warm",
     "rollback cold (old slot stopped)",
     "promote, database",
@@ -1017,4 +1099,49 @@ async fn the_checker_catches_each_broken_invariant() {
         .unwrap();
     let found = broken_by(&fakes, &Before::of(&Fakes::new()));
     assert_eq!(found, BTreeSet::from(["I4", "I5"]));
+}
+
+/// Found by the simulation ("deploy failing after the switch", a crash just after the undo had
+/// switched traffic back): the state still recorded the failed target as the active slot, so the
+/// recovered state disagreed with the switch and the next deploy targeted the live slot.
+#[tokio::test]
+async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot() {
+    let sc = SCENARIOS
+        .iter()
+        .find(|s| s.name == "deploy failing after the switch")
+        .unwrap();
+    let fakes = Fakes::new();
+    let d = deployer(&fakes, sc);
+    set_up(&d, Setup::V1V2).await;
+    assert_eq!(fakes.live(), Some(Slot::Green));
+    fakes.set_unhealthy_after_switch("v3");
+    // The undo's first call after switching back to green: the process dies there.
+    fakes.hang_next(Op::DatabaseRollback);
+    let task = tokio::spawn(act(d, Action::DeployFailingAfterSwitch));
+    let start = Instant::now();
+    while fakes.call_count(Op::DatabaseRollback) == 0 {
+        assert!(start.elapsed() < STUCK, "never reached the undo");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    assert_eq!(fakes.live(), Some(Slot::Green), "the undo switched back");
+
+    let d2 = deployer(&fakes, sc);
+    d2.break_lock().await.unwrap();
+    let report = d2.recover().await.unwrap().unwrap();
+    assert_eq!(report.outcome, RunOutcome::RolledBack);
+    let state = fakes.stored_state().unwrap();
+    assert_eq!(
+        state.active,
+        Some(Slot::Green),
+        "the state follows the switch"
+    );
+    assert_eq!(state.split, fakes.split());
+    // The next deploy goes to the idle slot, never over the live one.
+    let r = d2.deploy(release("v4")).await.unwrap();
+    assert_eq!(r.target, Slot::Blue);
+    assert_eq!(fakes.running(Slot::Blue).as_deref(), Some("v4"));
+    assert_eq!(fakes.live(), Some(Slot::Blue));
+    assert_eq!(fakes.running(Slot::Green).as_deref(), Some("v2"));
 }

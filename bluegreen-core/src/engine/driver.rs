@@ -236,17 +236,26 @@ impl Run<'_> {
         }
         self.recovered = true;
         let sw = self.d.switch.clone();
-        let moved = if f.switched {
-            let cur = sw
-                .current()
+        let current = if f.switched {
+            sw.current()
                 .await
-                .map_err(|e| self.wrap(f.phase, sw.name(), e))?;
-            cur.map(|c| c.weight(f.target) > 0).unwrap_or(false)
+                .map_err(|e| self.wrap(f.phase, sw.name(), e))?
         } else {
-            false
+            None
         };
+        let moved = current
+            .as_ref()
+            .map(|c| c.weight(f.target) > 0)
+            .unwrap_or(false);
         if !moved {
             self.flight_mut().switched = false;
+            if f.switched && self.state.active == Some(f.target) {
+                // The state recorded the target live, then an undo switched traffic back and
+                // the run died before saving that: the switch, not the record, says which slot
+                // serves. Left as it was, the next deploy would target the live slot.
+                self.state.active = f.previous.filter(|p| *p != f.target);
+                self.state.split = current;
+            }
         }
         let action = if f.failing.is_some() {
             "finish rolling back"
