@@ -65,6 +65,11 @@ enum Action {
     /// Deploy v3, which turns unhealthy once it receives traffic: the run fails while observing
     /// and switches back.
     DeployFailingAfterSwitch,
+    /// Deploy v3, whose database finalize fails after the old slot was stopped: the run restarts
+    /// the old slot and switches back.
+    DeployFailingAfterDrain,
+    /// Roll back to v1, which turns unhealthy once it receives traffic: traffic goes back to v2.
+    RollbackFailingAfterSwitch,
     /// Deploy v2 again where v2 is live: a no-op.
     DeployLiveAgain,
     /// `redeploy` v2 where v2 is live: replaces the idle slot.
@@ -122,6 +127,10 @@ fn observed() -> Policy {
     fast()
         .with_observation(Duration::from_millis(5), Duration::from_millis(1))
         .with_thresholds(1, 1)
+}
+
+fn observed_stop_old() -> Policy {
+    observed().with_keep_old(KeepOld::Stop)
 }
 
 fn gate() -> Policy {
@@ -215,6 +224,13 @@ const SCENARIOS: &[Scenario] = &[
         policy: observed,
     },
     Scenario {
+        name: "deploy failing after the old slot was stopped",
+        setup: Setup::V1V2,
+        action: Action::DeployFailingAfterDrain,
+        database: true,
+        policy: stop_old,
+    },
+    Scenario {
         name: "deploy the live version again (a no-op)",
         setup: Setup::V1V2,
         action: Action::DeployLiveAgain,
@@ -241,6 +257,20 @@ const SCENARIOS: &[Scenario] = &[
         action: Action::Rollback,
         database: true,
         policy: fast,
+    },
+    Scenario {
+        name: "rollback failing after the switch",
+        setup: Setup::V1V2,
+        action: Action::RollbackFailingAfterSwitch,
+        database: false,
+        policy: observed,
+    },
+    Scenario {
+        name: "rollback cold failing after the switch",
+        setup: Setup::V1V2,
+        action: Action::RollbackFailingAfterSwitch,
+        database: true,
+        policy: observed_stop_old,
     },
     Scenario {
         name: "rollback cold (old slot stopped)",
@@ -357,6 +387,13 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "I3",
         "issue #13 §1: cold rollback redeploys without secrets",
     ),
+    // issue #13 §1: an undo after the old slot was stopped restarts it from the persisted
+    // record, which holds neither the release's secrets nor the database binding's.
+    (
+        "deploy failing after the old slot was stopped",
+        "I3",
+        "issue #13 §1: the undo restarts the old slot without secrets",
+    ),
     // issue #13 §1: recovery that continues a deploy crashed before DeployTarget deploys the
     // release from the persisted flight, which holds no secrets.
     (
@@ -429,11 +466,28 @@ async fn set_up(d: &Deployer, setup: Setup) {
     }
 }
 
-/// Scripts what makes the action's run fail (v3 unhealthy), if it is meant to.
+impl Action {
+    /// Whether the run is meant to fail (and undo itself) when nothing crashes.
+    fn fails(self) -> bool {
+        matches!(
+            self,
+            Action::DeployUnhealthy
+                | Action::DeployFailingAfterSwitch
+                | Action::DeployFailingAfterDrain
+                | Action::RollbackFailingAfterSwitch
+        )
+    }
+}
+
+/// Scripts what makes the action's run fail, if it is meant to.
 fn script_failure(fakes: &Fakes, action: Action) {
     match action {
         Action::DeployUnhealthy => fakes.set_unhealthy_version("v3"),
         Action::DeployFailingAfterSwitch => fakes.set_unhealthy_after_switch("v3"),
+        Action::DeployFailingAfterDrain => {
+            fakes.fail_next(Op::DatabaseFinalize, "finalize refused")
+        }
+        Action::RollbackFailingAfterSwitch => fakes.set_unhealthy_after_switch("v1"),
         _ => {}
     }
 }
@@ -441,12 +495,13 @@ fn script_failure(fakes: &Fakes, action: Action) {
 /// Runs `action`; the report when it reports one.
 async fn act(d: Deployer, action: Action) -> Result<Option<Report>> {
     match action {
-        Action::Deploy | Action::DeployUnhealthy | Action::DeployFailingAfterSwitch => {
-            d.deploy(release("v3")).await.map(Some)
-        }
+        Action::Deploy
+        | Action::DeployUnhealthy
+        | Action::DeployFailingAfterSwitch
+        | Action::DeployFailingAfterDrain => d.deploy(release("v3")).await.map(Some),
         Action::DeployLiveAgain => d.deploy(release("v2")).await.map(Some),
         Action::Redeploy => d.redeploy(release("v2")).await.map(Some),
-        Action::Rollback => d.rollback().await.map(Some),
+        Action::Rollback | Action::RollbackFailingAfterSwitch => d.rollback().await.map(Some),
         Action::Promote => d.promote().await.map(Some),
         Action::Abort => d.abort().await.map(Some),
         Action::Cleanup => d.cleanup().await.map(|_| None),
@@ -801,10 +856,7 @@ async fn explore(sc: &'static Scenario, nested: bool, findings: &mut Vec<Finding
             Ran::Finished(res) => {
                 // The run finished before call n: the run without a crash, the last to check.
                 let mut broken = Vec::new();
-                let meant_to_fail = matches!(
-                    sc.action,
-                    Action::DeployUnhealthy | Action::DeployFailingAfterSwitch
-                );
+                let meant_to_fail = sc.action.fails();
                 match res {
                     Ok(Some(report)) => check_success(&fakes, &report, &mut broken),
                     Ok(None) => {}
@@ -856,6 +908,8 @@ async fn recover_and_go_on(fakes: Fakes, sc: &'static Scenario, before: &Before)
 /// The invariants at rest after recovery; then the next deploy goes live, and they hold again.
 async fn go_on(fakes: &Fakes, sc: &Scenario, before: &Before, broken: &mut Vec<Broken>) {
     check_at_rest(fakes, before, sc.action == Action::Reset, broken);
+    // A failure scripted for the crashed run but never reached must not hit the next one.
+    fakes.clear_faults();
     let before_next = Before::of(fakes);
     let d = deployer(fakes, sc);
     match tokio::time::timeout(STUCK, deploy_live(&d, "v9")).await {
@@ -880,7 +934,7 @@ async fn recovery(fakes: Fakes, sc: &'static Scenario, live_before: Option<Strin
         // Left waiting for a person: a valid state at rest; the person decides below.
         Ok(Err(Error::InFlight { .. })) => {}
         // The run it finished failed (the release meant to fail): it must say so truly.
-        Ok(Err(e @ Error::Phase { .. })) if sc.action == Action::DeployFailingAfterSwitch => {
+        Ok(Err(e @ Error::Phase { .. })) if sc.action.fails() => {
             check_failure(&fakes, &live_before, &e, &mut broken)
         }
         Ok(Err(e)) => broken.push(("recover", format!("recovery failed: {e}"))),
@@ -1144,4 +1198,51 @@ async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot(
     assert_eq!(fakes.running(Slot::Blue).as_deref(), Some("v4"));
     assert_eq!(fakes.live(), Some(Slot::Blue));
     assert_eq!(fakes.running(Slot::Green).as_deref(), Some("v2"));
+}
+
+/// Found by the simulation ("deploy failing after the old slot was stopped", a crash after the
+/// undo had restarted the old slot): the restarted instance listens on new endpoints that only the
+/// dead run knew, and the recovery switched traffic back to the endpoints of the record, where
+/// nothing listens any more.
+#[tokio::test]
+async fn a_crash_after_the_undo_restarted_the_old_slot_routes_to_where_it_listens() {
+    let sc = SCENARIOS
+        .iter()
+        .find(|s| s.name == "deploy failing after the old slot was stopped")
+        .unwrap();
+    let fakes = Fakes::new();
+    let d = deployer(&fakes, sc);
+    set_up(&d, Setup::V1V2).await;
+    assert_eq!(fakes.instance_state(Slot::Blue), InstanceState::Stopped);
+    // v3 goes live, green is stopped, then finalize fails: the undo restarts green (new
+    // endpoints) and dies just before switching back to it (the fourth apply).
+    fakes.fail_next(Op::DatabaseFinalize, "finalize refused");
+    fakes.hang_on_call(Op::SwitchApply, 4);
+    let task = tokio::spawn(act(d, Action::DeployFailingAfterDrain));
+    let start = Instant::now();
+    while fakes.call_count(Op::SwitchApply) < 4 {
+        assert!(start.elapsed() < STUCK, "never reached the switch back");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    assert_eq!(fakes.live(), Some(Slot::Blue), "v3 still serves");
+    assert_eq!(fakes.instance_state(Slot::Green), InstanceState::Running);
+
+    let d2 = deployer(&fakes, sc);
+    d2.break_lock().await.unwrap();
+    let report = d2.recover().await.unwrap().unwrap();
+    assert_eq!(report.outcome, RunOutcome::RolledBack);
+    assert_eq!(fakes.live(), Some(Slot::Green));
+    assert_eq!(
+        fakes.endpoints().get(Slot::Green),
+        &fakes.instance_endpoints(Slot::Green),
+        "the switch routes green to where its instance listens"
+    );
+    assert_eq!(fakes.served_version().as_deref(), Some("v2"));
+    let state = fakes.stored_state().unwrap();
+    assert_eq!(
+        state.slots.green.as_ref().unwrap().endpoints,
+        fakes.instance_endpoints(Slot::Green)
+    );
 }

@@ -185,7 +185,7 @@ impl Run<'_> {
         let env = self.d.environment.clone();
         let mut eps = self.endpoints();
         let status = env.status(prev).await?;
-        if status.state != InstanceState::Running {
+        let fresh = if status.state != InstanceState::Running {
             // The old slot was stopped (e.g. a failure after draining): start it again first.
             let record =
                 self.state
@@ -202,10 +202,25 @@ impl Run<'_> {
             self.await_healthy(prev, &new_eps)
                 .await
                 .map_err(|(_, e)| e)?;
+            Some(new_eps)
+        } else if !status.endpoints.is_empty() && status.endpoints != eps.get(prev).as_slice() {
+            // Running where the record does not say: restarted by a run that died before saving
+            // its endpoints. Route to where it listens, once it passes the health gate.
+            self.await_healthy(prev, &status.endpoints)
+                .await
+                .map_err(|(_, e)| e)?;
+            Some(status.endpoints)
+        } else {
+            None
+        };
+        if let Some(new_eps) = fresh {
             eps.set(prev, new_eps.clone());
             if let Some(r) = self.state.slots.get_mut(prev) {
                 r.endpoints = new_eps;
             }
+            // Saved before traffic goes there: after a crash from here on, the record still
+            // says where the old slot listens.
+            self.save().await?;
         }
         let split = f
             .previous_split

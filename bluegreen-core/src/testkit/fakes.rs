@@ -408,6 +408,11 @@ impl Fakes {
         self.add_rule(op, None, Fault::Hang, false);
     }
 
+    /// Call number `n` (1-based, counting every call of `op` so far) never returns.
+    pub fn hang_on_call(&self, op: Op, n: u64) {
+        self.add_rule(op, Some(n), Fault::Hang, false);
+    }
+
     /// Removes every scripted fault.
     pub fn clear_faults(&self) {
         self.w().rules.clear();
