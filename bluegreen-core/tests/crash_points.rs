@@ -1158,15 +1158,28 @@ async fn the_checker_catches_each_broken_invariant() {
     assert_eq!(found, BTreeSet::from(["I4", "I5"]));
 }
 
+/// Runs `action` until call `n` of `op` (scripted to hang), then kills the run there.
+async fn kill_at(fakes: &Fakes, d: Deployer, action: Action, op: Op, n: u64) {
+    let task = tokio::spawn(act(d, action));
+    let start = Instant::now();
+    while fakes.call_count(op.clone()) < n {
+        assert!(start.elapsed() < STUCK, "never reached call {n} of {op}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.abort();
+    let _ = task.await;
+}
+
+fn scenario(name: &str) -> &'static Scenario {
+    SCENARIOS.iter().find(|s| s.name == name).unwrap()
+}
+
 /// Found by the simulation ("deploy failing after the switch", a crash just after the undo had
 /// switched traffic back): the state still recorded the failed target as the active slot, so the
 /// recovered state disagreed with the switch and the next deploy targeted the live slot.
 #[tokio::test]
 async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot() {
-    let sc = SCENARIOS
-        .iter()
-        .find(|s| s.name == "deploy failing after the switch")
-        .unwrap();
+    let sc = scenario("deploy failing after the switch");
     let fakes = Fakes::new();
     let d = deployer(&fakes, sc);
     set_up(&d, Setup::V1V2).await;
@@ -1174,14 +1187,14 @@ async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot(
     fakes.set_unhealthy_after_switch("v3");
     // The undo's first call after switching back to green: the process dies there.
     fakes.hang_next(Op::DatabaseRollback);
-    let task = tokio::spawn(act(d, Action::DeployFailingAfterSwitch));
-    let start = Instant::now();
-    while fakes.call_count(Op::DatabaseRollback) == 0 {
-        assert!(start.elapsed() < STUCK, "never reached the undo");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    task.abort();
-    let _ = task.await;
+    kill_at(
+        &fakes,
+        d,
+        Action::DeployFailingAfterSwitch,
+        Op::DatabaseRollback,
+        1,
+    )
+    .await;
     assert_eq!(fakes.live(), Some(Slot::Green), "the undo switched back");
 
     let d2 = deployer(&fakes, sc);
@@ -1209,10 +1222,7 @@ async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot(
 /// nothing listens any more.
 #[tokio::test]
 async fn a_crash_after_the_undo_restarted_the_old_slot_routes_to_where_it_listens() {
-    let sc = SCENARIOS
-        .iter()
-        .find(|s| s.name == "deploy failing after the old slot was stopped")
-        .unwrap();
+    let sc = scenario("deploy failing after the old slot was stopped");
     let fakes = Fakes::new();
     let d = deployer(&fakes, sc);
     set_up(&d, Setup::V1V2).await;
@@ -1221,14 +1231,14 @@ async fn a_crash_after_the_undo_restarted_the_old_slot_routes_to_where_it_listen
     // endpoints) and dies just before switching back to it (the fourth apply).
     fakes.fail_next(Op::DatabaseFinalize, "finalize refused");
     fakes.hang_on_call(Op::SwitchApply, 4);
-    let task = tokio::spawn(act(d, Action::DeployFailingAfterDrain));
-    let start = Instant::now();
-    while fakes.call_count(Op::SwitchApply) < 4 {
-        assert!(start.elapsed() < STUCK, "never reached the switch back");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    task.abort();
-    let _ = task.await;
+    kill_at(
+        &fakes,
+        d,
+        Action::DeployFailingAfterDrain,
+        Op::SwitchApply,
+        4,
+    )
+    .await;
     assert_eq!(fakes.live(), Some(Slot::Blue), "v3 still serves");
     assert_eq!(fakes.instance_state(Slot::Green), InstanceState::Running);
 
