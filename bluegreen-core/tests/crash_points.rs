@@ -53,6 +53,9 @@ enum Setup {
     V1V2AtGate,
     /// v1 live; a deploy of v2 waits after a manual canary step: traffic has moved.
     V1V2AtCanaryStep,
+    /// v2 live; a deploy of v3 ran an irreversible database step, switched, then failed: it waits
+    /// for a person's decision with traffic on v3.
+    V1V2V3AtDecision,
 }
 
 /// The operation that crashes.
@@ -336,6 +339,20 @@ const SCENARIOS: &[Scenario] = &[
         policy: canary_manual,
     },
     Scenario {
+        name: "promote after a failure past an irreversible step",
+        setup: Setup::V1V2V3AtDecision,
+        action: Action::Promote,
+        database: true,
+        policy: fast,
+    },
+    Scenario {
+        name: "abort after a failure past an irreversible step",
+        setup: Setup::V1V2V3AtDecision,
+        action: Action::Abort,
+        database: true,
+        policy: fast,
+    },
+    Scenario {
         name: "cleanup",
         setup: Setup::V1V2,
         action: Action::Cleanup,
@@ -445,7 +462,7 @@ async fn deploy_live(d: &Deployer, v: &str) -> Result<Report> {
     Ok(r)
 }
 
-async fn set_up(d: &Deployer, setup: Setup) {
+async fn set_up(fakes: &Fakes, d: &Deployer, setup: Setup) {
     if matches!(setup, Setup::Fresh) {
         return;
     }
@@ -462,6 +479,13 @@ async fn set_up(d: &Deployer, setup: Setup) {
         Setup::V1V2AtGate | Setup::V1V2AtCanaryStep => {
             let r = d.deploy(release("v2")).await.unwrap();
             assert!(matches!(r.outcome, RunOutcome::Waiting(_)), "{r:?}");
+        }
+        Setup::V1V2V3AtDecision => {
+            deploy_live(d, "v2").await.unwrap();
+            fakes.set_db_irreversible("v3");
+            fakes.fail_next(Op::hook("post"), "notification failed");
+            let err = d.deploy(release("v3")).await.unwrap_err();
+            assert!(matches!(err.root(), Error::NeedsDecision { .. }), "{err}");
         }
     }
 }
@@ -606,6 +630,20 @@ fn check_failure(fakes: &Fakes, live_before: &Option<String>, err: &Error, out: 
     }
 }
 
+/// The version and endpoints the state records for `slot`: those of the flight waiting for a
+/// person when it targets `slot`, else the slot's record.
+fn recorded(state: &DeploymentState, slot: Slot) -> Option<(String, Vec<Endpoint>)> {
+    let waiting = state.in_flight.as_ref().filter(|f| f.waiting.is_some());
+    match waiting.filter(|f| f.target == slot) {
+        Some(f) => Some((f.release.version.to_string(), f.endpoints.clone())),
+        None => state
+            .slots
+            .get(slot)
+            .as_ref()
+            .map(|r| (r.release.version.to_string(), r.endpoints.clone())),
+    }
+}
+
 /// I1–I5 at rest. `reset` removes everything it created while the switch keeps its last
 /// configuration (its documented behaviour), so after a reset the switch may route to nothing.
 fn check_at_rest(fakes: &Fakes, before: &Before, after_reset: bool, out: &mut Vec<Broken>) {
@@ -668,7 +706,7 @@ fn check_at_rest(fakes: &Fakes, before: &Before, after_reset: bool, out: &mut Ve
                     format!("the switch routes {a} to {routed:?}, its instance listens on {listening:?}"),
                 ));
             }
-            if state.slots.get(a).is_none() {
+            if recorded(&state, a).is_none() {
                 out.push(("I2", format!("active slot {a} has no record")));
             }
         }
@@ -686,24 +724,19 @@ fn check_at_rest(fakes: &Fakes, before: &Before, after_reset: bool, out: &mut Ve
             continue;
         }
         let running = fakes.running(slot);
-        match state.slots.get(slot) {
-            Some(r) if Some(r.release.version.to_string()) != running => out.push((
+        match recorded(&state, slot) {
+            Some((v, _)) if Some(&v) != running.as_ref() => out.push((
                 "I2",
-                format!(
-                    "{slot} runs {running:?}, the state records {}",
-                    r.release.version
-                ),
+                format!("{slot} runs {running:?}, the state records {v}"),
             )),
-            Some(r) if r.endpoints != fakes.instance_endpoints(slot) => out.push((
+            Some((_, eps)) if eps != fakes.instance_endpoints(slot) => out.push((
                 "I2",
                 format!(
-                    "the state records {slot} at {:?}, its instance listens on {:?}",
-                    r.endpoints,
+                    "the state records {slot} at {eps:?}, its instance listens on {:?}",
                     fakes.instance_endpoints(slot)
                 ),
             )),
             Some(_) => {}
-            None if waiting.map(|f| f.target == slot).unwrap_or(false) => {}
             None => out.push((
                 "I2",
                 format!("{slot} runs {running:?}, which the state does not record"),
@@ -844,7 +877,7 @@ async fn explore(sc: &'static Scenario, nested: bool, findings: &mut Vec<Finding
     let reset = sc.action == Action::Reset;
     // Set up once; every crash point starts from a copy.
     let base = Fakes::new();
-    set_up(&deployer(&base, sc), sc.setup).await;
+    set_up(&base, &deployer(&base, sc), sc.setup).await;
     script_failure(&base, sc.action);
     let before = Before::of(&base);
     let mut explored = 0;
@@ -1182,7 +1215,7 @@ async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot(
     let sc = scenario("deploy failing after the switch");
     let fakes = Fakes::new();
     let d = deployer(&fakes, sc);
-    set_up(&d, Setup::V1V2).await;
+    set_up(&fakes, &d, Setup::V1V2).await;
     assert_eq!(fakes.live(), Some(Slot::Green));
     fakes.set_unhealthy_after_switch("v3");
     // The undo's first call after switching back to green: the process dies there.
@@ -1225,7 +1258,7 @@ async fn a_crash_after_the_undo_restarted_the_old_slot_routes_to_where_it_listen
     let sc = scenario("deploy failing after the old slot was stopped");
     let fakes = Fakes::new();
     let d = deployer(&fakes, sc);
-    set_up(&d, Setup::V1V2).await;
+    set_up(&fakes, &d, Setup::V1V2).await;
     assert_eq!(fakes.instance_state(Slot::Blue), InstanceState::Stopped);
     // v3 goes live, green is stopped, then finalize fails: the undo restarts green (new
     // endpoints) and dies just before switching back to it (the fourth apply).
@@ -1258,4 +1291,38 @@ async fn a_crash_after_the_undo_restarted_the_old_slot_routes_to_where_it_listen
         state.slots.green.as_ref().unwrap().endpoints,
         fakes.instance_endpoints(Slot::Green)
     );
+}
+
+/// Found by the simulation ("abort after a failure past an irreversible step", a crash just after
+/// the abort had switched traffic back): as above, by way of `abort` run again, which found
+/// traffic already back and left the state recording the aborted target live.
+#[tokio::test]
+async fn an_abort_run_again_after_a_crash_leaves_the_state_on_the_live_slot() {
+    let sc = scenario("abort after a failure past an irreversible step");
+    let fakes = Fakes::new();
+    let d = deployer(&fakes, sc);
+    set_up(&fakes, &d, Setup::V1V2V3AtDecision).await;
+    assert_eq!(fakes.live(), Some(Slot::Blue), "v3 took traffic");
+    fakes.hang_next(Op::DatabaseRollback);
+    kill_at(&fakes, d, Action::Abort, Op::DatabaseRollback, 1).await;
+    assert_eq!(fakes.live(), Some(Slot::Green), "the abort switched back");
+
+    let d2 = deployer(&fakes, sc);
+    d2.break_lock().await.unwrap();
+    let err = d2.recover().await.unwrap_err();
+    assert!(matches!(err, Error::InFlight { .. }), "{err}");
+    d2.abort().await.unwrap();
+    let state = fakes.stored_state().unwrap();
+    assert_eq!(
+        state.active,
+        Some(Slot::Green),
+        "the state follows the switch"
+    );
+    let r = d2.deploy(release("v4")).await.unwrap();
+    assert_eq!(
+        r.target,
+        Slot::Blue,
+        "the next deploy goes to the idle slot"
+    );
+    assert_eq!(fakes.running(Slot::Green).as_deref(), Some("v2"));
 }

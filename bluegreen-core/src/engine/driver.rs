@@ -249,12 +249,8 @@ impl Run<'_> {
             .unwrap_or(false);
         if !moved {
             self.flight_mut().switched = false;
-            if f.switched && self.state.active == Some(f.target) {
-                // The state recorded the target live, then an undo switched traffic back and
-                // the run died before saving that: the switch, not the record, says which slot
-                // serves. Left as it was, the next deploy would target the live slot.
-                self.state.active = f.previous.filter(|p| *p != f.target);
-                self.state.split = current;
+            if f.switched {
+                self.follow_switch_back(&f, current);
             }
         }
         let action = if f.failing.is_some() {

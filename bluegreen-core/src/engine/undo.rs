@@ -109,6 +109,7 @@ impl Run<'_> {
                         .map(|c| c.weight(f.target) > 0)
                         .unwrap_or(true);
                     if !moved {
+                        self.follow_switch_back(&f, current);
                         continue;
                     }
                     match f.previous.filter(|p| *p != f.target) {
@@ -177,6 +178,17 @@ impl Run<'_> {
             elapsed: self.started.elapsed(),
         });
         (live, problems)
+    }
+
+    /// The switch does not route to the flight's target although the state may say so: a run
+    /// recorded the target live, then its undo switched traffic back and it died before saving
+    /// that. The state follows the switch; left as it was, the next deploy would target the live
+    /// slot.
+    pub(super) fn follow_switch_back(&mut self, f: &InFlight, current: Option<TrafficSplit>) {
+        if self.state.active == Some(f.target) {
+            self.state.active = f.previous.filter(|p| *p != f.target);
+            self.state.split = current;
+        }
     }
 
     /// Routes all traffic back to `prev`, restarting it first if it was stopped.
