@@ -1101,6 +1101,7 @@ const NESTED: &[&str] = &[
     "rollback failing after the switch",
     "rollback warm",
     "abort after a canary step (traffic moved)",
+    "abort after a failure past an irreversible step",
 ];
 
 #[tokio::test]
