@@ -93,6 +93,23 @@ struct Scenario {
     policy: fn() -> Policy,
 }
 
+/// One row of the table.
+const fn row(
+    name: &'static str,
+    setup: Setup,
+    action: Action,
+    database: bool,
+    policy: fn() -> Policy,
+) -> Scenario {
+    Scenario {
+        name,
+        setup,
+        action,
+        database,
+        policy,
+    }
+}
+
 fn fast() -> Policy {
     Policy::default()
         .with_poll(Duration::from_millis(1), Duration::from_millis(2))
@@ -155,231 +172,41 @@ fn full() -> Policy {
         .with_pause_during_cutover(true)
 }
 
+/// The scenarios: (name, setup, action, with a database, policy).
+#[rustfmt::skip]
 const SCENARIOS: &[Scenario] = &[
-    Scenario {
-        name: "first deploy",
-        setup: Setup::Fresh,
-        action: Action::Deploy,
-        database: false,
-        policy: fast,
-    },
-    Scenario {
-        name: "first deploy, database",
-        setup: Setup::Fresh,
-        action: Action::Deploy,
-        database: true,
-        policy: fast,
-    },
-    Scenario {
-        name: "deploy",
-        setup: Setup::V1,
-        action: Action::Deploy,
-        database: false,
-        policy: fast,
-    },
-    Scenario {
-        name: "deploy, recovery continues (Resume::Continue)",
-        setup: Setup::V1,
-        action: Action::Deploy,
-        database: true,
-        policy: resume_continue,
-    },
-    Scenario {
-        name: "deploy, canary steps",
-        setup: Setup::V1,
-        action: Action::Deploy,
-        database: false,
-        policy: canary,
-    },
-    Scenario {
-        name: "deploy, manual gate",
-        setup: Setup::V1,
-        action: Action::Deploy,
-        database: false,
-        policy: gate,
-    },
-    Scenario {
-        name: "deploy, database, preview, pause, old slot stopped",
-        setup: Setup::V1,
-        action: Action::Deploy,
-        database: true,
-        policy: full,
-    },
-    Scenario {
-        name: "deploy, database, canary steps",
-        setup: Setup::V1,
-        action: Action::Deploy,
-        database: true,
-        policy: canary,
-    },
-    Scenario {
-        name: "deploy failing before the switch",
-        setup: Setup::V1V2,
-        action: Action::DeployUnhealthy,
-        database: true,
-        policy: impatient,
-    },
-    Scenario {
-        name: "deploy failing after the switch",
-        setup: Setup::V1V2,
-        action: Action::DeployFailingAfterSwitch,
-        database: true,
-        policy: observed,
-    },
-    Scenario {
-        name: "deploy failing after the old slot was stopped",
-        setup: Setup::V1V2,
-        action: Action::DeployFailingAfterDrain,
-        database: true,
-        policy: stop_old,
-    },
-    Scenario {
-        name: "deploy the live version again (a no-op)",
-        setup: Setup::V1V2,
-        action: Action::DeployLiveAgain,
-        database: false,
-        policy: fast,
-    },
-    Scenario {
-        name: "redeploy the live version",
-        setup: Setup::V1V2,
-        action: Action::Redeploy,
-        database: true,
-        policy: fast,
-    },
-    Scenario {
-        name: "rollback warm",
-        setup: Setup::V1V2,
-        action: Action::Rollback,
-        database: false,
-        policy: fast,
-    },
-    Scenario {
-        name: "rollback warm, database",
-        setup: Setup::V1V2,
-        action: Action::Rollback,
-        database: true,
-        policy: fast,
-    },
-    Scenario {
-        name: "rollback failing after the switch",
-        setup: Setup::V1V2,
-        action: Action::RollbackFailingAfterSwitch,
-        database: false,
-        policy: observed,
-    },
-    Scenario {
-        name: "rollback cold failing after the switch",
-        setup: Setup::V1V2,
-        action: Action::RollbackFailingAfterSwitch,
-        database: true,
-        policy: observed_stop_old,
-    },
-    Scenario {
-        name: "rollback cold (old slot stopped)",
-        setup: Setup::V1V2,
-        action: Action::Rollback,
-        database: false,
-        policy: stop_old,
-    },
-    Scenario {
-        name: "rollback cold (old slot removed)",
-        setup: Setup::V1V2Cleaned,
-        action: Action::Rollback,
-        database: false,
-        policy: fast,
-    },
-    Scenario {
-        name: "rollback cold, database",
-        setup: Setup::V1V2,
-        action: Action::Rollback,
-        database: true,
-        policy: stop_old,
-    },
-    Scenario {
-        name: "promote",
-        setup: Setup::V1V2AtGate,
-        action: Action::Promote,
-        database: false,
-        policy: gate,
-    },
-    Scenario {
-        name: "promote, database",
-        setup: Setup::V1V2AtGate,
-        action: Action::Promote,
-        database: true,
-        policy: gate,
-    },
-    Scenario {
-        name: "abort",
-        setup: Setup::V1V2AtGate,
-        action: Action::Abort,
-        database: false,
-        policy: gate,
-    },
-    Scenario {
-        name: "abort, database",
-        setup: Setup::V1V2AtGate,
-        action: Action::Abort,
-        database: true,
-        policy: gate,
-    },
-    Scenario {
-        name: "promote a canary step",
-        setup: Setup::V1V2AtCanaryStep,
-        action: Action::Promote,
-        database: true,
-        policy: canary_manual,
-    },
-    Scenario {
-        name: "abort after a canary step (traffic moved)",
-        setup: Setup::V1V2AtCanaryStep,
-        action: Action::Abort,
-        database: true,
-        policy: canary_manual,
-    },
-    Scenario {
-        name: "promote after a failure past an irreversible step",
-        setup: Setup::V1V2V3AtDecision,
-        action: Action::Promote,
-        database: true,
-        policy: fast,
-    },
-    Scenario {
-        name: "abort after a failure past an irreversible step",
-        setup: Setup::V1V2V3AtDecision,
-        action: Action::Abort,
-        database: true,
-        policy: fast,
-    },
-    Scenario {
-        name: "cleanup",
-        setup: Setup::V1V2,
-        action: Action::Cleanup,
-        database: false,
-        policy: fast,
-    },
-    Scenario {
-        name: "cleanup, database",
-        setup: Setup::V1V2,
-        action: Action::Cleanup,
-        database: true,
-        policy: fast,
-    },
-    Scenario {
-        name: "reset",
-        setup: Setup::V1V2,
-        action: Action::Reset,
-        database: false,
-        policy: fast,
-    },
-    Scenario {
-        name: "reset, database",
-        setup: Setup::V1V2,
-        action: Action::Reset,
-        database: true,
-        policy: stop_old,
-    },
+    row("first deploy",                                       Setup::Fresh,            Action::Deploy,                     false, fast),
+    row("first deploy, database",                             Setup::Fresh,            Action::Deploy,                     true,  fast),
+    row("deploy",                                             Setup::V1,               Action::Deploy,                     false, fast),
+    row("deploy, recovery continues (Resume::Continue)",      Setup::V1,               Action::Deploy,                     true,  resume_continue),
+    row("deploy, canary steps",                               Setup::V1,               Action::Deploy,                     false, canary),
+    row("deploy, manual gate",                                Setup::V1,               Action::Deploy,                     false, gate),
+    row("deploy, database, preview, pause, old slot stopped", Setup::V1,               Action::Deploy,                     true,  full),
+    row("deploy, database, canary steps",                     Setup::V1,               Action::Deploy,                     true,  canary),
+    row("deploy failing before the switch",                   Setup::V1V2,             Action::DeployUnhealthy,            true,  impatient),
+    row("deploy failing after the switch",                    Setup::V1V2,             Action::DeployFailingAfterSwitch,   true,  observed),
+    row("deploy failing after the old slot was stopped",      Setup::V1V2,             Action::DeployFailingAfterDrain,    true,  stop_old),
+    row("deploy the live version again (a no-op)",            Setup::V1V2,             Action::DeployLiveAgain,            false, fast),
+    row("redeploy the live version",                          Setup::V1V2,             Action::Redeploy,                   true,  fast),
+    row("rollback warm",                                      Setup::V1V2,             Action::Rollback,                   false, fast),
+    row("rollback warm, database",                            Setup::V1V2,             Action::Rollback,                   true,  fast),
+    row("rollback failing after the switch",                  Setup::V1V2,             Action::RollbackFailingAfterSwitch, false, observed),
+    row("rollback cold failing after the switch",             Setup::V1V2,             Action::RollbackFailingAfterSwitch, true,  observed_stop_old),
+    row("rollback cold (old slot stopped)",                   Setup::V1V2,             Action::Rollback,                   false, stop_old),
+    row("rollback cold (old slot removed)",                   Setup::V1V2Cleaned,      Action::Rollback,                   false, fast),
+    row("rollback cold, database",                            Setup::V1V2,             Action::Rollback,                   true,  stop_old),
+    row("promote",                                            Setup::V1V2AtGate,       Action::Promote,                    false, gate),
+    row("promote, database",                                  Setup::V1V2AtGate,       Action::Promote,                    true,  gate),
+    row("abort",                                              Setup::V1V2AtGate,       Action::Abort,                      false, gate),
+    row("abort, database",                                    Setup::V1V2AtGate,       Action::Abort,                      true,  gate),
+    row("promote a canary step",                              Setup::V1V2AtCanaryStep, Action::Promote,                    true,  canary_manual),
+    row("abort after a canary step (traffic moved)",          Setup::V1V2AtCanaryStep, Action::Abort,                      true,  canary_manual),
+    row("promote after a failure past an irreversible step",  Setup::V1V2V3AtDecision, Action::Promote,                    true,  fast),
+    row("abort after a failure past an irreversible step",    Setup::V1V2V3AtDecision, Action::Abort,                      true,  fast),
+    row("cleanup",                                            Setup::V1V2,             Action::Cleanup,                    false, fast),
+    row("cleanup, database",                                  Setup::V1V2,             Action::Cleanup,                    true,  fast),
+    row("reset",                                              Setup::V1V2,             Action::Reset,                      false, fast),
+    row("reset, database",                                    Setup::V1V2,             Action::Reset,                      true,  stop_old),
 ];
 
 /// Failures known and tracked elsewhere: (scenario, invariant, why). Exactly these pairs must fail,
@@ -1204,7 +1031,7 @@ async fn kill_at(fakes: &Fakes, d: Deployer, action: Action, op: Op, n: u64) {
     let _ = task.await;
 }
 
-fn scenario(name: &str) -> &'static Scenario {
+fn named(name: &str) -> &'static Scenario {
     SCENARIOS.iter().find(|s| s.name == name).unwrap()
 }
 
@@ -1213,7 +1040,7 @@ fn scenario(name: &str) -> &'static Scenario {
 /// recovered state disagreed with the switch and the next deploy targeted the live slot.
 #[tokio::test]
 async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot() {
-    let sc = scenario("deploy failing after the switch");
+    let sc = named("deploy failing after the switch");
     let fakes = Fakes::new();
     let d = deployer(&fakes, sc);
     set_up(&fakes, &d, Setup::V1V2).await;
@@ -1256,7 +1083,7 @@ async fn a_crash_after_the_undo_switched_back_leaves_the_state_on_the_live_slot(
 /// nothing listens any more.
 #[tokio::test]
 async fn a_crash_after_the_undo_restarted_the_old_slot_routes_to_where_it_listens() {
-    let sc = scenario("deploy failing after the old slot was stopped");
+    let sc = named("deploy failing after the old slot was stopped");
     let fakes = Fakes::new();
     let d = deployer(&fakes, sc);
     set_up(&fakes, &d, Setup::V1V2).await;
@@ -1299,7 +1126,7 @@ async fn a_crash_after_the_undo_restarted_the_old_slot_routes_to_where_it_listen
 /// traffic already back and left the state recording the aborted target live.
 #[tokio::test]
 async fn an_abort_run_again_after_a_crash_leaves_the_state_on_the_live_slot() {
-    let sc = scenario("abort after a failure past an irreversible step");
+    let sc = named("abort after a failure past an irreversible step");
     let fakes = Fakes::new();
     let d = deployer(&fakes, sc);
     set_up(&fakes, &d, Setup::V1V2V3AtDecision).await;
