@@ -18,10 +18,15 @@
 //! - I3: no release runs without its full environment, plain and secret;
 //! - I4: the history records every run exactly once;
 //! - I5: the lock is free at rest;
-//! - I6: a run that reported success left its release live;
+//! - I6: a run that reported success left its release live; one that failed says truly what
+//!   happened to live traffic, and the release live before it still serves;
 //! - I7 (beyond the issue's list): a run undone keeps the rollback target.
 //!
 //! Then the next deploy must go live, and the invariants are checked again.
+//!
+//! Each scenario is set up once; every crash point starts from a copy of that world
+//! ([`Fakes::fork`]). For the scenarios in [`NESTED`], the recovery itself is crashed at each of
+//! its calls too, in a copy of the crashed world, and a third process recovers.
 //!
 //! A failure that is known and tracked elsewhere is listed in [`KNOWN`] with its issue: the test
 //! asserts that exactly those (scenario, invariant) pairs fail, so fixing one makes the test say
