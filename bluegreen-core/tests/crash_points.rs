@@ -78,6 +78,9 @@ enum Action {
     DeployFailingAfterDrain,
     /// Roll back to v1, which turns unhealthy once it receives traffic: traffic goes back to v2.
     RollbackFailingAfterSwitch,
+    /// Deploy v3 over flaky backends: the first deploy and the first switch fail with retryable
+    /// errors and are retried.
+    DeployRetried,
     /// Deploy v2 again where v2 is live: a no-op.
     DeployLiveAgain,
     /// `redeploy` v2 where v2 is live: replaces the idle slot.
@@ -188,6 +191,7 @@ const SCENARIOS: &[Scenario] = &[
     row("deploy, manual gate",                                Setup::V1,               Action::Deploy,                     false, gate),
     row("deploy, database, preview, pause, old slot stopped", Setup::V1,               Action::Deploy,                     true,  full),
     row("deploy, database, canary steps",                     Setup::V1,               Action::Deploy,                     true,  canary),
+    row("deploy, retried backend calls",                      Setup::V1,               Action::DeployRetried,              true,  fast),
     row("deploy failing before the switch",                   Setup::V1V2,             Action::DeployUnhealthy,            true,  impatient),
     row("deploy failing after the switch",                    Setup::V1V2,             Action::DeployFailingAfterSwitch,   true,  observed),
     row("deploy failing after the old slot was stopped",      Setup::V1V2,             Action::DeployFailingAfterDrain,    true,  stop_old),
@@ -344,6 +348,10 @@ fn script_failure(fakes: &Fakes, action: Action) {
             fakes.fail_next(Op::DatabaseFinalize, "finalize refused")
         }
         Action::RollbackFailingAfterSwitch => fakes.set_unhealthy_after_switch("v1"),
+        Action::DeployRetried => {
+            fakes.fail_next_retryable(Op::EnvironmentDeploy, "registry timeout");
+            fakes.fail_next_retryable(Op::SwitchApply, "connection reset");
+        }
         _ => {}
     }
 }
@@ -352,6 +360,7 @@ fn script_failure(fakes: &Fakes, action: Action) {
 async fn act(d: Deployer, action: Action) -> Result<Option<Report>> {
     match action {
         Action::Deploy
+        | Action::DeployRetried
         | Action::DeployUnhealthy
         | Action::DeployFailingAfterSwitch
         | Action::DeployFailingAfterDrain => d.deploy(release("v3")).await.map(Some),
