@@ -237,17 +237,22 @@ impl Run<'_> {
         }
         self.recovered = true;
         let sw = self.d.switch.clone();
-        let moved = if f.switched {
-            let cur = sw
-                .current()
+        let current = if f.switched {
+            sw.current()
                 .await
-                .map_err(|e| self.wrap(f.phase, sw.name(), e))?;
-            cur.map(|c| c.weight(f.target) > 0).unwrap_or(false)
+                .map_err(|e| self.wrap(f.phase, sw.name(), e))?
         } else {
-            false
+            None
         };
+        let moved = current
+            .as_ref()
+            .map(|c| c.weight(f.target) > 0)
+            .unwrap_or(false);
         if !moved {
             self.flight_mut().switched = false;
+            if f.switched {
+                self.follow_switch_back(&f, current);
+            }
         }
         let action = if f.failing.is_some() {
             "finish rolling back"

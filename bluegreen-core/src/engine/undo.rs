@@ -128,6 +128,7 @@ impl Run<'_> {
                         .map(|c| c.weight(f.target) > 0)
                         .unwrap_or(true);
                     if !moved {
+                        self.follow_switch_back(&f, current);
                         continue;
                     }
                     match f.previous.filter(|p| *p != f.target) {
@@ -209,13 +210,24 @@ impl Run<'_> {
         Ok((live, problems))
     }
 
+    /// The switch does not route to the flight's target although the state may say so: a run
+    /// recorded the target live, then its undo switched traffic back and it died before saving
+    /// that. The state follows the switch; left as it was, the next deploy would target the live
+    /// slot.
+    pub(super) fn follow_switch_back(&mut self, f: &InFlight, current: Option<TrafficSplit>) {
+        if self.state.active == Some(f.target) {
+            self.state.active = f.previous.filter(|p| *p != f.target);
+            self.state.split = current;
+        }
+    }
+
     /// Routes all traffic back to `prev`, restarting it first if it was stopped.
     async fn switch_back(&mut self, prev: Slot, f: &InFlight) -> Result<()> {
         let sw = self.d.switch.clone();
         let env = self.d.environment.clone();
         let mut eps = self.endpoints();
         let status = env.status(prev).await?;
-        if status.state != InstanceState::Running {
+        let fresh = if status.state != InstanceState::Running {
             // The old slot was stopped (e.g. a failure after draining): start it again first.
             let record =
                 self.state
@@ -238,10 +250,25 @@ impl Run<'_> {
             self.await_healthy(prev, &new_eps)
                 .await
                 .map_err(|(_, e)| e)?;
+            Some(new_eps)
+        } else if !status.endpoints.is_empty() && status.endpoints != eps.get(prev).as_slice() {
+            // Running where the record does not say: restarted by a run that died before saving
+            // its endpoints. Route to where it listens, once it passes the health gate.
+            self.await_healthy(prev, &status.endpoints)
+                .await
+                .map_err(|(_, e)| e)?;
+            Some(status.endpoints)
+        } else {
+            None
+        };
+        if let Some(new_eps) = fresh {
             eps.set(prev, new_eps.clone());
             if let Some(r) = self.state.slots.get_mut(prev) {
                 r.endpoints = new_eps;
             }
+            // Saved before traffic goes there: after a crash from here on, the record still
+            // says where the old slot listens.
+            self.save().await?;
         }
         let split = f
             .previous_split

@@ -180,10 +180,22 @@ struct Instance {
     release: Release,
     state: InstanceState,
     endpoints: Vec<Endpoint>,
+    /// The environment it was started with, secrets included ([`Release::full_env`]).
+    env: BTreeMap<String, String>,
+    /// Whether a health check has reported it healthy.
+    passed_health: bool,
+}
+
+/// A crash armed by [`Fakes::crash_at_call`]: the `at`-th counted call never returns.
+#[derive(Debug, Clone)]
+struct CrashPlan {
+    at: u64,
+    seen: u64,
+    hit: Option<(u64, Op)>,
 }
 
 /// The shared state behind a set of fakes. Inspect it through [`Fakes`] accessors.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct World {
     instances: PerSlot<Option<Instance>>,
     next_port: u16,
@@ -211,6 +223,8 @@ pub struct World {
     /// The highest lease epoch granted.
     lock_epoch: u64,
     capabilities: Capabilities,
+    crash: Option<CrashPlan>,
+    unverified: Vec<String>,
 }
 
 fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
@@ -264,6 +278,16 @@ impl Fakes {
 
     fn w(&self) -> MutexGuard<'_, World> {
         lock(&self.world)
+    }
+
+    /// A new world that starts as a copy of this one as it is now (instances, switch, store and
+    /// lock, scripted faults, call counts, logs); the two evolve separately from then on. For
+    /// exploring several futures from one point, e.g. a crash during recovery after a crash.
+    pub fn fork(&self) -> Fakes {
+        let copy = self.w().clone();
+        Fakes {
+            world: Arc::new(Mutex::new(copy)),
+        }
     }
 
     /// The fake environment.
@@ -396,6 +420,36 @@ impl Fakes {
         self.w().rules.clear();
     }
 
+    /// Arms a crash point: counting from now, the `n`-th call (1-based) of any fake never returns,
+    /// as if the process died just before that call took effect. Every operation counts (state
+    /// saves, loads and the lock's acquire and release included) except [`Op::StoreRenew`], which
+    /// the lease's background task makes at times of its own. A crash *after* a call took effect
+    /// is the crash before the next call, so enumerating `n = 1, 2, …` until a run finishes
+    /// without reaching `n` visits every crash point of that run. Replaces an armed crash.
+    pub fn crash_at_call(&self, n: u64) {
+        assert!(n > 0, "crash points count from 1");
+        self.w().crash = Some(CrashPlan {
+            at: n,
+            seen: 0,
+            hit: None,
+        });
+    }
+
+    /// The call that hung for the armed crash point: its number and its operation.
+    pub fn crashed(&self) -> Option<(u64, Op)> {
+        self.w().crash.as_ref().and_then(|c| c.hit.clone())
+    }
+
+    /// How many calls were counted since [`Fakes::crash_at_call`] armed a crash point.
+    pub fn crash_calls(&self) -> u64 {
+        self.w().crash.as_ref().map(|c| c.seen).unwrap_or(0)
+    }
+
+    /// Disarms the crash point: calls are no longer counted, none hangs.
+    pub fn disarm_crash(&self) {
+        self.w().crash = None;
+    }
+
     fn add_rule(&self, op: Op, on_call: Option<u64>, fault: Fault, persistent: bool) {
         self.expect_known(&op);
         self.w().rules.push(Rule {
@@ -525,6 +579,38 @@ impl Fakes {
             .unwrap_or(InstanceState::Absent)
     }
 
+    /// The environment (secrets included) the instance in `slot` was started with; `None` if
+    /// the slot is absent.
+    pub fn started_env(&self, slot: Slot) -> Option<BTreeMap<String, String>> {
+        self.w().instances.get(slot).as_ref().map(|i| i.env.clone())
+    }
+
+    /// The endpoints the instance in `slot` listens on (empty if absent).
+    pub fn instance_endpoints(&self, slot: Slot) -> Vec<Endpoint> {
+        self.w()
+            .instances
+            .get(slot)
+            .as_ref()
+            .map(|i| i.endpoints.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether a health check has reported the instance in `slot` healthy since it started.
+    pub fn passed_health(&self, slot: Slot) -> bool {
+        self.w()
+            .instances
+            .get(slot)
+            .as_ref()
+            .map(|i| i.passed_health)
+            .unwrap_or(false)
+    }
+
+    /// Moments where the switch was told to send traffic to an instance that no health check had
+    /// reported healthy: must stay empty.
+    pub fn unverified_routes(&self) -> Vec<String> {
+        self.w().unverified.clone()
+    }
+
     /// The split the switch holds.
     pub fn split(&self) -> Option<TrafficSplit> {
         self.w().split.clone()
@@ -589,17 +675,34 @@ async fn hit(world: &Arc<Mutex<World>>, backend: &str, op: Op) -> Result<()> {
             *c += 1;
             *c
         };
+        let crash = match w.crash.as_mut() {
+            Some(c) if c.hit.is_none() && op != Op::StoreRenew => {
+                c.seen += 1;
+                if c.seen == c.at {
+                    c.hit = Some((c.seen, op.clone()));
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
         let idx = w
             .rules
             .iter()
             .position(|r| r.op == op && r.on_call.map(|k| k == n).unwrap_or(true));
-        idx.map(|i| {
+        let scripted = idx.map(|i| {
             let r = w.rules[i].clone();
             if !r.persistent {
                 w.rules.remove(i);
             }
             r.fault
-        })
+        });
+        if crash {
+            Some(Fault::Hang)
+        } else {
+            scripted
+        }
     };
     match fault {
         None => Ok(()),
@@ -683,6 +786,8 @@ impl Environment for FakeEnvironment {
                 release: release.clone(),
                 state: InstanceState::Running,
                 endpoints: vec![ep.clone()],
+                env: release.full_env(),
+                passed_health: false,
             }),
         );
         Ok(vec![ep])
@@ -796,6 +901,18 @@ impl TrafficSwitch for FakeSwitch {
             });
         }
         check_live(&mut w, &format!("apply({split})"));
+        for slot in Slot::ALL {
+            let unchecked = split.weight(slot) > 0
+                && w.instances
+                    .get(slot)
+                    .as_ref()
+                    .map(|i| i.state == InstanceState::Running && !i.passed_health)
+                    .unwrap_or(false);
+            if unchecked {
+                let msg = format!("apply({split}): {slot} never passed a health check");
+                w.unverified.push(msg);
+            }
+        }
         Ok(())
     }
 
@@ -910,6 +1027,9 @@ impl HealthCheck for FakeHealthCheck {
                 format!("GET /health on {endpoint}: 503 (version {v})"),
                 Duration::from_millis(1),
             ));
+        }
+        if let Some(i) = w.instances.get_mut(slot) {
+            i.passed_health = true;
         }
         Ok(HealthReport::healthy(Duration::from_millis(1)))
     }
