@@ -1023,12 +1023,12 @@ async fn the_checker_catches_each_broken_invariant() {
     let mut state = fakes.stored_state().unwrap();
     let again = state.history.back().unwrap().clone();
     state.history.push_back(again);
-    fakes.store().save(&state).await.unwrap();
-    fakes
+    let dead = fakes
         .store()
         .acquire(&LockOwner::current("a dead run"), Duration::from_secs(60))
         .await
         .unwrap();
+    fakes.store().save(&state, &dead).await.unwrap();
     let found = broken_by(&fakes, &Before::of(&Fakes::new()));
     assert_eq!(found, BTreeSet::from(["I4", "I5"]));
 }
