@@ -856,10 +856,11 @@ async fn status_reports_a_data_path_that_does_not_answer_as_drift() {
 
 #[tokio::test]
 async fn the_state_records_the_targets_endpoints_before_the_switch() {
-    let policy = fast_policy().with_observation(Duration::from_secs(30), Duration::from_millis(5));
-    let w = with_v1(policy).await;
+    let w = with_v1(fast_policy()).await;
     let blue = w.fakes.endpoints().blue;
-    let d = w.deployer.clone();
+    // v2 (only) sits in a long observation window.
+    let policy = fast_policy().with_observation(Duration::from_secs(30), Duration::from_millis(5));
+    let d = builder(&w.fakes, policy).build().unwrap();
     let task = tokio::spawn(async move { d.deploy(release("v2")).await });
     let start = Instant::now();
     let st = loop {
