@@ -47,6 +47,9 @@ pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Resul
         .switch(switch)
         .store(store(p, state_dir)?)
         .policy(p.policy.clone());
+    for source in p.secrets.sources()? {
+        b = b.secrets(source);
+    }
     if let Some(db) = database(p)? {
         b = b.database(db);
     }

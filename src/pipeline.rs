@@ -25,6 +25,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bluegreen::{Error, HookPoint, Name, OnTimeout, Policy, Release, Secret};
@@ -92,6 +93,46 @@ pub(crate) struct Pipeline {
     pub(crate) verify: Option<VerifyCfg>,
     pub(crate) analysis: Option<AnalysisCfg>,
     pub(crate) state: StateCfg,
+    pub(crate) secrets: SecretsCfg,
+}
+
+/// `[secrets]`: where releases' secret environment comes from, asked at every (re)deploy (never
+/// stored). A release whose recorded secrets cannot all be had is never started.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SecretsCfg {
+    /// Variables of the `bluegreen` command's own environment, passed under the same names.
+    #[serde(default)]
+    pub(crate) env: Vec<String>,
+    /// Variable → file holding its value (relative to the pipeline file; refused when readable
+    /// by group or others).
+    #[serde(default)]
+    pub(crate) files: BTreeMap<String, PathBuf>,
+    /// A command, as an argv (no shell; `{version}` is replaced), printing `KEY=VALUE` lines.
+    #[serde(default)]
+    pub(crate) command: Vec<String>,
+}
+
+impl SecretsCfg {
+    /// The sources this section names, checked.
+    pub(crate) fn sources(&self) -> bluegreen::Result<Vec<Arc<dyn bluegreen::SecretSource>>> {
+        use bluegreen::secrets::{CommandSecrets, EnvSecrets, FileSecrets};
+        let mut out: Vec<Arc<dyn bluegreen::SecretSource>> = Vec::new();
+        if !self.env.is_empty() {
+            out.push(Arc::new(EnvSecrets::new(self.env.iter().cloned())?));
+        }
+        if !self.files.is_empty() {
+            let mut f = FileSecrets::new();
+            for (k, path) in &self.files {
+                f = f.with_file(k.clone(), path.clone())?;
+            }
+            out.push(Arc::new(f));
+        }
+        if !self.command.is_empty() {
+            out.push(Arc::new(CommandSecrets::new(self.command.iter().cloned())?));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +243,8 @@ struct PipelineFile {
     analysis: Option<AnalysisCfg>,
     #[serde(default)]
     state: StateFile,
+    #[serde(default)]
+    secrets: SecretsCfg,
 }
 
 /// A section with no keys besides `kind`.
@@ -511,7 +554,18 @@ impl Pipeline {
             verify: f.verify,
             analysis: f.analysis,
             state,
+            secrets: SecretsCfg {
+                files: f
+                    .secrets
+                    .files
+                    .into_iter()
+                    .map(|(k, path)| (k, base.join(path)))
+                    .collect(),
+                ..f.secrets
+            },
         };
+        // Names and the command are checked now, not at the first deploy.
+        p.secrets.sources()?;
         Ok((p, state_dir))
     }
 

@@ -401,3 +401,59 @@ fn deploying_the_live_version_again_is_a_no_op_and_redeploy_warns() {
     assert_eq!(st["slots"]["green"]["version"], "v2", "{st}");
     assert_eq!(p.get().as_deref(), Some("v2"));
 }
+
+#[test]
+fn secrets_reach_every_redeploy_and_a_readable_secret_file_is_refused() {
+    let mut p = Pipeline::new(
+        "[policy]\nkeep_old = \"stop\"\nobservation = { window = 0, interval = 100 }\n\n\
+         [secrets]\nenv = [\"BG_CLI_TEST_TOKEN\"]\nfiles = { API_KEY = \"api_key\" }\n",
+    );
+    let key = p.dir.path().join("api_key");
+    std::fs::write(&key, "k-123456\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p.serve();
+    let deploy = |args: &[&str]| {
+        p.cmd(args)
+            .env("BG_CLI_TEST_TOKEN", "tok-42")
+            .output()
+            .unwrap()
+    };
+    let has = |name: &str| {
+        bluegreen_testenv::demo::get_at(([127, 0, 0, 1], p.listen).into(), &format!("/env/{name}"))
+            .unwrap_or_default()
+    };
+    for args in [&["deploy", "v1"][..], &["deploy", "v2"], &["rollback"]] {
+        let out = deploy(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        // v1 is started again by the rollback (its slot was stopped): with its secrets.
+        assert!(has("API_KEY").contains("set (8 bytes)"), "{args:?}");
+        assert!(
+            has("BG_CLI_TEST_TOKEN").contains("set (6 bytes)"),
+            "{args:?}"
+        );
+    }
+    assert_eq!(p.get().as_deref(), Some("v1"));
+    // Values never reach the state directory.
+    for entry in std::fs::read_dir(p.dir.path().join(".bluegreen")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        assert!(
+            !text.contains("k-123456") && !text.contains("tok-42"),
+            "{text}"
+        );
+    }
+
+    // A secret file others can read is refused, naming it; nothing is started.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = deploy(&["deploy", "v3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("api_key") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains("k-123456"), "{err}");
+    assert_eq!(p.get().as_deref(), Some("v1"));
+    let (_, st, _) = p.json(&["status"]);
+    assert!(st["in_flight"].is_null(), "{st}");
+}

@@ -100,6 +100,18 @@ pub enum Error {
         holder: Box<LockInfo>,
     },
 
+    /// A release's secrets could not be resolved: nothing was started with a partial environment.
+    #[error(
+        "the secrets of release {version} could not be resolved: {reason}; nothing was started \
+         without them (configure a secret source that provides them)"
+    )]
+    SecretsUnavailable {
+        /// The release.
+        version: String,
+        /// What is missing or what failed (names, never values).
+        reason: String,
+    },
+
     /// `break_lock` refused: the holder is a running process on this host.
     #[error(
         "the deployment lock is held by {holder}, a process that is still running on this host; \

@@ -120,6 +120,7 @@ pub mod events;
 pub mod health;
 pub mod hooks;
 pub mod policy;
+pub mod secrets;
 pub mod state;
 pub mod store;
 #[cfg(any(test, feature = "testkit"))]

@@ -500,6 +500,12 @@ pub trait DatabaseStrategy: Send + Sync + Debug {
     /// Prepares the target's database; returns the binding for the target release.
     async fn prepare(&self, ctx: &DbContext) -> Result<Prepared>;
 
+    /// The binding of a slot whose database is already in place (the same settings, secrets
+    /// included, that `prepare` gave it), without changing anything: for redeploying a release the
+    /// engine stopped or lost (switch-back to a stopped slot, crash recovery), whose binding
+    /// secrets were never persisted.
+    async fn bind(&self, ctx: &DbContext) -> Result<DbBinding>;
+
     /// Just before the switch (drain replication, sync sequences). Default: nothing to do.
     async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep> {
         let _ = ctx;
@@ -642,6 +648,32 @@ pub trait Hook: Send + Sync + Debug {
 
     /// Runs the hook.
     async fn run(&self, ctx: &HookContext) -> Result<()>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SecretSource
+
+/// Where a release's secret environment comes from, every time the release is (re)deployed.
+///
+/// Secrets are never persisted: the state records only their names
+/// ([`Release::secret_keys`]). Whenever the engine starts a release — a deploy, a rollback or
+/// switch-back that redeploys an old release, a run resumed after a crash — it asks its sources
+/// again, and refuses ([`Error::SecretsUnavailable`]) to start a release whose recorded secrets
+/// they do not all provide.
+///
+/// # Behavior
+/// - `resolve` returns the variables it provides for `release` (it may use the version); it
+///   changes nothing and may be called several times per run.
+///
+/// # Errors
+/// [`Error::SecretsUnavailable`] or a backend error naming what could not be read, never a value.
+#[async_trait]
+pub trait SecretSource: Send + Sync + Debug {
+    /// The source's name, for errors.
+    fn name(&self) -> &str;
+
+    /// The secret variables this source provides for `release`.
+    async fn resolve(&self, release: &Release) -> Result<BTreeMap<String, Secret>>;
 }
 
 // ---------------------------------------------------------------------------------------------

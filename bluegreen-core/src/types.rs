@@ -320,6 +320,12 @@ pub struct Release {
     /// Secret environment variables (redacted in Debug; not persisted).
     #[serde(skip)]
     pub secret_env: BTreeMap<String, Secret>,
+    /// The names (never the values) of the secret variables this release needs. The engine
+    /// records them with the release, adding `secret_env`'s names, so that a redeploy (rollback,
+    /// switch-back, crash recovery) whose [`SecretSource`](crate::SecretSource)s cannot provide
+    /// them all is refused before anything starts.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub secret_keys: std::collections::BTreeSet<String>,
     /// Free-form labels (for Docker labels, audit, notifications).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -334,8 +340,17 @@ impl Release {
             args: Vec::new(),
             env: BTreeMap::new(),
             secret_env: BTreeMap::new(),
+            secret_keys: Default::default(),
             labels: BTreeMap::new(),
         })
+    }
+
+    /// The names of every secret variable this release needs: [`secret_keys`](Self::secret_keys)
+    /// and the names in [`secret_env`](Self::secret_env).
+    pub fn needed_secrets(&self) -> std::collections::BTreeSet<String> {
+        let mut all = self.secret_keys.clone();
+        all.extend(self.secret_env.keys().cloned());
+        all
     }
 
     /// Adds an argument.

@@ -220,41 +220,10 @@ const SCENARIOS: &[Scenario] = &[
 
 /// Failures known and tracked elsewhere: (scenario, invariant, why). Exactly these pairs must fail,
 /// so that fixing one turns the test red until it is removed from this list.
-const KNOWN: &[(&str, &str, &str)] = &[
-    // issue #13 §1: a cold rollback redeploys the previous release from the persisted record,
-    // which holds no secrets (there is no SecretSource yet): v1 starts without SECRET.
-    (
-        "rollback cold (old slot stopped)",
-        "I3",
-        "issue #13 §1: cold rollback redeploys without secrets",
-    ),
-    // issue #13 §1: same path, the slot removed by `cleanup`.
-    (
-        "rollback cold (old slot removed)",
-        "I3",
-        "issue #13 §1: cold rollback redeploys without secrets",
-    ),
-    // issue #13 §1: same path, with a database (its own secret is re-prepared, the release's not).
-    (
-        "rollback cold, database",
-        "I3",
-        "issue #13 §1: cold rollback redeploys without secrets",
-    ),
-    // issue #13 §1: an undo after the old slot was stopped restarts it from the persisted
-    // record, which holds neither the release's secrets nor the database binding's.
-    (
-        "deploy failing after the old slot was stopped",
-        "I3",
-        "issue #13 §1: the undo restarts the old slot without secrets",
-    ),
-    // issue #13 §1: recovery that continues a deploy crashed before DeployTarget deploys the
-    // release from the persisted flight, which holds no secrets.
-    (
-        "deploy, recovery continues (Resume::Continue)",
-        "I3",
-        "issue #13 §1: a recovered deploy starts without the release's secrets",
-    ),
-];
+// (Issue #13 §1's five I3 failures — cold rollbacks, an undo restarting a stopped slot and a
+// continued recovery starting a release without its secrets — were fixed by `SecretSource`: the
+// deployer below resolves them at every (re)deploy.)
+const KNOWN: &[(&str, &str, &str)] = &[];
 
 // ---------------------------------------------------------------------------------------------
 // The world of one crash point
@@ -266,9 +235,28 @@ fn release(v: &str) -> Release {
         .with_secret_env("SECRET", format!("secret-{v}"))
 }
 
+/// The operator's secret store: each release's SECRET, by its version (never persisted).
+#[derive(Debug)]
+struct VersionSecrets;
+
+#[async_trait::async_trait]
+impl SecretSource for VersionSecrets {
+    fn name(&self) -> &str {
+        "version-secrets"
+    }
+
+    async fn resolve(&self, release: &Release) -> Result<BTreeMap<String, Secret>> {
+        Ok(BTreeMap::from([(
+            "SECRET".to_string(),
+            Secret::new(format!("secret-{}", release.version)),
+        )]))
+    }
+}
+
 /// A deployer over `fakes`: a new one is a new process over the same store and backends.
 fn deployer(fakes: &Fakes, sc: &Scenario) -> Deployer {
     let mut b = Deployer::builder()
+        .secrets(Arc::new(VersionSecrets))
         .environment(Arc::new(fakes.environment()))
         .switch(Arc::new(fakes.switch()))
         .store(Arc::new(fakes.store()))

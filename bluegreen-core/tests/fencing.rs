@@ -82,7 +82,7 @@ async fn a_run_whose_lock_was_broken_stops_and_the_new_holder_goes_live() {
     let a = deployer(&fakes);
     a.deploy(release("v1")).await.unwrap();
     fakes.delay_next(Op::HealthCheck, Duration::from_millis(250));
-    let run_a = deploy_until(&fakes, &a, "v2", Op::HealthCheck).await;
+    let run_a = deploy_until(&fakes, &a, release("v2"), Op::HealthCheck).await;
     // Another operator breaks the lock and deploys v3: it recovers A's flight first.
     let b = deployer(&fakes);
     let broken = b.force_break_lock().await.unwrap().expect("A's lock");

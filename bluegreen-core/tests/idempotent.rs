@@ -79,7 +79,7 @@ async fn a_retried_deploy_after_a_recovered_crash_is_a_no_op() {
     d.deploy(release("v1")).await.unwrap();
     // Kill the v2 run after traffic moved (hanging in the after-switch database step).
     fakes.hang_next(Op::DatabaseAfterSwitch);
-    let task = deploy_until(&fakes, &d, "v2", Op::DatabaseAfterSwitch).await;
+    let task = deploy_until(&fakes, &d, release("v2"), Op::DatabaseAfterSwitch).await;
     let left = fakes
         .stored_state()
         .unwrap()

@@ -10,6 +10,7 @@
 //! | `/health`     | `200 ok` (`503 unhealthy` with `DEMO_FAIL_HEALTH=1`)              |
 //! | `/slow?ms=N`  | sleeps `N` ms (at most [`MAX_SLOW_MS`]) then answers like `/`     |
 //! | `/web/health` | like `/health` (Odoo's health path, for the Odoo-style example)   |
+//! | `/env/NAME`   | `200 set (N bytes)` when the variable reached the app, else `404`  |
 //! | `/web/login`  | a small HTML login page                                           |
 //! | `POST /jsonrpc` | `{"jsonrpc":"2.0","result":{"server_version":"<v>"}}`; with `DEMO_RPC_TOKEN` set it needs `Authorization: Bearer <token>` (else 401) |
 //!

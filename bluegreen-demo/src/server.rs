@@ -147,6 +147,16 @@ impl App {
                 }
                 Err(msg) => self.respond(StatusCode::BAD_REQUEST, Bytes::from(msg)),
             },
+            path if path.starts_with("/env/") => {
+                // Whether a variable reached the app, and its length: never its value.
+                match std::env::var(&path["/env/".len()..]) {
+                    Ok(v) => self.respond(
+                        StatusCode::OK,
+                        Bytes::from(format!("set ({} bytes)\n", v.len())),
+                    ),
+                    Err(_) => self.respond(StatusCode::NOT_FOUND, Bytes::from_static(b"unset\n")),
+                }
+            }
             _ => self.respond(StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
         }
     }

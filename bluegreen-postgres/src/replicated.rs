@@ -1280,6 +1280,10 @@ impl DatabaseStrategy for ReplicatedDatabase {
         BACKEND
     }
 
+    async fn bind(&self, ctx: &DbContext) -> Result<DbBinding> {
+        Ok(self.binding_for(&self.dbs.of(ctx.target)))
+    }
+
     async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
         let source = self.dbs.live(ctx);
         let target = self.dbs.of(ctx.target);

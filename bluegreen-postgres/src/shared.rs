@@ -509,6 +509,10 @@ impl DatabaseStrategy for SharedDatabase {
         BACKEND
     }
 
+    async fn bind(&self, _ctx: &DbContext) -> Result<DbBinding> {
+        Ok(self.binding())
+    }
+
     async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
         let done = self
             .migrate_release(&ctx.release.version, MigrationPhase::Expand)

@@ -69,19 +69,26 @@ pub async fn served_by(addr: SocketAddr) -> bluegreen_core::Result<Slot> {
         .parse::<Slot>()
 }
 
-/// The version answering `GET /` at `addr` (`x-bluegreen-version`), from a synchronous test: a
-/// raw HTTP/1.1 request on a fresh connection, read bounded by 5 s. `None` when nothing answers
-/// or the answer names no version.
-pub fn version_at(addr: SocketAddr) -> Option<String> {
+/// The whole answer (status line, headers, body) to `GET path` at `addr`, from a synchronous test:
+/// a raw HTTP/1.1 request on a fresh connection, read bounded by 5 s. `None` when nothing answers.
+pub fn get_at(addr: SocketAddr, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
-    text.to_lowercase().lines().find_map(|l| {
+    Some(text)
+}
+
+/// The version answering `GET /` at `addr` (`x-bluegreen-version`), from a synchronous test
+/// ([`get_at`]). `None` when nothing answers or the answer names no version.
+pub fn version_at(addr: SocketAddr) -> Option<String> {
+    get_at(addr, "/")?.to_lowercase().lines().find_map(|l| {
         l.strip_prefix("x-bluegreen-version: ")
             .map(|v| v.trim().to_string())
     })

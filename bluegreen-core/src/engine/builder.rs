@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::events::DeployEvent;
 use crate::policy::Policy;
 use crate::traits::{
-    DatabaseStrategy, Environment, HealthCheck, Hook, HookPoint, StateStore, TrafficSwitch,
+    DatabaseStrategy, Environment, HealthCheck, Hook, HookPoint, SecretSource, StateStore,
+    TrafficSwitch,
 };
 use crate::HookOptions;
 
@@ -32,6 +33,7 @@ pub(super) struct Inner {
     pub(super) analyses: Vec<Arc<dyn Analysis>>,
     pub(super) probe: Option<Arc<dyn DataPathProbe>>,
     pub(super) store: Arc<dyn StateStore>,
+    pub(super) secrets: Vec<Arc<dyn SecretSource>>,
     pub(super) policy: Policy,
     pub(super) events: broadcast::Sender<DeployEvent>,
     pub(super) interrupted: AtomicBool,
@@ -55,6 +57,7 @@ pub struct DeployerBuilder {
     analyses: Vec<Arc<dyn Analysis>>,
     probe: Option<Arc<dyn DataPathProbe>>,
     store: Option<Arc<dyn StateStore>>,
+    secrets: Vec<Arc<dyn SecretSource>>,
     policy: Policy,
 }
 
@@ -118,6 +121,13 @@ impl DeployerBuilder {
         self.store = Some(s);
         self
     }
+    /// Adds a source of releases' secret environment, asked every time a release is (re)deployed
+    /// (sources are merged in the order added; secrets set on the release itself win). A release
+    /// whose recorded secrets the sources do not all provide is never started.
+    pub fn secrets(mut self, s: Arc<dyn SecretSource>) -> Self {
+        self.secrets.push(s);
+        self
+    }
     /// Pacing and judgement.
     pub fn policy(mut self, p: Policy) -> Self {
         self.policy = p;
@@ -136,6 +146,7 @@ impl DeployerBuilder {
                 environment: self.environment.ok_or_else(|| missing("environment"))?,
                 switch: self.switch.ok_or_else(|| missing("switch"))?,
                 store: self.store.ok_or_else(|| missing("store"))?,
+                secrets: self.secrets,
                 database: self.database,
                 health_checks: self.health_checks,
                 hooks: self.hooks,

@@ -30,6 +30,9 @@ impl Run<'_> {
     ) -> Result<()> {
         let id = self.state.last_id + 1;
         self.state.last_id = id;
+        // The names of its secrets are recorded (never the values): a redeploy needs them all.
+        let mut release = release;
+        release.secret_keys = release.needed_secrets();
         let first = table::following(Phase::Plan)
             .expect("phases after the plan")
             .phase;

@@ -176,6 +176,7 @@ impl Deployer {
             }
             let (target, previous) = plan_target(&run.state);
             check_capabilities(run.d, RunKind::Deploy)?;
+            let release = run.resolve_secrets(&release).await?;
             run.start(RunKind::Deploy, release, target, previous, false)
                 .await?;
             run.drive().await
@@ -217,6 +218,10 @@ impl Deployer {
                 .map_err(|e| run.wrap(Phase::Plan, run.d.environment.name(), e))?;
             let warm = status.state == InstanceState::Running
                 && status.version.as_ref() == Some(&release.version);
+            if !warm {
+                // It will be started again: refuse now if its secrets cannot be had.
+                run.with_secrets(&release).await?;
+            }
             let recorded = run
                 .state
                 .slots

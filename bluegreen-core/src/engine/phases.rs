@@ -69,6 +69,8 @@ impl Run<'_> {
         if let Some(b) = &self.binding {
             release = b.apply_to(&release);
         }
+        // Never started without its secrets: asked again now (they were never persisted).
+        let mut release = self.with_secrets(&release).await.by("secrets")?;
         // Environments that label what they create can name the deployment that created it.
         release
             .labels

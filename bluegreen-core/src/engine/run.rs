@@ -15,6 +15,7 @@ use crate::traits::{
     DbBinding, DbContext, DbStep, HookContext, HookPoint, InstanceState, Reversibility,
 };
 use crate::types::{Endpoints, Release, Slot, TrafficSplit};
+use std::collections::BTreeMap;
 
 /// A phase failure: the backend that failed and the error.
 pub(super) type Failure = (String, Error);
@@ -268,6 +269,60 @@ impl<'a> Run<'a> {
             outcome,
             elapsed: self.started.elapsed(),
         }
+    }
+
+    /// `release` with its full secret environment: what the secret sources provide (asked now),
+    /// under the secrets already on it (set by the caller, or the database binding's). Checks
+    /// that every secret the release needs ([`Release::needed_secrets`]) is there.
+    ///
+    /// # Errors
+    /// [`Error::SecretsUnavailable`] naming the missing variables (never values) or the source
+    /// that failed.
+    pub(super) async fn with_secrets(&self, release: &Release) -> Result<Release> {
+        let needed = release.needed_secrets();
+        let mut secret_env = BTreeMap::new();
+        for source in &self.d.secrets {
+            let got = source.resolve(release).await.map_err(|e| match e {
+                e @ Error::SecretsUnavailable { .. } => e,
+                e => Error::SecretsUnavailable {
+                    version: release.version.to_string(),
+                    reason: format!("secret source {}: {e}", source.name()),
+                },
+            })?;
+            secret_env.extend(got);
+        }
+        secret_env.extend(release.secret_env.clone());
+        let missing: Vec<&String> = needed
+            .iter()
+            .filter(|k| !secret_env.contains_key(*k))
+            .collect();
+        if !missing.is_empty() {
+            let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            return Err(Error::SecretsUnavailable {
+                version: release.version.to_string(),
+                reason: format!(
+                    "it needs {} and no secret source provides {}",
+                    names.join(", "),
+                    if names.len() == 1 { "it" } else { "them" }
+                ),
+            });
+        }
+        let mut full = release.clone();
+        full.secret_env = secret_env;
+        Ok(full)
+    }
+
+    /// Before a deploy starts anything: `release` with its secrets (their names are then
+    /// recorded with it), after checking that the live release's can be had too when a failure
+    /// may have to start it again (its slot is stopped after the switch).
+    pub(super) async fn resolve_secrets(&self, release: &Release) -> Result<Release> {
+        let full = self.with_secrets(release).await?;
+        if self.d.policy.keep_old == crate::policy::KeepOld::Stop {
+            if let Some(live) = self.state.live_release() {
+                self.with_secrets(live).await?;
+            }
+        }
+        Ok(full)
     }
 
     /// The report of a deploy that has nothing to do: `release`'s version is live on the active

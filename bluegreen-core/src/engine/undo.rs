@@ -9,7 +9,7 @@ use super::table::{self, Undo};
 use crate::error::{Error, LiveTraffic, Result};
 use crate::events::DeployEvent;
 use crate::state::{HistoryEntry, InFlight, Outcome, Phase, Timestamp, Waiting};
-use crate::traits::{HookPoint, InstanceState};
+use crate::traits::{DbContext, HookPoint, InstanceState};
 use crate::types::{Slot, TrafficSplit};
 
 impl Run<'_> {
@@ -240,13 +240,24 @@ impl Run<'_> {
                             status.state
                         ),
                     })?;
+            // Its binding and secrets were never persisted: derive and resolve them again.
+            let mut release = record.release.clone();
+            if let Some(db) = self.d.database.clone() {
+                let ctx = DbContext {
+                    live: Some(f.target),
+                    target: prev,
+                    release: release.clone(),
+                };
+                release = self.retry(|| db.bind(&ctx)).await?.apply_to(&release);
+            }
+            let release = self.with_secrets(&release).await?;
             self.fence(format!(
                 "switch back: {}: redeploy {} to {prev}",
                 env.name(),
-                record.release.version
+                release.version
             ))
             .await?;
-            let new_eps = self.retry(|| env.deploy(prev, &record.release)).await?;
+            let new_eps = self.retry(|| env.deploy(prev, &release)).await?;
             self.await_healthy(prev, &new_eps)
                 .await
                 .map_err(|(_, e)| e)?;

@@ -75,6 +75,8 @@ pub enum Op {
     DatabaseAfterSwitch,
     /// [`DatabaseStrategy::rollback`].
     DatabaseRollback,
+    /// [`DatabaseStrategy::bind`].
+    DatabaseBind,
     /// [`DatabaseStrategy::finalize`].
     DatabaseFinalize,
     /// [`DataPathProbe::probe`](crate::DataPathProbe::probe).
@@ -110,7 +112,7 @@ impl Op {
             | SwitchPause | SwitchResume => "switch",
             HealthCheck => "health",
             DatabasePrepare | DatabaseBeforeSwitch | DatabaseAfterSwitch | DatabaseRollback
-            | DatabaseFinalize => "database",
+            | DatabaseBind | DatabaseFinalize => "database",
             Probe => "probe",
             StoreLoad | StoreSave | StoreAcquire | StoreRenew | StoreRelease => "store",
             Hook(_) => "hook",
@@ -139,6 +141,7 @@ impl Op {
             DatabaseBeforeSwitch => "before_switch",
             DatabaseAfterSwitch => "after_switch",
             DatabaseRollback => "rollback",
+            DatabaseBind => "bind",
             DatabaseFinalize => "finalize",
             Probe => "probe",
             StoreLoad => "load",
@@ -1062,6 +1065,15 @@ impl FakeDatabase {
     }
 }
 
+impl FakeDatabase {
+    /// What a slot's release gets: its database's name, and a password.
+    fn binding(slot: Slot) -> DbBinding {
+        DbBinding::none()
+            .with_env("DATABASE_NAME", format!("app_{slot}"))
+            .with_secret("DATABASE_PASSWORD", "fake-secret-password")
+    }
+}
+
 #[async_trait]
 impl DatabaseStrategy for FakeDatabase {
     fn name(&self) -> &str {
@@ -1072,10 +1084,15 @@ impl DatabaseStrategy for FakeDatabase {
         hit(&self.world, self.name(), Op::DatabasePrepare).await?;
         record(&self.world, format!("database.prepare {}", ctx.target));
         lock(&self.world).db_prepared.insert(ctx.target);
-        let binding = DbBinding::none()
-            .with_env("DATABASE_NAME", format!("app_{}", ctx.target))
-            .with_secret("DATABASE_PASSWORD", "fake-secret-password");
-        Ok(Prepared::new(binding, DbStep::reversible("prepared")))
+        Ok(Prepared::new(
+            Self::binding(ctx.target),
+            DbStep::reversible("prepared"),
+        ))
+    }
+
+    async fn bind(&self, ctx: &DbContext) -> Result<DbBinding> {
+        hit(&self.world, self.name(), Op::DatabaseBind).await?;
+        Ok(Self::binding(ctx.target))
     }
 
     async fn before_switch(&self, ctx: &DbContext) -> Result<DbStep> {
@@ -1447,7 +1464,7 @@ mod tests {
     }
 
     /// A strategy that needs only `prepare` (e.g. one database reached under another name)
-    /// writes only `name` and `prepare`: the other steps are the trait's no-ops.
+    /// writes only `name`, `prepare` and `bind`: the other steps are the trait's no-ops.
     #[derive(Debug)]
     struct OnlyPrepare;
 
@@ -1457,11 +1474,15 @@ mod tests {
             "only-prepare"
         }
 
-        async fn prepare(&self, _ctx: &DbContext) -> Result<Prepared> {
+        async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
             Ok(Prepared::new(
-                DbBinding::none().with_env("PGDATABASE", "app"),
+                self.bind(ctx).await?,
                 DbStep::reversible("nothing to copy"),
             ))
+        }
+
+        async fn bind(&self, _ctx: &DbContext) -> Result<DbBinding> {
+            Ok(DbBinding::none().with_env("PGDATABASE", "app"))
         }
     }
 

@@ -682,6 +682,26 @@ pub async fn database_suite(db: &dyn DatabaseStrategy, suite: &DatabaseSuite) ->
         p1.binding.env, p2.binding.env,
         "{name}: a repeated prepare changed the binding"
     );
+    let bound = db
+        .bind(&second)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: bind(green) failed: {e}"));
+    assert_eq!(
+        bound.env, p1.binding.env,
+        "{name}: bind must give the binding prepare gave"
+    );
+    assert_eq!(
+        bound.secret_env.keys().collect::<Vec<_>>(),
+        p1.binding.secret_env.keys().collect::<Vec<_>>(),
+        "{name}: bind must give the secrets prepare gave"
+    );
+    for (k, v) in &bound.secret_env {
+        assert!(
+            v.expose() == p1.binding.secret_env[k].expose(),
+            "{name}: bind gave another value for the secret {k}"
+        );
+    }
+    report.record_ran("database: bind gives the binding prepare gave");
     db.rollback(&second)
         .await
         .unwrap_or_else(|e| panic!("{name}: rollback failed: {e}"));

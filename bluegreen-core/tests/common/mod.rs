@@ -32,18 +32,19 @@ pub(crate) fn release(v: &str) -> Release {
     Release::new(v, "app").unwrap()
 }
 
-/// Starts `d.deploy(version)` in another task and returns once it has called `op` once more
+/// Starts `d.deploy(release)` in another task and returns once it has called `op` once more
 /// than before (e.g. reached a call scripted to hang or to be slow).
 pub(crate) async fn deploy_until(
     fakes: &Fakes,
     d: &Deployer,
-    version: &str,
+    release: Release,
     op: Op,
 ) -> JoinHandle<Result<Report>> {
     let before = fakes.call_count(op.clone());
+    let version = release.version.clone();
     let task = {
-        let (d, r) = (d.clone(), release(version));
-        tokio::spawn(async move { d.deploy(r).await })
+        let d = d.clone();
+        tokio::spawn(async move { d.deploy(release).await })
     };
     assert!(
         fakes
