@@ -22,7 +22,7 @@ use common::Pipeline;
 
 const DEFAULT_SEED: u64 = 0x5eed_0012_b1e6_4ee7;
 const ROUNDS: usize = 20;
-/// At least this many rounds kill `serve` instead of the command.
+/// At least this many rounds kill `serve` (alone or with the command).
 const SERVE_KILLS: usize = 3;
 /// How long `serve` stays down.
 const SERVE_DOWN: Duration = Duration::from_millis(100);
@@ -97,8 +97,12 @@ enum Point {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Victim {
+    /// The `deploy` or `rollback` command.
     Command,
+    /// `bluegreen serve`, restarted at once; the command goes on.
     Serve,
+    /// Both at once, as when the host's processes die together.
+    Both,
 }
 
 /// A command running in the background with `--json`: its output lines arrive on a channel.
@@ -200,6 +204,10 @@ impl Running {
         let (code, _, seen) = self.wait();
         if code.is_some() {
             return Err(code);
+        }
+        if seen.iter().any(|v| v["event"] == "finished") {
+            // In the moment between the end of its run and its exit.
+            return Ok("after its run finished".into());
         }
         Ok(seen
             .iter()
@@ -335,6 +343,7 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
     let mut serve_kills = 0;
     let mut ended_first = 0;
     let mut command_exits: BTreeMap<String, usize> = BTreeMap::new();
+    let mut recoveries: BTreeMap<String, usize> = BTreeMap::new();
 
     for round in 1..=ROUNDS {
         let (_, st, _) = p.json(&["status"]);
@@ -357,8 +366,12 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
             Point::After(what, Duration::from_millis(rng.below(60)))
         };
         let left = ROUNDS - round;
-        let victim = if rng.below(5) == 0 || serve_kills + left < SERVE_KILLS {
-            Victim::Serve
+        let victim = if rng.below(4) == 0 || serve_kills + left < SERVE_KILLS {
+            if rng.below(2) == 0 {
+                Victim::Serve
+            } else {
+                Victim::Both
+            }
         } else {
             Victim::Command
         };
@@ -366,65 +379,99 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
 
         let mut cmd = Running::start(&p, &op);
         let alive = cmd.wait_for(point);
-        match victim {
-            Victim::Command if alive => match cmd.kill() {
+        let at = cmd
+            .seen
+            .iter()
+            .rev()
+            .find(|v| v["event"] == "phase_started")
+            .and_then(|v| v["phase"].as_str())
+            .unwrap_or("-")
+            .to_string();
+        let mut going_on = None;
+        if victim == Victim::Serve {
+            going_on = Some(cmd);
+        } else if !alive {
+            ended_first += 1;
+            let (code, err, _) = cmd.wait();
+            println!("  the command ended before its kill point: exit {code:?} {err}");
+        } else {
+            match cmd.kill() {
                 Ok(phase) => *kills.entry(phase).or_default() += 1,
                 Err(code) => {
                     ended_first += 1;
                     println!("  the command ended as it was killed: exit {code:?}");
                 }
-            },
-            Victim::Command => {
-                ended_first += 1;
-                let (code, err, _) = cmd.wait();
-                println!("  the command ended before its kill point: exit {code:?} {err}");
             }
-            Victim::Serve => {
-                serve_kills += 1;
-                let phase = cmd
-                    .seen
-                    .iter()
-                    .rev()
-                    .find(|v| v["event"] == "phase_started")
-                    .and_then(|v| v["phase"].as_str())
-                    .unwrap_or("-")
-                    .to_string();
-                *kills.entry(format!("serve during {phase}")).or_default() += 1;
-                // Requests while serve is up are counted apart from those while it is down.
-                add(
-                    &mut windows.up,
-                    rt.block_on(running_load.take().unwrap().finish()),
-                );
-                let mut serve = p.serve.take().unwrap();
-                serve.kill().unwrap();
-                serve.wait().unwrap();
-                let down = load(&p);
-                std::thread::sleep(SERVE_DOWN);
-                add(&mut windows.down, rt.block_on(down.finish()));
-                p.serve();
-                running_load = Some(load(&p));
-                // The command was not killed: it goes on with the restarted proxy.
-                let (code, err, _) = cmd.wait();
-                println!("  the command went on: exit {code:?} {}", err.trim());
-                *command_exits
-                    .entry(format!("exit {}", code.unwrap_or(-1)))
-                    .or_default() += 1;
-            }
+        }
+        if victim != Victim::Command {
+            serve_kills += 1;
+            let who = if victim == Victim::Both {
+                "serve too"
+            } else {
+                "serve alone"
+            };
+            *kills.entry(format!("{who} during {at}")).or_default() += 1;
+            // Requests while serve is up are counted apart from those while it is down.
+            add(
+                &mut windows.up,
+                rt.block_on(running_load.take().unwrap().finish()),
+            );
+            let mut serve = p.serve.take().unwrap();
+            serve.kill().unwrap();
+            serve.wait().unwrap();
+            let down = load(&p);
+            std::thread::sleep(SERVE_DOWN);
+            add(&mut windows.down, rt.block_on(down.finish()));
+            p.serve();
+            running_load = Some(load(&p));
+        }
+        if let Some(cmd) = going_on {
+            // The command was not killed: it goes on with the restarted proxy.
+            let (code, err, _) = cmd.wait();
+            println!("  the command went on: exit {code:?} {}", err.trim());
+            *command_exits
+                .entry(format!("exit {}", code.unwrap_or(-1)))
+                .or_default() += 1;
         }
 
         // The operator retries the same command: it recovers what the kill left and converges.
-        let (code, v, _) = p.json(&op.args());
+        let (code, v, events) = p.json(&op.args());
         assert_eq!(code, 0, "round {round}: the retried {op:?} failed: {v}");
+        let recovered = events
+            .iter()
+            .find(|e| e["event"] == "recovering")
+            .map(|e| e["action"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| "nothing to recover".into());
+        *recoveries.entry(recovered.clone()).or_default() += 1;
         let before = live.clone();
         live = check_at_rest(&p, round);
-        match &op {
-            Op::Deploy(version) => assert_eq!(&live, version, "round {round}: {v}"),
-            Op::Rollback => assert!(
-                live == before || Some(&live) == idle_version.as_ref(),
-                "round {round}: {live} is live after a rollback from {before}"
-            ),
-        }
-        println!("  retried: {}; live {live}", v["status"]);
+        // Both releases of the round are kept: the new live one and the rollback target.
+        let (_, st, _) = p.json(&["status"]);
+        let mut held: Vec<&str> = ["blue", "green"]
+            .iter()
+            .filter_map(|s| st["slots"][s]["version"].as_str())
+            .collect();
+        held.sort();
+        let mut expected = match &op {
+            Op::Deploy(version) => {
+                assert_eq!(&live, version, "round {round}: {v}");
+                vec![version.as_str(), before.as_str()]
+            }
+            Op::Rollback => {
+                let idle_version = idle_version.as_deref().unwrap();
+                assert!(
+                    live == before || live == idle_version,
+                    "round {round}: {live} is live after a rollback from {before}"
+                );
+                vec![before.as_str(), idle_version]
+            }
+        };
+        expected.sort();
+        assert_eq!(held, expected, "round {round}: a release was lost: {st}");
+        println!(
+            "  retried: {} ({recovered}); live {live}",
+            v["status"].as_str().unwrap_or("?")
+        );
     }
 
     add(
@@ -434,7 +481,7 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
     println!(
         "chaos: {ROUNDS} rounds in {:.1}s; kills by phase {kills:?}; {ended_first} commands \
          ended before their kill point; commands that saw serve restart: {command_exits:?}; \
-         requests while serve up: {} ok, {} failed; while serve down: {} ok, {} failed",
+         retries: {recoveries:?}; requests while serve up: {} ok, {} failed; while serve down: {} ok, {} failed",
         started.elapsed().as_secs_f64(),
         windows.up.ok,
         windows.up.failed,
