@@ -109,8 +109,18 @@ enum Victim {
 struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
     seen: Vec<serde_json::Value>,
+}
+
+impl Drop for Running {
+    /// A test that fails mid-round leaves no command running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Running {
@@ -142,7 +152,7 @@ impl Running {
         Running {
             child,
             lines,
-            stderr,
+            stderr: Some(stderr),
             seen: Vec::new(),
         }
     }
@@ -194,7 +204,8 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.drain();
-        (status.code(), self.stderr.join().unwrap(), self.seen)
+        let stderr = self.stderr.take().unwrap().join().unwrap();
+        (status.code(), stderr, std::mem::take(&mut self.seen))
     }
 
     /// kill -9: the command's last reported phase (where it died), or its exit code if it
@@ -292,6 +303,21 @@ fn check_at_rest(p: &Pipeline, round: usize) -> String {
         "round {round}: history ids repeat or go back: {ids:?}"
     );
     version
+}
+
+/// A command that reported its release live left it live: the proxy serves it (before any other
+/// command runs).
+fn assert_success_is_true(p: &Pipeline, round: usize, seen: &[serde_json::Value]) {
+    let result = seen
+        .last()
+        .unwrap_or_else(|| panic!("round {round}: no output"));
+    if result["status"] == "live" {
+        assert_eq!(
+            p.get().as_deref(),
+            result["version"].as_str(),
+            "round {round}: reported live but not served: {result}"
+        );
+    }
 }
 
 /// Requests seen while `serve` was up and while it was down.
@@ -392,8 +418,11 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
             going_on = Some(cmd);
         } else if !alive {
             ended_first += 1;
-            let (code, err, _) = cmd.wait();
+            let (code, err, seen) = cmd.wait();
             println!("  the command ended before its kill point: exit {code:?} {err}");
+            // Nothing touched it: it succeeded.
+            assert_eq!(code, Some(0), "round {round}: {err}");
+            assert_success_is_true(&p, round, &seen);
         } else {
             match cmd.kill() {
                 Ok(phase) => *kills.entry(phase).or_default() += 1,
@@ -427,8 +456,12 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
         }
         if let Some(cmd) = going_on {
             // The command was not killed: it goes on with the restarted proxy.
-            let (code, err, _) = cmd.wait();
+            let (code, err, seen) = cmd.wait();
             println!("  the command went on: exit {code:?} {}", err.trim());
+            // It may fail (and then says so); a success must be true.
+            if code == Some(0) {
+                assert_success_is_true(&p, round, &seen);
+            }
             *command_exits
                 .entry(format!("exit {}", code.unwrap_or(-1)))
                 .or_default() += 1;
