@@ -75,14 +75,38 @@ impl Rng {
 #[derive(Debug, Clone)]
 enum Op {
     Deploy(String),
+    /// A deploy whose release never gets healthy: it fails and undoes, and the kill lands in its
+    /// undo. The operator then deploys the same version, fixed.
+    FailingDeploy(String),
     Rollback,
 }
 
 impl Op {
     fn args(&self) -> Vec<&str> {
         match self {
-            Op::Deploy(v) => vec!["deploy", v],
+            Op::Deploy(v) | Op::FailingDeploy(v) => vec!["deploy", v],
             Op::Rollback => vec!["rollback"],
+        }
+    }
+
+    /// What the command's release gets (the demo app reads these).
+    fn env(&self) -> Vec<(&'static str, &'static str)> {
+        let mut env = vec![("DEMO_START_DELAY_MS", "200")];
+        if let Op::FailingDeploy(_) = self {
+            env.extend([
+                ("DEMO_FAIL_HEALTH", "1"),
+                ("HEALTH_CHECK_TIMEOUT", "1s"),
+                ("HEALTH_CHECK_INTERVAL", "100ms"),
+            ]);
+        }
+        env
+    }
+
+    /// The operator's retry.
+    fn retry(&self) -> Op {
+        match self {
+            Op::FailingDeploy(v) => Op::Deploy(v.clone()),
+            op => op.clone(),
         }
     }
 }
@@ -129,7 +153,7 @@ impl Running {
         args.extend(op.args());
         let mut child = p
             .cmd(&args)
-            .env("DEMO_START_DELAY_MS", "200")
+            .envs(op.env())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -220,12 +244,16 @@ impl Running {
             // In the moment between the end of its run and its exit.
             return Ok("after its run finished".into());
         }
-        Ok(seen
+        let phase = seen
             .iter()
             .rev()
             .find(|v| v["event"] == "phase_started" || v["event"] == "started")
             .map(|v| v["phase"].as_str().unwrap_or("started").to_string())
-            .unwrap_or_else(|| "before its run started".into()))
+            .unwrap_or_else(|| "before its run started".into());
+        if seen.iter().any(|v| v["event"] == "rolling_back") {
+            return Ok(format!("undo after {phase} failed"));
+        }
+        Ok(phase)
     }
 }
 
@@ -383,9 +411,15 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
         } else {
             let v = format!("v{next_version}");
             next_version += 1;
-            Op::Deploy(v)
+            if rng.below(6) == 0 {
+                Op::FailingDeploy(v)
+            } else {
+                Op::Deploy(v)
+            }
         };
-        let point = if rng.below(8) == 0 {
+        let point = if let Op::FailingDeploy(_) = op {
+            Point::After("rolling_back", Duration::from_millis(rng.below(30)))
+        } else if rng.below(8) == 0 {
             Point::Delay(Duration::from_millis(rng.below(1500)))
         } else {
             let what = POINTS[rng.below(POINTS.len() as u64) as usize];
@@ -420,8 +454,9 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
             ended_first += 1;
             let (code, err, seen) = cmd.wait();
             println!("  the command ended before its kill point: exit {code:?} {err}");
-            // Nothing touched it: it succeeded.
-            assert_eq!(code, Some(0), "round {round}: {err}");
+            // Nothing touched it: it succeeded, or failed as it was made to.
+            let expected = if let Op::FailingDeploy(_) = op { 1 } else { 0 };
+            assert_eq!(code, Some(expected), "round {round}: {err}");
             assert_success_is_true(&p, round, &seen);
         } else {
             match cmd.kill() {
@@ -468,8 +503,9 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
         }
 
         // The operator retries the same command: it recovers what the kill left and converges.
-        let (code, v, events) = p.json(&op.args());
-        assert_eq!(code, 0, "round {round}: the retried {op:?} failed: {v}");
+        let retry = op.retry();
+        let (code, v, events) = p.json(&retry.args());
+        assert_eq!(code, 0, "round {round}: the retried {retry:?} failed: {v}");
         let recovered = events
             .iter()
             .find(|e| e["event"] == "recovering")
@@ -485,8 +521,8 @@ fn kill_9_at_random_points_of_deploy_and_rollback_never_breaks_traffic_or_consis
             .filter_map(|s| st["slots"][s]["version"].as_str())
             .collect();
         held.sort();
-        let mut expected = match &op {
-            Op::Deploy(version) => {
+        let mut expected = match &retry {
+            Op::Deploy(version) | Op::FailingDeploy(version) => {
                 assert_eq!(&live, version, "round {round}: {v}");
                 vec![version.as_str(), before.as_str()]
             }
