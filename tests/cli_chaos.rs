@@ -257,10 +257,11 @@ impl Running {
     }
 }
 
-/// Release processes whose output goes to the slot's log in this pipeline's state directory:
-/// `(slot, pid)`. A leftover release would show up here.
-fn release_processes(p: &Pipeline) -> Vec<(String, u32)> {
+/// Release processes whose output goes to a log in this pipeline's state directory, the slot's
+/// log or one already removed (`… (deleted)`): `(pid, where its output goes)`.
+fn release_processes(p: &Pipeline) -> Vec<(u32, String)> {
     let logs = p.dir.path().join(".bluegreen/process");
+    let logs = logs.to_string_lossy();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().map_while(Result::ok) {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -269,12 +270,12 @@ fn release_processes(p: &Pipeline) -> Vec<(String, u32)> {
         let Ok(out) = std::fs::read_link(entry.path().join("fd/1")) else {
             continue;
         };
-        for slot in ["blue", "green"] {
-            if out == logs.join(format!("{slot}.log")) {
-                found.push((slot.to_string(), pid));
-            }
+        let out = out.to_string_lossy().into_owned();
+        if out.starts_with(&*logs) {
+            found.push((pid, out));
         }
     }
+    found.sort();
     found
 }
 
@@ -307,16 +308,25 @@ fn check_at_rest(p: &Pipeline, round: usize) -> String {
         "round {round}: the proxy does not serve the recorded live version: {st}"
     );
 
-    // One release process per running slot, none for an absent one.
+    // The release processes are exactly those of the running slots, as their pid files say: no
+    // release outlives its slot.
+    let mut expected: Vec<u32> = ["blue", "green"]
+        .iter()
+        .filter(|slot| st["slots"][slot]["state"] == "running")
+        .map(|slot| {
+            let file = p.dir.path().join(format!(".bluegreen/process/{slot}.json"));
+            let rec: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            rec["pid"].as_u64().unwrap() as u32
+        })
+        .collect();
+    expected.sort();
     let procs = release_processes(p);
-    for slot in ["blue", "green"] {
-        let n = procs.iter().filter(|(s, _)| s == slot).count();
-        let expected = usize::from(st["slots"][slot]["state"] == "running");
-        assert_eq!(
-            n, expected,
-            "round {round}: {n} release processes for {slot}: {procs:?}; {st}"
-        );
-    }
+    assert_eq!(
+        procs.iter().map(|(pid, _)| *pid).collect::<Vec<_>>(),
+        expected,
+        "round {round}: release processes {procs:?}, expected the slots' {expected:?}; {st}"
+    );
 
     // History records every run once.
     let (_, h, _) = p.json(&["history"]);
