@@ -132,6 +132,15 @@ async fn the_program_leads_its_own_process_group() {
     assert_ne!(pgid, rustix::process::getpgid(None).unwrap());
 }
 
+/// Blue ran v1 and was stopped: its pid file names a process that is gone.
+async fn deploy_and_stop_v1_on_blue(f: &Fixture) {
+    f.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
+    f.env
+        .stop(Slot::Blue, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
 /// What a run killed after spawning the slot's program and before writing its pid file leaves: a
 /// program writing to the slot's log that no pid file names.
 fn stray(f: &Fixture, slot: Slot) -> std::process::Child {
@@ -153,11 +162,7 @@ fn stray(f: &Fixture, slot: Slot) -> std::process::Child {
 #[tokio::test]
 async fn deploy_and_remove_stop_a_program_the_pid_file_does_not_name() {
     let f = fixture();
-    f.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
-    f.env
-        .stop(Slot::Blue, Duration::from_secs(5))
-        .await
-        .unwrap();
+    deploy_and_stop_v1_on_blue(&f).await;
     let mut lost = stray(&f, Slot::Blue);
     f.env.deploy(Slot::Blue, &demo("v2")).await.unwrap();
     assert!(!pid_alive(lost.id()), "deploy left the stray running");
@@ -490,11 +495,7 @@ async fn logs_filter_by_time_through_markers() {
 #[tokio::test]
 async fn a_reused_pid_is_not_taken_for_the_slot_program() {
     let f = fixture();
-    f.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
-    f.env
-        .stop(Slot::Blue, Duration::from_secs(5))
-        .await
-        .unwrap();
+    deploy_and_stop_v1_on_blue(&f).await;
 
     // A stranger process now "has the pid" the pid file names, with another start time.
     let mut stranger = std::process::Command::new("sleep")
