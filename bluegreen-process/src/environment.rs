@@ -208,8 +208,54 @@ impl ProcessEnvironment {
         .into_core("deploy"))
     }
 
-    /// Stops the slot's program; the caller holds the slot's operation lock.
+    /// Stops the slot's program, and any other program writing to the slot's log; the caller
+    /// holds the slot's operation lock.
     async fn stop_locked(&self, slot: Slot, drain: Duration) -> Result<()> {
+        self.stop_recorded(slot, drain).await?;
+        self.stop_strays(slot, drain).await
+    }
+
+    /// Stops programs writing to the slot's log that its pid file does not name: one started by
+    /// a run killed after the spawn and before it wrote the pid file would otherwise outlive
+    /// the slot. SIGTERM to each one's process group, then SIGKILL after `drain`.
+    async fn stop_strays(&self, slot: Slot, drain: Duration) -> Result<()> {
+        let log = self.files(slot).log;
+        let strays = record::writers_of(&log);
+        if strays.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(%slot, ?strays, "stopping programs of the slot that its pid file does not name");
+        for signal in [Signal::TERM, Signal::KILL] {
+            for &pid in &strays {
+                record::mark(&log, slot, &format!("stray pid={pid}: {signal:?}"));
+                if let Some(p) = Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process_group(p, signal)
+                        .or_else(|_| rustix::process::kill_process(p, signal));
+                }
+            }
+            let bound = if signal == Signal::TERM {
+                drain
+            } else {
+                self.inner.config.kill_timeout
+            };
+            let mut gone = true;
+            for &pid in &strays {
+                gone &= record::wait_gone(pid, None, bound).await;
+            }
+            if gone {
+                return Ok(());
+            }
+        }
+        Err(ProcessError::Unkillable {
+            pid: strays[0],
+            slot,
+            waited: self.inner.config.kill_timeout,
+        }
+        .into_core("stop"))
+    }
+
+    /// Stops the program the slot's pid file names.
+    async fn stop_recorded(&self, slot: Slot, drain: Duration) -> Result<()> {
         let Some(rec) = self.read(slot)? else {
             return Ok(());
         };
@@ -325,9 +371,9 @@ impl Environment for ProcessEnvironment {
                 {
                     return Ok(vec![Self::endpoint(&rec)]);
                 }
-                self.stop_locked(slot, config.stop_timeout).await?;
             }
         }
+        self.stop_locked(slot, config.stop_timeout).await?;
 
         record::ensure_dir(&config.state_dir)?;
         let port = self.pick_port(slot)?;

@@ -228,6 +228,27 @@ pub(crate) async fn wait_gone(pid: i32, start: Option<u64>, bound: Duration) -> 
     }
 }
 
+/// Processes other than this one whose standard output is the file `log` (by device and inode):
+/// the slot's programs, including one started by a run killed after the spawn and before its pid
+/// file was written, which no pid file names. Empty without `/proc` or without the log.
+pub(crate) fn writers_of(log: &Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(meta), true) = (fs::metadata(log), have_proc()) else {
+        return Vec::new();
+    };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/fd/1"))
+                .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Time and log markers
 

@@ -132,6 +132,50 @@ async fn the_program_leads_its_own_process_group() {
     assert_ne!(pgid, rustix::process::getpgid(None).unwrap());
 }
 
+/// Blue ran v1 and was stopped: its pid file names a process that is gone.
+async fn deploy_and_stop_v1_on_blue(f: &Fixture) {
+    f.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
+    f.env
+        .stop(Slot::Blue, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// What a run killed after spawning the slot's program and before writing its pid file leaves: a
+/// program writing to the slot's log that no pid file names.
+fn stray(f: &Fixture, slot: Slot) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(f.env.log_path(slot))
+        .unwrap();
+    std::process::Command::new("sleep")
+        .arg("60")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn deploy_and_remove_stop_a_program_the_pid_file_does_not_name() {
+    let f = fixture();
+    deploy_and_stop_v1_on_blue(&f).await;
+    let mut lost = stray(&f, Slot::Blue);
+    f.env.deploy(Slot::Blue, &demo("v2")).await.unwrap();
+    assert!(!pid_alive(lost.id()), "deploy left the stray running");
+    let _ = lost.wait();
+
+    let mut lost = stray(&f, Slot::Blue);
+    let v2 = f.env.pid(Slot::Blue).unwrap().unwrap();
+    f.env.remove(Slot::Blue).await.unwrap();
+    assert!(!pid_alive(lost.id()), "remove left the stray running");
+    assert!(!pid_alive(v2));
+    let _ = lost.wait();
+}
+
 #[tokio::test]
 async fn a_new_handle_sees_and_stops_the_running_slot() {
     let f = fixture();
@@ -451,11 +495,7 @@ async fn logs_filter_by_time_through_markers() {
 #[tokio::test]
 async fn a_reused_pid_is_not_taken_for_the_slot_program() {
     let f = fixture();
-    f.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
-    f.env
-        .stop(Slot::Blue, Duration::from_secs(5))
-        .await
-        .unwrap();
+    deploy_and_stop_v1_on_blue(&f).await;
 
     // A stranger process now "has the pid" the pid file names, with another start time.
     let mut stranger = std::process::Command::new("sleep")
