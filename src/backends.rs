@@ -13,7 +13,9 @@ use bluegreen::{
     HttpVersionProbe, MetricsAnalysis, StateStore, TrafficSwitch, VersionMarker,
 };
 
-use crate::pipeline::{DatabaseCfg, EnvironmentCfg, HealthCfg, Pipeline, StateCfg, SwitchCfg};
+use crate::pipeline::{
+    DatabaseCfg, EnvironmentCfg, HealthCfg, Pipeline, ProcessCfg, StateCfg, SwitchCfg,
+};
 
 /// The error for a backend compiled out of this binary.
 #[allow(dead_code)]
@@ -40,7 +42,17 @@ fn no_postgres() -> Error {
 /// Builds the deployer. With the embedded proxy, the switch is the running `bluegreen serve`,
 /// reached by its admin API; the other switches are driven directly.
 pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Deployer> {
-    let switch = switch(p, state_dir)?;
+    deployer_with_switch(p, state_dir, switch(p, state_dir)?, p.public_addr()).await
+}
+
+/// Builds the deployer over `switch`, probing the data path at `public` (`bluegreen serve`
+/// passes its own proxy and the address it bound).
+pub(crate) async fn deployer_with_switch(
+    p: &Pipeline,
+    state_dir: &Path,
+    switch: Arc<dyn TrafficSwitch>,
+    public: Option<std::net::SocketAddr>,
+) -> bluegreen::Result<Deployer> {
     let env = environment(p, state_dir).await?;
     let mut b = Deployer::builder()
         .environment(env)
@@ -102,7 +114,7 @@ pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Resul
             Some(h) => VersionMarker::Header(h.clone()),
             None => VersionMarker::Body,
         };
-        let public = p.public_addr().ok_or_else(|| {
+        let public = public.ok_or_else(|| {
             Error::invalid(
                 "pipeline file",
                 "[verify]",
@@ -131,12 +143,9 @@ pub(crate) async fn environment(
     state_dir: &Path,
 ) -> bluegreen::Result<Arc<dyn Environment>> {
     match &p.environment {
-        EnvironmentCfg::Process(_) => {
-            use bluegreen::process::{ProcessConfig, ProcessEnvironment};
-            Ok(Arc::new(ProcessEnvironment::new(ProcessConfig::new(
-                state_dir.join("process"),
-            ))))
-        }
+        EnvironmentCfg::Process(pc) => Ok(Arc::new(bluegreen::process::ProcessEnvironment::new(
+            process_config(pc, state_dir)?,
+        ))),
         #[cfg(feature = "docker")]
         EnvironmentCfg::Docker { config, .. } => Ok(Arc::new(
             bluegreen::docker::DockerEnvironment::connect(config.clone()).await?,
@@ -144,6 +153,27 @@ pub(crate) async fn environment(
         #[cfg(not(feature = "docker"))]
         EnvironmentCfg::Docker { .. } => Err(not_built("environment kind \"docker\"", "docker")),
     }
+}
+
+/// The process environment's settings: state under `<state_dir>/process`, and a clean
+/// environment for the programs plus `pass_env`.
+pub(crate) fn process_config(
+    pc: &ProcessCfg,
+    state_dir: &Path,
+) -> bluegreen::Result<bluegreen::process::ProcessConfig> {
+    let mut config = bluegreen::process::ProcessConfig::new(state_dir.join("process"));
+    for name in &pc.pass_env {
+        config = config.with_pass_env(name.clone());
+    }
+    config.validate().map_err(|e| match e {
+        Error::InvalidInput { value, reason, .. } => Error::invalid(
+            "pipeline file",
+            format!("environment.pass_env: {value}"),
+            reason,
+        ),
+        other => other,
+    })?;
+    Ok(config)
 }
 
 /// The traffic switch.
