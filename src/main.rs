@@ -343,7 +343,20 @@ async fn serve(
             }
         }
     }
-    let admin = proxy.serve_admin(admin, token).await?;
+    // With the process environment, this server owns the programs: `deploy` asks it through
+    // the admin API, and it supervises the live one.
+    let env = match &p.environment {
+        pipeline::EnvironmentCfg::Process(pc) => Some(bluegreen::process::ProcessEnvironment::new(
+            backends::process_config(pc, state_dir)?,
+        )),
+        _ => None,
+    };
+    let served = env
+        .clone()
+        .map(|e| std::sync::Arc::new(e) as std::sync::Arc<dyn bluegreen::Environment>);
+    let admin = proxy
+        .serve_admin_with_environment(admin, token, served)
+        .await?;
     if mode == Mode::Json {
         emit_json(
             serde_json::json!({"result": "serving", "listen": proxy.local_addr().to_string(), "admin": admin.local_addr().to_string()}),
@@ -355,7 +368,10 @@ async fn serve(
             admin.url()
         );
     }
-    let supervisor = supervise(p, state_dir, &proxy, mode).await?;
+    let supervisor = match env {
+        Some(env) => Some(supervise(p, state_dir, &proxy, env, mode).await?),
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
     tokio::select! {
@@ -377,26 +393,29 @@ async fn supervise(
     p: &Pipeline,
     state_dir: &std::path::Path,
     proxy: &ProxySwitch,
+    env: bluegreen::process::ProcessEnvironment,
     mode: Mode,
-) -> bluegreen::Result<Option<bluegreen::process::SupervisorHandle>> {
-    use bluegreen::process::{
-        OnLiveFailure, ProcessEnvironment, Supervisor, SupervisorConfig, SupervisorEvent,
-    };
+) -> bluegreen::Result<bluegreen::process::SupervisorHandle> {
+    use bluegreen::process::{OnLiveFailure, Supervisor, SupervisorConfig, SupervisorEvent};
     let pipeline::EnvironmentCfg::Process(pc) = &p.environment else {
-        return Ok(None);
+        return Err(Error::invalid(
+            "pipeline file",
+            "[environment]",
+            "only the process environment is supervised",
+        ));
     };
-    let env = ProcessEnvironment::new(backends::process_config(pc, state_dir)?);
     let config = SupervisorConfig::default()
         .with_on_live_failure(pc.on_live_failure)
         .with_failover_after(pc.failover_after);
-    let mut supervisor = Supervisor::new(env, backends::store(p, state_dir)?, config);
+    let mut supervisor = Supervisor::new(env.clone(), backends::store(p, state_dir)?, config);
     if pc.on_live_failure == OnLiveFailure::Failover {
         // The failover is a rollback run like any other (lock, fencing, health gate, history),
         // switching this very server's proxy.
         let switch = std::sync::Arc::new(proxy.clone());
         let public = Some(proxy.local_addr());
+        let env = std::sync::Arc::new(env);
         supervisor = supervisor
-            .with_deployer(backends::deployer_with_switch(p, state_dir, switch, public).await?);
+            .with_deployer(backends::deployer_with(p, state_dir, switch, env, public).await?);
     }
     let handle = supervisor.start();
     let mut events = handle.subscribe();
@@ -439,7 +458,7 @@ async fn supervise(
             }
         }
     });
-    Ok(Some(handle))
+    Ok(handle)
 }
 
 /// The exit code of `status` when it finds drift.
@@ -569,7 +588,7 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
     Ok(match cli.command {
         Command::Serve => unreachable!(),
         Command::Deploy { version, redeploy } => {
-            let release = p.release(&version)?;
+            let release = backends::with_passed_env(&p, p.release(&version)?);
             let code = if redeploy {
                 warn_rollback_target_lost(&d, &version).await;
                 run_op(&d, mode, d.redeploy(release)).await

@@ -88,16 +88,49 @@ fn kill_under_load(p: &Pipeline, pid: u32, expect: &str, done: impl Fn() -> bool
     })
 }
 
+/// The parent pid of `pid`.
+fn ppid_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The names of the variables `pid` was started with.
+fn env_names(pid: u32) -> Vec<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=').map(|(k, _)| k.to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn serve_restarts_the_live_program_after_kill_9() {
     let mut p = Pipeline::new(FAST);
+    let text = std::fs::read_to_string(p.file()).unwrap();
+    std::fs::write(
+        p.file(),
+        text.replace("pass_env = [", "pass_env = [\"BG_CLI_SECRET\", "),
+    )
+    .unwrap();
     p.serve();
     for v in ["v1", "v2"] {
-        let out = p.run(&["deploy", v]);
+        let out = p
+            .cmd(&["deploy", v])
+            .env("BG_CLI_SECRET", "from-the-deploying-shell")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
     }
     assert_eq!(p.get().as_deref(), Some("v2"));
     let pid = pid_of(&p, "green");
+    // `serve` owns the program: `deploy` asked it through the admin API.
+    let serve_pid = p.serve.as_ref().unwrap().id();
+    assert_eq!(ppid_of(pid), serve_pid, "the program is not serve's child");
+    assert!(env_names(pid).iter().any(|n| n == "BG_CLI_SECRET"));
 
     let outage = kill_under_load(&p, pid, "v2", || {
         pid_of(&p, "green") != pid && p.get().as_deref() == Some("v2")
@@ -106,7 +139,17 @@ fn serve_restarts_the_live_program_after_kill_9() {
         "kill -9 of the live program under load: {} requests, {} failed, recovered in {:?}",
         outage.requests, outage.failed, outage.recovery
     );
-    assert_ne!(pid_of(&p, "green"), pid, "the program was not restarted");
+    let restarted = pid_of(&p, "green");
+    assert_ne!(restarted, pid, "the program was not restarted");
+    // Restarted by serve, with the passed variable it holds in memory only.
+    assert_eq!(ppid_of(restarted), serve_pid);
+    assert!(
+        env_names(restarted).iter().any(|n| n == "BG_CLI_SECRET"),
+        "the restarted program lost a passed variable"
+    );
+    let state =
+        std::fs::read_to_string(p.dir.path().join(".bluegreen/state/state.json")).unwrap();
+    assert!(!state.contains("from-the-deploying-shell"));
     assert_eq!(
         p.get().as_deref(),
         Some("v2"),
@@ -200,14 +243,7 @@ fn the_cli_environment_does_not_reach_the_program_unless_passed() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let environ = std::fs::read(format!("/proc/{}/environ", pid_of(&p, "blue"))).unwrap();
-    let names: Vec<String> = environ
-        .split(|b| *b == 0)
-        .filter_map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            kv.split_once('=').map(|(k, _)| k.to_string())
-        })
-        .collect();
+    let names = env_names(pid_of(&p, "blue"));
     assert!(names.iter().any(|n| n == "BG_CLI_PASSED"), "{names:?}");
     assert!(names.iter().any(|n| n == "PATH"), "{names:?}");
     for leak in ["BG_CLI_CI_TOKEN", "PGPASSWORD", "CARGO_MANIFEST_DIR"] {
