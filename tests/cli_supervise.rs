@@ -147,8 +147,7 @@ fn serve_restarts_the_live_program_after_kill_9() {
         env_names(restarted).iter().any(|n| n == "BG_CLI_SECRET"),
         "the restarted program lost a passed variable"
     );
-    let state =
-        std::fs::read_to_string(p.dir.path().join(".bluegreen/state/state.json")).unwrap();
+    let state = std::fs::read_to_string(p.dir.path().join(".bluegreen/state/state.json")).unwrap();
     assert!(!state.contains("from-the-deploying-shell"));
     assert_eq!(
         p.get().as_deref(),
