@@ -22,6 +22,13 @@ fn environment_keys(p: &Pipeline, keys: &str) {
     std::fs::write(p.file(), text).unwrap();
 }
 
+/// Adds `name` to the file's `pass_env`.
+fn pass_also(p: &Pipeline, name: &str) {
+    let text = std::fs::read_to_string(p.file()).unwrap();
+    let text = text.replace("pass_env = [", &format!("pass_env = [\"{name}\", "));
+    std::fs::write(p.file(), text).unwrap();
+}
+
 fn process_dir(p: &Pipeline) -> PathBuf {
     p.dir.path().join(".bluegreen").join("process")
 }
@@ -110,12 +117,7 @@ fn env_names(pid: u32) -> Vec<String> {
 #[test]
 fn serve_restarts_the_live_program_after_kill_9() {
     let mut p = Pipeline::new(FAST);
-    let text = std::fs::read_to_string(p.file()).unwrap();
-    std::fs::write(
-        p.file(),
-        text.replace("pass_env = [", "pass_env = [\"BG_CLI_SECRET\", "),
-    )
-    .unwrap();
+    pass_also(&p, "BG_CLI_SECRET");
     p.serve();
     for v in ["v1", "v2"] {
         let out = p
@@ -227,12 +229,7 @@ fn serve_fails_over_to_the_warm_previous_release_when_the_live_one_stays_down() 
 #[test]
 fn the_cli_environment_does_not_reach_the_program_unless_passed() {
     let mut p = Pipeline::new(FAST);
-    let text = std::fs::read_to_string(p.file()).unwrap();
-    std::fs::write(
-        p.file(),
-        text.replace("pass_env = [", "pass_env = [\"BG_CLI_PASSED\", "),
-    )
-    .unwrap();
+    pass_also(&p, "BG_CLI_PASSED");
     p.serve();
     let out = p
         .cmd(&["deploy", "v1"])
