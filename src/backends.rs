@@ -10,10 +10,12 @@ use bluegreen::health::{CommandCheck, HttpCheck, TcpCheck};
 use bluegreen::hooks::ExecHook;
 use bluegreen::{
     DatabaseStrategy, Deployer, Environment, Error, FileStateStore, HealthCheck, HookOptions,
-    HttpVersionProbe, MetricsAnalysis, StateStore, TrafficSwitch, VersionMarker,
+    HttpVersionProbe, MetricsAnalysis, Release, StateStore, TrafficSwitch, VersionMarker,
 };
 
-use crate::pipeline::{DatabaseCfg, EnvironmentCfg, HealthCfg, Pipeline, StateCfg, SwitchCfg};
+use crate::pipeline::{
+    DatabaseCfg, EnvironmentCfg, HealthCfg, Pipeline, ProcessCfg, StateCfg, SwitchCfg,
+};
 
 /// The error for a backend compiled out of this binary.
 #[allow(dead_code)]
@@ -40,8 +42,19 @@ fn no_postgres() -> Error {
 /// Builds the deployer. With the embedded proxy, the switch is the running `bluegreen serve`,
 /// reached by its admin API; the other switches are driven directly.
 pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Result<Deployer> {
-    let switch = switch(p, state_dir)?;
     let env = environment(p, state_dir).await?;
+    deployer_with(p, state_dir, switch(p, state_dir)?, env, p.public_addr()).await
+}
+
+/// Builds the deployer over `switch` and `env`, probing the data path at `public` (`bluegreen
+/// serve` passes its own proxy, its own environment and the address it bound).
+pub(crate) async fn deployer_with(
+    p: &Pipeline,
+    state_dir: &Path,
+    switch: Arc<dyn TrafficSwitch>,
+    env: Arc<dyn Environment>,
+    public: Option<std::net::SocketAddr>,
+) -> bluegreen::Result<Deployer> {
     let mut b = Deployer::builder()
         .environment(env)
         .switch(switch)
@@ -105,7 +118,7 @@ pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Resul
             Some(h) => VersionMarker::Header(h.clone()),
             None => VersionMarker::Body,
         };
-        let public = p.public_addr().ok_or_else(|| {
+        let public = public.ok_or_else(|| {
             Error::invalid(
                 "pipeline file",
                 "[verify]",
@@ -128,17 +141,27 @@ pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Resul
     b.build()
 }
 
-/// The environment.
+/// The environment. With the embedded proxy, the process environment is the one `bluegreen
+/// serve` runs and supervises, reached by its admin API; otherwise programs are started here.
 pub(crate) async fn environment(
     p: &Pipeline,
     state_dir: &Path,
 ) -> bluegreen::Result<Arc<dyn Environment>> {
     match &p.environment {
-        EnvironmentCfg::Process(_) => {
-            use bluegreen::process::{ProcessConfig, ProcessEnvironment};
-            Ok(Arc::new(ProcessEnvironment::new(ProcessConfig::new(
-                state_dir.join("process"),
-            ))))
+        EnvironmentCfg::Process(pc) => {
+            // Checked here too, so that `validate` reports a bad `pass_env`.
+            let config = process_config(pc, state_dir)?;
+            if let SwitchCfg::Proxy { admin, .. } = &p.switch {
+                let token = crate::pipeline::read_token(&Pipeline::token_path(state_dir))?;
+                return Ok(Arc::new(bluegreen::proxy::RemoteEnvironment::new(
+                    format!("http://{admin}"),
+                    token,
+                    bluegreen::process::NAME,
+                )?));
+            }
+            Ok(Arc::new(bluegreen::process::ProcessEnvironment::new(
+                config,
+            )))
         }
         #[cfg(feature = "docker")]
         EnvironmentCfg::Docker { config, .. } => Ok(Arc::new(
@@ -147,6 +170,42 @@ pub(crate) async fn environment(
         #[cfg(not(feature = "docker"))]
         EnvironmentCfg::Docker { .. } => Err(not_built("environment kind \"docker\"", "docker")),
     }
+}
+
+/// The process environment's settings: state under `<state_dir>/process`, and a clean
+/// environment for the programs plus `pass_env`.
+pub(crate) fn process_config(
+    pc: &ProcessCfg,
+    state_dir: &Path,
+) -> bluegreen::Result<bluegreen::process::ProcessConfig> {
+    let mut config = bluegreen::process::ProcessConfig::new(state_dir.join("process"));
+    for name in &pc.pass_env {
+        config = config.with_pass_env(name.clone());
+    }
+    config.validate().map_err(|e| match e {
+        Error::InvalidInput { value, reason, .. } => Error::invalid(
+            "pipeline file",
+            format!("environment.pass_env: {value}"),
+            reason,
+        ),
+        other => other,
+    })?;
+    Ok(config)
+}
+
+/// `release` with the `pass_env` variables of this (the deploying) process, as secret variables:
+/// held in memory by whoever starts the program (`bluegreen serve` too), never written down. The
+/// process that starts the programs passes its own as well (`ProcessConfig::pass_env`); these
+/// win.
+pub(crate) fn with_passed_env(p: &Pipeline, mut release: Release) -> Release {
+    if let EnvironmentCfg::Process(pc) = &p.environment {
+        for name in &pc.pass_env {
+            if let Ok(value) = std::env::var(name) {
+                release = release.with_secret_env(name.clone(), value);
+            }
+        }
+    }
+    release
 }
 
 /// The traffic switch.

@@ -343,7 +343,20 @@ async fn serve(
             }
         }
     }
-    let admin = proxy.serve_admin(admin, token).await?;
+    // With the process environment, this server owns the programs: `deploy` asks it through
+    // the admin API, and it supervises the live one.
+    let env = match &p.environment {
+        pipeline::EnvironmentCfg::Process(pc) => Some(bluegreen::process::ProcessEnvironment::new(
+            backends::process_config(pc, state_dir)?,
+        )),
+        _ => None,
+    };
+    let served = env
+        .clone()
+        .map(|e| std::sync::Arc::new(e) as std::sync::Arc<dyn bluegreen::Environment>);
+    let admin = proxy
+        .serve_admin_with_environment(admin, token, served)
+        .await?;
     if mode == Mode::Json {
         emit_json(
             serde_json::json!({"result": "serving", "listen": proxy.local_addr().to_string(), "admin": admin.local_addr().to_string()}),
@@ -355,15 +368,97 @@ async fn serve(
             admin.url()
         );
     }
+    let supervisor = match env {
+        Some(env) => Some(supervise(p, state_dir, &proxy, env, mode).await?),
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    if let Some(s) = supervisor {
+        s.shutdown().await;
+    }
     admin.shutdown().await;
     proxy.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// With the process environment, `serve` supervises the live slot's program (see
+/// `on_live_failure`); what the supervisor does is printed (stderr, or JSON lines on stdout).
+/// A failover is a rollback run like any other (lock, fencing, health gate, history).
+async fn supervise(
+    p: &Pipeline,
+    state_dir: &std::path::Path,
+    proxy: &ProxySwitch,
+    env: bluegreen::process::ProcessEnvironment,
+    mode: Mode,
+) -> bluegreen::Result<bluegreen::process::SupervisorHandle> {
+    use bluegreen::process::{OnLiveFailure, Supervisor, SupervisorConfig, SupervisorEvent};
+    let pipeline::EnvironmentCfg::Process(pc) = &p.environment else {
+        return Err(Error::invalid(
+            "pipeline file",
+            "[environment]",
+            "only the process environment is supervised",
+        ));
+    };
+    let config = SupervisorConfig::default()
+        .with_on_live_failure(pc.on_live_failure)
+        .with_failover_after(pc.failover_after);
+    let mut supervisor = Supervisor::new(env.clone(), backends::store(p, state_dir)?, config);
+    if pc.on_live_failure == OnLiveFailure::Failover {
+        // The failover is a rollback run like any other (lock, fencing, health gate, history),
+        // switching this very server's proxy.
+        let switch = std::sync::Arc::new(proxy.clone());
+        let public = Some(proxy.local_addr());
+        let env = std::sync::Arc::new(env);
+        supervisor = supervisor
+            .with_deployer(backends::deployer_with(p, state_dir, switch, env, public).await?);
+    }
+    let handle = supervisor.start();
+    let mut events = handle.subscribe();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let e = match events.recv().await {
+                Ok(e) => e,
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            };
+            let (event, slot, detail) = match &e {
+                SupervisorEvent::Down { slot } => ("down", *slot, String::new()),
+                SupervisorEvent::Restarted { slot, attempt } => {
+                    ("restarted", *slot, format!("attempt {attempt}"))
+                }
+                SupervisorEvent::RestartFailed {
+                    slot,
+                    attempt,
+                    error,
+                } => (
+                    "restart_failed",
+                    *slot,
+                    format!("attempt {attempt}: {error}"),
+                ),
+                SupervisorEvent::FailedOver { from, id } => {
+                    ("failed_over", *from, format!("rollback #{id}"))
+                }
+                SupervisorEvent::FailoverFailed { from, error } => {
+                    ("failover_failed", *from, error.clone())
+                }
+                _ => ("other", bluegreen::Slot::Blue, format!("{e:?}")),
+            };
+            if mode == Mode::Json {
+                emit_json(
+                    serde_json::json!({"event": "supervisor", "action": event, "slot": slot, "detail": detail}),
+                );
+            } else {
+                eprintln!("supervisor: live slot {slot} {event} {detail}");
+            }
+        }
+    });
+    Ok(handle)
 }
 
 /// The exit code of `status` when it finds drift.
@@ -489,18 +584,29 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
         return serve(&p, &state_dir, mode).await;
     }
     let d = backends::deployer(&p, &state_dir).await?;
+    let started = std::time::SystemTime::now();
     Ok(match cli.command {
         Command::Serve => unreachable!(),
         Command::Deploy { version, redeploy } => {
-            let release = p.release(&version)?;
-            if redeploy {
+            let release = backends::with_passed_env(&p, p.release(&version)?);
+            let code = if redeploy {
                 warn_rollback_target_lost(&d, &version).await;
                 run_op(&d, mode, d.redeploy(release)).await
             } else {
                 run_op(&d, mode, d.deploy(release)).await
+            };
+            if code != ExitCode::SUCCESS {
+                print_logs_written_since(&p, &state_dir, started);
             }
+            code
         }
-        Command::Rollback => run_op(&d, mode, d.rollback()).await,
+        Command::Rollback => {
+            let code = run_op(&d, mode, d.rollback()).await;
+            if code != ExitCode::SUCCESS {
+                print_logs_written_since(&p, &state_dir, started);
+            }
+            code
+        }
         Command::Promote => run_op(&d, mode, d.promote()).await,
         Command::Abort => run_op(&d, mode, d.abort()).await,
         Command::Plan { version } => {
@@ -580,6 +686,32 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
             ExitCode::SUCCESS
         }
     })
+}
+
+/// After a failed run, where the process environment kept the logs the run wrote (the failed
+/// release's log survives its removal, rotated to `<slot>.log.1`).
+fn print_logs_written_since(
+    p: &Pipeline,
+    state_dir: &std::path::Path,
+    since: std::time::SystemTime,
+) {
+    let pipeline::EnvironmentCfg::Process(pc) = &p.environment else {
+        return;
+    };
+    let Ok(config) = backends::process_config(pc, state_dir) else {
+        return;
+    };
+    let env = bluegreen::process::ProcessEnvironment::new(config);
+    for slot in bluegreen::Slot::ALL {
+        for log in env.log_paths(slot) {
+            let written = std::fs::metadata(&log)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since);
+            if written {
+                eprintln!("log of slot {slot}: {}", log.display());
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -172,6 +172,24 @@ pub(crate) struct ProcessCfg {
     pub(crate) args: Vec<String>,
     #[serde(default)]
     pub(crate) env: BTreeMap<String, String>,
+    /// Variables of the CLI's environment passed through to the program, besides PATH, HOME,
+    /// LANG and TZ; nothing else of it reaches the program.
+    #[serde(default)]
+    pub(crate) pass_env: Vec<String>,
+    /// What `bluegreen serve` does when the live program dies: `restart` (with backoff, the
+    /// default), `failover` (to the warm previous release if it stays down) or `none`.
+    #[serde(default)]
+    pub(crate) on_live_failure: bluegreen::process::OnLiveFailure,
+    /// How long the live program may stay down before `failover` (default 10 s).
+    #[serde(
+        default = "default_failover_after",
+        with = "bluegreen::config::duration"
+    )]
+    pub(crate) failover_after: Duration,
+}
+
+fn default_failover_after() -> Duration {
+    bluegreen::process::SupervisorConfig::default().failover_after
 }
 
 /// The traffic switch, and where clients reach it (`public`, used by `[verify]`).
@@ -418,7 +436,15 @@ impl Pipeline {
         let project = f.project.name.as_str().to_string();
 
         let environment = match f.environment {
-            EnvironmentFile::Process(pc) => EnvironmentCfg::Process(pc),
+            EnvironmentFile::Process(pc) => {
+                if pc.failover_after.is_zero() {
+                    return Err(config_error(
+                        file,
+                        "[environment] failover_after must be positive",
+                    ));
+                }
+                EnvironmentCfg::Process(pc)
+            }
             EnvironmentFile::Docker {
                 image,
                 memory_mb,

@@ -28,6 +28,11 @@ use serde::{Deserialize, Serialize};
 ///     serde_json::from_str(r#"{ "state_dir": "/srv/app", "stop_timeout": "20s" }"#).unwrap();
 /// assert_eq!(from_file.stop_timeout, Duration::from_secs(20));
 /// assert!(serde_json::from_str::<ProcessConfig>(r#"{ "host": "" }"#).is_err());
+///
+/// // Programs get PATH, HOME, LANG, TZ and what is passed, never the rest of this environment.
+/// let passing: ProcessConfig = serde_json::from_str(r#"{ "pass_env": ["RUST_LOG"] }"#).unwrap();
+/// assert!(!passing.inherit_env);
+/// assert!(serde_json::from_str::<ProcessConfig>(r#"{ "pass_env": ["A=B"] }"#).is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(remote = "Self", default, deny_unknown_fields)]
@@ -44,8 +49,18 @@ pub struct ProcessConfig {
     /// are (only `Debug` hides the values): put secrets in
     /// [`Release::secret_env`](bluegreen_core::Release::secret_env), never here.
     pub env: BTreeMap<String, String>,
-    /// Whether programs inherit this process's environment (`PATH`, …). Default `true`.
+    /// Whether programs inherit this process's whole environment. Default `false`: a program
+    /// gets only [`BASE_ENV`] and the names in [`pass_env`](Self::pass_env) from this process,
+    /// so the deploying shell's credentials (a database password variable, CI tokens) never
+    /// reach it.
     pub inherit_env: bool,
+    /// Names of variables passed through from this process's environment, besides
+    /// [`BASE_ENV`] (a name that is not set is left out). Default empty.
+    pub pass_env: Vec<String>,
+    /// How many earlier logs each slot keeps (`<slot>.log.1` the newest, up to
+    /// `<slot>.log.<keep_logs>`): a slot's log is rotated when a new program starts in it and when
+    /// the slot is removed, so a failed release's output outlives the rollback. Default 5.
+    pub keep_logs: u32,
     /// Working directory of programs; `None` keeps this process's.
     pub working_dir: Option<PathBuf>,
     /// How long after spawning `deploy` watches for an immediate exit. Default 500 ms.
@@ -61,6 +76,12 @@ pub struct ProcessConfig {
     #[serde(with = "bluegreen_core::config::duration")]
     pub exec_timeout: Duration,
 }
+
+/// The variables every program gets from this process's environment, when set.
+pub const BASE_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
+
+/// Most earlier logs a slot may keep.
+pub const MAX_KEEP_LOGS: u32 = 100;
 
 impl Default for ProcessConfig {
     /// State in `.bluegreen/process` (relative to the working directory).
@@ -93,6 +114,22 @@ impl ProcessConfig {
                 ));
             }
         }
+        for k in &self.pass_env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(Error::invalid(
+                    "pass_env",
+                    k,
+                    "a variable name must be non-empty, without `=` or NUL",
+                ));
+            }
+        }
+        if self.keep_logs > MAX_KEEP_LOGS {
+            return Err(Error::invalid(
+                "keep_logs",
+                self.keep_logs.to_string(),
+                format!("must be at most {MAX_KEEP_LOGS}"),
+            ));
+        }
         Ok(())
     }
 
@@ -103,7 +140,9 @@ impl ProcessConfig {
             host: "127.0.0.1".to_string(),
             ports: PerSlot::default(),
             env: BTreeMap::new(),
-            inherit_env: true,
+            inherit_env: false,
+            pass_env: Vec::new(),
+            keep_logs: 5,
             working_dir: None,
             startup_grace: Duration::from_millis(500),
             stop_timeout: Duration::from_secs(10),
@@ -136,10 +175,35 @@ impl ProcessConfig {
         self
     }
 
-    /// Whether programs inherit this process's environment.
+    /// Whether programs inherit this process's whole environment (default: only [`BASE_ENV`]
+    /// and [`pass_env`](Self::pass_env)).
     pub fn with_inherit_env(mut self, inherit: bool) -> Self {
         self.inherit_env = inherit;
         self
+    }
+
+    /// With one more variable passed through from this process's environment.
+    pub fn with_pass_env(mut self, name: impl Into<String>) -> Self {
+        self.pass_env.push(name.into());
+        self
+    }
+
+    /// With how many earlier logs each slot keeps.
+    pub fn with_keep_logs(mut self, keep: u32) -> Self {
+        self.keep_logs = keep;
+        self
+    }
+
+    /// The variables a program's clean environment starts from (without
+    /// [`inherit_env`](Self::inherit_env)): those of [`BASE_ENV`] and
+    /// [`pass_env`](Self::pass_env) that this process has.
+    pub fn passed_env(&self) -> BTreeMap<String, std::ffi::OsString> {
+        BASE_ENV
+            .iter()
+            .copied()
+            .chain(self.pass_env.iter().map(String::as_str))
+            .filter_map(|k| Some((k.to_string(), std::env::var_os(k)?)))
+            .collect()
     }
 
     /// With the programs' working directory.
@@ -182,6 +246,8 @@ impl fmt::Debug for ProcessConfig {
             .field("ports", &self.ports)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("inherit_env", &self.inherit_env)
+            .field("pass_env", &self.pass_env)
+            .field("keep_logs", &self.keep_logs)
             .field("working_dir", &self.working_dir)
             .field("startup_grace", &self.startup_grace)
             .field("stop_timeout", &self.stop_timeout)

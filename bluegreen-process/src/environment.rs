@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bluegreen_core::{
     Endpoint, Environment, Error, ExecOutput, InstanceState, PerSlot, Release, Result, Slot,
-    SlotStatus,
+    SlotStatus, Version,
 };
 use rustix::process::{Pid, Signal};
 use tokio::sync::oneshot;
@@ -96,6 +96,17 @@ impl ProcessEnvironment {
         self.files(slot).log
     }
 
+    /// The slot's logs that exist, newest first: `<slot>.log` (the running or last program's),
+    /// then the earlier ones kept by rotation (`<slot>.log.1`, …; see
+    /// [`ProcessConfig::keep_logs`]).
+    pub fn log_paths(&self, slot: Slot) -> Vec<PathBuf> {
+        let log = self.files(slot).log;
+        (0..=self.inner.config.keep_logs)
+            .map(|n| record::rotated(&log, n))
+            .filter(|p| p.exists())
+            .collect()
+    }
+
     /// The slot's pid file (`<state_dir>/<slot>.json`).
     pub fn pid_file(&self, slot: Slot) -> PathBuf {
         self.files(slot).record
@@ -110,6 +121,55 @@ impl ProcessEnvironment {
             .read(slot)?
             .filter(SlotRecord::is_alive)
             .map(|r| r.pid as u32))
+    }
+
+    /// Whether the slot's program ended on its own (a crash, not a stop): it has a pid file, is
+    /// not running, and no stop was asked for.
+    ///
+    /// # Errors
+    /// The pid file cannot be read.
+    pub fn crashed(&self, slot: Slot) -> Result<bool> {
+        Ok(self
+            .read(slot)?
+            .is_some_and(|r| !r.stop_requested && !r.is_alive()))
+    }
+
+    /// Starts again what a [`crashed`](Self::crashed) slot ran (same version, program,
+    /// arguments, variables and port, so whatever routes to it reaches it again), with a fresh
+    /// log. `Ok(false)`, doing nothing, if the slot is not crashed.
+    ///
+    /// # Errors
+    /// The program cannot be started or exits within `startup_grace`; or the release has secret
+    /// variables that this handle does not hold (pid files keep only their names, and a program
+    /// is never started without its secrets: deploy through the handle that supervises).
+    pub async fn restart(&self, slot: Slot) -> Result<bool> {
+        let _op = self.inner.ops.get(slot).lock().await;
+        let Some(rec) = self.read(slot)? else {
+            return Ok(false);
+        };
+        if rec.stop_requested || rec.is_alive() {
+            return Ok(false);
+        }
+        let secrets = lock(&self.inner.secrets).get(slot).clone();
+        let missing: Vec<String> = rec
+            .secret_keys
+            .iter()
+            .filter(|k| !secrets.contains_key(*k))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(ProcessError::SecretsUnknown { slot, missing }.into_core("restart"));
+        }
+        let launch = Launch {
+            version: rec.version,
+            program: rec.program,
+            args: rec.args,
+            env: rec.env,
+            secrets,
+            port: rec.port,
+        };
+        self.start_locked(slot, launch, "restart").await?;
+        Ok(true)
     }
 
     /// Sends SIGKILL to the process group of every slot's running program, now, without drain;
@@ -293,6 +353,134 @@ impl ProcessEnvironment {
         .into_core("stop"))
     }
 
+    /// Starts `launch` in `slot` with a fresh log; the caller holds the slot's operation lock and
+    /// stopped what ran there. `what` (`deploy`, `restart`) names the operation in markers and
+    /// errors.
+    pub(crate) async fn start_locked(
+        &self,
+        slot: Slot,
+        launch: Launch,
+        what: &'static str,
+    ) -> Result<SlotRecord> {
+        let config = &self.inner.config;
+        let files = self.files(slot);
+        let Launch {
+            version,
+            program,
+            args,
+            env: release_env,
+            secrets,
+            port,
+        } = launch;
+        record::ensure_dir(&config.state_dir)?;
+        // Each program starts a fresh log; the earlier ones are kept, rotated.
+        record::rotate_log(&files.log, config.keep_logs)?;
+        let open_log = || {
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&files.log)
+                .map_err(|e| io_error("opening log", &files.log, e))
+        };
+        record::mark(
+            &files.log,
+            slot,
+            &format!("{what} version={version} program={program} port={port}"),
+        );
+        let out = open_log()?;
+        let err = out
+            .try_clone()
+            .map_err(|e| io_error("opening log", &files.log, e))?;
+
+        let env = self.slot_env(
+            slot,
+            &release_env,
+            &secrets,
+            &config.host,
+            port,
+            version.as_str(),
+        );
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Its own process group: a Ctrl-C to the operator's terminal does not reach it, and
+            // stop() can signal it together with its children.
+            .process_group(0);
+        if !config.inherit_env {
+            cmd.env_clear().envs(config.passed_env());
+        }
+        cmd.envs(&env);
+        if let Some(dir) = &config.working_dir {
+            cmd.current_dir(dir);
+        }
+        let child = cmd.spawn().map_err(|source| {
+            record::mark(
+                &files.log,
+                slot,
+                &format!("cannot start {program}: {source}"),
+            );
+            ProcessError::Spawn {
+                program: program.clone(),
+                slot,
+                source,
+                log_tail: record::log_tail(&files.log, TAIL_LINES),
+            }
+            .into_core(what)
+        })?;
+        let pid = child.id() as i32;
+        let rec = SlotRecord {
+            format: 1,
+            pid,
+            proc_start: record::start_time(pid),
+            host: config.host.clone(),
+            port,
+            version: version.clone(),
+            program: program.clone(),
+            args,
+            env: release_env,
+            secret_keys: secrets.keys().cloned().collect(),
+            started_at_ms: record::unix_ms(SystemTime::now()),
+            stop_requested: false,
+            exit_code: None,
+            exit_signal: None,
+            exited_at_ms: None,
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let _guard = lock(&self.inner.files);
+            if let Err(e) = record::write(&files.record, &rec) {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
+        lock(&self.inner.secrets).set(slot, secrets);
+        if let Err(e) = self.spawn_reaper(slot, child, tx) {
+            // The child was moved into the failed closure and dropped: kill it by pid.
+            let _ = rec.signal(slot, Signal::KILL);
+            return Err(io_error("starting the reaper thread for", &files.log, e));
+        }
+        record::mark(&files.log, slot, &format!("started pid={pid}"));
+
+        // Readiness is the engine's job (health checks); here only an immediate exit is caught.
+        if let Ok(Ok(status)) = tokio::time::timeout(config.startup_grace, rx).await {
+            return Err(ProcessError::ExitedAtStart {
+                program,
+                slot,
+                how: record::describe_exit(status.code(), status.signal()),
+                log: files.log.clone(),
+                log_tail: record::log_tail(&files.log, TAIL_LINES),
+            }
+            .into_core(what));
+        }
+        tracing::info!(%slot, pid, port, version = version.as_str(), "started {program}");
+        Ok(rec)
+    }
+
     /// Waits for the child on a thread (so it is reaped even when no runtime is left), records
     /// how it ended, and reports that on `tx`.
     fn spawn_reaper(
@@ -333,6 +521,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What to start in a slot: a release, or what a slot's record says it ran.
+pub(crate) struct Launch {
+    pub(crate) version: Version,
+    pub(crate) program: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+    /// Values of the secret variables (kept in memory only).
+    pub(crate) secrets: BTreeMap<String, String>,
+    pub(crate) port: u16,
+}
+
 /// True if `rec` already runs exactly `release` (so deploying it again changes nothing).
 fn runs_release(rec: &SlotRecord, release: &Release, program: &str, host: &str) -> bool {
     rec.version == release.version
@@ -360,7 +559,6 @@ impl Environment for ProcessEnvironment {
             ));
         }
         let program = Self::resolve_program(&release.artifact);
-        let files = self.files(slot);
 
         if let Some(rec) = self.read(slot)? {
             if rec.is_alive() {
@@ -375,110 +573,21 @@ impl Environment for ProcessEnvironment {
         }
         self.stop_locked(slot, config.stop_timeout).await?;
 
-        record::ensure_dir(&config.state_dir)?;
-        let port = self.pick_port(slot)?;
-        let version = release.version.as_str();
-        let open_log = || {
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&files.log)
-                .map_err(|e| io_error("opening log", &files.log, e))
-        };
-        record::mark(
-            &files.log,
-            slot,
-            &format!("deploy version={version} program={program} port={port}"),
-        );
-        let out = open_log()?;
-        let err = out
-            .try_clone()
-            .map_err(|e| io_error("opening log", &files.log, e))?;
-
         let secrets = release
             .secret_env
             .iter()
             .map(|(k, v)| (k.clone(), v.expose().to_string()))
             .collect::<BTreeMap<_, _>>();
-        let env = self.slot_env(slot, &release.env, &secrets, &config.host, port, version);
-        let mut cmd = Command::new(&program);
-        cmd.args(&release.args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            // Its own process group: a Ctrl-C to the operator's terminal does not reach it, and
-            // stop() can signal it together with its children.
-            .process_group(0);
-        if !config.inherit_env {
-            cmd.env_clear();
-        }
-        cmd.envs(&env);
-        if let Some(dir) = &config.working_dir {
-            cmd.current_dir(dir);
-        }
-        let child = cmd.spawn().map_err(|source| {
-            record::mark(
-                &files.log,
-                slot,
-                &format!("cannot start {program}: {source}"),
-            );
-            ProcessError::Spawn {
-                program: program.clone(),
-                slot,
-                source,
-                log_tail: record::log_tail(&files.log, TAIL_LINES),
-            }
-            .into_core("deploy")
-        })?;
-        let pid = child.id() as i32;
-        let rec = SlotRecord {
-            format: 1,
-            pid,
-            proc_start: record::start_time(pid),
-            host: config.host.clone(),
-            port,
+        let port = self.pick_port(slot)?;
+        let launch = Launch {
             version: release.version.clone(),
-            program: program.clone(),
+            program,
             args: release.args.clone(),
             env: release.env.clone(),
-            secret_keys: release.secret_env.keys().cloned().collect(),
-            started_at_ms: record::unix_ms(SystemTime::now()),
-            stop_requested: false,
-            exit_code: None,
-            exit_signal: None,
-            exited_at_ms: None,
+            secrets,
+            port,
         };
-        let (tx, rx) = oneshot::channel();
-        {
-            let _guard = lock(&self.inner.files);
-            if let Err(e) = record::write(&files.record, &rec) {
-                let mut child = child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        }
-        lock(&self.inner.secrets).set(slot, secrets);
-        if let Err(e) = self.spawn_reaper(slot, child, tx) {
-            // The child was moved into the failed closure and dropped: kill it by pid.
-            let _ = rec.signal(slot, Signal::KILL);
-            return Err(io_error("starting the reaper thread for", &files.log, e));
-        }
-        record::mark(&files.log, slot, &format!("started pid={pid}"));
-
-        // Readiness is the engine's job (health checks); here only an immediate exit is caught.
-        if let Ok(Ok(status)) = tokio::time::timeout(config.startup_grace, rx).await {
-            return Err(ProcessError::ExitedAtStart {
-                program,
-                slot,
-                how: record::describe_exit(status.code(), status.signal()),
-                log: files.log.clone(),
-                log_tail: record::log_tail(&files.log, TAIL_LINES),
-            }
-            .into_core("deploy"));
-        }
-        tracing::info!(%slot, pid, port, version, "started {program}");
+        let rec = self.start_locked(slot, launch, "deploy").await?;
         Ok(vec![Self::endpoint(&rec)])
     }
 
@@ -511,7 +620,11 @@ impl Environment for ProcessEnvironment {
             let _guard = lock(&self.inner.files);
             record::remove_file(&files.record)?;
         }
-        record::remove_file(&files.log)?;
+        // The log outlives the slot (a failed release's output is what the operator reads
+        // after the rollback): rotated, not deleted.
+        if let Some(kept) = record::rotate_log(&files.log, self.inner.config.keep_logs)? {
+            tracing::info!(%slot, log = %kept.display(), "slot removed; its log is kept");
+        }
         lock(&self.inner.secrets).set(slot, BTreeMap::new());
         Ok(())
     }
@@ -546,7 +659,7 @@ impl Environment for ProcessEnvironment {
             .process_group(0)
             .kill_on_drop(true);
         if !config.inherit_env {
-            cmd.env_clear();
+            cmd.env_clear().envs(config.passed_env());
         }
         cmd.envs(&env);
         if let Some(dir) = &config.working_dir {

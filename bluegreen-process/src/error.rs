@@ -63,6 +63,18 @@ pub enum ProcessError {
         waited: Duration,
     },
 
+    /// A crashed program was not restarted: its secret variables are not known to this handle.
+    #[error(
+        "slot {slot} is not restarted: its release needs the secret variables {missing:?}, which \
+         only the process that deployed it held; deploy it again"
+    )]
+    SecretsUnknown {
+        /// The slot.
+        slot: Slot,
+        /// The names of the secret variables this handle lacks.
+        missing: Vec<String>,
+    },
+
     /// A signal could not be sent.
     #[error("cannot send {signal} to pid {pid} in slot {slot}: {source}")]
     Signal {
@@ -134,6 +146,7 @@ impl ProcessError {
             ProcessError::ExitedAtStart { .. }
             | ProcessError::CorruptPidFile { .. }
             | ProcessError::NotDeployed { .. }
+            | ProcessError::SecretsUnknown { .. }
             | ProcessError::Exec { .. } => false,
             ProcessError::Unkillable { .. }
             | ProcessError::Signal { .. }

@@ -172,6 +172,39 @@ pub(crate) fn remove_file(path: &Path) -> Result<()> {
     }
 }
 
+/// The `n`th earlier log of `log` (`<slot>.log.<n>`); `n = 0` is `log` itself.
+pub(crate) fn rotated(log: &Path, n: u32) -> PathBuf {
+    if n == 0 {
+        return log.to_path_buf();
+    }
+    let mut name = log.as_os_str().to_os_string();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// Moves `log` to `<log>.1`, shifting the earlier ones up and dropping what goes past `keep`
+/// (with `keep = 0`, deletes it). Where `log` went, if it existed.
+pub(crate) fn rotate_log(log: &Path, keep: u32) -> Result<Option<PathBuf>> {
+    if fs::symlink_metadata(log).is_err() {
+        return Ok(None);
+    }
+    if keep == 0 {
+        remove_file(log)?;
+        return Ok(None);
+    }
+    remove_file(&rotated(log, keep))?;
+    for n in (0..keep).rev() {
+        let from = rotated(log, n);
+        let to = rotated(log, n + 1);
+        match fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("rotating log", &from, e)),
+        }
+    }
+    Ok(Some(rotated(log, 1)))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Liveness
 

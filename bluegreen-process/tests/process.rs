@@ -449,7 +449,7 @@ async fn deploying_again_replaces_and_the_same_release_is_kept() {
 }
 
 #[tokio::test]
-async fn remove_stops_and_deletes_the_slot_files() {
+async fn remove_stops_deletes_the_pid_file_and_keeps_the_log_rotated() {
     let f = fixture();
     f.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
     let pid = f.env.pid(Slot::Blue).unwrap().unwrap();
@@ -458,6 +458,10 @@ async fn remove_stops_and_deletes_the_slot_files() {
     assert!(!pid_alive(pid));
     assert!(!f.env.pid_file(Slot::Blue).exists());
     assert!(!f.env.log_path(Slot::Blue).exists());
+    // The removed release's output is what an operator reads after a rollback: kept.
+    let kept = f.dir.path().join("blue.log.1");
+    assert_eq!(f.env.log_paths(Slot::Blue), vec![kept.clone()]);
+    assert!(read(&kept).contains("deploy version=v1"), "{}", read(&kept));
     assert_eq!(
         f.env.status(Slot::Blue).await.unwrap().state,
         InstanceState::Absent
@@ -583,4 +587,131 @@ async fn a_later_process_sees_the_slot_of_one_that_exited() {
         f.env.status(Slot::Green).await.unwrap().state,
         InstanceState::Stopped
     );
+}
+
+#[tokio::test]
+async fn each_release_gets_a_fresh_log_and_the_last_few_are_kept() {
+    let f = fixture_with(|c| c.with_keep_logs(2));
+    for v in ["v1", "v2", "v3", "v4"] {
+        f.env.deploy(Slot::Green, &demo(v)).await.unwrap();
+    }
+    let logs = f.env.log_paths(Slot::Green);
+    let names: Vec<_> = logs
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["green.log", "green.log.1", "green.log.2"]);
+    // Newest first: each file holds one release.
+    for (path, v) in logs.iter().zip(["v4", "v3", "v2"]) {
+        let text = read(path);
+        assert!(text.contains(&format!("deploy version={v}")), "{text}");
+        assert_eq!(text.matches("deploy version=").count(), 1, "{text}");
+    }
+    // The other slot's logs are its own.
+    assert!(f.env.log_paths(Slot::Blue).is_empty());
+
+    // keep_logs = 0 keeps nothing.
+    let g = fixture_with(|c| c.with_keep_logs(0));
+    g.env.deploy(Slot::Blue, &demo("v1")).await.unwrap();
+    g.env.remove(Slot::Blue).await.unwrap();
+    assert!(g.env.log_paths(Slot::Blue).is_empty());
+}
+
+/// The program's environment as the kernel has it (`/proc/<pid>/environ`).
+fn environ_of(pid: u32) -> std::collections::BTreeMap<String, String> {
+    let bytes = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    bytes
+        .split(|b| *b == 0)
+        .filter(|kv| !kv.is_empty())
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Run by `programs_get_a_clean_environment_plus_what_is_passed` in a child process whose
+/// environment holds `BG_TEST_PASSED` and `BG_TEST_CI_TOKEN`.
+#[tokio::test]
+#[ignore = "helper run in a separate process by another test"]
+async fn helper_deploy_with_a_clean_environment() {
+    let dir = std::env::var("BLUEGREEN_PROCESS_TEST_DIR").expect("run by another test");
+    let inherit = std::env::var("BG_TEST_INHERIT").is_ok();
+    let env = ProcessEnvironment::new(
+        ProcessConfig::new(dir)
+            .with_pass_env("BG_TEST_PASSED")
+            .with_pass_env("BG_TEST_NOT_SET")
+            .with_env("FROM_CONFIG", "c")
+            .with_inherit_env(inherit),
+    );
+    let release = demo("v1").with_secret_env("APP_SECRET", "from-release");
+    env.deploy(Slot::Blue, &release).await.unwrap();
+}
+
+#[tokio::test]
+async fn programs_get_a_clean_environment_plus_what_is_passed() {
+    for inherit in [false, true] {
+        let f = fixture();
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "helper_deploy_with_a_clean_environment",
+            "--exact",
+            "--ignored",
+            "--quiet",
+        ])
+        .env("BLUEGREEN_PROCESS_TEST_DIR", f.dir.path())
+        .env("BG_TEST_PASSED", "passed")
+        .env("BG_TEST_CI_TOKEN", "do-not-leak")
+        .env("PGPASSWORD", "do-not-leak-either")
+        .env("LANG", "C.UTF-8")
+        .env_remove("BG_TEST_NOT_SET");
+        if inherit {
+            cmd.env("BG_TEST_INHERIT", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "helper failed: {out:?}");
+        let pid = f.env.pid(Slot::Blue).unwrap().unwrap();
+        let env = environ_of(pid);
+        let get = |k: &str| env.get(k).map(String::as_str);
+        // What every program gets, and what the release and config say.
+        assert_eq!(get("PATH"), std::env::var("PATH").ok().as_deref());
+        assert_eq!(get("LANG"), Some("C.UTF-8"));
+        assert_eq!(get("BG_TEST_PASSED"), Some("passed"));
+        assert_eq!(get("FROM_CONFIG"), Some("c"));
+        assert_eq!(get("APP_SECRET"), Some("from-release"));
+        assert_eq!(get("BLUEGREEN_SLOT"), Some("blue"));
+        assert!(get("PORT").is_some() && get("HOST").is_some());
+        assert_eq!(get("BG_TEST_NOT_SET"), None);
+        if inherit {
+            // The explicit opt-in inherits everything.
+            assert_eq!(get("BG_TEST_CI_TOKEN"), Some("do-not-leak"));
+        } else {
+            // Nothing else of the deploying process reaches the program.
+            assert_eq!(get("BG_TEST_CI_TOKEN"), None);
+            assert_eq!(get("PGPASSWORD"), None);
+            assert_eq!(get("BLUEGREEN_PROCESS_TEST_DIR"), None);
+            let names: Vec<_> = env.keys().map(String::as_str).collect();
+            for k in &names {
+                assert!(
+                    [
+                        "PATH",
+                        "HOME",
+                        "LANG",
+                        "TZ",
+                        "BG_TEST_PASSED",
+                        "FROM_CONFIG",
+                        "APP_SECRET",
+                        "PORT",
+                        "HOST",
+                        "BLUEGREEN_SLOT",
+                        "BLUEGREEN_VERSION",
+                    ]
+                    .contains(k)
+                        || k.starts_with("DEMO_"),
+                    "unexpected variable {k} in {names:?}"
+                );
+            }
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! | `GET /v1/slots/{slot}/in-flight` | `{"in_flight": n}` |
 //! | `GET /v1/slots/{slot}/metrics` | `SlotMetrics` |
 //! | `POST /v1/pause`, `POST /v1/resume` | — |
+//! | `/v1/environment/{slot}/…` | the served [`Environment`], see [`RemoteEnvironment`](crate::RemoteEnvironment) |
 //!
 //! Errors answer 400 (invalid input), 401 (token), 404, 501 (unsupported) or 500 with
 //! `{"kind": ..., "message": ...}`.
@@ -24,8 +25,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bluegreen_core::{
-    Capabilities, Endpoints, Error, Result, Secret, Slot, SlotMetrics, TrafficSplit, TrafficSwitch,
-    TrafficSwitchExt,
+    Capabilities, Endpoints, Environment, Error, Result, Secret, Slot, SlotMetrics, TrafficSplit,
+    TrafficSwitch, TrafficSwitchExt,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -75,6 +76,9 @@ struct InFlightBody {
 struct ErrorBody {
     kind: String,
     message: String,
+    /// Whether the failed call may succeed if tried again.
+    #[serde(default)]
+    retryable: bool,
 }
 
 /// A running control API. Stops on [`AdminServer::shutdown`] or when dropped.
@@ -125,6 +129,21 @@ impl ProxySwitch {
     /// [`Error::InvalidInput`] for an empty or short token (fewer than 16 characters);
     /// [`Error::Io`] when the address cannot be bound.
     pub async fn serve_admin(&self, listen: SocketAddr, token: Secret) -> Result<AdminServer> {
+        self.serve_admin_with_environment(listen, token, None).await
+    }
+
+    /// [`serve_admin`](Self::serve_admin), also serving `environment` under
+    /// `/v1/environment/…` for [`RemoteEnvironment`](crate::RemoteEnvironment) clients: this
+    /// process then owns the instances other processes deploy.
+    ///
+    /// # Errors
+    /// As [`serve_admin`](Self::serve_admin).
+    pub async fn serve_admin_with_environment(
+        &self,
+        listen: SocketAddr,
+        token: Secret,
+        environment: Option<Arc<dyn Environment>>,
+    ) -> Result<AdminServer> {
         if token.expose().len() < 16 {
             return Err(Error::invalid(
                 "admin token",
@@ -149,10 +168,13 @@ impl ProxySwitch {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue;
                         };
-                        let (switch, token) = (switch.clone(), token.clone());
+                        let (switch, token, env) =
+                            (switch.clone(), token.clone(), environment.clone());
                         let svc = service_fn(move |req| {
-                            let (switch, token) = (switch.clone(), token.clone());
-                            async move { Ok::<_, Infallible>(handle(&switch, &token, req).await) }
+                            let (switch, token, env) = (switch.clone(), token.clone(), env.clone());
+                            async move {
+                                Ok::<_, Infallible>(handle(&switch, &token, env.as_ref(), req).await)
+                            }
                         });
                         tokio::spawn(async move {
                             let _ = http1::Builder::new()
@@ -172,7 +194,7 @@ impl ProxySwitch {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -182,30 +204,42 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
         .expect("valid response")
 }
 
-fn no_content() -> Response<Full<Bytes>> {
+pub(crate) fn no_content() -> Response<Full<Bytes>> {
     Response::builder()
         .status(StatusCode::NO_CONTENT)
         .body(Full::new(Bytes::new()))
         .expect("valid response")
 }
 
-fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<Full<Bytes>> {
+pub(crate) fn error(
+    status: StatusCode,
+    kind: &str,
+    message: impl Into<String>,
+) -> Response<Full<Bytes>> {
     json(
         status,
         &ErrorBody {
             kind: kind.into(),
             message: message.into(),
+            retryable: false,
         },
     )
 }
 
-fn from_error(e: Error) -> Response<Full<Bytes>> {
+pub(crate) fn from_error(e: Error) -> Response<Full<Bytes>> {
     match &e {
         Error::InvalidInput { .. } => error(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
         Error::Unsupported { .. } => {
             error(StatusCode::NOT_IMPLEMENTED, "unsupported", e.to_string())
         }
-        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()),
+        _ => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &ErrorBody {
+                kind: "backend".into(),
+                message: e.to_string(),
+                retryable: e.is_retryable(),
+            },
+        ),
     }
 }
 
@@ -219,7 +253,7 @@ fn same_token(given: &[u8], want: &[u8]) -> bool {
             == 0
 }
 
-async fn body<T: for<'de> Deserialize<'de>>(
+pub(crate) async fn body<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> std::result::Result<T, Response<Full<Bytes>>> {
     let bytes = Limited::new(req.into_body(), MAX_BODY)
@@ -245,6 +279,7 @@ async fn body<T: for<'de> Deserialize<'de>>(
 async fn handle(
     switch: &ProxySwitch,
     token: &Secret,
+    env: Option<&Arc<dyn Environment>>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let authorized = req
@@ -264,6 +299,12 @@ async fn handle(
     let path: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (method, path.as_slice()) {
+        (method, ["v1", "environment", slot, rest @ ..]) => {
+            let (slot, rest) = (slot.to_string(), rest.to_vec());
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+            crate::remote_env::handle(env, method, &slot, &rest, req).await
+        }
         (Method::GET, ["v1", "state"]) => {
             let split = match switch.current().await {
                 Ok(s) => s,
@@ -375,12 +416,28 @@ impl RemoteProxySwitch {
         method: reqwest::Method,
         path: &str,
         body: Option<serde_json::Value>,
-        op: &str,
+        op: &'static str,
+    ) -> Result<reqwest::Response> {
+        self.call_as(crate::NAME, method, path, body, Duration::from_secs(30), op)
+            .await
+    }
+
+    /// A request bounded by `timeout`; a failure of the served backend is reported as one of
+    /// `backend`.
+    pub(crate) async fn call_as(
+        &self,
+        backend: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+        op: &'static str,
     ) -> Result<reqwest::Response> {
         let mut req = self
             .client
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(self.token.expose());
+            .bearer_auth(self.token.expose())
+            .timeout(timeout);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -398,11 +455,21 @@ impl RemoteProxySwitch {
         let err: ErrorBody = resp.json().await.unwrap_or(ErrorBody {
             kind: "backend".into(),
             message: format!("HTTP {status}"),
+            retryable: false,
         });
         Err(match err.kind.as_str() {
             "invalid" => Error::invalid("proxy request", op.to_string(), err.message),
-            "unsupported" => Error::unsupported("operation", crate::NAME),
+            "unsupported" => Error::unsupported(op, backend.to_string()),
             "unauthorized" => ProxyError::Unauthorized.into_core(op),
+            "backend" if backend != crate::NAME => Error::backend(
+                backend.to_string(),
+                op.to_string(),
+                err.retryable,
+                ProxyError::Api {
+                    status: status.as_u16(),
+                    message: err.message,
+                },
+            ),
             _ => ProxyError::Api {
                 status: status.as_u16(),
                 message: err.message,

@@ -9,12 +9,14 @@ mod metrics;
 mod pause;
 mod persist;
 mod proxy;
+mod remote_env;
 mod routing;
 mod switch;
 
 pub use admin::{AdminServer, RemoteProxySwitch};
 pub use config::ProxyConfig;
 pub use error::ProxyError;
+pub use remote_env::RemoteEnvironment;
 pub use switch::ProxySwitch;
 
 /// The name this switch reports (`TrafficSwitch::name`), as found in errors and events.

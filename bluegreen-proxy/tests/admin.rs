@@ -94,3 +94,55 @@ async fn wrong_tokens_and_unreachable_proxies_are_clear_errors() {
     assert!(err.is_retryable());
     assert!(err.to_string().contains("bluegreen serve"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_environment_passes_the_environment_suite_through_the_api() {
+    use bluegreen_core::testkit::{environment_suite, EnvironmentSuite, Fakes};
+    use bluegreen_core::{Environment, Release};
+    use bluegreen_proxy::RemoteEnvironment;
+    use std::time::Duration;
+
+    let fakes = Fakes::new();
+    let proxy = ProxySwitch::bind(ProxyConfig::default()).await.unwrap();
+    let served: Arc<dyn Environment> = Arc::new(fakes.environment());
+    let admin = proxy
+        .serve_admin_with_environment(
+            "127.0.0.1:0".parse().unwrap(),
+            Secret::new(TOKEN),
+            Some(served),
+        )
+        .await
+        .unwrap();
+    let remote = RemoteEnvironment::new(admin.url(), Secret::new(TOKEN), "fake").unwrap();
+    assert_eq!(remote.name(), "fake");
+    let suite = EnvironmentSuite {
+        release: Arc::new(|v| Release::new(v, "app").unwrap()),
+        ready_timeout: Duration::from_secs(5),
+        exec_argv: Some(vec!["migrate".into()]),
+    };
+    environment_suite(&remote, &suite).await.assert_complete();
+
+    // Secret variables reach the served environment (they travel in the body, never in state).
+    let release = Release::new("v9", "app")
+        .unwrap()
+        .with_env("MODE", "web")
+        .with_secret_env("API_KEY", "k-123");
+    remote.deploy(Slot::Blue, &release).await.unwrap();
+    let env = fakes.started_env(Slot::Blue).unwrap();
+    assert_eq!(env.get("MODE").map(String::as_str), Some("web"));
+    assert!(env.get("API_KEY").is_some_and(|v| v == "k-123"));
+
+    // A server without an environment says so; a wrong token is refused.
+    let bare = proxy
+        .serve_admin("127.0.0.1:0".parse().unwrap(), Secret::new(TOKEN))
+        .await
+        .unwrap();
+    let none = RemoteEnvironment::new(bare.url(), Secret::new(TOKEN), "fake").unwrap();
+    let err = none.status(Slot::Blue).await.unwrap_err();
+    assert!(
+        err.to_string().contains("does not manage an environment"),
+        "{err}"
+    );
+    let wrong = RemoteEnvironment::new(admin.url(), Secret::new("x".repeat(20)), "fake").unwrap();
+    assert!(wrong.status(Slot::Blue).await.is_err());
+}

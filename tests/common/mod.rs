@@ -27,6 +27,8 @@ name = "cli-test"
 [environment]
 kind = "process"
 program = "{}"
+# The demo app's knobs that tests set on the CLI's environment; nothing else of it passes.
+pass_env = ["DEMO_FAIL_HEALTH", "DEMO_START_DELAY_MS"]
 
 [switch]
 kind = "proxy"
