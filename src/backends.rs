@@ -60,7 +60,8 @@ pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Resul
                 timeout_ms,
                 headers,
             } => {
-                let mut c = HttpCheck::new(path.clone()).with_status(*status);
+                let status = crate::pipeline::http_status(*status)?;
+                let mut c = HttpCheck::new(path.clone()).with_status(status);
                 if let Some(b) = body_contains {
                     c = c.with_body_contains(b.clone());
                 }
@@ -89,7 +90,10 @@ pub(crate) async fn deployer(p: &Pipeline, state_dir: &Path) -> bluegreen::Resul
         let name = h.name.clone().unwrap_or_else(|| format!("hook-{i}"));
         let mut opts = HookOptions::default().with_on_timeout(h.on_timeout);
         if let Some(t) = h.timeout {
-            opts = opts.with_timeout(Duration::from_secs_f64(t));
+            // Checked when the file was loaded.
+            let t = crate::pipeline::seconds(t)
+                .map_err(|e| Error::invalid("pipeline file", format!("hooks[{i}].timeout"), e))?;
+            opts = opts.with_timeout(t);
         }
         b = b.hook_with(
             h.point,
@@ -131,11 +135,11 @@ pub(crate) async fn environment(
     state_dir: &Path,
 ) -> bluegreen::Result<Arc<dyn Environment>> {
     match &p.environment {
-        EnvironmentCfg::Process(_) => {
+        EnvironmentCfg::Process(pc) => {
             use bluegreen::process::{ProcessConfig, ProcessEnvironment};
-            Ok(Arc::new(ProcessEnvironment::new(ProcessConfig::new(
-                state_dir.join("process"),
-            ))))
+            let mut config = ProcessConfig::new(state_dir.join("process"));
+            config.working_dir = pc.working_dir.clone();
+            Ok(Arc::new(ProcessEnvironment::new(config)))
         }
         #[cfg(feature = "docker")]
         EnvironmentCfg::Docker { config, .. } => Ok(Arc::new(
