@@ -91,7 +91,10 @@ pub fn traefik_render(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let mut parts = text.splitn(2, "\n\n");
     let head = parts.next().unwrap_or("");
-    let middlewares: Vec<&str> = parts.next().map(|m| m.lines().collect()).unwrap_or_default();
+    let middlewares: Vec<&str> = parts
+        .next()
+        .map(|m| m.lines().collect())
+        .unwrap_or_default();
     let mut lines = head.lines();
     let name = lines.next().unwrap_or("");
     let rule = lines.next().unwrap_or("");

@@ -6,12 +6,14 @@ use std::path::Path;
 
 /// The characters that break out of a name in one config language or another.
 const HOSTILE: &[&str] = &[
-    "", " ", "\n", "\r\n", "\0", ";", "{", "}", "\"", "'", "`", "\\", "$", "#", "]]", "[[",
-    "--", "/*", "*/", "${x}", "@TOKEN@", "@DICT@", "%", "\u{202e}", "é", "\u{feff}", "a b",
+    "", " ", "\n", "\r\n", "\0", ";", "{", "}", "\"", "'", "`", "\\", "$", "#", "]]", "[[", "--",
+    "/*", "*/", "${x}", "@TOKEN@", "@DICT@", "%", "\u{202e}", "é", "\u{feff}", "a b",
 ];
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| std::fs::read(e.unwrap().path()).unwrap())
@@ -42,11 +44,25 @@ fn spliced(base: &str, word: &str) -> Vec<Vec<u8>> {
 fn pipeline_parsing_never_panics() {
     let mut inputs = corpus("pipeline");
     let base = String::from_utf8(inputs[0].clone()).unwrap();
-    for word in ["shop", "/health", "x-bluegreen-version", "127.0.0.1:8080", "30"] {
+    for word in [
+        "shop",
+        "/health",
+        "x-bluegreen-version",
+        "127.0.0.1:8080",
+        "30",
+    ] {
         inputs.extend(spliced(&base, word));
     }
     for n in [
-        "-1.0", "nan", "+inf", "-inf", "1e300", "0.0", "1e-300", "-0.0", "18446744073709551616",
+        "-1.0",
+        "nan",
+        "+inf",
+        "-inf",
+        "1e300",
+        "0.0",
+        "1e-300",
+        "-0.0",
+        "18446744073709551616",
     ] {
         for key in ["timeout", "drain_timeout", "readiness_timeout", "lag_bound"] {
             inputs.push(format!("{base}\n[[hooks]]\npoint = \"before_switch\"\nargv = [\"true\"]\n{key} = {n}\n").into_bytes());
