@@ -76,7 +76,8 @@ pub(crate) async fn deployer_with(
                 timeout_ms,
                 headers,
             } => {
-                let mut c = HttpCheck::new(path.clone()).with_status(*status);
+                let status = crate::pipeline::http_status(*status)?;
+                let mut c = HttpCheck::new(path.clone()).with_status(status);
                 if let Some(b) = body_contains {
                     c = c.with_body_contains(b.clone());
                 }
@@ -105,7 +106,10 @@ pub(crate) async fn deployer_with(
         let name = h.name.clone().unwrap_or_else(|| format!("hook-{i}"));
         let mut opts = HookOptions::default().with_on_timeout(h.on_timeout);
         if let Some(t) = h.timeout {
-            opts = opts.with_timeout(Duration::from_secs_f64(t));
+            // Checked when the file was loaded.
+            let t = crate::pipeline::seconds(t)
+                .map_err(|e| Error::invalid("pipeline file", format!("hooks[{i}].timeout"), e))?;
+            opts = opts.with_timeout(t);
         }
         b = b.hook_with(
             h.point,
@@ -179,6 +183,7 @@ pub(crate) fn process_config(
     state_dir: &Path,
 ) -> bluegreen::Result<bluegreen::process::ProcessConfig> {
     let mut config = bluegreen::process::ProcessConfig::new(state_dir.join("process"));
+    config.working_dir = pc.working_dir.clone();
     for name in &pc.pass_env {
         config = config.with_pass_env(name.clone());
     }

@@ -47,6 +47,12 @@ struct Cli {
     /// Machine-readable output: one JSON object per line (events, then the result).
     #[arg(long, global = true)]
     json: bool,
+    /// More log lines on stderr (`-v` info, `-vv` debug, `-vvv` trace); `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Fewer log lines on stderr (`-q` errors only, `-qq` none); `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -501,13 +507,19 @@ async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
     for slot in bluegreen::Slot::ALL {
         let s = st.slots.get(slot);
         let rec = st.state.slots.get(slot);
+        // The record names the deployment only of the version that really runs there.
+        let recorded = rec.as_ref().map(|r| match &s.version {
+            Some(v) if *v != r.release.version => format!(
+                " (not the recorded {} of deployment #{})",
+                r.release.version, r.deployment
+            ),
+            _ => format!(" (deployment #{}, {})", r.deployment, r.deployed_at),
+        });
         println!(
             "{slot:<6}   {:?} {}{}",
             s.state,
             s.version.as_ref().map(|v| v.as_str()).unwrap_or("-"),
-            rec.as_ref()
-                .map(|r| format!(" (deployment #{}, {})", r.deployment, r.deployed_at))
-                .unwrap_or_default()
+            recorded.unwrap_or_default()
         );
     }
     if let Some(f) = &st.state.in_flight {
@@ -670,17 +682,31 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
         }
         Command::Validate => validate(&p, &state_dir, mode).await?,
         Command::BreakLock { force } => {
-            let removed = if force {
+            // A lock that cannot be read names no holder that could still be alive: it is
+            // removed, and the output says what it was.
+            let corrupt = match backends::store(&p, &state_dir)?.lock_info().await {
+                Err(Error::CorruptState { location, reason }) => Some((location, reason)),
+                _ => None,
+            };
+            let removed = if force || corrupt.is_some() {
                 d.force_break_lock().await?
             } else {
                 d.break_lock().await?
             };
             if mode == Mode::Json {
-                emit_json(serde_json::json!({"result": "ok", "removed": removed}));
+                let corrupt = corrupt
+                    .as_ref()
+                    .map(|(l, r)| serde_json::json!({"location": l, "reason": r}));
+                emit_json(
+                    serde_json::json!({"result": "ok", "removed": removed, "corrupt": corrupt}),
+                );
             } else {
-                match removed {
-                    Some(l) => println!("removed the lock held by {l} (epoch {})", l.epoch),
-                    None => println!("no lock was held"),
+                match (removed, corrupt) {
+                    (Some(l), _) => println!("removed the lock held by {l} (epoch {})", l.epoch),
+                    (None, Some((location, reason))) => println!(
+                        "removed a corrupt lock at {location} (it named no holder: {reason})"
+                    ),
+                    (None, None) => println!("no lock was held"),
                 }
             }
             ExitCode::SUCCESS
@@ -714,6 +740,33 @@ fn print_logs_written_since(
     }
 }
 
+/// Log lines (the libraries' `tracing` events: stale-lock takeovers, drain timeouts, SIGKILL
+/// escalations, lease-renewal failures, ...) go to stderr. Warnings show by default; `RUST_LOG`
+/// (e.g. `RUST_LOG=bluegreen_core=debug`) wins over `-v`/`-q`.
+fn install_logging(verbose: u8, quiet: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (verbose, quiet) {
+        (_, 1) => "error",
+        (_, q) if q >= 2 => "off",
+        (0, _) => "warn",
+        (1, _) => "info",
+        (2, _) => "debug",
+        _ => "trace",
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v).unwrap_or_else(|e| {
+            eprintln!("warning: ignoring RUST_LOG: {e}");
+            EnvFilter::new(level)
+        }),
+        _ => EnvFilter::new(level),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -722,6 +775,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    install_logging(cli.verbose, cli.quiet);
     let mode = if cli.json {
         Mode::Json
     } else if std::io::stdout().is_terminal() {

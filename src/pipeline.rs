@@ -186,10 +186,50 @@ pub(crate) struct ProcessCfg {
         with = "bluegreen::config::duration"
     )]
     pub(crate) failover_after: Duration,
+    /// The program's working directory; `None` keeps the CLI's. Relative to the pipeline file.
+    #[serde(default)]
+    pub(crate) working_dir: Option<PathBuf>,
 }
 
 fn default_failover_after() -> Duration {
     bluegreen::process::SupervisorConfig::default().failover_after
+}
+
+impl ProcessCfg {
+    /// Refuses what could never start, and makes relative paths relative to `base` (the pipeline
+    /// file's directory): a `program` with a `/` (a bare name is looked up in `PATH`) and
+    /// `working_dir`.
+    fn check(mut self, base: &Path) -> Result<Self, String> {
+        if self.program.trim().is_empty() {
+            return Err("environment.program: must name a program".into());
+        }
+        if self.program.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
+            return Err("environment.program/args: must not contain NUL".into());
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(format!(
+                    "environment.env: invalid variable name {:?}: must be non-empty, without `=` or NUL",
+                    k.escape_debug().to_string()
+                ));
+            }
+            if v.contains('\0') {
+                return Err(format!(
+                    "environment.env.{k}: the value must not contain NUL"
+                ));
+            }
+        }
+        if self.program.contains('/') && Path::new(&self.program).is_relative() {
+            self.program = base.join(&self.program).to_string_lossy().into_owned();
+        }
+        if let Some(dir) = &self.working_dir {
+            if dir.as_os_str().is_empty() {
+                return Err("environment.working_dir: must not be empty".into());
+            }
+            self.working_dir = Some(base.join(dir));
+        }
+        Ok(self)
+    }
 }
 
 /// The traffic switch, and where clients reach it (`public`, used by `[verify]`).
@@ -295,6 +335,10 @@ enum SwitchFile {
         listen: SocketAddr,
         /// Where `bluegreen serve` accepts control requests (keep it on loopback).
         admin: SocketAddr,
+        /// Serve the control API on a non-loopback `admin` address: its bearer token then
+        /// travels in plain HTTP. Default `false` (such an address is refused).
+        #[serde(default)]
+        admin_public: bool,
         #[serde(flatten)]
         rest: Rest,
     },
@@ -365,6 +409,21 @@ fn duration_value(d: Duration) -> toml::Value {
     toml::Value::String(format!("{}ms", d.as_millis()))
 }
 
+/// The longest number of seconds a pipeline file may give (the bound `[policy]` has too).
+const MAX_SECONDS: f64 = 1e9;
+
+/// A number of seconds from the file: positive, finite and at most [`MAX_SECONDS`] (a NaN,
+/// infinite, negative or huge value would panic in `Duration::from_secs_f64`).
+pub(crate) fn seconds(secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && secs > 0.0 && secs <= MAX_SECONDS {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(format!(
+            "{secs} is not a number of seconds (it must be above 0 and at most {MAX_SECONDS:e})"
+        ))
+    }
+}
+
 /// A path relative to the pipeline file's directory.
 fn relative_to(base: &Path, rest: &mut Rest, key: &str) {
     if let Some(toml::Value::String(s)) = rest.get(key) {
@@ -388,7 +447,12 @@ impl Pipeline {
     pub(crate) fn load(file: &Path) -> bluegreen::Result<(Pipeline, PathBuf)> {
         let text = std::fs::read_to_string(file)
             .map_err(|e| Error::io(format!("reading the pipeline file {}", file.display()), e))?;
-        let mut f: PipelineFile = toml::from_str(&text).map_err(|e| config_error(file, e))?;
+        Self::parse(&text, file)
+    }
+
+    /// Checks `text`, the contents of `file` (relative paths are relative to its directory).
+    pub(crate) fn parse(text: &str, file: &Path) -> bluegreen::Result<(Pipeline, PathBuf)> {
+        let mut f: PipelineFile = toml::from_str(text).map_err(|e| config_error(file, e))?;
         let base = file
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -423,6 +487,17 @@ impl Pipeline {
                     format!("hooks[{i}]: argv must name a program"),
                 ));
             }
+            if let Some(t) = h.timeout {
+                seconds(t).map_err(|e| config_error(file, format!("hooks[{i}].timeout: {e}")))?;
+            }
+        }
+        for (i, h) in f.health_checks.iter().enumerate() {
+            h.check()
+                .map_err(|e| config_error(file, format!("health_checks[{i}]: {e}")))?;
+        }
+        if let Some(v) = &f.verify {
+            v.check()
+                .map_err(|e| config_error(file, format!("[verify]: {e}")))?;
         }
         if let Some(a) = &f.analysis {
             if !(0.0..=1.0).contains(&a.max_error_rate) {
@@ -443,7 +518,7 @@ impl Pipeline {
                         "[environment] failover_after must be positive",
                     ));
                 }
-                EnvironmentCfg::Process(pc)
+                EnvironmentCfg::Process(pc.check(&base).map_err(|e| config_error(file, e))?)
             }
             EnvironmentFile::Docker {
                 image,
@@ -475,8 +550,10 @@ impl Pipeline {
             SwitchFile::Proxy {
                 listen,
                 admin,
+                admin_public,
                 mut rest,
             } => {
+                check_admin(admin, admin_public).map_err(|e| config_error(file, e))?;
                 rest.insert("listen".into(), toml::Value::String(listen.to_string()));
                 SwitchCfg::Proxy {
                     config: backend_config(file, "switch", rest)?,
@@ -544,17 +621,9 @@ impl Pipeline {
                 mut rest,
             } => {
                 if let Some(secs) = lag_bound {
-                    if !(secs.is_finite() && secs > 0.0) {
-                        return Err(Error::invalid(
-                            "pipeline file",
-                            "database.lag_bound",
-                            "must be a positive number of seconds",
-                        ));
-                    }
-                    rest.insert(
-                        "lag_bound".into(),
-                        duration_value(Duration::from_secs_f64(secs)),
-                    );
+                    let d = seconds(secs)
+                        .map_err(|e| config_error(file, format!("database.lag_bound: {e}")))?;
+                    rest.insert("lag_bound".into(), duration_value(d));
                 }
                 DatabaseCfg::Replicated(backend_config(file, "database", rest)?)
             }
@@ -672,8 +741,9 @@ impl Pipeline {
 pub(crate) enum HealthCfg {
     Http {
         path: String,
+        /// Wider than a status so that any integer is named in the error (`status = 70000`).
         #[serde(default = "default_status")]
-        status: u16,
+        status: i64,
         #[serde(default)]
         body_contains: Option<String>,
         #[serde(default)]
@@ -694,8 +764,50 @@ pub(crate) enum HealthCfg {
     },
 }
 
-fn default_status() -> u16 {
+fn default_status() -> i64 {
     200
+}
+
+/// `status` as a `u16`, or the error naming it.
+pub(crate) fn http_status(status: i64) -> bluegreen::Result<u16> {
+    u16::try_from(status).map_err(|_| {
+        Error::invalid(
+            "status",
+            status.to_string(),
+            "must be an HTTP status between 100 and 599",
+        )
+    })
+}
+
+impl HealthCfg {
+    /// Refuses a check that could never pass (it would fail only after the readiness timeout).
+    fn check(&self) -> bluegreen::Result<()> {
+        use bluegreen::health::{validate_http_header, validate_http_path, validate_http_status};
+        match self {
+            HealthCfg::Http {
+                path,
+                status,
+                headers,
+                ..
+            } => {
+                validate_http_path("path", path)?;
+                validate_http_status("status", http_status(*status)?)?;
+                for (k, v) in headers {
+                    validate_http_header("headers", k, Some(v))?;
+                }
+                Ok(())
+            }
+            HealthCfg::Command { argv, .. } => match argv.first() {
+                Some(p) if !p.is_empty() && !argv.iter().any(|a| a.contains('\0')) => Ok(()),
+                _ => Err(Error::invalid(
+                    "argv",
+                    format!("{argv:?}"),
+                    "must name a program, without NUL",
+                )),
+            },
+            HealthCfg::Tcp { .. } => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -727,6 +839,18 @@ fn default_verify_path() -> String {
     "/".into()
 }
 
+impl VerifyCfg {
+    /// Refuses a probe that could never match: every deploy would switch, fail verify and switch
+    /// back.
+    fn check(&self) -> bluegreen::Result<()> {
+        bluegreen::health::validate_http_path("path", &self.path)?;
+        if let Some(h) = &self.header {
+            bluegreen::health::validate_http_header("header", h, None)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AnalysisCfg {
@@ -735,6 +859,33 @@ pub(crate) struct AnalysisCfg {
     pub(crate) min_requests: Option<u64>,
     #[serde(default)]
     pub(crate) max_p99_ms: Option<u64>,
+}
+
+/// The control API on a non-loopback address only when the file says so, and then with a
+/// warning: the bearer token travels in plain HTTP.
+fn check_admin(admin: SocketAddr, admin_public: bool) -> Result<(), String> {
+    if admin.ip().is_loopback() {
+        return Ok(());
+    }
+    if !admin_public {
+        return Err(format!(
+            "[switch] admin = \"{admin}\" is not a loopback address: the control API's bearer \
+             token would travel in plain HTTP; keep it on 127.0.0.1 (reach it over SSH), or set \
+             `admin_public = true` to serve it there anyway"
+        ));
+    }
+    tracing::warn!(
+        %admin,
+        "the control API listens on a non-loopback address (admin_public = true): its bearer \
+         token travels in plain HTTP, readable by anyone on the network path"
+    );
+    Ok(())
+}
+
+/// Refuses a secret file that group or others may read or write, as ssh refuses such a key (one
+/// rule for token files and `[secrets]` files).
+pub(crate) fn check_private(path: &Path, what: &str) -> bluegreen::Result<()> {
+    bluegreen::secrets::check_private(path, &format!("the {what} file"))
 }
 
 /// A config error naming the file (and, from toml, the line, column and key).
@@ -777,6 +928,7 @@ pub(crate) fn parse_duration(var: &str, s: &str) -> bluegreen::Result<Duration> 
 
 /// Reads a secret (a token) from a file, trimmed; an empty file is an error.
 pub(crate) fn read_secret_file(path: &Path, what: &str) -> bluegreen::Result<Secret> {
+    check_private(path, what)?;
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
         Ok(_) => Err(Error::invalid(
@@ -793,6 +945,9 @@ pub(crate) fn read_secret_file(path: &Path, what: &str) -> bluegreen::Result<Sec
 
 /// Reads the admin token written by `bluegreen serve`.
 pub(crate) fn read_token(path: &Path) -> bluegreen::Result<Secret> {
+    if path.exists() {
+        check_private(path, "admin token")?;
+    }
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
         Ok(_) => Err(Error::invalid(
@@ -812,8 +967,12 @@ pub(crate) fn read_token(path: &Path) -> bluegreen::Result<Secret> {
 
 /// Creates (or reads) the admin token file, mode 0600.
 pub(crate) fn ensure_token(path: &Path) -> bluegreen::Result<Secret> {
+    // A token others could read is refused, not silently kept (nor replaced).
     if let Ok(t) = read_token(path) {
         return Ok(t);
+    }
+    if path.exists() {
+        check_private(path, "admin token")?;
     }
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
@@ -851,7 +1010,10 @@ mod tests {
 
     fn load(text: &str) -> bluegreen::Result<Pipeline> {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("nginx.token"), "0123456789abcdef0123\n").unwrap();
+        let token = dir.path().join("nginx.token");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
         let file = dir.path().join("bluegreen.toml");
         std::fs::write(&file, text).unwrap();
         Pipeline::load(&file).map(|(p, _)| p)
@@ -950,6 +1112,82 @@ drain_timeout = 12
         assert!(config.dir.ends_with("dynamic"));
         assert_eq!(config.version, bluegreen::traefik::TraefikVersion::V2);
         assert_eq!(config.format, bluegreen::traefik::FileFormat::Toml);
+    }
+
+    #[test]
+    fn every_number_of_seconds_is_checked_before_it_becomes_a_duration() {
+        let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"/bin/true\"\n\
+                    [switch]\nkind = \"haproxy\"\nruntime = \"/x.sock\"\n";
+        for bad in ["-1.0", "nan", "inf", "1e300", "0.0"] {
+            let err = load(&format!(
+                "{head}[database]\nkind = \"replicated\"\nlag_bound = {bad}\n[database.connection]\ndbname = \"x\""
+            ))
+            .unwrap_err();
+            assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+            assert!(err.to_string().contains("database.lag_bound"), "{err}");
+            let err = load(&format!(
+                "{head}[[hooks]]\npoint = \"before_switch\"\nargv = [\"true\"]\ntimeout = {bad}"
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains("hooks[0].timeout"), "{err}");
+        }
+        let p = load(&format!(
+            "{head}[[hooks]]\npoint = \"before_switch\"\nargv = [\"true\"]\ntimeout = 1.5"
+        ))
+        .unwrap();
+        assert_eq!(p.hooks[0].timeout, Some(1.5));
+    }
+
+    #[test]
+    fn relative_program_and_working_dir_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bluegreen.toml");
+        std::fs::write(
+            &file,
+            "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\n\
+             program = \"./bin/app\"\nworking_dir = \"data\"\n\
+             [switch]\nkind = \"proxy\"\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        let (p, _) = Pipeline::load(&file).unwrap();
+        let EnvironmentCfg::Process(pc) = &p.environment else {
+            panic!("{:?}", p.environment)
+        };
+        assert_eq!(Path::new(&pc.program), dir.path().join("./bin/app"));
+        assert_eq!(pc.working_dir.as_deref(), Some(&*dir.path().join("data")));
+        // A bare name is looked up in PATH; an absolute path stays.
+        for (program, expected) in [("app", "app"), ("/usr/bin/app", "/usr/bin/app")] {
+            std::fs::write(
+                &file,
+                format!(
+                    "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"{program}\"\n\
+                     [switch]\nkind = \"proxy\"\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n"
+                ),
+            )
+            .unwrap();
+            let (p, _) = Pipeline::load(&file).unwrap();
+            let EnvironmentCfg::Process(pc) = &p.environment else {
+                panic!()
+            };
+            assert_eq!(pc.program, expected);
+            assert_eq!(pc.working_dir, None);
+        }
+    }
+
+    #[test]
+    fn the_nginx_token_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("t");
+        std::fs::write(&token, "abc").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret_file(&token, "x").unwrap().expose(), "abc");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret_file(&token, "x").unwrap_err().to_string();
+        assert!(
+            err.contains("group or others") && !err.contains("abc"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -132,7 +132,11 @@ fn the_cli_drives_real_nginx_in_dynamic_mode() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (nginx, config) = nginx::start_dynamic(&dir.path().join("nginx"), "shop", Ok).unwrap();
-    std::fs::write(dir.path().join("nginx.token"), config.token.expose()).unwrap();
+    let token = dir.path().join("nginx.token");
+    std::fs::write(&token, config.token.expose()).unwrap();
+    // A token file others can read is refused.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (port, control) = (nginx.listen().port(), config.control.port());
     let file = pipeline(
         dir.path(),

@@ -100,6 +100,80 @@ impl HttpCheck {
         self.headers.push((name.into(), value.into()));
         self
     }
+
+    /// Checks what could never work: a path that is not a request target, a status outside
+    /// 100..=599, a header name or value HTTP cannot carry. Without it such a check fails only
+    /// when the readiness timeout runs out.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        validate_http_path("path", &self.path)?;
+        validate_http_status("status", self.status)?;
+        for (k, v) in &self.headers {
+            validate_http_header("headers", k, Some(v))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `path` is an HTTP request target: it starts with `/` and holds no whitespace or
+/// control characters (a CR/LF would split the request). `field` names it in the error.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `field`.
+pub fn validate_http_path(field: &'static str, path: &str) -> Result<()> {
+    if !path.starts_with('/') {
+        return Err(Error::invalid(field, path, "must start with `/`"));
+    }
+    if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::invalid(
+            field,
+            path.escape_debug().to_string(),
+            "must not contain spaces or control characters (CR, LF, ...)",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `status` is an HTTP status code (100..=599). `field` names it in the error.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `field`.
+pub fn validate_http_status(field: &'static str, status: u16) -> Result<()> {
+    if !(100..=599).contains(&status) {
+        return Err(Error::invalid(
+            field,
+            status.to_string(),
+            "must be an HTTP status between 100 and 599",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `name` (and `value`, when given) can be sent as an HTTP header: a token name, a
+/// value without CR, LF or NUL. The value is never shown in the error: it may be a token.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `field`.
+pub fn validate_http_header(field: &'static str, name: &str, value: Option<&str>) -> Result<()> {
+    if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Err(Error::invalid(
+            field,
+            name.escape_debug().to_string(),
+            "is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)",
+        ));
+    }
+    if let Some(v) = value {
+        if reqwest::header::HeaderValue::from_str(v).is_err() {
+            return Err(Error::invalid(
+                field,
+                name,
+                "the header's value must be visible ASCII, without CR, LF or NUL",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -381,6 +455,37 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    #[test]
+    fn checks_that_can_never_pass_are_invalid() {
+        assert!(HttpCheck::new("/health")
+            .with_header("Host", "a.example")
+            .validate()
+            .is_ok());
+        for (check, field) in [
+            (HttpCheck::new("/x\r\nX-Evil: 1"), "path"),
+            (HttpCheck::new("health"), "path"),
+            (HttpCheck::new("/x").with_status(0), "status"),
+            (HttpCheck::new("/x").with_status(600), "status"),
+            (HttpCheck::new("/x").with_header("Bad Name", "v"), "headers"),
+            (HttpCheck::new("/x").with_header("X-A\r\n", "v"), "headers"),
+            (
+                HttpCheck::new("/x").with_header("X-A", "v\r\nX-B: 1"),
+                "headers",
+            ),
+            (HttpCheck::new("/x").with_header("X-A", "v\0"), "headers"),
+        ] {
+            let err = check.validate().unwrap_err();
+            assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        // A header's value may be a token: never in the error.
+        let err = HttpCheck::new("/x")
+            .with_header("Authorization", "secret\n")
+            .validate()
+            .unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
 
     /// A one-route HTTP server answering every request with `status` and `body` after `delay`.
     async fn server(status: u16, body: &'static str, delay: Duration) -> Endpoint {

@@ -134,19 +134,25 @@ impl FileSecrets {
     }
 }
 
-/// Refuses a secret file that group or others can read or write.
+/// Refuses a secret file that group or others may read or write, as ssh refuses such a key.
+/// `what` names it in the error (`the admin token file`).
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming the file, its mode and the `chmod` to run; [`Error::Io`] when it
+/// cannot be read.
 pub fn check_private(path: &std::path::Path, what: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path)
         .map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))?;
-    let mode = meta.permissions().mode() & 0o777;
+    let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(Error::invalid(
             "secret file",
             path.display().to_string(),
             format!(
-                "{what} is readable or writable by group or others (mode {mode:03o}); \
-                 chmod 600 it"
+                "{what} is accessible by group or others (mode {:04o}); run `chmod 600 {}`",
+                mode & 0o7777,
+                path.display()
             ),
         ));
     }
@@ -401,7 +407,7 @@ mod tests {
         let s = FileSecrets::new().with_file("DB_PASSWORD", &path).unwrap();
         let err = s.resolve(&release()).await.unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("644") && msg.contains("chmod 600"), "{msg}");
+        assert!(msg.contains("0644") && msg.contains("chmod 600"), "{msg}");
         assert!(!msg.contains("s3cret"), "{msg}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let env = s.resolve(&release()).await.unwrap();

@@ -208,6 +208,21 @@ async fn rollback_to_a_warm_slot_is_a_switch_back_without_redeploying() {
 }
 
 #[tokio::test]
+async fn a_failed_rollback_is_reported_as_a_rollback() {
+    let w = with_v1(fast_policy()).await;
+    w.deployer.deploy(release("v2")).await.unwrap();
+    w.fakes
+        .fail_next(Op::EnvironmentStatus, "daemon unreachable");
+    let err = w.deployer.rollback().await.unwrap_err();
+    let Error::Phase { kind, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(*kind, "rollback", "{err}");
+    assert!(err.to_string().starts_with("rollback #"), "{err}");
+    assert_eq!(w.fakes.live(), Some(Slot::Green), "live traffic moved");
+}
+
+#[tokio::test]
 async fn rollback_redeploys_a_stopped_previous_release() {
     let w = with_v1(fast_policy().with_keep_old(KeepOld::Stop)).await;
     w.deployer.deploy(release("v2")).await.unwrap();

@@ -215,7 +215,12 @@ impl Deployer {
                 .environment
                 .status(target)
                 .await
-                .map_err(|e| run.wrap(Phase::Plan, run.d.environment.name(), e))?;
+                // Before `start` there is no flight to name the run: say it is a rollback.
+                .map_err(|e| {
+                    let id = run.state.last_id + 1;
+                    let env = run.d.environment.name();
+                    run::wrap_id(id, RunKind::Rollback, Phase::Plan, env, e)
+                })?;
             let warm = status.state == InstanceState::Running
                 && status.version.as_ref() == Some(&release.version);
             if !warm {
