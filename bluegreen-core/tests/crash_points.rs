@@ -255,12 +255,9 @@ impl SecretSource for VersionSecrets {
 
 /// A deployer over `fakes`: a new one is a new process over the same store and backends.
 fn deployer(fakes: &Fakes, sc: &Scenario) -> Deployer {
-    let mut b = Deployer::builder()
+    let mut b = fakes
+        .deployer_builder()
         .secrets(Arc::new(VersionSecrets))
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .health_check(Arc::new(fakes.health_check()))
         .hook(HookPoint::BeforeDeploy, Arc::new(fakes.hook("pre")))
         .hook(HookPoint::AfterDeploy, Arc::new(fakes.hook("migrate")))
         .hook(HookPoint::BeforeSwitch, Arc::new(fakes.hook("smoke")))

@@ -25,12 +25,9 @@ struct World {
 }
 
 fn builder(fakes: &Fakes, policy: Policy) -> DeployerBuilder {
-    Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
+    fakes
+        .deployer_builder()
         .database(Arc::new(fakes.database()))
-        .health_check(Arc::new(fakes.health_check()))
         .hook(HookPoint::BeforeDeploy, Arc::new(fakes.hook("pre")))
         .hook(HookPoint::AfterDeploy, Arc::new(fakes.hook("migrate")))
         .hook(HookPoint::BeforeSwitch, Arc::new(fakes.hook("smoke")))
@@ -45,12 +42,7 @@ fn builder(fakes: &Fakes, policy: Policy) -> DeployerBuilder {
 
 /// Environment, switch, store and health check only: no database, hooks or probe.
 fn plain_builder(fakes: &Fakes, policy: Policy) -> DeployerBuilder {
-    Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .health_check(Arc::new(fakes.health_check()))
-        .policy(policy)
+    fakes.deployer_builder().policy(policy)
 }
 
 fn world(policy: Policy) -> World {

@@ -18,11 +18,8 @@ fn vault() -> StaticSecrets {
 }
 
 fn deployer(fakes: &Fakes, policy: Policy, database: bool) -> Deployer {
-    let mut b = Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .health_check(Arc::new(fakes.health_check()))
+    let mut b = fakes
+        .deployer_builder()
         .secrets(Arc::new(vault()))
         .policy(policy);
     if database {
@@ -137,11 +134,8 @@ async fn a_release_whose_secrets_cannot_be_resolved_is_never_started() {
     d.cleanup().await.unwrap();
     // A new process whose vault no longer has API_KEY: rolling back to v1 would start it
     // without its recorded secret. Refused before anything runs.
-    let poor = Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
-        .health_check(Arc::new(fakes.health_check()))
+    let poor = fakes
+        .deployer_builder()
         .policy(fast_policy())
         .build()
         .unwrap();
@@ -167,10 +161,8 @@ async fn a_release_whose_secrets_cannot_be_resolved_is_never_started() {
     );
     assert_eq!(fakes.live(), Some(Slot::Green));
     // A new deploy whose source fails is refused before anything starts too.
-    let broken = Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
+    let broken = fakes
+        .deployer_builder()
         .secrets(Arc::new(
             bluegreen_core::secrets::EnvSecrets::new(["BG_TEST_NEVER_SET_VAR"]).unwrap(),
         ))

@@ -40,12 +40,9 @@ async fn a_switch_that_does_not_take_effect_fails_verification_and_changes_nothi
 /// returns the flight the dead run left in the store plus a new Deployer on the same store.
 async fn crash_inside(fakes: &Fakes, policy: Policy, op: Op) -> (crate::state::InFlight, Deployer) {
     let build = || {
-        Deployer::builder()
-            .environment(Arc::new(fakes.environment()))
-            .switch(Arc::new(fakes.switch()))
-            .store(Arc::new(fakes.store()))
+        fakes
+            .deployer_builder()
             .database(Arc::new(fakes.database()))
-            .health_check(Arc::new(fakes.health_check()))
             .policy(policy.clone())
             .build()
             .unwrap()

@@ -321,6 +321,16 @@ impl Fakes {
         }
     }
 
+    /// A [`DeployerBuilder`](crate::DeployerBuilder) over these fakes' environment, switch,
+    /// store and health check: add a database, hooks, a probe, secrets and a policy, then build.
+    pub fn deployer_builder(&self) -> crate::DeployerBuilder {
+        crate::Deployer::builder()
+            .environment(Arc::new(self.environment()))
+            .switch(Arc::new(self.switch()))
+            .store(Arc::new(self.store()))
+            .health_check(Arc::new(self.health_check()))
+    }
+
     /// The in-memory state store.
     pub fn store(&self) -> MemoryStateStore {
         MemoryStateStore {

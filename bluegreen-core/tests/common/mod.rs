@@ -10,12 +10,9 @@ use tokio::task::JoinHandle;
 
 /// A deployer over `fakes`' environment, switch, store, database and health check.
 pub(crate) fn deployer(fakes: &Fakes, policy: Policy) -> Deployer {
-    Deployer::builder()
-        .environment(Arc::new(fakes.environment()))
-        .switch(Arc::new(fakes.switch()))
-        .store(Arc::new(fakes.store()))
+    fakes
+        .deployer_builder()
         .database(Arc::new(fakes.database()))
-        .health_check(Arc::new(fakes.health_check()))
         .policy(policy)
         .build()
         .unwrap()
