@@ -2,7 +2,7 @@
 //! live one until the cutover.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bluegreen_core::{
@@ -714,45 +714,48 @@ impl ReplicatedDatabase {
         ))
         .await
         .map_err(|e| pg_error(BACKEND, &op, e))?;
-        let pids: Vec<i32> = src
-            .query(
-                "SELECT pid FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-                &[&db],
-            )
+        // A session forked after this instant reads the setting above when it starts: it is read
+        // only. One forked before may still be starting (not yet showing its database) and may
+        // have read the old setting: every session older than this instant is ended, listing
+        // again until none is left, so that a writer reconnecting at the wrong moment cannot
+        // commit after the LSN the target must reach is read.
+        let frozen: SystemTime = src
+            .query_one("SELECT clock_timestamp()", &[])
             .await
             .map_err(|e| pg_error(BACKEND, &op, e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        src.execute(
-            "SELECT pg_terminate_backend(p) FROM unnest($1::int4[]) p",
-            &[&pids],
-        )
-        .await
-        .map_err(|e| pg_error(BACKEND, &op, e))?;
-        // Wait until they are gone, so their last commits are in the WAL before the LSN the target
-        // must reach is read.
+            .get(0);
         let started = Instant::now();
         loop {
-            let left: i64 = src
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-                    &[&pids],
+            let pids: Vec<i32> = src
+                .query(
+                    "SELECT pid FROM pg_stat_activity
+                     WHERE (datname = $1 OR datname IS NULL) AND pid <> pg_backend_pid()
+                       AND backend_type = 'client backend' AND backend_start < $2",
+                    &[&db, &frozen],
                 )
                 .await
                 .map_err(|e| pg_error(BACKEND, &op, e))?
-                .get(0);
-            if left == 0 {
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if pids.is_empty() {
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(10) {
                 return Err(fail(
                     BACKEND,
                     &op,
-                    format!("{left} session(s) on {db} did not end within 10 s"),
+                    format!("{} session(s) on {db} did not end within 10 s", pids.len()),
                 ));
             }
+            src.execute(
+                "SELECT pg_terminate_backend(p) FROM unnest($1::int4[]) p",
+                &[&pids],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, &op, e))?;
+            // Until they are gone, so their last commits are in the WAL before the LSN the target
+            // must reach is read.
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
