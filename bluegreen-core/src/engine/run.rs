@@ -280,6 +280,12 @@ impl<'a> Run<'a> {
     /// that failed.
     pub(super) async fn with_secrets(&self, release: &Release) -> Result<Release> {
         let needed = release.needed_secrets();
+        let recorded = &release.secret_keys;
+        if !recorded.is_empty() && recorded.iter().all(|k| release.secret_env.contains_key(k)) {
+            // Resolved earlier in this run (the values are in memory): asking the sources again
+            // (a command, files) would give the same, and the release's own values win anyway.
+            return Ok(release.clone());
+        }
         let mut secret_env = BTreeMap::new();
         for source in &self.d.secrets {
             let got = source.resolve(release).await.map_err(|e| match e {
