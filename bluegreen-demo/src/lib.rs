@@ -17,7 +17,9 @@
 //! Started as `bluegreen-demo -u <modules> --stop-after-init` it stands in for an Odoo module
 //! update: it prints the modules it "updated" and exits 0 without serving.
 //!
-//! Every answer carries the headers `x-bluegreen-version` and `x-bluegreen-slot`.
+//! Every answer carries the headers `x-bluegreen-version` and `x-bluegreen-slot`, and
+//! `x-bluegreen-instance`: the address the app listens on (`127.0.0.1:40123`), so a client
+//! behind a switch routing a slot to several instances sees which one answered.
 //!
 //! The `bluegreen-demo` binary reads its settings from the environment
 //! ([`DemoConfig::from_env`]): `PORT` (8080), `HOST` (127.0.0.1), `BLUEGREEN_VERSION` (else
@@ -38,6 +40,8 @@
 //! assert_eq!(res.status, 200);
 //! assert_eq!(res.body, "version=v2 slot=green\n");
 //! assert_eq!(res.header("x-bluegreen-slot"), Some("green"));
+//! let instance = server.local_addr().to_string();
+//! assert_eq!(res.header("x-bluegreen-instance"), Some(instance.as_str()));
 //! server.shutdown().await?;
 //! # Ok(())
 //! # }

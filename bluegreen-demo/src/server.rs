@@ -25,6 +25,8 @@ use crate::config::{DemoConfig, MAX_SLOW_MS};
 struct App {
     version: HeaderValue,
     slot: HeaderValue,
+    /// The address the app listens on, so a client behind a switch sees which instance answered.
+    instance: Option<HeaderValue>,
     banner: Bytes,
     fail_health: bool,
     error_rate: f64,
@@ -45,6 +47,7 @@ impl App {
         Ok(App {
             version: header("version", &config.version)?,
             slot: header("slot", &config.slot)?,
+            instance: None,
             banner: Bytes::from(format!("version={} slot={}\n", config.version, config.slot)),
             fail_health: config.fail_health,
             error_rate: config.error_rate.clamp(0.0, 1.0),
@@ -69,6 +72,9 @@ impl App {
         let h = res.headers_mut();
         h.insert("x-bluegreen-version", self.version.clone());
         h.insert("x-bluegreen-slot", self.slot.clone());
+        if let Some(instance) = &self.instance {
+            h.insert("x-bluegreen-instance", instance.clone());
+        }
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         res
     }
@@ -188,7 +194,12 @@ pub async fn serve(
     config: DemoConfig,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let app = Arc::new(App::new(&config)?);
+    let mut app = App::new(&config)?;
+    app.instance = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| HeaderValue::from_str(&a.to_string()).ok());
+    let app = Arc::new(app);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bluegreen_core::{Error, Name, Result, Slot};
+use bluegreen_core::{Error, Name, PerSlot, Result, Slot};
 use serde::{Deserialize, Serialize};
 
 /// Where HAProxy's runtime API listens (`stats socket … level admin`). In files, the string
@@ -172,7 +172,19 @@ pub struct HaproxyConfig {
     /// The health-check interval in the rendered snippet. Default 1 s.
     #[serde(default = "one_second", with = "bluegreen_core::config::duration")]
     pub check_interval: Duration,
+    /// How many servers each slot has in the backend: the most endpoints a slot can be routed
+    /// to. The pool of a slot is its server name, then `<name>-2` … `<name>-<pool_size>`
+    /// ([`HaproxyConfig::pool`]); [`render_backend`](HaproxyConfig::render_backend) renders
+    /// them all. Between 1 and [`MAX_POOL_SIZE`]. Default [`DEFAULT_POOL_SIZE`].
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
 }
+
+/// The default [`HaproxyConfig::pool_size`]: servers per slot.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+
+/// The largest [`HaproxyConfig::pool_size`].
+pub const MAX_POOL_SIZE: usize = 64;
 
 bluegreen_core::validated_serde!(HaproxyConfig);
 
@@ -203,6 +215,9 @@ fn one_second() -> Duration {
 fn fifty_millis() -> Duration {
     Duration::from_millis(50)
 }
+fn default_pool_size() -> usize {
+    DEFAULT_POOL_SIZE
+}
 
 impl HaproxyConfig {
     /// Settings for the runtime API at `address` (a unix socket path or `host:port`), backend
@@ -224,6 +239,7 @@ impl HaproxyConfig {
             poll_interval: fifty_millis(),
             health_path: default_health_path(),
             check_interval: one_second(),
+            pool_size: DEFAULT_POOL_SIZE,
         }
     }
 
@@ -276,6 +292,35 @@ impl HaproxyConfig {
         self
     }
 
+    /// The number of servers per slot (default [`DEFAULT_POOL_SIZE`]): the most endpoints one
+    /// slot can be routed to. haproxy.cfg must have them all ([`render_backend`](Self::render_backend)).
+    pub fn with_pool_size(mut self, servers: usize) -> Self {
+        self.pool_size = servers;
+        self
+    }
+
+    /// The server names of `slot`'s pool, in the order endpoints are placed on them: the slot's
+    /// server name, then `<name>-2` … `<name>-<pool_size>`.
+    ///
+    /// ```
+    /// use bluegreen_core::Slot;
+    /// use bluegreen_haproxy::HaproxyConfig;
+    /// let c = HaproxyConfig::new("/run/haproxy/admin.sock").unwrap().with_pool_size(3);
+    /// assert_eq!(c.pool(Slot::Blue), ["blue", "blue-2", "blue-3"]);
+    /// ```
+    pub fn pool(&self, slot: Slot) -> Vec<String> {
+        let name = self.server(slot);
+        (1..=self.pool_size.max(1))
+            .map(|i| {
+                if i == 1 {
+                    name.to_string()
+                } else {
+                    format!("{name}-{i}")
+                }
+            })
+            .collect()
+    }
+
     /// The backend name.
     pub fn backend(&self) -> &str {
         &self.backend
@@ -298,8 +343,8 @@ impl HaproxyConfig {
         self.validated().map(|_| ())
     }
 
-    /// Validates every name; returns them as [`Name`]s (backend, blue server, green server).
-    pub(crate) fn validated(&self) -> Result<(Name, Name, Name)> {
+    /// Validates every name; returns them as [`Name`]s (the backend, each slot's pool).
+    pub(crate) fn validated(&self) -> Result<(Name, PerSlot<Vec<Name>>)> {
         let backend = Name::new(self.backend.as_str())?;
         let blue = Name::new(self.blue_server.as_str())?;
         let green = Name::new(self.green_server.as_str())?;
@@ -309,6 +354,28 @@ impl HaproxyConfig {
                 blue.as_str(),
                 "blue and green must be different servers",
             ));
+        }
+        if !(1..=MAX_POOL_SIZE).contains(&self.pool_size) {
+            return Err(Error::invalid(
+                "haproxy pool_size",
+                self.pool_size.to_string(),
+                format!("servers per slot must be between 1 and {MAX_POOL_SIZE}"),
+            ));
+        }
+        let pool = |slot: Slot| -> Result<Vec<Name>> {
+            self.pool(slot).into_iter().map(Name::new).collect()
+        };
+        let pools = PerSlot::new(pool(Slot::Blue)?, pool(Slot::Green)?);
+        let mut seen = std::collections::BTreeSet::new();
+        for name in pools.blue.iter().chain(&pools.green) {
+            if !seen.insert(name.as_str()) {
+                return Err(Error::invalid(
+                    "haproxy server names",
+                    name.as_str(),
+                    "the blue and green pools (<name>, <name>-2, …) must not share a server; \
+                     choose server names that are not <other>-<n>",
+                ));
+            }
         }
         for (what, t) in [
             ("drain timeout", self.drain_timeout),
@@ -321,7 +388,7 @@ impl HaproxyConfig {
                 return Err(Error::invalid(what, "0s", "must be greater than zero"));
             }
         }
-        Ok((backend, blue, green))
+        Ok((backend, pools))
     }
 }
 
@@ -349,9 +416,9 @@ impl HaproxyConfig {
         ))
     }
 
-    /// The `backend` section this switch drives: both servers start in maintenance
-    /// (`disabled`) at a placeholder address until the first `apply` sets their address,
-    /// weight and state; `load-server-state-from-file global` makes a reload keep what the
+    /// The `backend` section this switch drives: every server of both pools ([`pool`](Self::pool))
+    /// starts in maintenance (`disabled`) at a placeholder address until an `apply` sets its
+    /// address, weight and state; `load-server-state-from-file global` makes a reload keep what the
     /// runtime API set (dump `show servers state` into the state file first, see
     /// [`HaproxySwitch::save_server_state`](crate::HaproxySwitch::save_server_state)).
     ///
@@ -363,10 +430,11 @@ impl HaproxyConfig {
     /// let b = HaproxyConfig::new("/run/haproxy/admin.sock").unwrap().render_backend().unwrap();
     /// assert!(b.starts_with("backend app\n"));
     /// assert!(b.contains("server blue blue.bluegreen.invalid:1 disabled"));
+    /// assert!(b.contains("server green-4 green-4.bluegreen.invalid:1 disabled"));
     /// assert!(b.contains("load-server-state-from-file global"));
     /// ```
     pub fn render_backend(&self) -> Result<String> {
-        let (backend, blue, green) = self.validated()?;
+        let (backend, pools) = self.validated()?;
         check_word("health-check path", &self.health_path)?;
         if !self.health_path.starts_with('/') {
             return Err(Error::invalid(
@@ -388,7 +456,7 @@ impl HaproxyConfig {
              \x20   default-server check inter {inter} fastinter {fast} downinter {fast} rise 2 fall 2 init-addr last,127.0.0.1\n",
             path = self.health_path,
         );
-        for server in [&blue, &green] {
+        for server in pools.blue.iter().chain(&pools.green) {
             out.push_str(&format!(
                 "    server {server} {server}.bluegreen.invalid:1 disabled weight 100\n"
             ));
@@ -449,6 +517,32 @@ mod tests {
             );
         }
         assert!(base.clone().with_servers("s", "s").validated().is_err());
+        // Pools must not overlap: green "blue-2" would be blue's second server.
+        let e = base
+            .clone()
+            .with_servers("blue", "blue-2")
+            .validated()
+            .unwrap_err();
+        assert!(e.to_string().contains("blue-2"), "{e}");
+        assert!(base
+            .clone()
+            .with_servers("blue", "blue-2")
+            .with_pool_size(1)
+            .validated()
+            .is_ok());
+        for bad in [0, MAX_POOL_SIZE + 1] {
+            let e = base.clone().with_pool_size(bad).validated().unwrap_err();
+            assert!(e.to_string().contains("pool_size"), "{e}");
+        }
+        // A name that fits alone but not with its pool suffix.
+        let long = "b".repeat(63);
+        assert!(base.clone().with_servers(&long, "g").validated().is_err());
+        assert!(base
+            .clone()
+            .with_servers(&long, "g")
+            .with_pool_size(1)
+            .validated()
+            .is_ok());
         assert!(base
             .clone()
             .with_drain_timeout(Duration::ZERO)
@@ -468,6 +562,19 @@ mod tests {
             b.contains("    server web_blue web_blue.bluegreen.invalid:1 disabled weight 100\n")
         );
         assert!(b.contains("    server web_green "));
+        assert!(
+            b.contains(
+                "    server web_blue-4 web_blue-4.bluegreen.invalid:1 disabled weight 100\n"
+            ),
+            "{b}"
+        );
+        assert_eq!(
+            b.matches("    server ").count(),
+            2 * DEFAULT_POOL_SIZE,
+            "{b}"
+        );
+        let one = c.clone().with_pool_size(1).render_backend().unwrap();
+        assert_eq!(one.matches("    server ").count(), 2, "{one}");
         assert!(b.contains("option httpchk GET /health"));
         assert!(c
             .clone()

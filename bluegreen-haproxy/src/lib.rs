@@ -11,7 +11,7 @@ pub use client::{
     parse_servers_state, parse_stat_csv, AdminState, Command, OpState, RuntimeClient,
     RuntimeSession, ServerState, StatRow,
 };
-pub use config::{HaproxyConfig, RuntimeAddress};
+pub use config::{HaproxyConfig, RuntimeAddress, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
 pub use error::HaproxyError;
 pub use switch::HaproxySwitch;
 

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use bluegreen_core::Name;
+use bluegreen_core::{Name, Slot};
 use bluegreen_haproxy::{
     AdminState, Command, HaproxyError, OpState, RuntimeAddress, RuntimeClient,
 };
@@ -34,8 +34,11 @@ async fn one_command_per_connection_over_unix_and_tcp() {
         assert!(info.contains("Name: HAProxy"), "{info}");
 
         let servers = c.servers_state(&app).await.unwrap();
-        let names: Vec<_> = servers.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["blue", "green"]);
+        let names: Vec<_> = servers.iter().map(|s| s.name.clone()).collect();
+        // Both pools, as the backend is rendered: blue, blue-2, …, green, green-2, …
+        let pools = [h.config.pool(Slot::Blue), h.config.pool(Slot::Green)].concat();
+        assert_eq!(names, pools);
+        assert_eq!(names[0], "blue");
         assert!(servers.iter().all(|s| s.is_maint() && s.has_check()));
 
         c.send(&Command::set_weight(&app, &blue, 42)).await.unwrap();

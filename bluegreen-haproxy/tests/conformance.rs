@@ -22,7 +22,8 @@ async fn haproxy_switch_passes_the_switch_conformance_suite() {
         return;
     }
     let h = Haproxy::start();
-    let demos = Demos::start().await;
+    // Slots of several endpoints too: 3 blue and 2 green demo apps.
+    let demos = Demos::start_several(3, 2).await;
     let switch = h.switch();
     // Nothing applied yet: both servers start in maintenance.
     assert_eq!(switch.current().await.unwrap(), None);

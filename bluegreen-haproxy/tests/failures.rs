@@ -166,19 +166,26 @@ async fn injection_names_are_refused_before_anything_is_sent() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
-    // So are shapes this switch cannot drive: two endpoints for one slot, https servers.
-    let two = Endpoints::new(
-        vec![
-            Endpoint::new("127.0.0.1", 8001),
-            Endpoint::new("127.0.0.1", 8002),
-        ],
+    // So are shapes this switch cannot drive: more endpoints for one slot than its pool has
+    // servers (the error names the pool size and how to raise it), https servers.
+    let five = Endpoints::new(
+        (8001..=8005)
+            .map(|p| Endpoint::new("127.0.0.1", p))
+            .collect(),
         vec![],
     );
     let e = switch
-        .apply(&TrafficSplit::all(Slot::Blue), &two)
+        .apply(&TrafficSplit::all(Slot::Blue), &five)
         .await
         .unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("5 endpoints for blue")
+            && msg.contains("pool of 4 servers")
+            && msg.contains("raise pool_size to at least 5"),
+        "{msg}"
+    );
     let mut tls = Endpoint::new("127.0.0.1", 8443);
     tls.scheme = "https".into();
     let e = switch
@@ -435,8 +442,11 @@ async fn a_connection_dropped_mid_switch_names_the_step_and_restores() {
     let dir = tempfile::tempdir().unwrap();
     // The connection closes when the old server is to be drained (step 2 of 3).
     let fake = Fake::start(dir.path(), "set server app/blue state drain");
+    // The fake's backend has one server per slot, as a pool of one renders it.
     let switch = HaproxySwitch::new(
-        HaproxyConfig::unix(&fake.path).with_poll_interval(Duration::from_millis(10)),
+        HaproxyConfig::unix(&fake.path)
+            .with_pool_size(1)
+            .with_poll_interval(Duration::from_millis(10)),
     )
     .unwrap();
     let eps = Endpoints::new(

@@ -51,6 +51,9 @@ async fn remote_switch_passes_the_switch_conformance_suite() {
             })
         },
     ));
+    let demos = bluegreen_testenv::DemoBackends::start_several(3, 2).await;
+    suite.several = Some(demos.all_endpoints());
+    suite.answered_by = Some(bluegreen_testenv::demo::answered_by_fn(proxy.local_addr()));
     switch_suite(&remote, &suite).await.assert_complete();
     // The in-process handle sees what the remote one applied.
     remote

@@ -44,6 +44,11 @@ async fn proxy_switch_passes_the_switch_conformance_suite() {
         },
     ));
 
+    // Slots of several endpoints (demo apps that say which instance answered).
+    let demos = bluegreen_testenv::DemoBackends::start_several(3, 2).await;
+    suite.several = Some(demos.all_endpoints());
+    suite.answered_by = Some(bluegreen_testenv::demo::answered_by_fn(proxy.local_addr()));
+
     switch_suite(&proxy, &suite).await.assert_complete();
     // Also through a trait object, as the engine holds it.
     let boxed: Box<dyn TrafficSwitch> = Box::new(proxy.clone());

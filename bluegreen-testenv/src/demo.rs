@@ -1,50 +1,96 @@
-//! The demo backends every switch suite and benchmark routes between: two in-process
-//! `bluegreen-demo` apps on port 0 (v1 on blue, v2 on green), and a builder of the core testkit's
-//! [`SwitchSuite`] around them.
+//! The demo backends every switch suite and benchmark routes between: in-process
+//! `bluegreen-demo` apps on port 0 (v1 on blue, v2 on green; one per slot, or several), and a
+//! builder of the core testkit's [`SwitchSuite`] around them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bluegreen_core::testkit::{BoxFuture, ReopenFn, ServedByFn, SwitchSuite};
+use bluegreen_core::testkit::{AnsweredByFn, BoxFuture, ReopenFn, ServedByFn, SwitchSuite};
 use bluegreen_core::{Endpoint, Endpoints, Error, Slot, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
 
-/// Two demo apps: `v1` answering as blue, `v2` as green. Keep it alive while the switch routes
-/// to them.
+/// Demo apps: `v1` answering as blue, `v2` as green, one per slot or several
+/// ([`DemoBackends::start_several`]). Keep it alive while the switch routes to them.
 #[derive(Debug)]
 pub struct DemoBackends {
-    /// The blue app (`v1`).
+    /// The (first) blue app (`v1`).
     pub blue: DemoServer,
-    /// The green app (`v2`).
+    /// The (first) green app (`v2`).
     pub green: DemoServer,
+    /// The other blue apps (`v1`), with [`DemoBackends::start_several`].
+    pub more_blue: Vec<DemoServer>,
+    /// The other green apps (`v2`), with [`DemoBackends::start_several`].
+    pub more_green: Vec<DemoServer>,
+}
+
+async fn demo(version: &str, slot: Slot) -> DemoServer {
+    DemoServer::start(DemoConfig::new(version, slot.to_string()))
+        .await
+        .unwrap_or_else(|e| panic!("starting a {slot} demo app: {e}"))
 }
 
 impl DemoBackends {
-    /// Starts both apps on loopback port 0.
+    /// Starts one app per slot on loopback port 0.
     ///
     /// # Panics
     /// An app cannot bind a loopback port.
     pub async fn start() -> DemoBackends {
+        DemoBackends::start_several(1, 1).await
+    }
+
+    /// Starts `blue` apps for blue and `green` for green (at least one each) on loopback port 0:
+    /// slots of several endpoints. Each answers `x-bluegreen-instance` with its address, so a
+    /// request through a switch says which endpoint served it ([`answered_by`]).
+    ///
+    /// # Panics
+    /// An app cannot bind a loopback port.
+    pub async fn start_several(blue: usize, green: usize) -> DemoBackends {
+        let mut more_blue = Vec::new();
+        for _ in 1..blue {
+            more_blue.push(demo("v1", Slot::Blue).await);
+        }
+        let mut more_green = Vec::new();
+        for _ in 1..green {
+            more_green.push(demo("v2", Slot::Green).await);
+        }
         DemoBackends {
-            blue: DemoServer::start(DemoConfig::new("v1", "blue"))
-                .await
-                .expect("starting the blue demo app"),
-            green: DemoServer::start(DemoConfig::new("v2", "green"))
-                .await
-                .expect("starting the green demo app"),
+            blue: demo("v1", Slot::Blue).await,
+            green: demo("v2", Slot::Green).await,
+            more_blue,
+            more_green,
         }
     }
 
-    /// One endpoint per slot.
+    /// One endpoint per slot (the first app of each).
     pub fn endpoints(&self) -> Endpoints {
-        let e = |s: &DemoServer| Endpoint::new("127.0.0.1", s.local_addr().port());
-        Endpoints::new(vec![e(&self.blue)], vec![e(&self.green)])
+        Endpoints::new(vec![endpoint(&self.blue)], vec![endpoint(&self.green)])
     }
 
-    /// A [`SwitchSuite`] builder on these backends' endpoints.
-    pub fn suite(&self) -> SwitchSuiteBuilder {
-        SwitchSuiteBuilder::new(self.endpoints())
+    /// Every app's endpoint, per slot (the first app first).
+    pub fn all_endpoints(&self) -> Endpoints {
+        let all = |first: &DemoServer, more: &[DemoServer]| {
+            std::iter::once(first).chain(more).map(endpoint).collect()
+        };
+        Endpoints::new(
+            all(&self.blue, &self.more_blue),
+            all(&self.green, &self.more_green),
+        )
     }
+
+    /// A [`SwitchSuite`] builder on these backends' endpoints; with several apps per slot, its
+    /// multi-endpoint check routes to all of them ([`SwitchSuite::several`]).
+    pub fn suite(&self) -> SwitchSuiteBuilder {
+        let builder = SwitchSuiteBuilder::new(self.endpoints());
+        if self.more_blue.is_empty() && self.more_green.is_empty() {
+            builder
+        } else {
+            builder.several(self.all_endpoints())
+        }
+    }
+}
+
+fn endpoint(s: &DemoServer) -> Endpoint {
+    Endpoint::new("127.0.0.1", s.local_addr().port())
 }
 
 /// `GET /` from `addr` (the switch's public listener) on a fresh connection; the slot that
@@ -99,6 +145,29 @@ pub fn served_by_fn(addr: SocketAddr) -> ServedByFn {
     Arc::new(move || -> BoxFuture<bluegreen_core::Result<Slot>> { Box::pin(served_by(addr)) })
 }
 
+/// `GET /` from `addr` on a fresh connection; the endpoint that answered (`host:port`, from the
+/// demo app's `x-bluegreen-instance`).
+///
+/// # Errors
+/// The request fails, the answer is not 200, or it names no instance.
+pub async fn answered_by(addr: SocketAddr) -> bluegreen_core::Result<String> {
+    let failed = |why: String| Error::backend("test", "request through the switch", true, why);
+    let r = bluegreen_demo::client::get(addr, "/")
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if r.status != 200 {
+        return Err(failed(format!("status {}: {}", r.status, r.body)));
+    }
+    r.header("x-bluegreen-instance")
+        .map(str::to_string)
+        .ok_or_else(|| failed("the answer has no x-bluegreen-instance header".into()))
+}
+
+/// [`answered_by`] on `addr`, as the suite's multi-endpoint data-path callback.
+pub fn answered_by_fn(addr: SocketAddr) -> AnsweredByFn {
+    Arc::new(move || -> BoxFuture<bluegreen_core::Result<String>> { Box::pin(answered_by(addr)) })
+}
+
 /// Builds the testkit's [`SwitchSuite`]: endpoints, plus the data path (requests through the
 /// switch's listener) and a reopen callback when the backend has them.
 ///
@@ -128,9 +197,17 @@ impl SwitchSuiteBuilder {
         }
     }
 
-    /// Checks the data path by requests to `listen` ([`served_by`]).
-    pub fn served_through(self, listen: SocketAddr) -> Self {
+    /// Checks the data path by requests to `listen`: which slot answered ([`served_by`]) and
+    /// which endpoint ([`answered_by`]).
+    pub fn served_through(mut self, listen: SocketAddr) -> Self {
+        self.suite.answered_by = Some(answered_by_fn(listen));
         self.served_by(served_by_fn(listen))
+    }
+
+    /// Routes slots to several endpoints in the multi-endpoint check (at least 3 blue, 2 green).
+    pub fn several(mut self, endpoints: Endpoints) -> Self {
+        self.suite.several = Some(endpoints);
+        self
     }
 
     /// Checks the data path with `probe`.

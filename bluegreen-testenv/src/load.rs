@@ -2,8 +2,9 @@
 //! count every failed request and never retry. A request that was sent and did not get a complete
 //! 2xx answer is a failure, as it is for a client that does not retry (non-idempotent requests).
 //!
-//! Answers are attributed to a slot (`x-bluegreen-slot`) and a version (`x-bluegreen-version`),
-//! the headers the demo app sets.
+//! Answers are attributed to a slot (`x-bluegreen-slot`), a version (`x-bluegreen-version`) and
+//! an instance (`x-bluegreen-instance`, the demo app's listen address), the headers the demo app
+//! sets.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -74,6 +75,9 @@ pub struct LoadStats {
     pub green: u64,
     /// Answers per `x-bluegreen-version` (`?` when absent).
     pub versions: BTreeMap<String, u64>,
+    /// Answers per `x-bluegreen-instance` (the demo app's `host:port`; `?` when absent): which
+    /// endpoint of a slot served them.
+    pub instances: BTreeMap<String, u64>,
     /// The first few failure reasons.
     pub errors: Vec<String>,
 }
@@ -148,6 +152,7 @@ enum Outcome {
     Ok {
         slot: Option<String>,
         version: Option<String>,
+        instance: Option<String>,
         keep: bool,
     },
     Failed(String),
@@ -172,6 +177,7 @@ async fn client(
             Outcome::Ok {
                 slot,
                 version,
+                instance,
                 keep,
             } => {
                 let mut s = lock(&stats);
@@ -183,6 +189,9 @@ async fn client(
                 }
                 *s.versions
                     .entry(version.unwrap_or_else(|| "?".into()))
+                    .or_default() += 1;
+                *s.instances
+                    .entry(instance.unwrap_or_else(|| "?".into()))
                     .or_default() += 1;
                 if !keep {
                     conn = None;
@@ -217,7 +226,7 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
     }
     let mut status = 0u16;
     let mut len: Option<usize> = None;
-    let (mut slot, mut version) = (None, None);
+    let (mut slot, mut version, mut instance) = (None, None, None);
     let mut keep = true;
     let mut line = String::new();
     let mut first = true;
@@ -247,6 +256,7 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
                 "content-length" => len = v.parse().ok(),
                 "x-bluegreen-slot" => slot = Some(v.to_string()),
                 "x-bluegreen-version" => version = Some(v.to_string()),
+                "x-bluegreen-instance" => instance = Some(v.to_string()),
                 "connection" if v.eq_ignore_ascii_case("close") => keep = false,
                 "transfer-encoding" => {
                     return Outcome::Failed("chunked answers are not supported".into())
@@ -266,6 +276,7 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
         Outcome::Ok {
             slot,
             version,
+            instance,
             keep,
         }
     } else {

@@ -55,15 +55,33 @@ fn expect_only_the_data_path_skipped(report: &SuiteReport) {
     assert!(report.was_skipped("data path"), "{report}");
     for s in report.skipped() {
         assert!(
-            s.check.ends_with(": data path") && s.why.starts_with("no served_by"),
+            s.check.ends_with(": data path")
+                && (s.why.starts_with("no served_by") || s.why.starts_with("no answered_by")),
             "unexpected skip: {report}"
         );
     }
     assert!(report.has_run("switch_current_reads_the_proxy"), "{report}");
+    assert!(
+        report.has_run("switch_routes_a_slot_to_several_endpoints"),
+        "{report}"
+    );
+}
+
+/// Three blue and two green endpoints: the slots of the suite's multi-endpoint check.
+fn several() -> Endpoints {
+    Endpoints::new(
+        (8011..=8013)
+            .map(|p| Endpoint::new("127.0.0.1", p))
+            .collect(),
+        (8021..=8022)
+            .map(|p| Endpoint::new("127.0.0.1", p))
+            .collect(),
+    )
 }
 
 fn suite_for(config: TraefikConfig) -> SwitchSuite {
     let mut suite = SwitchSuite::new(endpoints());
+    suite.several = Some(several());
     suite.reopen = Some(Arc::new(move || -> BoxFuture<Box<dyn TrafficSwitch>> {
         let config = config.clone();
         Box::pin(

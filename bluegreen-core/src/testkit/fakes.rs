@@ -1418,10 +1418,30 @@ mod tests {
             let live = f3.live();
             Box::pin(async move { live.ok_or_else(|| Error::invalid("split", "", "none")) })
         }));
+        // Several endpoints per slot; the fake routes round robin over the live slot's.
+        let at = |host: &str, port| Endpoint::new(host, port);
+        suite.several = Some(Endpoints::new(
+            vec![at("blue.fake", 1), at("blue.fake", 2), at("blue.fake", 3)],
+            vec![at("green.fake", 1), at("green.fake", 2)],
+        ));
+        let (f4, turn) = (f.clone(), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+        suite.answered_by = Some(Arc::new(move || {
+            let (live, eps) = (f4.live(), f4.endpoints());
+            let n = turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async move {
+                let live = live.ok_or_else(|| Error::invalid("split", "", "none"))?;
+                let eps = eps.get(live);
+                Ok(eps[n % eps.len()].authority())
+            })
+        }));
         let report = crate::testkit::switch_suite(&f.switch(), &suite).await;
         report.assert_complete();
         assert!(
             report.has_run("switch_apply_is_idempotent: data path"),
+            "{report}"
+        );
+        assert!(
+            report.has_run("switch_routes_a_slot_to_several_endpoints: data path"),
             "{report}"
         );
         let boxed: Box<dyn TrafficSwitch> = Box::new(f.switch());
@@ -1452,7 +1472,13 @@ mod tests {
             report
                 .skipped()
                 .iter()
-                .all(|s| s.why.starts_with("no served_by") || s.why.starts_with("no reopen")),
+                .all(|s| s.why.starts_with("no served_by")
+                    || s.why.starts_with("no reopen")
+                    || s.why.starts_with("no several-endpoint slots")),
+            "{report}"
+        );
+        assert!(
+            report.was_skipped("switch_routes_a_slot_to_several_endpoints"),
             "{report}"
         );
         // The checks that could run, ran.

@@ -27,6 +27,10 @@ pub type ReopenFn = Arc<dyn Fn() -> BoxFuture<Box<dyn TrafficSwitch>> + Send + S
 /// Sends one request through the data path; says which slot answered.
 pub type ServedByFn = Arc<dyn Fn() -> BoxFuture<crate::Result<Slot>> + Send + Sync>;
 
+/// Sends one request through the data path; says which endpoint answered, as its `host:port`
+/// ([`Endpoint::authority`]).
+pub type AnsweredByFn = Arc<dyn Fn() -> BoxFuture<crate::Result<String>> + Send + Sync>;
+
 /// Checks a slot's data is intact.
 pub type IntactFn = Arc<dyn Fn(Slot) -> BoxFuture<bool> + Send + Sync>;
 
@@ -175,6 +179,14 @@ pub struct SwitchSuite {
     /// Sends one request through the switch's data path and says which slot answered. Without
     /// it the data-path checks are skipped (and reported as skipped).
     pub served_by: Option<ServedByFn>,
+    /// Several reachable endpoints per slot (at least 3 for blue and 2 for green, none shared),
+    /// for [`switch_routes_a_slot_to_several_endpoints`]. Without it that check is skipped (and
+    /// reported as skipped).
+    pub several: Option<Endpoints>,
+    /// Sends one request through the switch's data path and says which endpoint answered.
+    /// Without it the data-path part of [`switch_routes_a_slot_to_several_endpoints`] is skipped
+    /// (and reported as skipped).
+    pub answered_by: Option<AnsweredByFn>,
 }
 
 impl std::fmt::Debug for SwitchSuite {
@@ -183,6 +195,8 @@ impl std::fmt::Debug for SwitchSuite {
             .field("endpoints", &self.endpoints)
             .field("reopen", &self.reopen.is_some())
             .field("served_by", &self.served_by.is_some())
+            .field("several", &self.several)
+            .field("answered_by", &self.answered_by.is_some())
             .finish()
     }
 }
@@ -194,6 +208,8 @@ impl SwitchSuite {
             endpoints,
             reopen: None,
             served_by: None,
+            several: None,
+            answered_by: None,
         }
     }
 }
@@ -422,10 +438,157 @@ pub async fn switch_optional_operations_match_capabilities(
     )
 }
 
+/// How many requests [`expect_spread`] sends at most per endpoint of the live slot.
+const SPREAD_REQUESTS_PER_ENDPOINT: usize = 20;
+
+/// Requests through the data path reach every endpoint of `live` (within a bounded number of
+/// requests) and none other (the idle slot's, or one taken out of the live slot).
+async fn expect_spread(suite: &SwitchSuite, name: &str, live: &[Endpoint], context: &str) {
+    let Some(probe) = &suite.answered_by else {
+        return;
+    };
+    let want: Vec<String> = live.iter().map(Endpoint::authority).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..want.len() * SPREAD_REQUESTS_PER_ENDPOINT {
+        let got = probe().await.unwrap_or_else(|e| {
+            panic!("{name}: request {i} through the switch failed {context}: {e}")
+        });
+        assert!(
+            want.contains(&got),
+            "{name}: request {i} was answered by {got} {context}, but the live endpoints are \
+             {want:?}"
+        );
+        seen.insert(got);
+        if seen.len() == want.len() {
+            return;
+        }
+    }
+    panic!(
+        "{name}: {} requests {context} reached only {seen:?} of the live endpoints {want:?}",
+        want.len() * SPREAD_REQUESTS_PER_ENDPOINT
+    );
+}
+
+/// A slot routed to several endpoints: every endpoint of the live slot serves and none of the
+/// idle slot does; `current` reads the split back; a slot shrinks (the endpoint left out gets no
+/// more requests) and grows again; with weights, a canary split over several endpoints per slot
+/// reads back too. Leaves the switch at 100 % blue on [`SwitchSuite::endpoints`].
+pub async fn switch_routes_a_slot_to_several_endpoints(
+    switch: &dyn TrafficSwitch,
+    suite: &SwitchSuite,
+) -> SuiteReport {
+    const CHECK: &str = "switch_routes_a_slot_to_several_endpoints";
+    let name = switch.name().to_string();
+    let Some(several) = &suite.several else {
+        let mut r = SuiteReport::new(&name);
+        r.record_skip(
+            CHECK,
+            "no several-endpoint slots (SwitchSuite::several), so only one endpoint per slot was \
+             routed",
+        );
+        return r;
+    };
+    assert!(
+        several.blue.len() >= 3 && several.green.len() >= 2,
+        "{name}: SwitchSuite::several needs at least 3 blue and 2 green endpoints, got {} and {}",
+        several.blue.len(),
+        several.green.len()
+    );
+    let apply = |split: TrafficSplit, eps: Endpoints, context: &'static str| {
+        let name = name.clone();
+        async move {
+            switch
+                .apply(&split, &eps)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: apply({split}) {context} failed: {e}"));
+            expect_current(switch, &split, context).await;
+        }
+    };
+    let blue = TrafficSplit::all(Slot::Blue);
+    let green = TrafficSplit::all(Slot::Green);
+
+    apply(
+        blue.clone(),
+        several.clone(),
+        "with 3 blue and 2 green endpoints",
+    )
+    .await;
+    expect_spread(suite, &name, &several.blue, "to blue's endpoints").await;
+    if let Some(reopen) = &suite.reopen {
+        let other = reopen().await;
+        expect_current(
+            other.as_ref(),
+            &blue,
+            "on a fresh handle, several endpoints",
+        )
+        .await;
+    }
+
+    apply(
+        green.clone(),
+        several.clone(),
+        "switching to green's 2 endpoints",
+    )
+    .await;
+    expect_spread(suite, &name, &several.green, "after switching to green").await;
+
+    apply(
+        blue.clone(),
+        several.clone(),
+        "switching back to blue's endpoints",
+    )
+    .await;
+    expect_spread(suite, &name, &several.blue, "after switching back to blue").await;
+
+    let mut shrunk = several.clone();
+    shrunk.blue.pop();
+    apply(blue.clone(), shrunk.clone(), "shrinking the live slot").await;
+    expect_spread(
+        suite,
+        &name,
+        &shrunk.blue,
+        "after shrinking blue by one endpoint",
+    )
+    .await;
+
+    apply(blue.clone(), several.clone(), "growing the live slot again").await;
+    expect_spread(suite, &name, &several.blue, "after growing blue again").await;
+
+    if switch.capabilities().weights {
+        let canary = TrafficSplit::canary(Slot::Green, 30).unwrap();
+        apply(
+            canary,
+            several.clone(),
+            "with a 70/30 split over several endpoints",
+        )
+        .await;
+    }
+    switch
+        .apply(&blue, &suite.endpoints)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: back to one endpoint per slot failed: {e}"));
+    expect_current(switch, &blue, "back to one endpoint per slot").await;
+
+    let mut r = SuiteReport::new(&name);
+    r.record_ran(CHECK);
+    let part = format!("{CHECK}: data path");
+    if suite.answered_by.is_some() {
+        r.record_ran(&part);
+    } else {
+        r.record_skip(
+            &part,
+            "no answered_by callback, so no request through the proxy said which endpoint \
+             answered",
+        );
+    }
+    r
+}
+
 /// Runs every switch conformance check. Leaves the switch at 100 % blue. Returns which checks ran
 /// and which were skipped (printed to stderr as they were): the data-path parts without
 /// [`SwitchSuite::served_by`], [`switch_current_reads_the_proxy`] without
-/// [`SwitchSuite::reopen`].
+/// [`SwitchSuite::reopen`], [`switch_routes_a_slot_to_several_endpoints`] without
+/// [`SwitchSuite::several`] (its data-path part without [`SwitchSuite::answered_by`]).
 pub async fn switch_suite(switch: &dyn TrafficSwitch, suite: &SwitchSuite) -> SuiteReport {
     let mut report = SuiteReport::new(switch.name());
     report.merge(switch_apply_then_current_reads_back(switch, suite).await);
@@ -435,6 +598,7 @@ pub async fn switch_suite(switch: &dyn TrafficSwitch, suite: &SwitchSuite) -> Su
     report.merge(switch_sticky_follows_capabilities(switch, suite).await);
     report.merge(switch_refuses_invalid_input_and_keeps_config(switch, suite).await);
     report.merge(switch_optional_operations_match_capabilities(switch, suite).await);
+    report.merge(switch_routes_a_slot_to_several_endpoints(switch, suite).await);
     switch
         .apply(&TrafficSplit::all(Slot::Blue), &suite.endpoints)
         .await

@@ -26,7 +26,7 @@ pub struct DynamicSetup {
 
 pub async fn dynamic() -> DynamicSetup {
     let dir = tempdir();
-    let backends = Backends::start().await;
+    let backends = Backends::start_several(3, 2).await;
     let (nginx, config) = nginx::start_dynamic(dir.path(), "app", Ok).unwrap();
     DynamicSetup {
         listen: nginx.listen(),
@@ -48,7 +48,7 @@ pub struct ReloadSetup {
 /// nginx (stock, no modules) including a managed upstream file that starts at 100 % blue.
 pub async fn reload() -> ReloadSetup {
     let dir = tempdir();
-    let backends = Backends::start().await;
+    let backends = Backends::start_several(3, 2).await;
     let include = dir.path().join("upstream.conf");
     let config = NginxReloadConfig::new(
         nginx::command(dir.path()),
