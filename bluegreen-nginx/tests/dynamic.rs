@@ -47,6 +47,25 @@ async fn dynamic_switch_passes_the_switch_conformance_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_slots_of_three_peers_under_load_fails_no_request_and_uses_every_peer() {
+    if !common::require(true) {
+        return;
+    }
+    let s = common::dynamic().await;
+    let demos = bluegreen_testenv::DemoBackends::start_several(3, 3).await;
+    let stats = demos.switch_under_load(&s.switch, s.listen, 6).await;
+    eprintln!(
+        "6 switches between 3 + 3 peers: {} ok, {} failed, per instance {:?}",
+        stats.ok, stats.failed, stats.instances
+    );
+    assert!(
+        stats.ok > 100,
+        "too little load to mean anything: {}",
+        stats.ok
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_plus_switches_under_keep_alive_load_fail_no_request() {
     if !common::require(true) {
         return;

@@ -326,3 +326,48 @@ async fn a_reload_the_master_rejects_is_reported_and_the_previous_include_restor
         .unwrap();
     assert_eq!(common::served_by(s.listen).await.unwrap(), Slot::Green);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_of_a_weighted_slot_is_rendered_and_serves() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    let all = s.backends.all_endpoints();
+    assert_eq!((all.blue.len(), all.green.len()), (3, 2));
+    // 70/30 over 3 + 2 peers: each blue peer 14, each green 9, so the slots get 42 : 18.
+    s.switch
+        .apply(&TrafficSplit::canary(Slot::Green, 30).unwrap(), &all)
+        .await
+        .unwrap();
+    let text = include_text(&s);
+    for (slot, weight) in [(Slot::Blue, 14), (Slot::Green, 9)] {
+        for e in all.get(slot) {
+            let line = format!("    server {} weight={weight}; # {slot}\n", e.authority());
+            assert!(text.contains(&line), "{line:?} missing:\n{text}");
+        }
+    }
+    assert_eq!(text.matches("    server ").count(), 5, "{text}");
+    // All on green: only green's two peers are servers, and both serve.
+    s.switch
+        .apply(&TrafficSplit::all(Slot::Green), &all)
+        .await
+        .unwrap();
+    let text = include_text(&s);
+    assert_eq!(text.matches("    server ").count(), 2, "{text}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        seen.insert(
+            bluegreen_testenv::demo::answered_by(s.listen)
+                .await
+                .unwrap(),
+        );
+    }
+    let want: std::collections::BTreeSet<String> =
+        all.green.iter().map(|e| e.authority()).collect();
+    assert_eq!(seen, want);
+    assert_eq!(
+        s.switch.current().await.unwrap(),
+        Some(TrafficSplit::all(Slot::Green))
+    );
+}

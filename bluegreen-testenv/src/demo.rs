@@ -9,6 +9,8 @@ use bluegreen_core::testkit::{AnsweredByFn, BoxFuture, ReopenFn, ServedByFn, Swi
 use bluegreen_core::{Endpoint, Endpoints, Error, Slot, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
 
+use crate::load::{Load, LoadOptions, LoadStats};
+
 /// Demo apps: `v1` answering as blue, `v2` as green, one per slot or several
 /// ([`DemoBackends::start_several`]). Keep it alive while the switch routes to them.
 #[derive(Debug)]
@@ -88,6 +90,85 @@ impl DemoBackends {
         }
     }
 }
+
+impl DemoBackends {
+    /// Switches `switch` between the slots, each routed to all its apps
+    /// ([`all_endpoints`](Self::all_endpoints)), `switches` times under 8 keep-alive clients
+    /// sending requests to `listen` (the switch's public address), holding each split for
+    /// [`HOLD`]. Returns what the clients saw.
+    ///
+    /// # Panics
+    /// An `apply` or `current` fails or reads back another split; a request fails; after a
+    /// switch, an app of the live slot serves no request during the hold, or an app of the idle
+    /// slot serves one.
+    pub async fn switch_under_load(
+        &self,
+        switch: &dyn TrafficSwitch,
+        listen: SocketAddr,
+        switches: usize,
+    ) -> LoadStats {
+        let name = switch.name().to_string();
+        let eps = self.all_endpoints();
+        let split = |slot| bluegreen_core::TrafficSplit::all(slot);
+        switch
+            .apply(&split(Slot::Blue), &eps)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: apply(blue) failed: {e}"));
+        let load = Load::start(listen, LoadOptions::new(8));
+        let mut slot = Slot::Blue;
+        for i in 0..switches {
+            slot = slot.other();
+            switch
+                .apply(&split(slot), &eps)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: switch {i} to {slot} failed: {e}"));
+            assert_eq!(
+                switch.current().await.unwrap(),
+                Some(split(slot)),
+                "{name}: switch {i}"
+            );
+            // Requests already on their way to the other slot finish first.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let before = load.stats().instances;
+            tokio::time::sleep(HOLD).await;
+            let after = load.stats().instances;
+            let served = |e: &Endpoint| {
+                let key = e.authority();
+                after.get(&key).copied().unwrap_or(0) - before.get(&key).copied().unwrap_or(0)
+            };
+            for e in eps.get(slot) {
+                assert!(
+                    served(e) > 0,
+                    "{name}: after switch {i} to {slot}, live endpoint {} served no request in \
+                     {HOLD:?} ({after:?})",
+                    e.authority()
+                );
+            }
+            for e in eps.get(slot.other()) {
+                assert_eq!(
+                    served(e),
+                    0,
+                    "{name}: after switch {i} to {slot}, idle endpoint {} served requests",
+                    e.authority()
+                );
+            }
+        }
+        let stats = load.finish().await;
+        assert_eq!(
+            stats.failed,
+            0,
+            "{name}: {} of {} requests failed during {switches} switches between slots of \
+             several endpoints: {:?}",
+            stats.failed,
+            stats.total(),
+            stats.errors
+        );
+        stats
+    }
+}
+
+/// How long [`DemoBackends::switch_under_load`] holds each split.
+pub const HOLD: std::time::Duration = std::time::Duration::from_millis(300);
 
 fn endpoint(s: &DemoServer) -> Endpoint {
     Endpoint::new("127.0.0.1", s.local_addr().port())

@@ -364,6 +364,55 @@ fn names_and_values_are_refused_before_rendering() {
 }
 
 #[test]
+fn every_endpoint_of_a_slot_is_a_server_url_in_order_and_valid() {
+    let schemas = schemas();
+    let config = TraefikConfig::new("app", "Host(`a.test`)", "/unused").unwrap();
+    let eps = Endpoints::new(
+        vec![
+            Endpoint::new("127.0.0.1", 8001),
+            Endpoint::new("10.0.0.2", 8001),
+            Endpoint::new("::1", 8003),
+        ],
+        vec![
+            Endpoint::new("127.0.0.1", 8002),
+            Endpoint::new("app-green.internal", 8002),
+        ],
+    );
+    for version in [TraefikVersion::V2, TraefikVersion::V3] {
+        for format in [FileFormat::Yaml, FileFormat::Toml] {
+            let config = config.clone().with_version(version).with_format(format);
+            let routing = Routing::new(TrafficSplit::canary(Slot::Green, 30).unwrap());
+            let text = render_as(format, &config, &routing, &eps).unwrap();
+            let parsed = parse(format, &text).unwrap();
+            for slot in Slot::ALL {
+                let urls: Vec<&str> = parsed["http"]["services"][format!("app-{slot}")]
+                    ["loadBalancer"]["servers"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{version:?}/{format:?}: no {slot} servers\n{text}"))
+                    .iter()
+                    .map(|s| s["url"].as_str().unwrap())
+                    .collect();
+                let want: Vec<String> = eps.get(slot).iter().map(|e| e.url("/")).collect();
+                let want: Vec<&str> = want.iter().map(|u| u.trim_end_matches('/')).collect();
+                assert_eq!(urls, want, "{version:?}/{format:?} {slot}:\n{text}");
+            }
+            assert_eq!(
+                routing_from_file(&config.name, &parsed),
+                Some(routing),
+                "{text}"
+            );
+            for (schema, v) in &schemas {
+                assert!(
+                    v.is_valid(&parsed),
+                    "{version:?}/{format:?} {schema}: {:?}",
+                    errors(v, &parsed)
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_slot_without_endpoints_is_left_out_and_still_valid() {
     let schemas = schemas();
     let config = TraefikConfig::new("app", "Host(`a.test`)", "/unused").unwrap();
