@@ -86,9 +86,17 @@ async fn main() {
         let fresh: Box<dyn TrafficSwitch> = Box::new(FileSwitch { path: path.clone() });
         Box::pin(async move { fresh })
     }));
-    // A file routes no requests: the suite has no `served_by`, and says so for its data-path
-    // checks (on stderr and in the report).
+    // Slots of several endpoints (replicas): the suite routes 3 blue and 2 green, shrinks and
+    // grows a slot, and reads the split back each time.
+    let at = |port| Endpoint::new("127.0.0.1", port);
+    suite.several = Some(Endpoints::new(
+        vec![at(9001), at(9003), at(9005)],
+        vec![at(9002), at(9004)],
+    ));
+    // A file routes no requests: the suite has no `served_by` / `answered_by`, and says so for
+    // its data-path checks (on stderr and in the report).
     let report = bluegreen_core::testkit::switch_suite(&switch, &suite).await;
+    assert!(report.has_run("switch_routes_a_slot_to_several_endpoints"));
     println!("FileSwitch passes the switch conformance suite: {report}");
     println!(
         "current routing: {}",
