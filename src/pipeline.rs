@@ -1035,6 +1035,7 @@ cpus = 1.5
 kind = "haproxy"
 runtime = "/run/haproxy/admin.sock"
 backend = "app"
+pool_size = 6
 public = "127.0.0.1:80"
 
 [database]
@@ -1073,6 +1074,8 @@ drain_timeout = 12
         };
         assert_eq!(config.address.to_string(), "/run/haproxy/admin.sock");
         assert_eq!(config.backend(), "app");
+        assert_eq!(config.pool_size, 6);
+        assert_eq!(config.pool(bluegreen::Slot::Green)[5], "green-6");
         assert_eq!(config.drain_timeout, Duration::from_secs(12));
         assert_eq!(*public, Some("127.0.0.1:80".parse().unwrap()));
         let DatabaseCfg::Replicated(c) = &p.database else {
@@ -1196,6 +1199,7 @@ drain_timeout = 12
         for (switch, expected) in [
             ("kind = \"haproxy\"\nruntime = \"/x.sock\"\nbackend_name = \"app\"", "backend_name"),
             ("kind = \"haproxy\"\nruntime = \"/x.sock\"\nbackend = \"a;b\"", "a;b"),
+            ("kind = \"haproxy\"\nruntime = \"/x.sock\"\npool_size = 0", "pool_size"),
             ("kind = \"proxy\"\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\nidle = 1", "idle"),
             ("kind = \"nginx\"\nname = \"shop\"\ncontrol = \"10.0.0.1:9000\"\ntoken_file = \"nginx.token\"", "loopback"),
         ] {
