@@ -167,23 +167,34 @@ impl HaproxySwitch {
 
     async fn read_servers(&self) -> std::result::Result<Pools, HaproxyError> {
         let rows = self.inner.client.servers_state(&self.inner.backend).await?;
-        let pool = |slot: Slot| {
-            self.inner
-                .pools
-                .get(slot)
-                .iter()
-                .map(|name| {
-                    rows.iter()
-                        .find(|r| r.name == name.as_str())
-                        .cloned()
-                        .ok_or_else(|| HaproxyError::NoSuchServer {
-                            backend: self.inner.backend.to_string(),
-                            server: self.missing(name),
-                        })
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()
-        };
-        Ok(PerSlot::new(pool(Slot::Blue)?, pool(Slot::Green)?))
+        let name = |r: &ServerState| r.name.clone();
+        Ok(PerSlot::new(
+            self.pool_rows(Slot::Blue, &rows, name)?,
+            self.pool_rows(Slot::Green, &rows, name)?,
+        ))
+    }
+
+    /// The rows of `slot`'s pool, in pool order, from rows named by `name`.
+    fn pool_rows<T: Clone>(
+        &self,
+        slot: Slot,
+        rows: &[T],
+        name: impl Fn(&T) -> String,
+    ) -> std::result::Result<Vec<T>, HaproxyError> {
+        self.inner
+            .pools
+            .get(slot)
+            .iter()
+            .map(|server| {
+                rows.iter()
+                    .find(|r| name(r) == server.as_str())
+                    .cloned()
+                    .ok_or_else(|| HaproxyError::NoSuchServer {
+                        backend: self.inner.backend.to_string(),
+                        server: self.missing(server),
+                    })
+            })
+            .collect()
     }
 
     /// The name of a server HAProxy lacks, with what to do when it is a pool's extra server.
@@ -211,20 +222,7 @@ impl HaproxySwitch {
 
     async fn stat_rows(&self, slot: Slot) -> std::result::Result<Vec<StatRow>, HaproxyError> {
         let rows = self.inner.client.server_stats(&self.inner.backend).await?;
-        self.inner
-            .pools
-            .get(slot)
-            .iter()
-            .map(|name| {
-                rows.iter()
-                    .find(|r| r.server() == name.as_str())
-                    .cloned()
-                    .ok_or_else(|| HaproxyError::NoSuchServer {
-                        backend: self.inner.backend.to_string(),
-                        server: self.missing(name),
-                    })
-            })
-            .collect()
+        self.pool_rows(slot, &rows, |r| r.server().to_string())
     }
 
     async fn sessions(&self, slot: Slot, idx: usize) -> std::result::Result<u64, HaproxyError> {

@@ -10,23 +10,8 @@ use std::time::Duration;
 use bluegreen_core::{Endpoint, Endpoints, Error, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
 use bluegreen_haproxy::{HaproxyConfig, HaproxyError, HaproxySwitch};
-use common::{client, haproxy_available, served_by, Demos, Haproxy};
+use common::{client, haproxy_available, haproxy_error, served_by, Demos, Haproxy};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-/// The HaproxyError inside a core error.
-fn haproxy_error(e: &Error) -> &HaproxyError {
-    match e {
-        Error::Backend {
-            backend, source, ..
-        } => {
-            assert_eq!(backend, "haproxy");
-            source
-                .downcast_ref::<HaproxyError>()
-                .unwrap_or_else(|| panic!("not a HaproxyError: {e}"))
-        }
-        other => panic!("expected Error::Backend, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_socket_is_a_connect_error_naming_the_path() {

@@ -4,19 +4,10 @@
 
 mod common;
 
-use bluegreen_core::{Endpoint, Endpoints, Error, Slot, TrafficSplit, TrafficSwitch};
+use bluegreen_core::{Endpoint, Endpoints, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
 use bluegreen_haproxy::{HaproxyError, HaproxySwitch};
-use common::{haproxy_available, Demos, Haproxy};
-
-fn haproxy_error(e: &Error) -> &HaproxyError {
-    match e {
-        Error::Backend { source, .. } => source
-            .downcast_ref::<HaproxyError>()
-            .unwrap_or_else(|| panic!("not an HaproxyError: {e}")),
-        other => panic!("expected a backend error, got {other:?}"),
-    }
-}
+use common::{haproxy_available, haproxy_error, Demos, Haproxy};
 
 /// The port of a server no `apply` has moved: the rendered placeholder (`<name>.bluegreen.invalid:1`
 /// with `init-addr last,127.0.0.1`).
@@ -48,16 +39,7 @@ async fn switching_slots_of_three_endpoints_under_load_fails_no_request_and_uses
     }
     let h = Haproxy::start();
     let demos = Demos::start_several(3, 3).await;
-    let stats = demos.switch_under_load(&h.switch(), h.addr(), 6).await;
-    eprintln!(
-        "6 switches between 3 + 3 endpoints: {} ok, {} failed, per instance {:?}",
-        stats.ok, stats.failed, stats.instances
-    );
-    assert!(
-        stats.ok > 100,
-        "too little load to mean anything: {}",
-        stats.ok
-    );
+    demos.switch_under_load(&h.switch(), h.addr(), 6).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,8 +98,8 @@ impl DemoBackends {
     /// [`HOLD`]. Returns what the clients saw.
     ///
     /// # Panics
-    /// An `apply` or `current` fails or reads back another split; a request fails; after a
-    /// switch, an app of the live slot serves no request during the hold, or an app of the idle
+    /// An `apply` or `current` fails or reads back another split; a request fails; the clients
+    /// got 100 answers or fewer (too little load to mean anything); after a switch, an app of the live slot serves no request during the hold, or an app of the idle
     /// slot serves one.
     pub async fn switch_under_load(
         &self,
@@ -154,6 +154,20 @@ impl DemoBackends {
             }
         }
         let stats = load.finish().await;
+        eprintln!(
+            "{name}: {switches} switches between {} + {} endpoints: {} ok, {} failed, per \
+             instance {:?}",
+            eps.blue.len(),
+            eps.green.len(),
+            stats.ok,
+            stats.failed,
+            stats.instances
+        );
+        assert!(
+            stats.ok > 100,
+            "{name}: too little load to mean anything: {} requests",
+            stats.ok
+        );
         assert_eq!(
             stats.failed,
             0,

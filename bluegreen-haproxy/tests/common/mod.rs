@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use bluegreen_core::Slot;
+use bluegreen_core::{Error, Slot};
+use bluegreen_haproxy::HaproxyError;
 pub use bluegreen_testenv::haproxy::{available as haproxy_available, Haproxy};
 pub use bluegreen_testenv::port::RefusedAddr;
 pub use bluegreen_testenv::{DemoBackends as Demos, Load, LoadOptions, LoadStats};
@@ -35,5 +36,20 @@ pub async fn served_by(client: &reqwest::Client, url: &str) -> Result<Slot, Stri
     match (status.is_success(), slot) {
         (true, Some(s)) => s.parse::<Slot>().map_err(|e| e.to_string()),
         _ => Err(format!("status {status}")),
+    }
+}
+
+/// The HaproxyError inside a core error.
+pub fn haproxy_error(e: &Error) -> &HaproxyError {
+    match e {
+        Error::Backend {
+            backend, source, ..
+        } => {
+            assert_eq!(backend, "haproxy");
+            source
+                .downcast_ref::<HaproxyError>()
+                .unwrap_or_else(|| panic!("not a HaproxyError: {e}"))
+        }
+        other => panic!("expected Error::Backend, got {other:?}"),
     }
 }
