@@ -270,6 +270,10 @@ impl SlotMetrics {
 ///   [`Error::Unsupported`] and nothing changes.
 /// - `apply` with a weight > 0 for a slot without endpoints is refused with
 ///   [`Error::InvalidInput`] and nothing changes.
+/// - A slot with several endpoints is routed to all of them (each serves part of the slot's
+///   share) and an endpoint left out of a slot gets no new request; more endpoints than the
+///   switch can route is refused with [`Error::InvalidInput`] naming the limit, and nothing
+///   changes.
 ///
 /// # Errors
 /// [`Error::Backend`] naming the step that failed; on failure the previous configuration stays in
