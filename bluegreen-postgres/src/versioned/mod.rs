@@ -367,6 +367,7 @@ impl Versioned<'_> {
                 };
                 let catalog = self.catalog(ops).await?;
                 let p = plan::plan(v, latest_complete, base_schema, view_schema, ops, &catalog)?;
+                self.check_dependents(&p).await?;
                 let text = serde_json::to_string(&p)
                     .map_err(|e| fail(BACKEND, "expand schema", e.to_string()))?;
                 self.c
@@ -617,6 +618,55 @@ impl Versioned<'_> {
         }
         r.run(&format!("creating the views of {}", p.version), &sql, false)
             .await
+    }
+
+    /// Refuses a plan whose contract would drop a column another view depends on (the
+    /// contract would fail then, after the old release is gone): before anything runs.
+    async fn check_dependents(&self, p: &Plan) -> Result<()> {
+        let ours: Vec<String> = p
+            .base_schema
+            .iter()
+            .cloned()
+            .chain([p.view_schema.clone()])
+            .collect();
+        for tc in &p.contract {
+            for col in &tc.drop_columns {
+                let rows = self
+                    .c
+                    .query(
+                        "SELECT DISTINCT vn.nspname::text || '.' || v.relname::text
+                         FROM pg_depend d
+                         JOIN pg_rewrite r ON r.oid = d.objid
+                         JOIN pg_class v ON v.oid = r.ev_class
+                         JOIN pg_namespace vn ON vn.oid = v.relnamespace
+                         JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                         WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                           AND d.refobjid = $1::text::regclass AND a.attname = $2
+                           AND v.oid <> d.refobjid AND NOT (vn.nspname = ANY($3))
+                         ORDER BY 1",
+                        &[&self.qt(&tc.table), col, &ours],
+                    )
+                    .await
+                    .map_err(|e| pg_error(BACKEND, "reading views that use a column", e))?;
+                if !rows.is_empty() {
+                    let views: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                    return Err(fail(
+                        BACKEND,
+                        "expand schema",
+                        format!(
+                            "{}.{col} is replaced or dropped by schema version {}, but view(s) {} \
+                             use it: the contract could not drop it. Change or drop those views \
+                             first (in an earlier release), then deploy {}",
+                            tc.table,
+                            p.version,
+                            views.join(", "),
+                            p.version
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn server_version(&self) -> Result<i32> {
