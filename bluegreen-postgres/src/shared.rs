@@ -275,13 +275,19 @@ pub type SchemaOperationsFn = Arc<dyn Fn(&Version) -> Result<Vec<Operation>> + S
 ///
 /// Each migration runs once, in its own transaction, recorded in `bluegreen_migrations` (name,
 /// phase, checksum, time); a recorded migration whose SQL changed is an error. Deployers serialize on
-/// a PostgreSQL advisory lock, so two machines never run the same migration. `rollback` changes
-/// nothing: expand migrations are compatible with the old release and stay.
+/// a PostgreSQL advisory lock, so two machines never run the same migration. `rollback` leaves
+/// expand migrations: they are compatible with the old release and stay.
 ///
 /// The migrations of a release are [`SharedConfig::migrations`] (the same for every release)
 /// followed by the ones it ships with, found by its version
 /// ([`with_release_migrations`](Self::with_release_migrations)): one `SharedDatabase`, and so one
 /// `Deployer`, serves every release.
+///
+/// In the versioned-schema mode ([`SharedConfig::with_versioned`]) each release also ships
+/// declarative [`Operation`]s ([`with_schema_versions`](Self::with_schema_versions)) and reads and
+/// writes through its own schema of views, both releases at once: `prepare` expands (after the
+/// migrations), `rollback` drops the target's version, `finalize` contracts once the old release
+/// is gone (irreversible). See the crate README.
 #[derive(Clone)]
 pub struct SharedDatabase {
     config: SharedConfig,

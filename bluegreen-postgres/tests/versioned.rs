@@ -805,3 +805,128 @@ async fn the_engine_deploys_cleans_up_and_rolls_back_a_schema_version() {
         150
     );
 }
+
+async fn state_of(c: &Client, version: &str) -> Option<String> {
+    c.query_opt(
+        "SELECT state FROM bluegreen.schema_versions WHERE version = $1",
+        &[&version],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_expand_or_contract_is_completed_or_rolled_back_from_the_state_table() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let admin = seeded(&cluster).await;
+    let original = columns(&admin, "public.orders").await;
+    let ops = |v: &Version| -> bluegreen_core::Result<Vec<Operation>> {
+        Ok(match v.as_str() {
+            "v2" => v2_ops(),
+            // Fails in its backfill (id 77 exists): left `expanding`.
+            "v3" => vec![Operation::ChangeType {
+                table: "orders".into(),
+                column: "account".into(),
+                data_type: "bigint".into(),
+                up: "100 / (id - 77)".into(),
+                down: "account::int".into(),
+            }],
+            "v4" => vec![Operation::AddColumn {
+                table: "orders".into(),
+                column: ColumnDef::new("tag", "text"),
+                backfill: None,
+            }],
+            _ => vec![],
+        })
+    };
+    let db = SharedDatabase::new(config(&cluster))
+        .unwrap()
+        .with_schema_versions(ops);
+    db.prepare(&ctx("v1", None, Slot::Blue)).await.unwrap();
+
+    // An expand that gave up half-way (a long transaction outlasted its attempts) is recorded as
+    // `expanding`; preparing the same release again completes it.
+    let holder = cluster.client("app").await.unwrap();
+    let impatient = SharedDatabase::new(
+        SharedConfig::new(cluster.config("app")).with_versioned(
+            VersionedConfig::default()
+                .with_lock_timeout(Duration::from_millis(50))
+                .with_max_backoff(Duration::from_millis(50))
+                .with_lock_attempts(2),
+        ),
+    )
+    .unwrap()
+    .with_schema_versions(ops);
+    // Its first ALTER TABLE cannot get its lock while the holder reads orders.
+    holder
+        .batch_execute("BEGIN; SELECT count(*) FROM orders;")
+        .await
+        .unwrap();
+    impatient
+        .prepare(&ctx("v2", Some(Slot::Blue), Slot::Green))
+        .await
+        .unwrap_err();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(state_of(&admin, "v2").await.as_deref(), Some("expanding"));
+    let p = db
+        .prepare(&ctx("v2", Some(Slot::Blue), Slot::Green))
+        .await
+        .unwrap();
+    assert_eq!(state_of(&admin, "v2").await.as_deref(), Some("expanded"));
+    let new = connect_as(&p.binding).await;
+    assert_eq!(
+        one_i64(&new, "SELECT count(*) FROM orders WHERE memo IS NOT NULL").await,
+        3000
+    );
+
+    // A contract interrupted after its first statement (the old views dropped) is refused as
+    // a base for the next version, and finished by the next finalize.
+    admin
+        .batch_execute(
+            "UPDATE bluegreen.schema_versions SET state = 'contracting' WHERE version = 'v2';
+             DROP SCHEMA public_v1 CASCADE;",
+        )
+        .await
+        .unwrap();
+    let err = db
+        .prepare(&ctx("v3", Some(Slot::Green), Slot::Blue))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cleanup"), "{err}");
+    let step = db
+        .finalize(&ctx("v2", Some(Slot::Green), Slot::Green))
+        .await
+        .unwrap();
+    assert!(!step.is_reversible());
+    assert_eq!(state_of(&admin, "v2").await.as_deref(), Some("complete"));
+    assert_eq!(
+        columns(&admin, "public.orders").await,
+        ["id", "account", "memo", "amount", "size"]
+    );
+
+    // v3's expand fails in its backfill: left `expanding`. Deploying v4 instead rolls v3 back
+    // first (it never served), then expands v4.
+    let err = db
+        .prepare(&ctx("v3", Some(Slot::Green), Slot::Blue))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("division by zero"), "{err}");
+    assert_eq!(state_of(&admin, "v3").await.as_deref(), Some("expanding"));
+    assert_ne!(
+        columns(&admin, "public.orders").await,
+        ["id", "account", "memo", "amount", "size"]
+    );
+    db.prepare(&ctx("v4", Some(Slot::Green), Slot::Blue))
+        .await
+        .unwrap();
+    assert_eq!(state_of(&admin, "v3").await, None);
+    assert_eq!(
+        columns(&admin, "public.orders").await,
+        ["id", "account", "memo", "amount", "size", "tag"]
+    );
+    assert_eq!(triggers_on(&admin, "public.orders").await, 0);
+    assert_ne!(original, columns(&admin, "public.orders").await);
+}

@@ -622,7 +622,15 @@ mod tests {
             },
         ];
         for op in cases {
-            let err = plan("v2", None, None, "public_v2".into(), &[op.clone()], &c).unwrap_err();
+            let err = plan(
+                "v2",
+                None,
+                None,
+                "public_v2".into(),
+                std::slice::from_ref(&op),
+                &c,
+            )
+            .unwrap_err();
             assert!(matches!(err, Error::InvalidInput { .. }), "{op:?}: {err}");
         }
     }
