@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bluegreen_core::{
-    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Version,
+    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Slot, Version,
 };
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
@@ -488,10 +488,14 @@ impl SharedDatabase {
     /// `<schema>_<version>`. Idempotent; an interrupted expand of another version is rolled
     /// back first. Refused while another version is expanded and not contracted.
     pub async fn expand_schema(&self, version: &Version) -> Result<SchemaReport> {
+        self.expand_for(version, None).await
+    }
+
+    async fn expand_for(&self, version: &Version, slot: Option<Slot>) -> Result<SchemaReport> {
         let ops = self.schema_operations_for(version)?;
         let v = version.clone();
         self.with_versioned("expand", move |x| {
-            Box::pin(async move { x.expand(&v, &ops).await })
+            Box::pin(async move { x.expand(&v, &ops, slot).await })
         })
         .await
     }
@@ -500,9 +504,13 @@ impl SharedDatabase {
     /// new columns and tables, indexes, constraints); the old release's schema stays as it was.
     /// `Ok(false)` when there was nothing to drop. Raw SQL is not undone.
     pub async fn rollback_schema(&self, version: &Version) -> Result<bool> {
+        self.rollback_for(version, None).await
+    }
+
+    async fn rollback_for(&self, version: &Version, slot: Option<Slot>) -> Result<bool> {
         let v = version.clone();
         self.with_versioned("rollback", move |x| {
-            Box::pin(async move { x.rollback(&v).await })
+            Box::pin(async move { x.rollback(&v, slot).await })
         })
         .await
     }
@@ -706,7 +714,9 @@ impl DatabaseStrategy for SharedDatabase {
         };
         let binding = self.binding(&ctx.release.version)?;
         if self.config.versioned.is_some() {
-            let report = self.expand_schema(&ctx.release.version).await?;
+            let report = self
+                .expand_for(&ctx.release.version, Some(ctx.target))
+                .await?;
             summary = format!("{summary}; {}", report.summary);
             if report.irreversible {
                 return Ok(Prepared::new(binding, DbStep::irreversible(summary)));
@@ -717,7 +727,10 @@ impl DatabaseStrategy for SharedDatabase {
 
     async fn rollback(&self, ctx: &DbContext) -> Result<()> {
         if self.config.versioned.is_some() {
-            self.rollback_schema(&ctx.release.version).await?;
+            // Only what was expanded for this target: a failed redeploy of the live version to
+            // the other slot must not drop the schema the live slot uses.
+            self.rollback_for(&ctx.release.version, Some(ctx.target))
+                .await?;
         }
         Ok(())
     }

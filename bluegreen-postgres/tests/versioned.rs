@@ -311,6 +311,17 @@ async fn old_and_new_releases_write_at_once_and_see_the_same_data_then_contract(
         0
     );
 
+    // A failed redeploy of v2 to the other slot rolls back only what it did: v2's schema, which
+    // the live slot uses, stays.
+    db.rollback(&ctx("v2", Some(Slot::Green), Slot::Blue))
+        .await
+        .unwrap();
+    assert!(schema_exists(&admin, "public_v2").await);
+    assert_eq!(
+        one_i64(&new2, "SELECT count(*) FROM orders WHERE memo = 'mark-new'").await,
+        1
+    );
+
     // A third version cannot start while v2 is expanded: cleanup first, says the error.
     let err = db
         .prepare(&ctx("v3", Some(Slot::Green), Slot::Blue))

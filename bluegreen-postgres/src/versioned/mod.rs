@@ -11,7 +11,7 @@ mod plan;
 
 use std::time::{Duration, Instant};
 
-use bluegreen_core::{Result, Version};
+use bluegreen_core::{Result, Slot, Version};
 use tokio_postgres::Client;
 
 pub(crate) use ops::check_operations;
@@ -264,10 +264,13 @@ impl Versioned<'_> {
     }
 
     /// Expands the schema for `version`: see [`SharedDatabase::expand_schema`](crate::SharedDatabase::expand_schema).
+    /// `slot`: the slot the release is deployed to, recorded so that a rollback for another slot
+    /// (a redeploy of the live version failing) never drops the version the live slot uses.
     pub(crate) async fn expand(
         &self,
         version: &Version,
         ops: &[Operation],
+        slot: Option<Slot>,
     ) -> Result<SchemaReport> {
         check_operations(ops)?;
         let view_schema = self.cfg.view_schema(version)?;
@@ -366,7 +369,9 @@ impl Versioned<'_> {
                     None => None,
                 };
                 let catalog = self.catalog(ops).await?;
-                let p = plan::plan(v, latest_complete, base_schema, view_schema, ops, &catalog)?;
+                let mut p =
+                    plan::plan(v, latest_complete, base_schema, view_schema, ops, &catalog)?;
+                p.slot = slot.map(|s| s.as_str().to_string());
                 self.check_dependents(&p).await?;
                 let text = serde_json::to_string(&p)
                     .map_err(|e| fail(BACKEND, "expand schema", e.to_string()))?;
@@ -888,12 +893,24 @@ impl Versioned<'_> {
 
     /// Drops the new version of `version` (its views, triggers, new columns, tables, indexes,
     /// constraints); the old release's schema is left as it was. `Ok(false)` when there was
-    /// nothing to roll back (unknown or complete).
-    pub(crate) async fn rollback(&self, version: &Version) -> Result<bool> {
+    /// nothing to roll back (unknown or complete), or when `slot` is given and the version was
+    /// expanded for the other slot (then the live release may be using it).
+    pub(crate) async fn rollback(&self, version: &Version, slot: Option<Slot>) -> Result<bool> {
         let rows = self.rows().await?;
         let Some(row) = rows.iter().find(|r| r.version == version.as_str()) else {
             return Ok(false);
         };
+        if let (Some(asked), Some(recorded)) = (slot, row.plan.slot.as_deref()) {
+            if asked.as_str() != recorded && row.state == "expanded" {
+                tracing::info!(
+                    version = %row.version,
+                    recorded,
+                    asked = asked.as_str(),
+                    "schema version kept: it was expanded for the other slot"
+                );
+                return Ok(false);
+            }
+        }
         if !matches!(
             row.state.as_str(),
             "expanding" | "expanded" | "rolling_back"

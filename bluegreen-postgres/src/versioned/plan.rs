@@ -115,6 +115,9 @@ pub(crate) struct Plan {
     pub(crate) base_version: Option<String>,
     pub(crate) base_schema: Option<String>,
     pub(crate) view_schema: String,
+    /// The slot it was expanded for (`blue`/`green`), when known.
+    #[serde(default)]
+    pub(crate) slot: Option<String>,
     pub(crate) views: Vec<ViewPlan>,
     pub(crate) steps: Vec<Step>,
     pub(crate) contract: Vec<TableContract>,
@@ -500,6 +503,7 @@ pub(crate) fn plan(
         base_version,
         base_schema,
         view_schema,
+        slot: None,
         views,
         steps,
         contract,
