@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use bluegreen_core::testkit::Fakes;
 use bluegreen_core::{
-    DatabaseStrategy, DbBinding, DbContext, Error, Policy, Prepared, Release, RetryConfig,
-    RunOutcome, Slot, Version,
+    DatabaseStrategy, DbBinding, DbContext, Error, Prepared, Release, RunOutcome, Slot, Version,
 };
 use bluegreen_postgres::{ColumnDef, Operation, SharedConfig, SharedDatabase, VersionedConfig};
 use common::{one_i64, Cluster, SEED};
@@ -60,6 +59,13 @@ fn config(cluster: &Cluster) -> SharedConfig {
             .with_lock_timeout(Duration::from_millis(200))
             .with_batch_rows(500),
     )
+}
+
+/// The strategy of most tests: v2's operations, `config`'s settings.
+fn shared(cluster: &Cluster) -> SharedDatabase {
+    SharedDatabase::new(config(cluster))
+        .unwrap()
+        .with_schema_versions(ops_for)
 }
 
 fn ctx(version: &str, live: Option<Slot>, target: Slot) -> DbContext {
@@ -156,9 +162,7 @@ async fn old_and_new_releases_write_at_once_and_see_the_same_data_then_contract(
     };
     let admin = seeded_with_view(&cluster).await;
     let before = one_i64(&admin, "SELECT sum(amount)::bigint FROM orders").await;
-    let db = SharedDatabase::new(config(&cluster))
-        .unwrap()
-        .with_schema_versions(ops_for);
+    let db = shared(&cluster);
     // A view of the application's uses `amount`, which v2 replaces: the contract could not drop
     // it, so v2 is refused before anything runs, naming the view.
     db.prepare(&ctx("v1", None, Slot::Blue)).await.unwrap();
@@ -404,9 +408,7 @@ async fn rollback_mid_deploy_drops_the_new_version_and_leaves_the_old_release_as
     };
     let admin = seeded(&cluster).await;
     let original = columns(&admin, "public.orders").await;
-    let db = SharedDatabase::new(config(&cluster))
-        .unwrap()
-        .with_schema_versions(ops_for);
+    let db = shared(&cluster);
     let (old, new, _) = v1_then_v2(&db).await;
     new.batch_execute("INSERT INTO orders (account, amount, memo) VALUES (1, 9.99, 'by-v2')")
         .await
@@ -729,19 +731,6 @@ async fn hostile_identifiers_are_refused_and_odd_names_are_quoted() {
     assert_eq!(one_i64(&admin, "SELECT count(*) FROM orders").await, 3000);
 }
 
-fn policy() -> Policy {
-    Policy::default()
-        .with_poll(Duration::from_millis(1), Duration::from_millis(5))
-        .with_readiness_timeout(Duration::from_millis(500))
-        .with_observation(Duration::ZERO, Duration::from_millis(5))
-        .with_verify_timeout(Duration::from_millis(500))
-        .with_drain_timeout(Duration::from_millis(100))
-        .with_retry(RetryConfig {
-            attempts: 1,
-            backoff: Duration::from_millis(10),
-        })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_deploys_cleans_up_and_rolls_back_a_schema_version() {
     let Some(cluster) = Cluster::start().await else {
@@ -749,14 +738,12 @@ async fn the_engine_deploys_cleans_up_and_rolls_back_a_schema_version() {
     };
     let admin = seeded(&cluster).await;
     let original = columns(&admin, "public.orders").await;
-    let db = SharedDatabase::new(config(&cluster))
-        .unwrap()
-        .with_schema_versions(ops_for);
+    let db = shared(&cluster);
     let fakes = Fakes::new();
     let deployer = fakes
         .deployer_builder()
         .database(Arc::new(db))
-        .policy(policy())
+        .policy(common::fast_policy())
         .build()
         .unwrap();
     let r = deployer
