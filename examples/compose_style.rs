@@ -170,7 +170,8 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
         let rows = c
             .query(
                 "SELECT column_name::text FROM information_schema.columns
-                 WHERE table_name = 'orders' ORDER BY ordinal_position",
+                 WHERE table_schema = 'public' AND table_name = 'orders'
+                 ORDER BY ordinal_position",
                 &[],
             )
             .await
