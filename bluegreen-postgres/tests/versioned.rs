@@ -928,3 +928,46 @@ async fn an_interrupted_expand_or_contract_is_completed_or_rolled_back_from_the_
     assert_eq!(triggers_on(&admin, "public.orders").await, 0);
     assert_ne!(original, columns(&admin, "public.orders").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_rollback_keeps_both_schemas_and_cleanup_then_drops_the_abandoned_one() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let admin = seeded(&cluster).await;
+    let original = columns(&admin, "public.orders").await;
+    let fakes = Fakes::new();
+    let deployer = fakes
+        .deployer_builder()
+        .database(Arc::new(shared(&cluster)))
+        .policy(common::fast_policy())
+        .build()
+        .unwrap();
+    for v in ["v1", "v2"] {
+        let r = deployer
+            .deploy(Release::new(v, "app").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, RunOutcome::Live, "{r:?}");
+    }
+    // Back to v1 (still warm): its schema was never touched, v2's stays while v2 is warm.
+    let r = deployer.rollback().await.unwrap();
+    assert_eq!(r.outcome, RunOutcome::Live, "{r:?}");
+    assert_eq!(fakes.live(), Some(Slot::Blue));
+    let old = connect_url(&fakes.started_env(Slot::Blue).unwrap()["DATABASE_URL"]).await;
+    old.batch_execute("INSERT INTO orders (account, amount, note) VALUES (1, 250, 'after')")
+        .await
+        .unwrap();
+    assert!(schema_exists(&admin, "public_v2").await);
+    assert_eq!(state_of(&admin, "v2").await.as_deref(), Some("expanded"));
+
+    // cleanup removes v2's slot, then drops its schema version instead of contracting it.
+    assert_eq!(deployer.cleanup().await.unwrap(), Some(Slot::Green));
+    assert_eq!(state_of(&admin, "v2").await, None);
+    assert!(!schema_exists(&admin, "public_v2").await);
+    assert_eq!(columns(&admin, "public.orders").await, original);
+    assert_eq!(
+        one_i64(&old, "SELECT count(*) FROM orders WHERE note = 'after'").await,
+        1
+    );
+}
