@@ -68,6 +68,23 @@ fn shared(cluster: &Cluster) -> SharedDatabase {
         .with_schema_versions(ops_for)
 }
 
+/// A strategy that gives up quickly on a lock: 50 ms `lock_timeout` and backoff, `attempts`.
+fn impatient<F>(cluster: &Cluster, attempts: u32, ops: F) -> SharedDatabase
+where
+    F: Fn(&Version) -> bluegreen_core::Result<Vec<Operation>> + Send + Sync + 'static,
+{
+    SharedDatabase::new(
+        SharedConfig::new(cluster.config("app")).with_versioned(
+            VersionedConfig::default()
+                .with_lock_timeout(Duration::from_millis(50))
+                .with_max_backoff(Duration::from_millis(50))
+                .with_lock_attempts(attempts),
+        ),
+    )
+    .unwrap()
+    .with_schema_versions(ops)
+}
+
 fn ctx(version: &str, live: Option<Slot>, target: Slot) -> DbContext {
     DbContext {
         live,
@@ -590,16 +607,7 @@ async fn a_migration_blocked_by_a_long_transaction_retries_without_blocking_the_
         .batch_execute("BEGIN; SELECT count(*) FROM orders;")
         .await
         .unwrap();
-    let impatient = SharedDatabase::new(
-        SharedConfig::new(cluster.config("app")).with_versioned(
-            VersionedConfig::default()
-                .with_lock_timeout(Duration::from_millis(50))
-                .with_max_backoff(Duration::from_millis(50))
-                .with_lock_attempts(3),
-        ),
-    )
-    .unwrap()
-    .with_schema_versions(ops_for);
+    let impatient = impatient(&cluster, 3, ops_for);
     let err = impatient
         .expand_schema(&Version::new("v2").unwrap())
         .await
@@ -848,16 +856,7 @@ async fn an_interrupted_expand_or_contract_is_completed_or_rolled_back_from_the_
     // An expand that gave up half-way (a long transaction outlasted its attempts) is recorded as
     // `expanding`; preparing the same release again completes it.
     let holder = cluster.client("app").await.unwrap();
-    let impatient = SharedDatabase::new(
-        SharedConfig::new(cluster.config("app")).with_versioned(
-            VersionedConfig::default()
-                .with_lock_timeout(Duration::from_millis(50))
-                .with_max_backoff(Duration::from_millis(50))
-                .with_lock_attempts(2),
-        ),
-    )
-    .unwrap()
-    .with_schema_versions(ops);
+    let impatient = impatient(&cluster, 2, ops);
     // Its first ALTER TABLE cannot get its lock while the holder reads orders.
     holder
         .batch_execute("BEGIN; SELECT count(*) FROM orders;")
