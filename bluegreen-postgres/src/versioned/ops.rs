@@ -76,7 +76,7 @@ impl ColumnDef {
 ///
 /// [`SharedDatabase::with_schema_versions`]: crate::SharedDatabase::with_schema_versions
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum Operation {
     /// A new table (the old release does not see it). Rollback drops it.
@@ -602,6 +602,13 @@ mod tests {
             serde_json::from_str::<Vec<Operation>>(r#"[{"op": "drop_table", "table": "t"}]"#)
                 .is_err()
         );
+        // A misspelt key is an error, not skipped.
+        let err = serde_json::from_str::<Vec<Operation>>(
+            r#"[{"op": "add_column", "table": "t", "column": {"name": "c", "type": "text"},
+                 "backfil": "1"}]"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("backfil"), "{err}");
     }
 
     #[test]
