@@ -17,8 +17,12 @@
 //!    adds `orders.customer`, which v1, still warm on the other slot, simply ignores;
 //! 3. runs `cleanup`: the old slot goes away, and only then v2's *contract* migration drops
 //!    `legacy_code`, which v1 was still reading;
-//! 4. tries v3, whose expand migration drops a column the live release reads: refused before
-//!    anything runs, naming the statement, live traffic untouched.
+//! 4. tries v3, whose plain expand migration renames a column the live release reads: refused
+//!    before anything runs, naming the statement, live traffic untouched;
+//! 5. deploys v4, which makes the same rename as a versioned schema change (`rename_column`): v2,
+//!    still warm, and v4 run at once, each through its own `search_path` (`public_v2`,
+//!    `public_v4`), each writing rows the other reads under its own column name; `cleanup` then
+//!    removes v2 and only then renames the column for real (contract).
 //!
 //! Outside CI a missing service makes the example print why it skips; in CI it fails.
 
@@ -27,9 +31,10 @@ use std::time::Duration;
 
 use bluegreen::haproxy::{HaproxyConfig, HaproxySwitch};
 use bluegreen::health::HttpCheck;
-use bluegreen::postgres::{Migration, SharedConfig, SharedDatabase};
+use bluegreen::postgres::{Migration, Operation, SharedConfig, SharedDatabase, VersionedConfig};
 use bluegreen::{
-    Deployer, FileStateStore, HttpVersionProbe, Policy, Release, Version, VersionMarker,
+    DatabaseStrategy, DbContext, Deployer, FileStateStore, HttpVersionProbe, Policy, Release, Slot,
+    Version, VersionMarker,
 };
 
 mod common;
@@ -58,7 +63,7 @@ fn migrations(version: &Version) -> bluegreen::Result<Vec<Migration>> {
             "ALTER TABLE orders DROP COLUMN legacy_code;",
         ));
     }
-    if version >= "v3" {
+    if version == "v3" {
         // Breaks v2, which is live and reads `customer`: the expand check refuses it.
         m.push(Migration::expand(
             "003_rename",
@@ -66,6 +71,37 @@ fn migrations(version: &Version) -> bluegreen::Result<Vec<Migration>> {
         ));
     }
     Ok(m)
+}
+
+/// The versioned schema changes each release ships: v4 renames `customer` to `client` while v2
+/// keeps running with `customer`.
+fn schema_changes(version: &Version) -> bluegreen::Result<Vec<Operation>> {
+    Ok(match version.as_str() {
+        "v4" => vec![Operation::RenameColumn {
+            table: "orders".into(),
+            from: "customer".into(),
+            to: "client".into(),
+        }],
+        _ => vec![],
+    })
+}
+
+/// Connects as release `version` would: with the `DATABASE_URL` its binding gives it.
+async fn connect_as(
+    shared: &SharedDatabase,
+    version: &str,
+) -> Result<tokio_postgres::Client, Box<dyn std::error::Error>> {
+    let binding = shared
+        .bind(&DbContext {
+            live: None,
+            target: Slot::Blue,
+            release: Release::new(version, "app")?,
+        })
+        .await?;
+    let url = binding.secret_env["DATABASE_URL"].expose().to_string();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
 }
 
 async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
@@ -106,13 +142,15 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
     let shared_db = admin.clone().with_dbname(&db);
 
     let public = format!("http://127.0.0.1:{}/", haproxy.port);
+    let shared = SharedDatabase::new(
+        SharedConfig::new(shared_db.clone()).with_versioned(VersionedConfig::default()),
+    )?
+    .with_release_migrations(migrations)
+    .with_schema_versions(schema_changes);
     let d = Deployer::builder()
         .environment(Arc::new(env.clone()))
         .switch(Arc::new(HaproxySwitch::new(config.clone())?))
-        .database(Arc::new(
-            SharedDatabase::new(SharedConfig::new(shared_db.clone()))?
-                .with_release_migrations(migrations),
-        ))
+        .database(Arc::new(shared.clone()))
         .store(Arc::new(FileStateStore::new(dir.path().join("state"))?))
         .health_check(Arc::new(HttpCheck::new("/health")))
         .verify_data_path(Arc::new(HttpVersionProbe::new(
@@ -132,7 +170,8 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
         let rows = c
             .query(
                 "SELECT column_name::text FROM information_schema.columns
-                 WHERE table_name = 'orders' ORDER BY ordinal_position",
+                 WHERE table_schema = 'public' AND table_name = 'orders'
+                 ORDER BY ordinal_position",
                 &[],
             )
             .await
@@ -181,6 +220,67 @@ async fn compose_style() -> Result<(), Box<dyn std::error::Error>> {
         };
         println!("   refused as expected:\n   {refused}");
         common::expect_live(&d, "v2").await?;
+
+        println!("\n5. deploy v4: the same rename as a versioned schema change, v2 and v4 at once");
+        let load = Load::start(public.clone(), 4);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let printer = common::print_events(&d);
+        live(d.deploy(release("v4")?).await?)?;
+        printer.abort();
+        let (counts, failed) = load.finish().await;
+        println!("   requests per version: {counts:?}, failed = {failed}");
+        if failed > 0 {
+            return Err(format!("{failed} requests failed during the switch").into());
+        }
+        let (v2, v4) = (
+            connect_as(&shared, "v2").await?,
+            connect_as(&shared, "v4").await?,
+        );
+        v2.batch_execute(
+            "INSERT INTO orders (total_cents, customer) VALUES (500, 'written by v2')",
+        )
+        .await?;
+        v4.batch_execute("INSERT INTO orders (total_cents, client) VALUES (700, 'written by v4')")
+            .await?;
+        let seen_by_v2: Vec<String> = v2
+            .query(
+                "SELECT customer FROM orders WHERE customer LIKE 'written%' ORDER BY id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let seen_by_v4: Vec<String> = v4
+            .query(
+                "SELECT client FROM orders WHERE client LIKE 'written%' ORDER BY id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        println!("   v2 reads orders.customer: {seen_by_v2:?}");
+        println!("   v4 reads orders.client:   {seen_by_v4:?}");
+        println!("   physical columns while both run: {:?}", columns().await?);
+        if seen_by_v2.len() != 2 || seen_by_v2 != seen_by_v4 {
+            return Err("v2 and v4 must see the same rows".into());
+        }
+        println!("   cleanup: remove v2, then contract (the real rename)");
+        d.cleanup().await?;
+        let after = columns().await?;
+        println!("   orders columns: {after:?}");
+        if !after.iter().any(|c| c == "client") || after.iter().any(|c| c == "customer") {
+            return Err("the contract did not rename customer to client".into());
+        }
+        let n: i64 = v4
+            .query_one(
+                "SELECT count(*) FROM orders WHERE client LIKE 'written%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        println!("   v4 still reads its {n} rows after the contract");
         d.reset().await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     }

@@ -611,6 +611,16 @@ impl Pipeline {
                     #[cfg(not(feature = "postgres"))]
                     let _ = dir;
                 }
+                // `[database.versioned] operations_dir` is relative to the pipeline file, like
+                // `migrations`.
+                #[cfg(feature = "postgres")]
+                if let Some(dir) = config
+                    .versioned
+                    .as_mut()
+                    .and_then(|v| v.operations_dir.as_mut())
+                {
+                    *dir = base.join(&*dir);
+                }
                 DatabaseCfg::Shared(config)
             }
             DatabaseFile::Copied { rest } => {
@@ -1089,6 +1099,51 @@ drain_timeout = 12
         };
         assert_eq!(s.deployment, "shop");
         assert_eq!(s.connection.dbname, "deploys");
+    }
+
+    #[test]
+    fn versioned_schema_operations_are_read_next_to_the_pipeline_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("schema");
+        std::fs::create_dir_all(&schema).unwrap();
+        std::fs::write(
+            schema.join("v2.json"),
+            r#"[{"op": "rename_column", "table": "orders", "from": "note", "to": "memo"}]"#,
+        )
+        .unwrap();
+        std::fs::write(
+            schema.join("v3.json"),
+            r#"[{"op": "drop_table", "table": "orders"}]"#,
+        )
+        .unwrap();
+        let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\n\
+                    program = \"/bin/true\"\n[switch]\nkind = \"haproxy\"\n\
+                    runtime = \"/run/haproxy/admin.sock\"\npublic = \"127.0.0.1:80\"\n\
+                    [database]\nkind = \"shared\"\n[database.connection]\ndbname = \"shop\"\n\
+                    [database.versioned]\n";
+        let file = dir.path().join("bluegreen.toml");
+        std::fs::write(
+            &file,
+            format!("{head}operations_dir = \"schema\"\nlock_timeout = \"200ms\"\n"),
+        )
+        .unwrap();
+        let (p, _) = Pipeline::load(&file).unwrap();
+        let DatabaseCfg::Shared(c) = &p.database else {
+            panic!("{:?}", p.database)
+        };
+        let v = c.versioned.as_ref().expect("the versioned mode is on");
+        assert_eq!(v.operations_dir.as_deref(), Some(schema.as_path()));
+        assert_eq!(v.lock_timeout, Duration::from_millis(200));
+        let db = bluegreen::postgres::SharedDatabase::new(c.clone()).unwrap();
+        let version = |v: &str| bluegreen::Version::new(v).unwrap();
+        assert_eq!(db.schema_operations_for(&version("v2")).unwrap().len(), 1);
+        assert!(db.schema_operations_for(&version("v1")).unwrap().is_empty());
+        let err = db.schema_operations_for(&version("v3")).unwrap_err();
+        assert!(err.to_string().contains("v3.json"), "{err}");
+        // A misspelt key is an error naming it.
+        std::fs::write(&file, format!("{head}lock_timout = \"200ms\"\n")).unwrap();
+        let err = Pipeline::load(&file).unwrap_err();
+        assert!(err.to_string().contains("lock_timout"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod sqlcheck;
 mod store;
 mod tools;
 mod util;
+mod versioned;
 
 pub use conn::PostgresConfig;
 pub use copied::{CopiedConfig, CopiedDatabase, CopyReport};
@@ -19,8 +20,12 @@ pub use ident::{quote_ident, quote_literal, validate_ident};
 pub use replicated::{
     AfterCutover, CutoverReport, ReplicatedConfig, ReplicatedDatabase, ReplicationStatus,
 };
-pub use shared::{Migration, MigrationPhase, ReleaseMigrationsFn, SharedConfig, SharedDatabase};
+pub use shared::{
+    Migration, MigrationPhase, ReleaseMigrationsFn, SchemaOperationsFn, SharedConfig,
+    SharedDatabase,
+};
 pub use store::{PostgresStateStore, PostgresStoreConfig};
+pub use versioned::{ColumnDef, Operation, SchemaReport, VersionedConfig};
 
 /// The backend name the state store reports in errors; the strategies report
 /// `postgres shared`, `postgres copied` and `postgres replicated`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bluegreen_core::{
-    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Version,
+    DatabaseStrategy, DbBinding, DbContext, DbStep, Error, Prepared, Result, Slot, Version,
 };
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
@@ -16,6 +16,7 @@ use crate::conn::PostgresConfig;
 use crate::error::{fail, pg_error};
 use crate::ident::{quote_ident, validate_ident};
 use crate::sqlcheck;
+use crate::versioned::{self, Operation, SchemaReport, VersionedConfig};
 
 const BACKEND: &str = "postgres shared";
 
@@ -135,14 +136,18 @@ impl Migration {
     }
 
     fn checksum(&self) -> String {
-        // FNV-1a, 64 bits: detects a migration edited after it was applied.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.sql.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{h:016x}")
+        format!("{:016x}", fnv64(&self.sql))
     }
+}
+
+/// FNV-1a, 64 bits: detects a migration edited after it was applied; short stable name tags.
+pub(crate) fn fnv64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// Settings of [`SharedDatabase`]. In files only `connection` is required.
@@ -167,6 +172,10 @@ pub struct SharedConfig {
     /// Settings handed to releases instead of `connection`'s (e.g. an application role).
     #[serde(default)]
     pub binding: Option<PostgresConfig>,
+    /// The versioned-schema mode (off by default): each release reads and writes through its
+    /// own schema of views, see [`SharedDatabase::with_schema_versions`].
+    #[serde(default)]
+    pub versioned: Option<VersionedConfig>,
 }
 
 bluegreen_core::validated_serde!(SharedConfig);
@@ -191,6 +200,7 @@ impl SharedConfig {
             table: default_table(),
             lock_wait: five_minutes(),
             binding: None,
+            versioned: None,
         }
     }
 
@@ -204,7 +214,16 @@ impl SharedConfig {
         self.connection.validate()?;
         validate_ident("schema", &self.schema)?;
         validate_ident("table", &self.table)?;
+        if let Some(v) = &self.versioned {
+            v.validate()?;
+        }
         check_migrations(&self.migrations)
+    }
+
+    /// Turns on the versioned-schema mode with `versioned`'s settings.
+    pub fn with_versioned(mut self, versioned: VersionedConfig) -> Self {
+        self.versioned = Some(versioned);
+        self
     }
 
     /// Adds a migration.
@@ -243,6 +262,10 @@ impl SharedConfig {
 /// [`SharedDatabase::with_release_migrations`]).
 pub type ReleaseMigrationsFn = Arc<dyn Fn(&Version) -> Result<Vec<Migration>> + Send + Sync>;
 
+/// Finds the schema operations a release ships with, by its version (see
+/// [`SharedDatabase::with_schema_versions`]).
+pub type SchemaOperationsFn = Arc<dyn Fn(&Version) -> Result<Vec<Operation>> + Send + Sync>;
+
 /// Both slots use one database. Schema changes are plain SQL migrations in two phases:
 ///
 /// - **expand** migrations run in `prepare` (before the new release starts) and must keep the old
@@ -252,18 +275,25 @@ pub type ReleaseMigrationsFn = Arc<dyn Fn(&Version) -> Result<Vec<Migration>> + 
 ///
 /// Each migration runs once, in its own transaction, recorded in `bluegreen_migrations` (name,
 /// phase, checksum, time); a recorded migration whose SQL changed is an error. Deployers serialize on
-/// a PostgreSQL advisory lock, so two machines never run the same migration. `rollback` changes
-/// nothing: expand migrations are compatible with the old release and stay.
+/// a PostgreSQL advisory lock, so two machines never run the same migration. `rollback` leaves
+/// expand migrations: they are compatible with the old release and stay.
 ///
 /// The migrations of a release are [`SharedConfig::migrations`] (the same for every release)
 /// followed by the ones it ships with, found by its version
 /// ([`with_release_migrations`](Self::with_release_migrations)): one `SharedDatabase`, and so one
 /// `Deployer`, serves every release.
+///
+/// In the versioned-schema mode ([`SharedConfig::with_versioned`]) each release also ships
+/// declarative [`Operation`]s ([`with_schema_versions`](Self::with_schema_versions)) and reads and
+/// writes through its own schema of views, both releases at once: `prepare` expands (after the
+/// migrations), `rollback` drops the target's version, `finalize` contracts once the old release
+/// is gone (irreversible). See the crate README.
 #[derive(Clone)]
 pub struct SharedDatabase {
     config: SharedConfig,
     table: String,
     release_migrations: Option<ReleaseMigrationsFn>,
+    schema_operations: Option<SchemaOperationsFn>,
 }
 
 impl fmt::Debug for SharedDatabase {
@@ -272,6 +302,7 @@ impl fmt::Debug for SharedDatabase {
             .field("config", &self.config)
             .field("table", &self.table)
             .field("release_migrations", &self.release_migrations.is_some())
+            .field("schema_operations", &self.schema_operations.is_some())
             .finish()
     }
 }
@@ -289,6 +320,7 @@ impl SharedDatabase {
             config,
             table,
             release_migrations: None,
+            schema_operations: None,
         })
     }
 
@@ -330,12 +362,169 @@ impl SharedDatabase {
         Ok(all)
     }
 
-    fn binding(&self) -> DbBinding {
+    fn release_config(&self) -> PostgresConfig {
         self.config
             .binding
             .clone()
             .unwrap_or_else(|| self.config.connection.clone())
-            .binding()
+    }
+
+    /// What release `version` connects with: the binding's settings, and in the versioned mode
+    /// its `search_path` (`<schema>_<version>,<schema>`) in `PGOPTIONS` and in `DATABASE_URL`'s
+    /// `options`.
+    fn binding(&self, version: &Version) -> Result<DbBinding> {
+        let cfg = self.release_config();
+        let mut b = cfg.binding();
+        if let Some(v) = &self.config.versioned {
+            let opt = versioned::search_path_option(v, version)?;
+            let url = cfg.url();
+            let sep = if url.expose().contains('?') { '&' } else { '?' };
+            let enc: String = opt
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            b = b.with_env("PGOPTIONS", opt).with_secret(
+                "DATABASE_URL",
+                format!("{}{sep}options={enc}", url.expose()),
+            );
+        }
+        Ok(b)
+    }
+
+    /// Reads each release's schema operations with `find(version)` (the versioned-schema mode,
+    /// which [`SharedConfig::with_versioned`] turns on; without `find`, they are read from
+    /// [`VersionedConfig::operations_dir`]). A release's operations take the schema of the
+    /// release before it to its own; they run in `prepare` (expand), are dropped by `rollback`,
+    /// and are completed by `finalize` once the old release is gone (contract).
+    ///
+    /// ```
+    /// # use bluegreen_postgres::{Operation, PostgresConfig, SharedConfig, SharedDatabase, VersionedConfig};
+    /// let config = SharedConfig::new(PostgresConfig::new("127.0.0.1", 5432, "app"))
+    ///     .with_versioned(VersionedConfig::default());
+    /// let shared = SharedDatabase::new(config)?.with_schema_versions(|version| {
+    ///     Ok(match version.as_str() {
+    ///         "v2" => vec![Operation::RenameColumn {
+    ///             table: "orders".into(),
+    ///             from: "note".into(),
+    ///             to: "memo".into(),
+    ///         }],
+    ///         _ => vec![],
+    ///     })
+    /// });
+    /// # let _ = shared;
+    /// # Ok::<(), bluegreen_core::Error>(())
+    /// ```
+    pub fn with_schema_versions<F>(mut self, find: F) -> Self
+    where
+        F: Fn(&Version) -> Result<Vec<Operation>> + Send + Sync + 'static,
+    {
+        self.schema_operations = Some(Arc::new(find));
+        self
+    }
+
+    /// The schema operations of release `version`, checked.
+    pub fn schema_operations_for(&self, version: &Version) -> Result<Vec<Operation>> {
+        let ops = match (&self.schema_operations, &self.config.versioned) {
+            (Some(find), _) => find(version)?,
+            (None, Some(v)) => v.operations_from_dir(version)?,
+            (None, None) => Vec::new(),
+        };
+        versioned::check_operations(&ops)?;
+        Ok(ops)
+    }
+
+    fn versioned_config(&self, what: &str) -> Result<&VersionedConfig> {
+        self.config.versioned.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "versioned",
+                what,
+                "the versioned-schema mode is off: set SharedConfig::versioned",
+            )
+        })
+    }
+
+    /// Runs `f` on a connection holding the migration lock.
+    async fn with_versioned<T>(
+        &self,
+        what: &str,
+        f: impl for<'c> FnOnce(
+            versioned::Versioned<'c>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
+        >,
+    ) -> Result<T> {
+        let cfg = self.versioned_config(what)?;
+        let client = self.config.connection.connect(BACKEND).await?;
+        self.lock(&client).await?;
+        let grant_to = self
+            .config
+            .binding
+            .as_ref()
+            .map(|b| b.user.clone())
+            .filter(|u| *u != self.config.connection.user);
+        let res = f(versioned::Versioned {
+            cfg,
+            c: &client,
+            grant_to,
+        })
+        .await;
+        let _ = client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtext($1))",
+                &[&self.lock_key()],
+            )
+            .await;
+        res
+    }
+
+    /// Expand (versioned mode): makes the physical changes of release `version`'s operations
+    /// (only additive ones), its sync triggers and batched backfills, and its views in
+    /// `<schema>_<version>`. Idempotent; an interrupted expand of another version is rolled
+    /// back first. Refused while another version is expanded and not contracted.
+    pub async fn expand_schema(&self, version: &Version) -> Result<SchemaReport> {
+        self.expand_for(version, None).await
+    }
+
+    async fn expand_for(&self, version: &Version, slot: Option<Slot>) -> Result<SchemaReport> {
+        let ops = self.schema_operations_for(version)?;
+        let v = version.clone();
+        self.with_versioned("expand", move |x| {
+            Box::pin(async move { x.expand(&v, &ops, slot).await })
+        })
+        .await
+    }
+
+    /// Rollback (versioned mode): drops release `version`'s schema version (views, triggers,
+    /// new columns and tables, indexes, constraints); the old release's schema stays as it was.
+    /// `Ok(false)` when there was nothing to drop. Raw SQL is not undone.
+    pub async fn rollback_schema(&self, version: &Version) -> Result<bool> {
+        self.rollback_for(version, None).await
+    }
+
+    async fn rollback_for(&self, version: &Version, slot: Option<Slot>) -> Result<bool> {
+        let v = version.clone();
+        self.with_versioned("rollback", move |x| {
+            Box::pin(async move { x.rollback(&v, slot).await })
+        })
+        .await
+    }
+
+    /// Contract (versioned mode), once only release `live` runs: drops the previous release's
+    /// views, the triggers, the old columns, renames the new columns to their final names and
+    /// makes `NOT NULL` checks real. Irreversible. Versions abandoned by a switch back to
+    /// `live` are dropped instead.
+    pub async fn contract_schema(&self, live: &Version) -> Result<SchemaReport> {
+        let v = live.clone();
+        self.with_versioned("contract", move |x| {
+            Box::pin(async move { x.contract(&v).await })
+        })
+        .await
     }
 
     /// Applies the pending migrations of `phase` in [`SharedConfig::migrations`]; returns the
@@ -501,38 +690,70 @@ fn check_migrations(migrations: &[Migration]) -> Result<()> {
     Ok(())
 }
 
-// `before_switch`, `after_switch` and `rollback` keep the trait's no-op defaults: one database
-// needs no sync, and expand migrations keep the old release working, so a rollback leaves them.
+// `before_switch` and `after_switch` keep the trait's no-op defaults: one database needs no sync.
+// `rollback` leaves expand migrations (they keep the old release working) and, in the versioned
+// mode, drops the target's schema version.
 #[async_trait]
 impl DatabaseStrategy for SharedDatabase {
     fn name(&self) -> &str {
         BACKEND
     }
 
-    async fn bind(&self, _ctx: &DbContext) -> Result<DbBinding> {
-        Ok(self.binding())
+    async fn bind(&self, ctx: &DbContext) -> Result<DbBinding> {
+        self.binding(&ctx.release.version)
     }
 
     async fn prepare(&self, ctx: &DbContext) -> Result<Prepared> {
         let done = self
             .migrate_release(&ctx.release.version, MigrationPhase::Expand)
             .await?;
-        let summary = if done.is_empty() {
+        let mut summary = if done.is_empty() {
             "no pending expand migrations".to_string()
         } else {
             format!("applied expand migrations: {}", done.join(", "))
         };
-        Ok(Prepared::new(self.binding(), DbStep::reversible(summary)))
+        let binding = self.binding(&ctx.release.version)?;
+        if self.config.versioned.is_some() {
+            let report = self
+                .expand_for(&ctx.release.version, Some(ctx.target))
+                .await?;
+            summary = format!("{summary}; {}", report.summary);
+            if report.irreversible {
+                return Ok(Prepared::new(binding, DbStep::irreversible(summary)));
+            }
+        }
+        Ok(Prepared::new(binding, DbStep::reversible(summary)))
+    }
+
+    async fn rollback(&self, ctx: &DbContext) -> Result<()> {
+        if self.config.versioned.is_some() {
+            // Only what was expanded for this target: a failed redeploy of the live version to
+            // the other slot must not drop the schema the live slot uses.
+            self.rollback_for(&ctx.release.version, Some(ctx.target))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn finalize(&self, ctx: &DbContext) -> Result<DbStep> {
         let done = self
             .migrate_release(&ctx.release.version, MigrationPhase::Contract)
             .await?;
-        Ok(if done.is_empty() {
-            DbStep::reversible("no pending contract migrations")
+        let mut irreversible = !done.is_empty();
+        let mut summary = if done.is_empty() {
+            "no pending contract migrations".to_string()
         } else {
-            DbStep::irreversible(format!("applied contract migrations: {}", done.join(", ")))
+            format!("applied contract migrations: {}", done.join(", "))
+        };
+        if self.config.versioned.is_some() {
+            let report = self.contract_schema(&ctx.release.version).await?;
+            irreversible |= report.irreversible;
+            summary = format!("{summary}; {}", report.summary);
+        }
+        Ok(if irreversible {
+            DbStep::irreversible(summary)
+        } else {
+            DbStep::reversible(summary)
         })
     }
 }

@@ -7,21 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bluegreen_core::testkit::Fakes;
-use bluegreen_core::{Deployer, KeepOld, Policy, Release, RetryConfig, RunOutcome, Slot};
+use bluegreen_core::{Deployer, KeepOld, Policy, Release, RunOutcome, Slot};
 use bluegreen_postgres::{ReplicatedConfig, ReplicatedDatabase};
 use common::{facts, one_i64, Cluster, SEED};
 
 fn policy() -> Policy {
-    Policy::default()
-        .with_poll(Duration::from_millis(1), Duration::from_millis(5))
-        .with_readiness_timeout(Duration::from_millis(500))
-        .with_observation(Duration::ZERO, Duration::from_millis(5))
-        .with_verify_timeout(Duration::from_millis(500))
-        .with_drain_timeout(Duration::from_millis(100))
-        .with_retry(RetryConfig {
-            attempts: 2,
-            backoff: Duration::from_millis(10),
-        })
+    common::fast_policy()
         .with_pause_during_cutover(true)
         .with_keep_old(KeepOld::Stop)
 }

@@ -6,6 +6,21 @@
 pub use bluegreen_testenv::pg::Cluster;
 use tokio_postgres::Client;
 
+/// A policy for engine tests with the fakes: short polls and timeouts, two attempts per step.
+pub fn fast_policy() -> bluegreen_core::Policy {
+    use std::time::Duration;
+    bluegreen_core::Policy::default()
+        .with_poll(Duration::from_millis(1), Duration::from_millis(5))
+        .with_readiness_timeout(Duration::from_millis(500))
+        .with_observation(Duration::ZERO, Duration::from_millis(5))
+        .with_verify_timeout(Duration::from_millis(500))
+        .with_drain_timeout(Duration::from_millis(100))
+        .with_retry(bluegreen_core::RetryConfig {
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+        })
+}
+
 /// Runs a query returning one i64.
 pub async fn one_i64(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
