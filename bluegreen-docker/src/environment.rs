@@ -156,7 +156,11 @@ impl DockerEnvironment {
         Self::negotiate(docker, "the configured Docker client".to_string(), config).await
     }
 
-    async fn negotiate(docker: Docker, host: String, config: DockerConfig) -> Result<Self> {
+    pub(crate) async fn negotiate(
+        docker: Docker,
+        host: String,
+        config: DockerConfig,
+    ) -> Result<Self> {
         // Older engines (e.g. 20.10 speaks API 1.41) refuse requests for a newer API version.
         let docker = docker.negotiate_version().await.map_err(|source| {
             DockerError::Unreachable {

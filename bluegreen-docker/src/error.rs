@@ -28,6 +28,23 @@ pub enum DockerError {
         source: bollard::errors::Error,
     },
 
+    /// A TLS file of a fleet host cannot be read.
+    #[error(
+        "host {host}: cannot read the {what} {path} for the engine's TLS connection: {source}; \
+         check the host's tls settings"
+    )]
+    TlsFile {
+        /// The host's name.
+        host: String,
+        /// `CA certificate`, `client certificate` or `client key`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The Engine answered a call with an error.
     #[error("Docker Engine call `{call}` failed: {source}")]
     Engine {
@@ -189,6 +206,7 @@ impl DockerError {
             // A registry that does not answer may answer later.
             DockerError::PullFailed { .. } => true,
             DockerError::ImageMissing { .. }
+            | DockerError::TlsFile { .. }
             | DockerError::NameClash { .. }
             | DockerError::NetworkUnusable { .. }
             | DockerError::ExitedAtStart { .. }

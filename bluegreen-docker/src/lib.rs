@@ -4,6 +4,7 @@
 mod config;
 mod environment;
 mod error;
+mod fleet;
 
 pub use config::{ContainerHealth, DockerConfig, Healthcheck, Publish, PullPolicy, RestartPolicy};
 pub use environment::{
@@ -11,6 +12,9 @@ pub use environment::{
     MAX_LOG_BYTES,
 };
 pub use error::DockerError;
+pub use fleet::{
+    DockerFleet, FleetError, FleetHost, FleetTls, HostFailure, HostStatus, DEFAULT_CONCURRENCY,
+};
 
 /// The bollard client this crate uses, re-exported so callers build clients of the same version.
 pub use bollard;

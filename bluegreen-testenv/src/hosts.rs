@@ -291,6 +291,29 @@ impl TestHost {
             .map_err(|e| host_error(format!("engine of {} does not answer: {e}", self.name)))
     }
 
+    /// This host as a member of a [`DockerFleet`](bluegreen_docker::DockerFleet): its engine
+    /// through the unix socket, its containers reached (and ports published) at its address.
+    pub fn fleet_host(&self) -> bluegreen_docker::FleetHost {
+        bluegreen_docker::FleetHost::new(
+            self.name.clone(),
+            self.docker_host(),
+            self.address().to_string(),
+        )
+        .expect("test host names and addresses are valid")
+    }
+
+    /// The same host reached over TCP+TLS with the given client material (for a host started
+    /// with TLS, see [`TestHosts::start_with`]).
+    pub fn fleet_host_tls(&self, tls: bluegreen_docker::FleetTls) -> bluegreen_docker::FleetHost {
+        bluegreen_docker::FleetHost::new(
+            self.name.clone(),
+            format!("tcp://{}:{TLS_PORT}", self.address()),
+            self.address().to_string(),
+        )
+        .expect("test host names and addresses are valid")
+        .with_tls(tls)
+    }
+
     /// The engine's pid, while it runs.
     pub fn engine_pid(&self) -> Option<u32> {
         let mut guard = self.engine.lock().ok()?;
@@ -805,6 +828,11 @@ impl TestHosts {
             r?;
         }
         Ok(hosts)
+    }
+
+    /// Every host as a fleet member ([`TestHost::fleet_host`]).
+    pub fn fleet_hosts(&self) -> Vec<bluegreen_docker::FleetHost> {
+        self.hosts.iter().map(TestHost::fleet_host).collect()
     }
 
     /// The hosts, in order (`h1` first).
