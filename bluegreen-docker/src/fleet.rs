@@ -553,8 +553,7 @@ impl DockerFleet {
                 slot: Slot::Blue,
                 failed,
                 done,
-                hint: "the other hosts were reset; run it again once the host is reachable"
-                    .into(),
+                hint: "the other hosts were reset; run it again once the host is reachable".into(),
             }
             .into_core())
         }
@@ -676,7 +675,9 @@ impl Environment for DockerFleet {
                         .unwrap_or(0),
                     self.inner.seq.fetch_add(1, Ordering::Relaxed)
                 );
-                release.labels.insert(LABEL_DEPLOYMENT.to_string(), id.clone());
+                release
+                    .labels
+                    .insert(LABEL_DEPLOYMENT.to_string(), id.clone());
                 id
             }
         };
@@ -943,7 +944,9 @@ mod tests {
         assert!(DockerFleet::new(c.clone(), vec![]).is_err());
         assert!(DockerFleet::new(c.clone(), vec![h1.clone(), h1b]).is_err());
         assert!(DockerFleet::new(c.clone(), vec![h1.clone(), h2a]).is_err());
-        assert!(DockerFleet::new(c.clone().with_publish(Publish::Network), vec![h1.clone()]).is_err());
+        assert!(
+            DockerFleet::new(c.clone().with_publish(Publish::Network), vec![h1.clone()]).is_err()
+        );
         let f = DockerFleet::new(c, vec![h1]).unwrap().with_concurrency(0);
         assert_eq!(f.concurrency, 1);
         assert_eq!(

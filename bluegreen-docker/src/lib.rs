@@ -6,7 +6,9 @@ mod environment;
 mod error;
 mod fleet;
 
-pub use config::{ContainerHealth, DockerConfig, Healthcheck, Publish, PullPolicy, RestartPolicy};
+pub use config::{
+    ContainerHealth, DockerConfig, Healthcheck, HostPorts, Publish, PullPolicy, RestartPolicy,
+};
 pub use environment::{
     DockerEnvironment, OwnedContainer, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_SLOT, LABEL_VERSION,
     MAX_LOG_BYTES,

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use bluegreen_core::health::HttpCheck;
 use bluegreen_core::testkit::{environment_suite, EnvironmentSuite};
 use bluegreen_core::{
-    Deployer, Environment, Error, TrafficSwitch, FileStateStore, HttpVersionProbe, InstanceState, KeepOld,
-    LiveTraffic, Phase, Policy, Release, RunOutcome, Slot, VersionMarker,
+    Deployer, Environment, Error, FileStateStore, HttpVersionProbe, InstanceState, KeepOld,
+    LiveTraffic, Phase, Policy, Release, RunOutcome, Slot, TrafficSwitch, VersionMarker,
 };
 use bluegreen_docker::{
-    DockerConfig, DockerFleet, FleetError, PullPolicy, LABEL_PROJECT, LABEL_SLOT,
+    DockerConfig, DockerFleet, FleetError, HostPorts, Publish, PullPolicy, LABEL_PROJECT,
+    LABEL_SLOT,
 };
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
 use bluegreen_testenv::hosts::{self, TestHosts, DEMO_IMAGE};
@@ -78,7 +79,11 @@ impl Drop for Cleanup {
 }
 
 fn fleet(set: &TestHosts, prefix: &str) -> (DockerFleet, Cleanup) {
-    let fleet = DockerFleet::new(config(&project(prefix)), set.fleet_hosts()).unwrap();
+    fleet_with(set, config(&project(prefix)))
+}
+
+fn fleet_with(set: &TestHosts, config: DockerConfig) -> (DockerFleet, Cleanup) {
+    let fleet = DockerFleet::new(config, set.fleet_hosts()).unwrap();
     (fleet.clone(), Cleanup(fleet))
 }
 
@@ -206,10 +211,7 @@ async fn a_deploy_failing_on_one_host_removes_what_it_started_on_the_others() {
         )
         .await
         .unwrap();
-    let err = fleet
-        .deploy(Slot::Green, &release("v2"))
-        .await
-        .unwrap_err();
+    let err = fleet.deploy(Slot::Green, &release("v2")).await.unwrap_err();
     let f = fleet_error(&err);
     assert_eq!(f.failed.len(), 1, "{err}");
     assert_eq!(f.failed[0].host, "h2", "{err}");
@@ -225,7 +227,11 @@ async fn a_deploy_failing_on_one_host_removes_what_it_started_on_the_others() {
         "green containers left: {:?}",
         container_ids(&fleet, Slot::Green).await
     );
-    assert_eq!(container_ids(&fleet, Slot::Blue).await, live, "live touched");
+    assert_eq!(
+        container_ids(&fleet, Slot::Blue).await,
+        live,
+        "live touched"
+    );
     assert_eq!(
         fleet.status(Slot::Blue).await.unwrap().state,
         InstanceState::Running
@@ -307,12 +313,18 @@ struct Setup {
 
 async fn setup(set: &TestHosts, prefix: &str, policy: Policy, concurrency: usize) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxySwitch::bind(
-        ProxyConfig::default().with_connect_timeout(Duration::from_millis(500)),
-    )
-    .await
-    .unwrap();
-    let (fleet, cleanup) = fleet(set, prefix);
+    let proxy =
+        ProxySwitch::bind(ProxyConfig::default().with_connect_timeout(Duration::from_millis(500)))
+            .await
+            .unwrap();
+    // Host networking, as on real hosts: no engine proxy process between the switch and a live
+    // container, which keeps serving while its engine crashes.
+    let (fleet, cleanup) = fleet_with(
+        set,
+        config(&project(prefix))
+            .with_publish(Publish::Host)
+            .with_host_ports(host_ports()),
+    );
     let fleet = fleet.with_concurrency(concurrency);
     let deployer = Deployer::builder()
         .environment(Arc::new(fleet.clone()))
@@ -337,6 +349,15 @@ async fn setup(set: &TestHosts, prefix: &str, policy: Policy, concurrency: usize
         deployer,
         _cleanup: cleanup,
     }
+}
+
+/// Ports of their own for each setup: a container left behind by a failed test (restarted with
+/// its engine) must not take the next test's ports.
+fn host_ports() -> HostPorts {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(18100);
+    let blue = NEXT.fetch_add(2, Ordering::Relaxed);
+    HostPorts::new(blue, blue + 1)
 }
 
 fn policy() -> Policy {
@@ -373,7 +394,10 @@ async fn a_three_host_deploy_through_the_embedded_proxy_fails_no_request() {
     let report = s.deployer.deploy(release("v2")).await.unwrap();
     assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
     let LoadStats { ok, failed, .. } = load.finish().await;
-    assert_eq!(failed, 0, "requests failed during the 3-host deploy ({ok} ok)");
+    assert_eq!(
+        failed, 0,
+        "requests failed during the 3-host deploy ({ok} ok)"
+    );
     assert!(ok > 20, "too little load went through: {ok}");
     assert_eq!(served_version(&s.proxy).await, "v2");
     // Every host serves the new release, and the proxy routes to all three.
@@ -436,15 +460,25 @@ async fn an_engine_killed_mid_deploy_fails_it_cleanly_and_leaves_live_untouched(
             "{name} still has {cs:?}"
         );
     }
-    let live_now: Vec<_> = container_ids(&s.fleet, Slot::Blue)
-        .await
-        .into_iter()
-        .collect();
+    let mut live_now = Vec::new();
+    for name in ["h1", "h3"] {
+        for c in s
+            .fleet
+            .host(name)
+            .await
+            .unwrap()
+            .containers()
+            .await
+            .unwrap()
+        {
+            if c.slot == Some(Slot::Blue) {
+                live_now.push((name.to_string(), c.id, c.version.unwrap_or_default()));
+            }
+        }
+    }
+    live_now.sort();
     let reachable_live: Vec<_> = live.into_iter().filter(|(h, _, _)| h != "h2").collect();
-    assert!(
-        reachable_live.iter().all(|c| live_now.contains(c)),
-        "live containers replaced"
-    );
+    assert_eq!(reachable_live, live_now, "live containers replaced");
     h2.restart_engine().await.unwrap();
 }
 
@@ -507,7 +541,13 @@ async fn rollback_to_a_release_missing_on_one_host_deploys_it_there_first() {
     let blue_before = container_ids(&s.fleet, Slot::Blue).await;
     assert_eq!(blue_before.len(), 3);
     // v1 disappears from h2 (a host replaced, a container removed by hand).
-    s.fleet.host("h2").await.unwrap().remove(Slot::Blue).await.unwrap();
+    s.fleet
+        .host("h2")
+        .await
+        .unwrap()
+        .remove(Slot::Blue)
+        .await
+        .unwrap();
     assert_ne!(
         s.fleet.status(Slot::Blue).await.unwrap().state,
         InstanceState::Running,
