@@ -777,7 +777,8 @@ impl TestHosts {
     /// [`start`](Self::start), with TLS on some hosts: `tls(index, host_dir)` may write an
     /// engine's CA, certificate and key (e.g. generated with `rcgen`) into the host's directory
     /// and return their paths; that engine then also listens on `tcp://<address>:2376` with
-    /// `--tlsverify`.
+    /// `--tlsverify`. The host's address is in `host_dir/address` when the callback runs (for
+    /// the certificate's subject).
     ///
     /// # Errors
     /// As [`start`](Self::start), or the callback's error.
@@ -820,7 +821,10 @@ impl TestHosts {
             });
             create_network(&layout)?;
             std::fs::write(layout.dir.join("daemon.json"), "{}\n")
-                .map_err(|e| host_error(format!("writing daemon.json: {e}")))?;
+                .and_then(|()| {
+                    std::fs::write(layout.dir.join("address"), layout.address.to_string())
+                })
+                .map_err(|e| host_error(format!("writing the host's files: {e}")))?;
             hosts.hosts[i].tls = tls(i, &layout.dir)?;
         }
         let starts = hosts.hosts.iter().map(TestHost::start_engine);
