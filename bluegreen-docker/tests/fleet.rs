@@ -1,8 +1,9 @@
 //! DockerFleet on three real Docker engines, each in its own network namespace with its own
 //! address (bluegreen-testenv's test hosts), with the demo image loaded on each.
 //!
-//! The tests of this binary share one set of hosts and some of them kill an engine or cut a
-//! host off: they run one at a time (`SERIAL`).
+//! The tests of this binary share one set of hosts. Those that kill an engine or cut a host off
+//! run alone (`exclusive_hosts`); the others run side by side (`hosts`), each with its own
+//! project and ports.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,13 +21,13 @@ use bluegreen_docker::{
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
 use bluegreen_testenv::hosts::{self, TestHosts, DEMO_IMAGE};
 use bluegreen_testenv::{Load, LoadOptions, LoadStats};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-static SERIAL: Mutex<()> = Mutex::const_new(());
+static HOSTS: RwLock<()> = RwLock::const_new(());
 
-/// The shared hosts and the serial lock, or `None` (skipped outside CI).
-async fn hosts() -> Option<(&'static TestHosts, MutexGuard<'static, ()>)> {
-    let guard = SERIAL.lock().await;
+/// The shared hosts, healthy, and a write guard on them; `None` (skipped outside CI).
+async fn exclusive_hosts() -> Option<(&'static TestHosts, RwLockWriteGuard<'static, ()>)> {
+    let guard = HOSTS.write().await;
     let set = hosts::shared().await?;
     // A test that failed midway may have left an engine killed or a link down.
     for h in set.hosts() {
@@ -36,6 +37,12 @@ async fn hosts() -> Option<(&'static TestHosts, MutexGuard<'static, ()>)> {
         }
     }
     Some((set, guard))
+}
+
+/// The shared hosts, healthy, for a test that does not break them (it runs beside others).
+async fn hosts() -> Option<(&'static TestHosts, RwLockReadGuard<'static, ()>)> {
+    let (set, guard) = exclusive_hosts().await?;
+    Some((set, guard.downgrade()))
 }
 
 fn project(prefix: &str) -> String {
@@ -53,6 +60,8 @@ fn config(project: &str) -> DockerConfig {
         .unwrap()
         .with_pull(PullPolicy::Never)
         .with_stop_timeout(Duration::from_secs(2))
+        // The demo app crashes at once or not at all: a short watch keeps the suite fast.
+        .with_startup_grace(Duration::from_millis(300))
 }
 
 fn release(version: &str) -> Release {
@@ -254,7 +263,7 @@ async fn a_deploy_failing_on_one_host_removes_what_it_started_on_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_host_is_reported_by_name() {
-    let Some((set, _serial)) = hosts().await else {
+    let Some((set, _serial)) = exclusive_hosts().await else {
         return;
     };
     let (fleet, _cleanup) = fleet(set, "unreachable");
@@ -363,7 +372,7 @@ fn host_ports() -> HostPorts {
 fn policy() -> Policy {
     Policy::default()
         .with_readiness_timeout(Duration::from_secs(60))
-        .with_observation(Duration::from_secs(2), Duration::from_millis(100))
+        .with_observation(Duration::from_secs(1), Duration::from_millis(100))
         .with_drain_timeout(Duration::from_secs(2))
 }
 
@@ -409,7 +418,7 @@ async fn a_three_host_deploy_through_the_embedded_proxy_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_killed_mid_deploy_fails_it_cleanly_and_leaves_live_untouched() {
-    let Some((set, _serial)) = hosts().await else {
+    let Some((set, _serial)) = exclusive_hosts().await else {
         return;
     };
     // One host at a time, so the kill lands while the deploy is under way.
@@ -484,14 +493,14 @@ async fn an_engine_killed_mid_deploy_fails_it_cleanly_and_leaves_live_untouched(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_cut_off_after_the_switch_is_noticed_and_traffic_goes_back() {
-    let Some((set, _serial)) = hosts().await else {
+    let Some((set, _serial)) = exclusive_hosts().await else {
         return;
     };
     let s = setup(
         set,
         "cut",
         policy()
-            .with_observation(Duration::from_secs(6), Duration::from_millis(200))
+            .with_observation(Duration::from_secs(4), Duration::from_millis(200))
             .with_thresholds(1, 2)
             .with_keep_old(KeepOld::Warm),
         3,

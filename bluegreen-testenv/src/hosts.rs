@@ -113,6 +113,15 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// The gate of the test-host suites: `true` when test hosts can run here; otherwise prints
+/// `SKIPPED: …` outside CI and returns `false`, or panics in CI ([`crate::require`]).
+pub fn require_available() -> bool {
+    match unavailable() {
+        None => true,
+        Some(what) => crate::gate::require(false, &format!("test hosts ({what})")),
+    }
+}
+
 /// Spawns children from one thread that lives as long as the process: `setpriv --pdeathsig`
 /// fires when the *thread* that spawned a child ends, and a runtime's worker threads come and go.
 fn spawn_kept(cmd: Command) -> std::io::Result<Child> {
@@ -913,8 +922,7 @@ pub const DEMO_IMAGE: &str = "bluegreen-testhosts/demo:latest";
 /// Test hosts cannot run, or do not start, in CI.
 pub async fn shared() -> Option<&'static TestHosts> {
     static HOSTS: OnceCell<std::result::Result<TestHosts, String>> = OnceCell::const_new();
-    if let Some(what) = unavailable() {
-        crate::gate::require(false, &format!("test hosts ({what})"));
+    if !require_available() {
         return None;
     }
     let res = HOSTS
