@@ -242,8 +242,8 @@ pub struct HostFailure {
 pub struct FleetError {
     /// `deploy`, `stop`, `remove`, `status`, …
     pub operation: &'static str,
-    /// The slot.
-    pub slot: Slot,
+    /// The slot, for an operation on one (not for `reset` or `containers`).
+    pub slot: Option<Slot>,
     /// The hosts where it failed, with their errors.
     pub failed: Vec<HostFailure>,
     /// The hosts where it succeeded (for a deploy: rolled back there).
@@ -255,13 +255,11 @@ pub struct FleetError {
 impl fmt::Display for FleetError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hosts: Vec<&str> = self.failed.iter().map(|h| h.host.as_str()).collect();
-        write!(
-            f,
-            "{} of slot {} failed on host(s) {}",
-            self.operation,
-            self.slot,
-            hosts.join(", ")
-        )?;
+        match self.slot {
+            Some(slot) => write!(f, "{} of slot {slot}", self.operation)?,
+            None => f.write_str(self.operation)?,
+        }
+        write!(f, " failed on host(s) {}", hosts.join(", "))?;
         for h in &self.failed {
             write!(f, "; host {}: {}", h.host, h.error)?;
         }
@@ -550,7 +548,7 @@ impl DockerFleet {
         } else {
             Err(FleetError {
                 operation: "reset",
-                slot: Slot::Blue,
+                slot: None,
                 failed,
                 done,
                 hint: "the other hosts were reset; run it again once the host is reachable".into(),
@@ -562,7 +560,7 @@ impl DockerFleet {
     /// Collects per-host results of an operation that must succeed everywhere.
     fn all_or_error<T>(
         operation: &'static str,
-        slot: Slot,
+        slot: Option<Slot>,
         results: Vec<(String, Result<T>)>,
         hint: &str,
     ) -> Result<Vec<(String, T)>> {
@@ -771,7 +769,7 @@ impl Environment for DockerFleet {
         let done = undone;
         Err(FleetError {
             operation: "deploy",
-            slot,
+            slot: Some(slot),
             failed,
             done,
             hint,
@@ -785,7 +783,7 @@ impl Environment for DockerFleet {
             .await;
         let ok = Self::all_or_error(
             "status",
-            slot,
+            Some(slot),
             results,
             "DockerFleet::host_status reports every host, the unreachable ones too",
         )?;
@@ -799,7 +797,7 @@ impl Environment for DockerFleet {
             .await;
         Self::all_or_error(
             "stop",
-            slot,
+            Some(slot),
             results,
             "it was stopped on the other hosts; stop it again once the host is reachable",
         )
@@ -812,7 +810,7 @@ impl Environment for DockerFleet {
             .await;
         Self::all_or_error(
             "remove",
-            slot,
+            Some(slot),
             results,
             "it was removed on the other hosts; remove it again once the host is reachable",
         )
@@ -857,7 +855,7 @@ impl DockerFleet {
             .await;
         Ok(Self::all_or_error(
             "containers",
-            Slot::Blue,
+            None,
             results,
             "list them again once the host is reachable",
         )?
@@ -960,7 +958,7 @@ mod tests {
     fn the_error_names_every_failed_host_and_what_to_do() {
         let e = FleetError {
             operation: "deploy",
-            slot: Slot::Green,
+            slot: Some(Slot::Green),
             failed: vec![HostFailure {
                 host: "h2".into(),
                 error: Error::backend("docker", "deploy", true, "engine gone"),
@@ -971,7 +969,9 @@ mod tests {
         assert!(e.is_retryable());
         let text = e.into_core().to_string();
         assert!(
-            text.contains("host(s) h2") && text.contains("engine gone") && text.contains("live"),
+            text.contains("deploy of slot green failed on host(s) h2")
+                && text.contains("engine gone")
+                && text.contains("live"),
             "{text}"
         );
     }
