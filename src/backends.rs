@@ -168,6 +168,10 @@ pub(crate) async fn environment(
             )))
         }
         #[cfg(feature = "docker")]
+        EnvironmentCfg::Docker { config, hosts, .. } if !hosts.is_empty() => Ok(Arc::new(
+            bluegreen::docker::DockerFleet::new(config.clone(), hosts.clone())?,
+        )),
+        #[cfg(feature = "docker")]
         EnvironmentCfg::Docker { config, .. } => Ok(Arc::new(
             bluegreen::docker::DockerEnvironment::connect(config.clone()).await?,
         )),

@@ -36,7 +36,7 @@ use serde::Deserialize;
 /// that accepts the section (building that backend then says which feature is missing).
 mod types {
     #[cfg(feature = "docker")]
-    pub(crate) use bluegreen::docker::DockerConfig;
+    pub(crate) use bluegreen::docker::{DockerConfig, FleetHost};
     #[cfg(feature = "haproxy")]
     pub(crate) use bluegreen::haproxy::HaproxyConfig;
     #[cfg(feature = "nginx")]
@@ -62,6 +62,8 @@ mod types {
 
     #[cfg(not(feature = "docker"))]
     pub(crate) type DockerConfig = NotBuilt;
+    #[cfg(not(feature = "docker"))]
+    pub(crate) type FleetHost = NotBuilt;
     #[cfg(not(feature = "haproxy"))]
     pub(crate) type HaproxyConfig = NotBuilt;
     #[cfg(not(feature = "nginx"))]
@@ -154,11 +156,15 @@ fn default_state_dir() -> PathBuf {
 pub(crate) enum EnvironmentCfg {
     /// Local child processes; the section is the release's program (no backend settings).
     Process(ProcessCfg),
-    /// Containers on a Docker Engine (`DOCKER_HOST` or the local socket).
+    /// Containers on a Docker Engine (`DOCKER_HOST` or the local socket), or on every engine of
+    /// `hosts` (a `DockerFleet`).
     Docker {
         /// The release's image; `{version}` is replaced by the version label (`shop:{version}`).
         image: String,
         config: DockerConfig,
+        /// The fleet's hosts (TLS paths resolved against the pipeline file's directory); empty
+        /// for one engine.
+        hosts: Vec<types::FleetHost>,
     },
 }
 
@@ -322,6 +328,9 @@ enum EnvironmentFile {
         /// Memory limit in MiB (the config's own key is `memory_bytes`).
         #[serde(default)]
         memory_mb: Option<u64>,
+        /// A fleet: the release runs on every one of these engines.
+        #[serde(default)]
+        hosts: Vec<types::FleetHost>,
         #[serde(flatten)]
         rest: Rest,
     },
@@ -433,6 +442,26 @@ fn relative_to(base: &Path, rest: &mut Rest, key: &str) {
 }
 
 /// The rest of `section` as the backend's config type, which validates it.
+/// A fleet's TLS files are relative to the pipeline file's directory.
+#[cfg(feature = "docker")]
+fn resolve_hosts(mut hosts: Vec<types::FleetHost>, base: &Path) -> Vec<types::FleetHost> {
+    for h in &mut hosts {
+        if let Some(tls) = &mut h.tls {
+            for p in [&mut tls.ca, &mut tls.cert, &mut tls.key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+    }
+    hosts
+}
+
+#[cfg(not(feature = "docker"))]
+fn resolve_hosts(hosts: Vec<types::FleetHost>, _base: &Path) -> Vec<types::FleetHost> {
+    hosts
+}
+
 fn backend_config<C: DeserializeOwned>(
     file: &Path,
     section: &str,
@@ -523,6 +552,7 @@ impl Pipeline {
             EnvironmentFile::Docker {
                 image,
                 memory_mb,
+                hosts,
                 mut rest,
             } => {
                 if rest.contains_key("project") {
@@ -542,6 +572,7 @@ impl Pipeline {
                 EnvironmentCfg::Docker {
                     image,
                     config: backend_config(file, "environment", rest)?,
+                    hosts: resolve_hosts(hosts, &base),
                 }
             }
         };
@@ -1067,9 +1098,67 @@ drain_timeout = 12
 "#;
 
     #[test]
+    fn docker_hosts_make_a_fleet_with_tls_paths_next_to_the_file() {
+        let text = r#"
+[project]
+name = "shop"
+
+[environment]
+kind = "docker"
+image = "shop:{version}"
+publish = "host"
+host_ports = { blue = 8081, green = 8082 }
+hosts = [
+  { name = "web1", engine = "unix:///run/web1.sock", address = "10.0.0.11" },
+  { name = "web2", engine = "tcp://10.0.0.12:2376", address = "10.0.0.12", tls = { ca = "certs/ca.pem", cert = "certs/cert.pem", key = "/etc/bg/key.pem" } },
+]
+
+[switch]
+kind = "proxy"
+listen = "127.0.0.1:8000"
+admin = "127.0.0.1:8001"
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bluegreen.toml");
+        std::fs::write(&file, text).unwrap();
+        let (p, _) = Pipeline::load(&file).unwrap();
+        let EnvironmentCfg::Docker { config, hosts, .. } = &p.environment else {
+            panic!("{:?}", p.environment)
+        };
+        assert_eq!(config.publish, bluegreen::docker::Publish::Host);
+        let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["web1", "web2"]);
+        let tls = hosts[1].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, dir.path().join("certs/ca.pem"));
+        assert_eq!(tls.key, std::path::PathBuf::from("/etc/bg/key.pem"));
+        // Host entries are validated like the API's.
+        for bad in [
+            r#"{ name = "web1", engine = "ssh://web1", address = "10.0.0.11" }"#,
+            r#"{ name = "web 1", engine = "unix:///x", address = "10.0.0.11" }"#,
+            r#"{ name = "web1", engine = "unix:///x", address = "10.0.0.11", typo = 1 }"#,
+        ] {
+            let t = text.replace(
+                r#"{ name = "web1", engine = "unix:///run/web1.sock", address = "10.0.0.11" }"#,
+                bad,
+            );
+            std::fs::write(&file, t).unwrap();
+            let err = Pipeline::load(&file).unwrap_err().to_string();
+            assert!(
+                err.contains("[environment]") || err.contains("hosts"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn the_documented_keys_become_the_backend_configs() {
         let p = load(README_KEYS).unwrap();
-        let EnvironmentCfg::Docker { image, config } = &p.environment else {
+        let EnvironmentCfg::Docker {
+            image,
+            config,
+            hosts,
+        } = &p.environment
+        else {
             panic!("{:?}", p.environment)
         };
         assert_eq!(image, "shop:{version}");
@@ -1079,6 +1168,7 @@ drain_timeout = 12
         assert_eq!(config.memory_bytes, Some(512 * 1024 * 1024));
         assert_eq!(config.cpus, Some(1.5));
         assert_eq!(config.stop_timeout, Duration::from_secs(12));
+        assert!(hosts.is_empty(), "one engine unless hosts are listed");
         let SwitchCfg::Haproxy { config, public } = &p.switch else {
             panic!("{:?}", p.switch)
         };

@@ -53,6 +53,39 @@ pub enum Publish {
     /// Nothing is published; endpoints are `<project>-<slot>:<container port>`, the slot's alias
     /// on the project network. For a switch running as a container on that network.
     Network,
+    /// The container shares the engine host's network (`--network host`) and listens on its
+    /// slot's port ([`DockerConfig::host_ports`]); endpoints are `<endpoint_host>:<port>`. No
+    /// proxy process of the engine sits between clients and the application, so a live slot
+    /// keeps serving while the engine restarts or crashes. For a fleet of hosts whose switch
+    /// reaches them over the network.
+    Host,
+}
+
+/// The ports the two slots listen on with [`Publish::Host`] (they share the host's network, so
+/// they need two). In files: `host_ports = { blue = 8081, green = 8082 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HostPorts {
+    /// The blue slot's port.
+    pub blue: u16,
+    /// The green slot's port.
+    pub green: u16,
+}
+
+impl HostPorts {
+    /// Blue on `blue`, green on `green`.
+    pub fn new(blue: u16, green: u16) -> Self {
+        HostPorts { blue, green }
+    }
+
+    /// The port of `slot`.
+    pub fn get(&self, slot: bluegreen_core::Slot) -> u16 {
+        match slot {
+            bluegreen_core::Slot::Blue => self.blue,
+            bluegreen_core::Slot::Green => self.green,
+        }
+    }
 }
 
 /// Docker's restart policy for the slot containers. In files: `"no"`, `"unless-stopped"`,
@@ -180,6 +213,10 @@ pub struct DockerConfig {
     /// How endpoints are reached. Default [`Publish::Loopback`].
     #[serde(default)]
     pub publish: Publish,
+    /// With [`Publish::Host`]: the slots' ports (default: blue on `container_port`, green on
+    /// the next port).
+    #[serde(default)]
+    pub host_ports: Option<HostPorts>,
     /// The host put into [`Publish::Loopback`] endpoints: `127.0.0.1` for a local engine; for a
     /// remote engine, an address of that host where the switch can reach the published ports.
     #[serde(default = "loopback")]
@@ -281,6 +318,7 @@ impl DockerConfig {
             network: None,
             container_port: 8080,
             publish: Publish::Loopback,
+            host_ports: None,
             endpoint_host: "127.0.0.1".to_string(),
             bind_ip: "127.0.0.1".to_string(),
             pull: PullPolicy::IfMissing,
@@ -322,6 +360,27 @@ impl DockerConfig {
     pub fn with_publish(mut self, publish: Publish) -> Self {
         self.publish = publish;
         self
+    }
+
+    /// With the slots' ports for [`Publish::Host`].
+    pub fn with_host_ports(mut self, ports: HostPorts) -> Self {
+        self.host_ports = Some(ports);
+        self
+    }
+
+    /// The port the application of `slot` listens on inside its container (`PORT`): the slot's
+    /// host port with [`Publish::Host`], else `container_port`.
+    pub fn slot_port(&self, slot: bluegreen_core::Slot) -> u16 {
+        match self.publish {
+            Publish::Host => self
+                .host_ports
+                .unwrap_or(HostPorts::new(
+                    self.container_port,
+                    self.container_port.saturating_add(1),
+                ))
+                .get(slot),
+            Publish::Loopback | Publish::Network => self.container_port,
+        }
     }
 
     /// With the host put into loopback endpoints (a remote engine's address).
@@ -410,6 +469,19 @@ impl DockerConfig {
                 "the application's port must be set",
             ));
         }
+        if self.publish == Publish::Host {
+            let (b, g) = (
+                self.slot_port(bluegreen_core::Slot::Blue),
+                self.slot_port(bluegreen_core::Slot::Green),
+            );
+            if b == 0 || g == 0 || b == g {
+                return Err(Error::invalid(
+                    "host ports",
+                    format!("blue {b}, green {g}"),
+                    "the slots share the host's network: they need two different ports",
+                ));
+            }
+        }
         if self.bind_ip.parse::<std::net::IpAddr>().is_err() {
             return Err(Error::invalid(
                 "bind ip",
@@ -468,6 +540,7 @@ impl fmt::Debug for DockerConfig {
             .field("network", &self.network_name())
             .field("container_port", &self.container_port)
             .field("publish", &self.publish)
+            .field("host_ports", &self.host_ports)
             .field("endpoint_host", &self.endpoint_host)
             .field("bind_ip", &self.bind_ip)
             .field("pull", &self.pull)
@@ -533,10 +606,41 @@ mod tests {
             ok.clone().with_cpus(f64::NAN),
             ok.clone().with_memory_limit(1024),
             ok.clone().with_env("A=B", "x"),
+            ok.clone()
+                .with_publish(Publish::Host)
+                .with_host_ports(HostPorts::new(8080, 8080)),
+            ok.clone()
+                .with_publish(Publish::Host)
+                .with_container_port(u16::MAX),
         ];
         for c in bad {
             assert!(c.validate().is_err(), "{c:?} accepted");
         }
+    }
+
+    #[test]
+    fn host_networking_gives_each_slot_its_own_port() {
+        use bluegreen_core::Slot;
+        let c = DockerConfig::new("shop")
+            .unwrap()
+            .with_container_port(9000)
+            .with_publish(Publish::Host);
+        assert_eq!(
+            (c.slot_port(Slot::Blue), c.slot_port(Slot::Green)),
+            (9000, 9001)
+        );
+        let c = c.with_host_ports(HostPorts::new(7001, 7002));
+        assert_eq!(
+            (c.slot_port(Slot::Blue), c.slot_port(Slot::Green)),
+            (7001, 7002)
+        );
+        assert!(c.validate().is_ok());
+        let c = c.with_publish(Publish::Loopback);
+        assert_eq!(
+            c.slot_port(Slot::Green),
+            9000,
+            "only host networking uses host_ports"
+        );
     }
 
     #[test]

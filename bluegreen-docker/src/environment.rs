@@ -156,7 +156,11 @@ impl DockerEnvironment {
         Self::negotiate(docker, "the configured Docker client".to_string(), config).await
     }
 
-    async fn negotiate(docker: Docker, host: String, config: DockerConfig) -> Result<Self> {
+    pub(crate) async fn negotiate(
+        docker: Docker,
+        host: String,
+        config: DockerConfig,
+    ) -> Result<Self> {
         // Older engines (e.g. 20.10 speaks API 1.41) refuse requests for a newer API version.
         let docker = docker.negotiate_version().await.map_err(|source| {
             DockerError::Unreachable {
@@ -210,6 +214,10 @@ impl DockerEnvironment {
         format!("{}/tcp", self.cfg().container_port)
     }
 
+    fn host_network(&self) -> bool {
+        self.cfg().publish == Publish::Host
+    }
+
     /// Inspects the slot's container: `None` when there is none; a [`DockerError::NameClash`]
     /// when the name belongs to a container we did not create.
     async fn inspect(
@@ -261,10 +269,15 @@ impl DockerEnvironment {
     /// The endpoints of a running container.
     fn endpoints_of(
         &self,
+        slot: Slot,
         c: &ContainerInspectResponse,
     ) -> std::result::Result<Vec<Endpoint>, DockerError> {
         let name = self.container_name_of(c);
         match self.cfg().publish {
+            Publish::Host => Ok(vec![Endpoint::new(
+                self.cfg().endpoint_host.clone(),
+                self.cfg().slot_port(slot),
+            )]),
             Publish::Network => Ok(vec![Endpoint::new(name, self.cfg().container_port)]),
             Publish::Loopback => {
                 let port = c
@@ -298,7 +311,7 @@ impl DockerEnvironment {
     fn container_env(&self, slot: Slot, release: &Release) -> BTreeMap<String, String> {
         let mut env = self.cfg().env.clone();
         env.extend(release.full_env());
-        env.insert("PORT".into(), self.cfg().container_port.to_string());
+        env.insert("PORT".into(), self.cfg().slot_port(slot).to_string());
         env.insert("BLUEGREEN_SLOT".into(), slot.to_string());
         env.insert("BLUEGREEN_VERSION".into(), release.version.to_string());
         env
@@ -544,7 +557,7 @@ impl DockerEnvironment {
                     host_port: Some(String::new()),
                 }]),
             )])),
-            Publish::Network => None,
+            Publish::Network | Publish::Host => None,
         };
         let restart = match cfg.restart {
             RestartPolicy::No => bollard::models::RestartPolicy {
@@ -564,13 +577,32 @@ impl DockerEnvironment {
                 maximum_retry_count: None,
             },
         };
-        let network = cfg.network_name().to_string();
+        let network = if self.host_network() {
+            "host".to_string()
+        } else {
+            cfg.network_name().to_string()
+        };
+        // On the host network there are no aliases: the slot is reached at its host port.
+        let networking_config = (!self.host_network()).then(|| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network.clone(),
+                EndpointSettings {
+                    aliases: Some(vec![name]),
+                    ..Default::default()
+                },
+            )])),
+        });
+        let exposed = if self.host_network() {
+            format!("{}/tcp", cfg.slot_port(slot))
+        } else {
+            self.port_key()
+        };
         ContainerCreateBody {
             image: Some(release.artifact.clone()),
             cmd: (!release.args.is_empty()).then(|| release.args.clone()),
             env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
-            exposed_ports: Some(vec![self.port_key()]),
+            exposed_ports: Some(vec![exposed]),
             healthcheck: match &cfg.health {
                 ContainerHealth::Image => None,
                 ContainerHealth::Disabled => Some(HealthConfig {
@@ -598,18 +630,10 @@ impl DockerEnvironment {
                 memory: cfg.memory_bytes,
                 nano_cpus: cfg.cpus.map(|c| (c * 1e9).round() as i64),
                 restart_policy: Some(restart),
-                network_mode: Some(network.clone()),
+                network_mode: Some(network),
                 ..Default::default()
             }),
-            networking_config: Some(NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(
-                    network,
-                    EndpointSettings {
-                        aliases: Some(vec![name]),
-                        ..Default::default()
-                    },
-                )])),
-            }),
+            networking_config,
             ..Default::default()
         }
     }
@@ -705,13 +729,15 @@ impl DockerEnvironment {
         let cfg = self.cfg();
         let name = cfg.container_name(slot);
         let image_id = self.ensure_image(&release.artifact).await?;
-        self.ensure_network().await?;
+        if !self.host_network() {
+            self.ensure_network().await?;
+        }
         let env = self.container_env(slot, release);
 
         if let Some(c) = self.inspect(slot).await? {
             if self.is_same(&c, &image_id, release, &env).await {
                 tracing::debug!(%slot, version = %release.version, "slot already runs this release");
-                return self.endpoints_of(&c);
+                return self.endpoints_of(slot, &c);
             }
             tracing::info!(%slot, container = %name, "replacing the slot's container");
             if Self::is_running(&c) {
@@ -806,7 +832,7 @@ impl DockerEnvironment {
                 log_tail,
             });
         }
-        self.endpoints_of(&c)
+        self.endpoints_of(slot, &c)
     }
 
     /// Every container carrying this project's label (any slot, any state).
@@ -981,7 +1007,7 @@ impl Environment for DockerEnvironment {
             _ => None,
         };
         let endpoints = if matches!(state, InstanceState::Running | InstanceState::Starting) {
-            self.endpoints_of(&c).unwrap_or_default()
+            self.endpoints_of(slot, &c).unwrap_or_default()
         } else {
             Vec::new()
         };

@@ -17,8 +17,10 @@ pub(crate) fn docker_host_for_messages() -> String {
 pub enum DockerError {
     /// The Docker Engine could not be reached (or did not answer the version handshake).
     #[error(
-        "cannot reach the Docker Engine at {host}: {source}; is the daemon running, and is \
-         DOCKER_HOST (or the socket path) right?"
+        "cannot reach the Docker Engine at {host}: {}; is the daemon running, and is \
+         DOCKER_HOST (or the socket path) right? (for TLS: do the CA and the client \
+         certificate match the engine's?)",
+        with_causes(.source)
     )]
     Unreachable {
         /// The address tried (`DOCKER_HOST`, or the default socket).
@@ -26,6 +28,23 @@ pub enum DockerError {
         /// The client's error.
         #[source]
         source: bollard::errors::Error,
+    },
+
+    /// A TLS file of a fleet host cannot be read.
+    #[error(
+        "host {host}: cannot read the {what} {path} for the engine's TLS connection: {source}; \
+         check the host's tls settings"
+    )]
+    TlsFile {
+        /// The host's name.
+        host: String,
+        /// `CA certificate`, `client certificate` or `client key`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
     },
 
     /// The Engine answered a call with an error.
@@ -189,6 +208,7 @@ impl DockerError {
             // A registry that does not answer may answer later.
             DockerError::PullFailed { .. } => true,
             DockerError::ImageMissing { .. }
+            | DockerError::TlsFile { .. }
             | DockerError::NameClash { .. }
             | DockerError::NetworkUnusable { .. }
             | DockerError::ExitedAtStart { .. }
@@ -203,6 +223,22 @@ impl DockerError {
         let retryable = self.is_retryable();
         Error::backend(crate::NAME, operation, retryable, self)
     }
+}
+
+/// An error with its causes (`a: b: c`): the client's top-level message alone ("client error
+/// (Connect)") does not say that a certificate was refused.
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// True for a 404 from the Engine.

@@ -4,13 +4,19 @@
 mod config;
 mod environment;
 mod error;
+mod fleet;
 
-pub use config::{ContainerHealth, DockerConfig, Healthcheck, Publish, PullPolicy, RestartPolicy};
+pub use config::{
+    ContainerHealth, DockerConfig, Healthcheck, HostPorts, Publish, PullPolicy, RestartPolicy,
+};
 pub use environment::{
     DockerEnvironment, OwnedContainer, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_SLOT, LABEL_VERSION,
     MAX_LOG_BYTES,
 };
 pub use error::DockerError;
+pub use fleet::{
+    DockerFleet, FleetError, FleetHost, FleetTls, HostFailure, HostStatus, DEFAULT_CONCURRENCY,
+};
 
 /// The bollard client this crate uses, re-exported so callers build clients of the same version.
 pub use bollard;

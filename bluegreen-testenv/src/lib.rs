@@ -11,6 +11,8 @@ pub mod port;
 pub mod docker;
 #[cfg(feature = "haproxy")]
 pub mod haproxy;
+#[cfg(feature = "docker")]
+pub mod hosts;
 #[cfg(feature = "nginx")]
 pub mod nginx;
 #[cfg(feature = "postgres")]
