@@ -13,6 +13,8 @@ pub mod docker;
 pub mod haproxy;
 #[cfg(feature = "docker")]
 pub mod hosts;
+#[cfg(feature = "docker")]
+pub mod swarm;
 #[cfg(feature = "nginx")]
 pub mod nginx;
 #[cfg(feature = "postgres")]
