@@ -374,9 +374,9 @@ fn hint_for(message: &str, image: &str) -> String {
             "the image is not on that node: load it there (`docker save {image} | docker load` \
              on the node) or push it to a registry every node can pull from"
         )
-    } else if m.contains("unhealthy") {
-        "the release failed its health check on that node: see the service's logs (`docker \
-         service logs`) and fix the release"
+    } else if m.contains("unhealthy") || m == "finished" {
+        "the release failed its health check on that node (or exited): see the service's logs \
+         (`docker service logs`) and fix the release"
             .to_string()
     } else if m.contains("address already in use") {
         "the slot's port is taken on that node by another program: free it, or choose other \
@@ -623,8 +623,75 @@ impl SwarmEnvironment {
             && label(running, LABEL_VERSION) == label(wanted, LABEL_VERSION)
     }
 
-    /// Removes the service and waits until its tasks are gone (their containers stopped and
-    /// removed on their nodes), bounded by the stop timeout plus slack.
+    /// Scales the service to 0 replicas with `drain` as the tasks' stop grace period, and waits
+    /// until none of its tasks is up (their containers have stopped, so their ports are free).
+    async fn scale_to_zero(
+        &self,
+        service: &Service,
+        drain: Duration,
+    ) -> std::result::Result<(), DockerError> {
+        let mut spec = service.spec.clone().unwrap_or_default();
+        let name = spec.name.clone().unwrap_or_default();
+        let id = service.id.clone().unwrap_or_else(|| name.clone());
+        let replicas = spec
+            .mode
+            .as_ref()
+            .and_then(|m| m.replicated.as_ref())
+            .and_then(|r| r.replicas);
+        if replicas != Some(0) {
+            tracing::info!(service = %name, ?drain, "scaling service to 0");
+            spec.mode = Some(ServiceSpecMode {
+                replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
+                ..Default::default()
+            });
+            if let Some(cs) = spec
+                .task_template
+                .as_mut()
+                .and_then(|t| t.container_spec.as_mut())
+            {
+                cs.stop_grace_period = Some(i64::try_from(drain.as_nanos()).unwrap_or(i64::MAX));
+            }
+            let version = service
+                .version
+                .as_ref()
+                .and_then(|v| v.index)
+                .and_then(|i| i32::try_from(i).ok())
+                .unwrap_or(0);
+            let opts = UpdateServiceOptionsBuilder::default()
+                .version(version)
+                .build();
+            match self.docker().update_service(&id, spec, opts, None).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) => return Err(self.engine_err(format!("scale service {name} to 0"), e)),
+            }
+        }
+        let bound = drain + TASKS_SLACK;
+        let deadline = Instant::now() + bound;
+        loop {
+            let left = self
+                .tasks(&id)
+                .await?
+                .iter()
+                .filter(|t| is_up_state(state_of(t)))
+                .count();
+            if left == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(DockerError::TasksRemain {
+                    service: name,
+                    left,
+                    what: "running",
+                    after: bound,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Stops the service's tasks, removes the service and waits until its tasks are gone,
+    /// bounded by the stop timeout plus slack (each). The nodes then remove the containers.
     async fn remove_service(&self, service: &Service) -> std::result::Result<(), DockerError> {
         let name = service
             .spec
@@ -632,6 +699,9 @@ impl SwarmEnvironment {
             .and_then(|s| s.name.clone())
             .unwrap_or_default();
         let id = service.id.clone().unwrap_or_else(|| name.clone());
+        // Stopped first: Swarm forgets a removed service's tasks at once, while their
+        // containers still run (and hold the slot's port) on the nodes.
+        self.scale_to_zero(service, self.cfg().stop_timeout).await?;
         tracing::info!(service = %name, "removing service");
         match self.docker().delete_service(&id).await {
             Ok(()) => {}
@@ -697,7 +767,12 @@ impl SwarmEnvironment {
             {
                 nodes = self.node_map().await?;
             }
-            if let Some(t) = tasks.iter().find(|t| has_failed(t)) {
+            // The task with Docker's error, if any, says most.
+            let failed = tasks
+                .iter()
+                .filter(|t| has_failed(t))
+                .max_by_key(|t| t.status.as_ref().and_then(|s| s.err.as_ref()).is_some());
+            if let Some(t) = failed {
                 let node = t
                     .node_id
                     .as_ref()
@@ -712,7 +787,10 @@ impl SwarmEnvironment {
                     .unwrap_or_else(|| "no message".into());
                 let state = match status.state {
                     Some(TaskState::REJECTED) => "was rejected",
-                    Some(TaskState::COMPLETE) => "exited (code 0) instead of serving",
+                    Some(TaskState::COMPLETE) => {
+                        "stopped with exit code 0 before it was ready (Swarm stops a task whose \
+                         health check fails; a release that exits on its own ends the same way)"
+                    }
                     _ => "failed",
                 };
                 return Err(DockerError::TaskFailed {
@@ -823,15 +901,14 @@ impl SwarmEnvironment {
             Ok(eps) => Ok(eps),
             Err(e) => {
                 // All or nothing: the service this deploy created goes.
-                let created = Service {
-                    id: Some(id),
-                    spec: Some(ServiceSpec {
-                        name: Some(name.clone()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
+                let removed = match self.inspect(slot).await {
+                    Ok(Some(created)) if created.id.as_deref() == Some(id.as_str()) => {
+                        self.remove_service(&created).await
+                    }
+                    Ok(_) => Ok(()),
+                    Err(r) => Err(r),
                 };
-                if let Err(r) = self.remove_service(&created).await {
+                if let Err(r) = removed {
                     tracing::warn!(service = %name, error = %r, "cannot remove the failed service");
                     return Err(DockerError::Engine {
                         call: format!("deploy failed ({e}), and removing service {name} failed"),
@@ -1017,68 +1094,9 @@ impl Environment for SwarmEnvironment {
         let Some(service) = self.inspect(slot).await.map_err(|e| e.into_core("stop"))? else {
             return Ok(());
         };
-        let name = self.cfg().service_name(slot);
-        let id = service.id.clone().unwrap_or_else(|| name.clone());
-        let mut spec = service.spec.clone().unwrap_or_default();
-        let replicas = spec
-            .mode
-            .as_ref()
-            .and_then(|m| m.replicated.as_ref())
-            .and_then(|r| r.replicas);
-        if replicas != Some(0) {
-            tracing::info!(%slot, service = %name, ?drain, "scaling service to 0");
-            spec.mode = Some(ServiceSpecMode {
-                replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
-                ..Default::default()
-            });
-            if let Some(cs) = spec
-                .task_template
-                .as_mut()
-                .and_then(|t| t.container_spec.as_mut())
-            {
-                cs.stop_grace_period = Some(i64::try_from(drain.as_nanos()).unwrap_or(i64::MAX));
-            }
-            let version = service
-                .version
-                .as_ref()
-                .and_then(|v| v.index)
-                .and_then(|i| i32::try_from(i).ok())
-                .unwrap_or(0);
-            let opts = UpdateServiceOptionsBuilder::default()
-                .version(version)
-                .build();
-            self.docker()
-                .update_service(&id, spec, opts, None)
-                .await
-                .map_err(|e| {
-                    self.engine_err(format!("scale service {name} to 0"), e)
-                        .into_core("stop")
-                })?;
-        }
-        let bound = drain + TASKS_SLACK;
-        let deadline = Instant::now() + bound;
-        loop {
-            let left = self
-                .tasks(&id)
-                .await
-                .map_err(|e| e.into_core("stop"))?
-                .iter()
-                .filter(|t| is_up_state(state_of(t)))
-                .count();
-            if left == 0 {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(DockerError::TasksRemain {
-                    service: name,
-                    left,
-                    what: "running",
-                    after: bound,
-                }
-                .into_core("stop"));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.scale_to_zero(&service, drain)
+            .await
+            .map_err(|e| e.into_core("stop"))
     }
 
     async fn remove(&self, slot: Slot) -> Result<()> {

@@ -130,6 +130,23 @@ async fn containers_on_nodes(sw: &TestSwarm<'_>, project: &str) -> Vec<String> {
     out
 }
 
+/// Waits (bounded) until no node keeps a container of the project: after a service's tasks are
+/// gone, each node's agent removes their containers.
+async fn no_containers_left(sw: &TestSwarm<'_>, project: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = containers_on_nodes(sw, project).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "containers left on the nodes: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn get(url: &str) -> (u16, String) {
     let c = reqwest::Client::builder()
         .no_proxy()
@@ -220,8 +237,7 @@ async fn deploy_runs_one_healthy_task_per_node_and_remove_leaves_no_container() 
         env.status(Slot::Blue).await.unwrap().state,
         InstanceState::Absent
     );
-    let left = containers_on_nodes(sw, &project).await;
-    assert!(left.is_empty(), "containers left on the nodes: {left:?}");
+    no_containers_left(sw, &project).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,8 +410,7 @@ async fn an_image_missing_on_one_node_names_that_node_and_leaves_nothing() {
     assert!(!err.is_retryable());
     // All or nothing: no service, no container on any node.
     assert!(env.service_status(Slot::Green).await.unwrap().is_none());
-    let left = containers_on_nodes(sw, &project).await;
-    assert!(left.is_empty(), "containers left on the nodes: {left:?}");
+    no_containers_left(sw, &project).await;
     for h in &sw.hosts().hosts()[..2] {
         let _ = h
             .client()
