@@ -15,8 +15,8 @@ use bollard::container::LogOutput;
 use bollard::exec::StartExecResults;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings,
-    ExecConfig, HealthStatusEnum, HostConfig, NetworkCreateRequest, NetworkingConfig,
-    PortBinding, RestartPolicyNameEnum,
+    ExecConfig, HealthStatusEnum, HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
+    RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,

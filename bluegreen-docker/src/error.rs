@@ -170,9 +170,7 @@ pub enum DockerError {
     },
 
     /// A task of a slot's service failed, or was rejected by its node.
-    #[error(
-        "service `{service}`: the task on node {node} {state}: {message}; {hint}"
-    )]
+    #[error("service `{service}`: the task on node {node} {state}: {message}; {hint}")]
     TaskFailed {
         /// The service.
         service: String,

@@ -426,9 +426,10 @@ impl SwarmEnvironment {
             }
             .into_core("connect")
         })?;
-        let info = docker.info().await.map_err(|e| {
-            DockerError::engine_at(&host, "docker info", e).into_core("connect")
-        })?;
+        let info = docker
+            .info()
+            .await
+            .map_err(|e| DockerError::engine_at(&host, "docker info", e).into_core("connect"))?;
         let swarm = info.swarm.unwrap_or_default();
         if swarm.control_available != Some(true) {
             return Err(DockerError::NotSwarmManager {
@@ -844,13 +845,17 @@ impl SwarmEnvironment {
     ) -> std::result::Result<Vec<Endpoint>, DockerError> {
         let cfg = self.cfg();
         let name = cfg.service_name(slot);
-        let deployment = release.labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_else(|| {
-            let ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0);
-            format!("d{ms}-{}", self.inner.seq.fetch_add(1, Ordering::Relaxed))
-        });
+        let deployment = release
+            .labels
+            .get(LABEL_DEPLOYMENT)
+            .cloned()
+            .unwrap_or_else(|| {
+                let ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0);
+                format!("d{ms}-{}", self.inner.seq.fetch_add(1, Ordering::Relaxed))
+            });
         let spec = self.spec(slot, release, &deployment);
 
         if let Some(existing) = self.inspect(slot).await? {
@@ -1084,8 +1089,8 @@ impl Environment for SwarmEnvironment {
         } else {
             InstanceState::Starting
         };
-        let health = (state == InstanceState::Running && s.health_checked)
-            .then_some(RuntimeHealth::Healthy);
+        let health =
+            (state == InstanceState::Running && s.health_checked).then_some(RuntimeHealth::Healthy);
         Ok(SlotStatus::new(state, version, eps).with_health(health))
     }
 
@@ -1159,8 +1164,7 @@ mod tests {
             ok.clone().with_ports(0, 8081),
             ok.clone().with_env("A=B", "x"),
             ok.clone().with_ready_timeout(Duration::ZERO),
-            ok.clone()
-                .with_healthcheck(Healthcheck::new(Vec::new())),
+            ok.clone().with_healthcheck(Healthcheck::new(Vec::new())),
         ] {
             assert!(bad.validate().is_err(), "{bad:?} accepted");
         }
@@ -1178,16 +1182,22 @@ mod tests {
             .unwrap()
             .with_env("DB_PASSWORD", "hunter2");
         let dbg = format!("{c:?}");
-        assert!(dbg.contains("DB_PASSWORD") && !dbg.contains("hunter2"), "{dbg}");
+        assert!(
+            dbg.contains("DB_PASSWORD") && !dbg.contains("hunter2"),
+            "{dbg}"
+        );
     }
 
     #[test]
     fn a_failed_task_says_what_to_do() {
         assert!(hint_for("No such image: app:2", "app:2").contains("docker load"));
-        assert!(hint_for("task: non-zero exit (1): unhealthy container", "app:2")
-            .contains("health check"));
-        assert!(hint_for("listen tcp :8080: bind: address already in use", "a")
-            .contains("blue_port"));
+        assert!(
+            hint_for("task: non-zero exit (1): unhealthy container", "app:2")
+                .contains("health check")
+        );
+        assert!(
+            hint_for("listen tcp :8080: bind: address already in use", "a").contains("blue_port")
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@ use std::time::Duration;
 use bluegreen_core::health::HttpCheck;
 use bluegreen_core::testkit::{environment_suite, EnvironmentSuite};
 use bluegreen_core::{
-    Deployer, Environment, Error, FileStateStore, HttpVersionProbe, InstanceState, Policy,
-    Release, RunOutcome, Slot, VersionMarker,
+    Deployer, Environment, Error, FileStateStore, HttpVersionProbe, InstanceState, Policy, Release,
+    RunOutcome, Slot, VersionMarker,
 };
 use bluegreen_docker::bollard::query_parameters::{
     ListContainersOptionsBuilder, TagImageOptionsBuilder,
@@ -118,7 +118,14 @@ async fn containers_on_nodes(sw: &TestSwarm<'_>, project: &str) -> Vec<String> {
             .all(true)
             .filters(&filters)
             .build();
-        for c in h.client().await.unwrap().list_containers(Some(opts)).await.unwrap() {
+        for c in h
+            .client()
+            .await
+            .unwrap()
+            .list_containers(Some(opts))
+            .await
+            .unwrap()
+        {
             out.push(format!(
                 "{}: {:?} {:?}",
                 h.name(),
@@ -253,11 +260,10 @@ struct Setup {
 
 async fn setup(sw: &TestSwarm<'_>, prefix: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxySwitch::bind(
-        ProxyConfig::default().with_connect_timeout(Duration::from_millis(500)),
-    )
-    .await
-    .unwrap();
+    let proxy =
+        ProxySwitch::bind(ProxyConfig::default().with_connect_timeout(Duration::from_millis(500)))
+            .await
+            .unwrap();
     let (env, cleanup) = environment(sw, config(prefix)).await;
     let deployer = Deployer::builder()
         .environment(Arc::new(env.clone()))
@@ -324,7 +330,10 @@ async fn v1_to_v2_on_three_nodes_through_the_embedded_proxy_fails_no_request() {
         .unwrap();
     assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
     let LoadStats { ok, failed, .. } = load.finish().await;
-    assert_eq!(failed, 0, "requests failed during the swarm deploy ({ok} ok)");
+    assert_eq!(
+        failed, 0,
+        "requests failed during the swarm deploy ({ok} ok)"
+    );
     assert!(ok > 20, "too little load went through: {ok}");
     assert_eq!(served_version(&s.proxy).await, "v2");
     // The proxy routes green to its three tasks, one per node.
@@ -349,7 +358,10 @@ async fn a_release_failing_its_health_check_is_refused_and_live_is_untouched() {
         .with_env("DEMO_FAIL_HEALTH", "1");
     let err = s.deployer.deploy(bad).await.unwrap_err();
     let LoadStats { ok, failed, .. } = load.finish().await;
-    assert_eq!(failed, 0, "requests failed during the refused deploy ({ok} ok)");
+    assert_eq!(
+        failed, 0,
+        "requests failed during the refused deploy ({ok} ok)"
+    );
     assert!(ok > 20, "too little load went through: {ok}");
     // The error names the service, the node and the health check.
     let text = err.to_string();
@@ -382,7 +394,10 @@ async fn an_image_missing_on_one_node_names_that_node_and_leaves_nothing() {
     let project = cfg.project.to_string();
     let (repo, tag) = (format!("bluegreen-swarm-test/{project}"), "only-two");
     for h in &sw.hosts().hosts()[..2] {
-        let opts = TagImageOptionsBuilder::default().repo(&repo).tag(tag).build();
+        let opts = TagImageOptionsBuilder::default()
+            .repo(&repo)
+            .tag(tag)
+            .build();
         h.client()
             .await
             .unwrap()

@@ -13,12 +13,12 @@ pub mod docker;
 pub mod haproxy;
 #[cfg(feature = "docker")]
 pub mod hosts;
-#[cfg(feature = "docker")]
-pub mod swarm;
 #[cfg(feature = "nginx")]
 pub mod nginx;
 #[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(feature = "docker")]
+pub mod swarm;
 
 pub use demo::{DemoBackends, SwitchSuiteBuilder};
 pub use gate::{in_ci, missing, require};

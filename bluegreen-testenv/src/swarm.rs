@@ -238,7 +238,9 @@ impl<'h> TestSwarm<'h> {
                 let via = lan_address(j);
                 in_ns(
                     h,
-                    &["ip", "route", "replace", &to, "via", &via, "dev", dev, "src", &src],
+                    &[
+                        "ip", "route", "replace", &to, "via", &via, "dev", dev, "src", &src,
+                    ],
                 )?;
             }
         }
@@ -348,8 +350,7 @@ impl Drop for TestSwarm<'_> {
 /// # Panics
 /// The swarm cannot be formed, in CI.
 pub async fn shared() -> Option<&'static TestSwarm<'static>> {
-    static SWARM: OnceCell<std::result::Result<TestSwarm<'static>, String>> =
-        OnceCell::const_new();
+    static SWARM: OnceCell<std::result::Result<TestSwarm<'static>, String>> = OnceCell::const_new();
     let hosts = crate::hosts::shared().await?;
     let res = SWARM
         .get_or_init(|| async { TestSwarm::init(hosts).await.map_err(|e| e.to_string()) })
