@@ -36,7 +36,7 @@ use serde::Deserialize;
 /// that accepts the section (building that backend then says which feature is missing).
 mod types {
     #[cfg(feature = "docker")]
-    pub(crate) use bluegreen::docker::{DockerConfig, FleetHost};
+    pub(crate) use bluegreen::docker::{DockerConfig, FleetHost, SwarmConfig};
     #[cfg(feature = "haproxy")]
     pub(crate) use bluegreen::haproxy::HaproxyConfig;
     #[cfg(feature = "nginx")]
@@ -64,6 +64,8 @@ mod types {
     pub(crate) type DockerConfig = NotBuilt;
     #[cfg(not(feature = "docker"))]
     pub(crate) type FleetHost = NotBuilt;
+    #[cfg(not(feature = "docker"))]
+    pub(crate) type SwarmConfig = NotBuilt;
     #[cfg(not(feature = "haproxy"))]
     pub(crate) type HaproxyConfig = NotBuilt;
     #[cfg(not(feature = "nginx"))]
@@ -165,6 +167,13 @@ pub(crate) enum EnvironmentCfg {
         /// The fleet's hosts (TLS paths resolved against the pipeline file's directory); empty
         /// for one engine.
         hosts: Vec<types::FleetHost>,
+    },
+    /// Services of a Docker Swarm, through a manager's engine (`DOCKER_HOST` or the local
+    /// socket).
+    Swarm {
+        /// The release's image; `{version}` is replaced by the version label.
+        image: String,
+        config: SwarmConfig,
     },
 }
 
@@ -331,6 +340,11 @@ enum EnvironmentFile {
         /// A fleet: the release runs on every one of these engines.
         #[serde(default)]
         hosts: Vec<types::FleetHost>,
+        #[serde(flatten)]
+        rest: Rest,
+    },
+    Swarm {
+        image: String,
         #[serde(flatten)]
         rest: Rest,
     },
@@ -575,6 +589,20 @@ impl Pipeline {
                     hosts: resolve_hosts(hosts, &base),
                 }
             }
+            EnvironmentFile::Swarm { image, mut rest } => {
+                if rest.contains_key("project") {
+                    return Err(config_error(
+                        file,
+                        "[environment]: the project is [project] name, not `project`",
+                    ));
+                }
+                rest.insert("project".into(), toml::Value::String(project.clone()));
+                rest.entry("stop_timeout").or_insert_with(|| drain.clone());
+                EnvironmentCfg::Swarm {
+                    image,
+                    config: backend_config(file, "environment", rest)?,
+                }
+            }
         };
 
         let switch = match f.switch {
@@ -714,7 +742,7 @@ impl Pipeline {
                 r.env = pc.env.clone();
                 Ok(r)
             }
-            EnvironmentCfg::Docker { image, .. } => {
+            EnvironmentCfg::Docker { image, .. } | EnvironmentCfg::Swarm { image, .. } => {
                 // Validate first: the version is spliced into an image reference.
                 let v = bluegreen::Version::new(version)?;
                 Release::new(version, image.replace("{version}", v.as_str()))
@@ -735,6 +763,7 @@ impl Pipeline {
         match &self.environment {
             EnvironmentCfg::Process(_) => "process",
             EnvironmentCfg::Docker { .. } => "docker",
+            EnvironmentCfg::Swarm { .. } => "swarm",
         }
     }
 
@@ -1176,6 +1205,48 @@ admin = "127.0.0.1:8001"
         };
         assert_eq!(s.deployment, "shop");
         assert_eq!(s.connection.dbname, "deploys");
+    }
+
+    #[test]
+    fn a_swarm_environment_is_a_validated_swarm_config() {
+        let tail =
+            "[switch]\nkind = \"haproxy\"\nruntime = \"/x.sock\"\n[policy]\ndrain_timeout = 7\n";
+        let env = |keys: &str| {
+            format!(
+                "[project]\nname = \"shop\"\n[environment]\nkind = \"swarm\"\n\
+                 image = \"shop:{{version}}\"\n{keys}\n{tail}"
+            )
+        };
+        let p = load(&env(
+            "replicas = 3\nblue_port = 9001\ngreen_port = 9002\nready_timeout = \"90s\"",
+        ))
+        .unwrap();
+        assert_eq!(p.environment_kind(), "swarm");
+        let EnvironmentCfg::Swarm { config, .. } = &p.environment else {
+            panic!("{:?}", p.environment)
+        };
+        assert_eq!(config.project.as_str(), "shop");
+        assert_eq!(
+            (config.replicas, config.blue_port, config.green_port),
+            (3, 9001, 9002)
+        );
+        assert_eq!(config.ready_timeout, Duration::from_secs(90));
+        // The drain bound is the tasks' stop grace period unless given.
+        assert_eq!(config.stop_timeout, Duration::from_secs(7));
+        assert_eq!(
+            p.release("2.1").unwrap().artifact,
+            "shop:2.1",
+            "the version goes into the image"
+        );
+        for (keys, named) in [
+            ("replicas = 0", "replicas"),
+            ("blue_port = 9000\ngreen_port = 9000", "ports"),
+            ("replica = 2", "replica"),
+            ("project = \"other\"", "project"),
+        ] {
+            let err = load(&env(keys)).unwrap_err().to_string();
+            assert!(err.contains(named), "{keys}: {err}");
+        }
     }
 
     #[test]
