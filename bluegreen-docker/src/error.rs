@@ -218,6 +218,20 @@ pub enum DockerError {
         detail: String,
     },
 
+    /// A deploy failed, and removing the service it created failed too.
+    #[error(
+        "{failure}; removing the service `{service}` this deploy created failed too: {cleanup}; \
+         remove it with `docker service rm {service}`"
+    )]
+    ServiceLeft {
+        /// The service left behind.
+        service: String,
+        /// Why the deploy failed.
+        failure: Box<DockerError>,
+        /// Why the removal failed.
+        cleanup: Box<DockerError>,
+    },
+
     /// A service's tasks did not go away in time after it was removed or scaled down.
     #[error("service `{service}`: {left} task(s) still {what} after {after:?}")]
     TasksRemain {
@@ -294,6 +308,7 @@ impl DockerError {
             | DockerError::TooFewNodes { .. }
             | DockerError::NotConverged { .. } => false,
             DockerError::TasksRemain { .. } => true,
+            DockerError::ServiceLeft { failure, .. } => failure.is_retryable(),
         }
     }
 

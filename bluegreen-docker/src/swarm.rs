@@ -915,11 +915,10 @@ impl SwarmEnvironment {
                 };
                 if let Err(r) = removed {
                     tracing::warn!(service = %name, error = %r, "cannot remove the failed service");
-                    return Err(DockerError::Engine {
-                        call: format!("deploy failed ({e}), and removing service {name} failed"),
-                        source: bollard::errors::Error::IOError {
-                            err: std::io::Error::other(r.to_string()),
-                        },
+                    return Err(DockerError::ServiceLeft {
+                        service: name,
+                        failure: Box::new(e),
+                        cleanup: Box::new(r),
                     });
                 }
                 Err(e)

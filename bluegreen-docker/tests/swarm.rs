@@ -474,3 +474,60 @@ async fn a_worker_engine_is_refused_as_the_manager() {
     );
     assert!(err.to_string().contains("not a swarm manager"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_service_holding_the_slots_name_is_never_touched() {
+    use bluegreen_docker::bollard::models::{
+        ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
+    };
+    let Some((sw, image)) = swarm().await else {
+        return;
+    };
+    let cfg = config("foreign");
+    let name = cfg.service_name(Slot::Blue);
+    let manager = sw.manager_client().await.unwrap();
+    // Someone else's service, no tasks, no labels.
+    manager
+        .create_service(
+            ServiceSpec {
+                name: Some(name.clone()),
+                mode: Some(ServiceSpecMode {
+                    replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
+                    ..Default::default()
+                }),
+                task_template: Some(TaskSpec {
+                    container_spec: Some(TaskSpecContainerSpec {
+                        image: Some(image.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let (env, cleanup) = environment(sw, cfg).await;
+    let err = env
+        .deploy(Slot::Blue, &Release::new("v1", image.as_str()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(docker_error(&err), DockerError::NameClash { .. }),
+        "{err}"
+    );
+    assert!(env.remove(Slot::Blue).await.is_err());
+    drop(cleanup); // reset: only services carrying the project's label
+    let still = manager.inspect_service(&name, None).await.unwrap();
+    assert_eq!(
+        still
+            .spec
+            .and_then(|s| s.mode)
+            .and_then(|m| m.replicated)
+            .and_then(|r| r.replicas),
+        Some(0),
+        "the foreign service was changed"
+    );
+    manager.delete_service(&name).await.unwrap();
+}
