@@ -455,6 +455,26 @@ fn relative_to(base: &Path, rest: &mut Rest, key: &str) {
     }
 }
 
+/// The keys a container environment (docker, swarm) takes from elsewhere in the file: the project
+/// from `[project] name` (refused in the section), the stop timeout from the drain bound unless
+/// given.
+fn container_keys(
+    file: &Path,
+    rest: &mut Rest,
+    project: &str,
+    drain: &toml::Value,
+) -> bluegreen::Result<()> {
+    if rest.contains_key("project") {
+        return Err(config_error(
+            file,
+            "[environment]: the project is [project] name, not `project`",
+        ));
+    }
+    rest.insert("project".into(), toml::Value::String(project.to_string()));
+    rest.entry("stop_timeout").or_insert_with(|| drain.clone());
+    Ok(())
+}
+
 /// The rest of `section` as the backend's config type, which validates it.
 /// A fleet's TLS files are relative to the pipeline file's directory.
 #[cfg(feature = "docker")]
@@ -569,14 +589,7 @@ impl Pipeline {
                 hosts,
                 mut rest,
             } => {
-                if rest.contains_key("project") {
-                    return Err(config_error(
-                        file,
-                        "[environment]: the project is [project] name, not `project`",
-                    ));
-                }
-                rest.insert("project".into(), toml::Value::String(project.clone()));
-                rest.entry("stop_timeout").or_insert_with(|| drain.clone());
+                container_keys(file, &mut rest, &project, &drain)?;
                 if let Some(mb) = memory_mb {
                     let bytes = i64::try_from(mb.saturating_mul(1024 * 1024)).map_err(|_| {
                         Error::invalid("pipeline file", "environment.memory_mb", "too large")
@@ -590,14 +603,7 @@ impl Pipeline {
                 }
             }
             EnvironmentFile::Swarm { image, mut rest } => {
-                if rest.contains_key("project") {
-                    return Err(config_error(
-                        file,
-                        "[environment]: the project is [project] name, not `project`",
-                    ));
-                }
-                rest.insert("project".into(), toml::Value::String(project.clone()));
-                rest.entry("stop_timeout").or_insert_with(|| drain.clone());
+                container_keys(file, &mut rest, &project, &drain)?;
                 EnvironmentCfg::Swarm {
                     image,
                     config: backend_config(file, "environment", rest)?,

@@ -125,6 +125,31 @@ fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
+/// A client of the engine named by `DOCKER_HOST`, else the local socket, and that address.
+pub(crate) fn default_client() -> Result<(Docker, String)> {
+    let host = docker_host_for_messages();
+    let docker = Docker::connect_with_defaults().map_err(|source| {
+        DockerError::Unreachable {
+            host: host.clone(),
+            source,
+        }
+        .into_core("connect")
+    })?;
+    Ok((docker, host))
+}
+
+/// The client with the API version negotiated: older engines (e.g. 20.10 speaks API 1.41)
+/// refuse requests for a newer API version.
+pub(crate) async fn negotiated(docker: Docker, host: &str) -> Result<Docker> {
+    docker.negotiate_version().await.map_err(|source| {
+        DockerError::Unreachable {
+            host: host.to_string(),
+            source,
+        }
+        .into_core("connect")
+    })
+}
+
 impl DockerEnvironment {
     /// Connects to the engine named by `DOCKER_HOST` (`unix://`, `tcp://`; TLS when
     /// `DOCKER_TLS_VERIFY` is set, with certificates from `DOCKER_CERT_PATH`), else the local
@@ -135,14 +160,7 @@ impl DockerEnvironment {
     /// ([`DockerError::Unreachable`], retryable).
     pub async fn connect(config: DockerConfig) -> Result<Self> {
         config.validate()?;
-        let host = docker_host_for_messages();
-        let docker = Docker::connect_with_defaults().map_err(|source| {
-            DockerError::Unreachable {
-                host: host.clone(),
-                source,
-            }
-            .into_core("connect")
-        })?;
+        let (docker, host) = default_client()?;
         Self::negotiate(docker, host, config).await
     }
 
@@ -161,14 +179,7 @@ impl DockerEnvironment {
         host: String,
         config: DockerConfig,
     ) -> Result<Self> {
-        // Older engines (e.g. 20.10 speaks API 1.41) refuse requests for a newer API version.
-        let docker = docker.negotiate_version().await.map_err(|source| {
-            DockerError::Unreachable {
-                host: host.clone(),
-                source,
-            }
-            .into_core("connect")
-        })?;
+        let docker = negotiated(docker, &host).await?;
         tracing::debug!(%host, api = %docker.client_version(), "connected to the Docker Engine");
         Ok(DockerEnvironment {
             inner: Arc::new(Inner {

@@ -26,8 +26,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{check_project, validate_env_key, ContainerHealth, Healthcheck};
+use crate::environment::{default_client, negotiated};
 use crate::environment::{keep_tail, trim_to};
-use crate::error::{docker_host_for_messages, is_not_found, DockerError};
+use crate::error::{is_not_found, DockerError};
 use crate::{DockerEnvironment, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_SLOT, LABEL_VERSION};
 
 /// How often a deploy, stop or remove reads the tasks while it waits.
@@ -398,14 +399,7 @@ impl SwarmEnvironment {
     /// ([`DockerError::NotSwarmManager`]).
     pub async fn connect(config: SwarmConfig) -> Result<Self> {
         config.validate()?;
-        let host = docker_host_for_messages();
-        let docker = Docker::connect_with_defaults().map_err(|source| {
-            DockerError::Unreachable {
-                host: host.clone(),
-                source,
-            }
-            .into_core("connect")
-        })?;
+        let (docker, host) = default_client()?;
         Self::negotiate(docker, host, config).await
     }
 
@@ -419,13 +413,7 @@ impl SwarmEnvironment {
     }
 
     async fn negotiate(docker: Docker, host: String, config: SwarmConfig) -> Result<Self> {
-        let docker = docker.negotiate_version().await.map_err(|source| {
-            DockerError::Unreachable {
-                host: host.clone(),
-                source,
-            }
-            .into_core("connect")
-        })?;
+        let docker = negotiated(docker, &host).await?;
         let info = docker
             .info()
             .await
@@ -667,23 +655,32 @@ impl SwarmEnvironment {
                 Err(e) => return Err(self.engine_err(format!("scale service {name} to 0"), e)),
             }
         }
-        let bound = drain + TASKS_SLACK;
+        self.wait_tasks(&id, name, drain + TASKS_SLACK, "running", |tasks| {
+            tasks.iter().filter(|t| is_up_state(state_of(t))).count()
+        })
+        .await
+    }
+
+    /// Waits until `left(tasks of the service)` is 0, bounded by `bound`.
+    async fn wait_tasks(
+        &self,
+        id: &str,
+        service: String,
+        bound: Duration,
+        what: &'static str,
+        left: impl Fn(&[Task]) -> usize,
+    ) -> std::result::Result<(), DockerError> {
         let deadline = Instant::now() + bound;
         loop {
-            let left = self
-                .tasks(&id)
-                .await?
-                .iter()
-                .filter(|t| is_up_state(state_of(t)))
-                .count();
+            let left = left(&self.tasks(id).await?);
             if left == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(DockerError::TasksRemain {
-                    service: name,
+                    service,
                     left,
-                    what: "running",
+                    what,
                     after: bound,
                 });
             }
@@ -710,22 +707,8 @@ impl SwarmEnvironment {
             Err(e) => return Err(self.engine_err(format!("remove service {name}"), e)),
         }
         let bound = self.cfg().stop_timeout + TASKS_SLACK;
-        let deadline = Instant::now() + bound;
-        loop {
-            let left = self.tasks(&id).await?.len();
-            if left == 0 {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(DockerError::TasksRemain {
-                    service: name,
-                    left,
-                    what: "present",
-                    after: bound,
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.wait_tasks(&id, name, bound, "present", <[Task]>::len)
+            .await
     }
 
     /// Endpoints of the running tasks: their nodes' addresses and the slot's port.

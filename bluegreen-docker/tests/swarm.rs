@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen_core::health::HttpCheck;
 use bluegreen_core::testkit::{environment_suite, EnvironmentSuite};
 use bluegreen_core::{
-    Deployer, Environment, Error, FileStateStore, HttpVersionProbe, InstanceState, Policy, Release,
-    RunOutcome, Slot, VersionMarker,
+    Deployer, Environment, Error, InstanceState, Policy, Release, RunOutcome, Slot,
 };
 use bluegreen_docker::bollard::query_parameters::{
     ListContainersOptionsBuilder, TagImageOptionsBuilder,
@@ -24,7 +22,7 @@ use bluegreen_docker::bollard::query_parameters::{
 use bluegreen_docker::{DockerError, SwarmConfig, SwarmEnvironment, LABEL_PROJECT};
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
 use bluegreen_testenv::swarm::{self, TestSwarm};
-use bluegreen_testenv::{Load, LoadOptions, LoadStats};
+use bluegreen_testenv::LoadStats;
 use tokio::sync::OnceCell;
 
 /// The shared swarm, with the health-checked demo image on every node; `None` (skipped outside
@@ -265,27 +263,15 @@ async fn setup(sw: &TestSwarm<'_>, prefix: &str) -> Setup {
             .await
             .unwrap();
     let (env, cleanup) = environment(sw, config(prefix)).await;
-    let deployer = Deployer::builder()
-        .environment(Arc::new(env.clone()))
-        .switch(Arc::new(proxy.clone()))
-        .store(Arc::new(
-            FileStateStore::new(dir.path().join("state")).unwrap(),
-        ))
-        .verify_data_path(Arc::new(HttpVersionProbe::new(
-            proxy.url("/"),
-            VersionMarker::Header("x-bluegreen-version".into()),
-        )))
-        .health_check(Arc::new(
-            HttpCheck::new("/health").with_timeout(Duration::from_millis(500)),
-        ))
-        .policy(
-            Policy::default()
-                .with_readiness_timeout(Duration::from_secs(60))
-                .with_observation(Duration::from_secs(2), Duration::from_millis(100))
-                .with_drain_timeout(Duration::from_secs(2)),
-        )
-        .build()
-        .unwrap();
+    let deployer = common::proxy_deployer(
+        Arc::new(env.clone()),
+        &proxy,
+        dir.path(),
+        Policy::default()
+            .with_readiness_timeout(Duration::from_secs(60))
+            .with_observation(Duration::from_secs(2), Duration::from_millis(100))
+            .with_drain_timeout(Duration::from_secs(2)),
+    );
     Setup {
         _dir: dir,
         proxy,
@@ -293,22 +279,6 @@ async fn setup(sw: &TestSwarm<'_>, prefix: &str) -> Setup {
         deployer,
         _cleanup: cleanup,
     }
-}
-
-fn load(proxy: &ProxySwitch) -> Load {
-    Load::start(
-        proxy.local_addr(),
-        LoadOptions::new(4).with_pause(Duration::from_millis(2)),
-    )
-}
-
-async fn served_version(proxy: &ProxySwitch) -> String {
-    let c = reqwest::Client::builder().no_proxy().build().unwrap();
-    let r = c.get(proxy.url("/")).send().await.unwrap();
-    r.headers()["x-bluegreen-version"]
-        .to_str()
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,8 +291,8 @@ async fn v1_to_v2_on_three_nodes_through_the_embedded_proxy_fails_no_request() {
         .deploy(Release::new("v1", image.as_str()).unwrap())
         .await
         .unwrap();
-    assert_eq!(served_version(&s.proxy).await, "v1");
-    let load = load(&s.proxy);
+    assert_eq!(common::served_version(&s.proxy).await, "v1");
+    let load = common::proxy_load(&s.proxy);
     let report = s
         .deployer
         .deploy(Release::new("v2", image.as_str()).unwrap())
@@ -335,7 +305,7 @@ async fn v1_to_v2_on_three_nodes_through_the_embedded_proxy_fails_no_request() {
         "requests failed during the swarm deploy ({ok} ok)"
     );
     assert!(ok > 20, "too little load went through: {ok}");
-    assert_eq!(served_version(&s.proxy).await, "v2");
+    assert_eq!(common::served_version(&s.proxy).await, "v2");
     // The proxy routes green to its three tasks, one per node.
     let routed = s.proxy.endpoints();
     assert_eq!(routed.get(Slot::Green).len(), 3, "{routed:?}");
@@ -352,7 +322,7 @@ async fn a_release_failing_its_health_check_is_refused_and_live_is_untouched() {
         .await
         .unwrap();
     let live = s.env.service_status(Slot::Blue).await.unwrap().unwrap();
-    let load = load(&s.proxy);
+    let load = common::proxy_load(&s.proxy);
     let bad = Release::new("v2", image.as_str())
         .unwrap()
         .with_env("DEMO_FAIL_HEALTH", "1");
@@ -374,7 +344,7 @@ async fn a_release_failing_its_health_check_is_refused_and_live_is_untouched() {
     }
     assert!(text.contains("health check"), "{text}");
     // Live untouched: blue still serves v1 on its three tasks; green's service is gone.
-    assert_eq!(served_version(&s.proxy).await, "v1");
+    assert_eq!(common::served_version(&s.proxy).await, "v1");
     let now = s.env.service_status(Slot::Blue).await.unwrap().unwrap();
     assert_eq!((now.wanted, now.running), (3, 3), "{now:?}");
     assert_eq!(now.tasks, live.tasks);
