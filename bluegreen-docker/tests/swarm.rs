@@ -282,7 +282,7 @@ async fn setup(sw: &TestSwarm<'_>, prefix: &str) -> Setup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_to_v2_on_three_nodes_through_the_embedded_proxy_fails_no_request() {
+async fn v1_to_v2_on_three_nodes_through_the_embedded_proxy_and_back_fails_no_request() {
     let Some((sw, image)) = swarm().await else {
         return;
     };
@@ -299,16 +299,27 @@ async fn v1_to_v2_on_three_nodes_through_the_embedded_proxy_fails_no_request() {
         .await
         .unwrap();
     assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
-    let LoadStats { ok, failed, .. } = load.finish().await;
-    assert_eq!(
-        failed, 0,
-        "requests failed during the swarm deploy ({ok} ok)"
-    );
-    assert!(ok > 20, "too little load went through: {ok}");
     assert_eq!(common::served_version(&s.proxy).await, "v2");
     // The proxy routes green to its three tasks, one per node.
     let routed = s.proxy.endpoints();
     assert_eq!(routed.get(Slot::Green).len(), 3, "{routed:?}");
+    let st = s.env.status(Slot::Green).await.unwrap();
+    assert_eq!(st.state, InstanceState::Running);
+
+    // The old slot was kept warm: rollback is a switch back, still under load.
+    let report = s.deployer.rollback().await.unwrap();
+    assert_eq!(report.version.as_str(), "v1");
+    let LoadStats { ok, failed, .. } = load.finish().await;
+    assert_eq!(
+        failed, 0,
+        "requests failed during the swarm deploy and rollback ({ok} ok)"
+    );
+    assert!(ok > 20, "too little load went through: {ok}");
+    assert_eq!(common::served_version(&s.proxy).await, "v1");
+    // What the engine recorded matches the swarm.
+    let st = s.deployer.status().await.unwrap();
+    assert_eq!(st.state.active, Some(Slot::Blue));
+    assert!(st.drift.is_empty(), "{:?}", st.drift);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
