@@ -177,6 +177,12 @@ pub(crate) async fn environment(
         )),
         #[cfg(not(feature = "docker"))]
         EnvironmentCfg::Docker { .. } => Err(not_built("environment kind \"docker\"", "docker")),
+        #[cfg(feature = "docker")]
+        EnvironmentCfg::Swarm { config, .. } => Ok(Arc::new(
+            bluegreen::docker::SwarmEnvironment::connect(config.clone()).await?,
+        )),
+        #[cfg(not(feature = "docker"))]
+        EnvironmentCfg::Swarm { .. } => Err(not_built("environment kind \"swarm\"", "docker")),
     }
 }
 

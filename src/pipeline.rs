@@ -36,7 +36,7 @@ use serde::Deserialize;
 /// that accepts the section (building that backend then says which feature is missing).
 mod types {
     #[cfg(feature = "docker")]
-    pub(crate) use bluegreen::docker::{DockerConfig, FleetHost};
+    pub(crate) use bluegreen::docker::{DockerConfig, FleetHost, SwarmConfig};
     #[cfg(feature = "haproxy")]
     pub(crate) use bluegreen::haproxy::HaproxyConfig;
     #[cfg(feature = "nginx")]
@@ -64,6 +64,8 @@ mod types {
     pub(crate) type DockerConfig = NotBuilt;
     #[cfg(not(feature = "docker"))]
     pub(crate) type FleetHost = NotBuilt;
+    #[cfg(not(feature = "docker"))]
+    pub(crate) type SwarmConfig = NotBuilt;
     #[cfg(not(feature = "haproxy"))]
     pub(crate) type HaproxyConfig = NotBuilt;
     #[cfg(not(feature = "nginx"))]
@@ -165,6 +167,13 @@ pub(crate) enum EnvironmentCfg {
         /// The fleet's hosts (TLS paths resolved against the pipeline file's directory); empty
         /// for one engine.
         hosts: Vec<types::FleetHost>,
+    },
+    /// Services of a Docker Swarm, through a manager's engine (`DOCKER_HOST` or the local
+    /// socket).
+    Swarm {
+        /// The release's image; `{version}` is replaced by the version label.
+        image: String,
+        config: SwarmConfig,
     },
 }
 
@@ -334,6 +343,11 @@ enum EnvironmentFile {
         #[serde(flatten)]
         rest: Rest,
     },
+    Swarm {
+        image: String,
+        #[serde(flatten)]
+        rest: Rest,
+    },
 }
 
 #[derive(Deserialize)]
@@ -439,6 +453,26 @@ fn relative_to(base: &Path, rest: &mut Rest, key: &str) {
         let joined = base.join(s).to_string_lossy().into_owned();
         rest.insert(key.to_string(), toml::Value::String(joined));
     }
+}
+
+/// The keys a container environment (docker, swarm) takes from elsewhere in the file: the project
+/// from `[project] name` (refused in the section), the stop timeout from the drain bound unless
+/// given.
+fn container_keys(
+    file: &Path,
+    rest: &mut Rest,
+    project: &str,
+    drain: &toml::Value,
+) -> bluegreen::Result<()> {
+    if rest.contains_key("project") {
+        return Err(config_error(
+            file,
+            "[environment]: the project is [project] name, not `project`",
+        ));
+    }
+    rest.insert("project".into(), toml::Value::String(project.to_string()));
+    rest.entry("stop_timeout").or_insert_with(|| drain.clone());
+    Ok(())
 }
 
 /// The rest of `section` as the backend's config type, which validates it.
@@ -555,14 +589,7 @@ impl Pipeline {
                 hosts,
                 mut rest,
             } => {
-                if rest.contains_key("project") {
-                    return Err(config_error(
-                        file,
-                        "[environment]: the project is [project] name, not `project`",
-                    ));
-                }
-                rest.insert("project".into(), toml::Value::String(project.clone()));
-                rest.entry("stop_timeout").or_insert_with(|| drain.clone());
+                container_keys(file, &mut rest, &project, &drain)?;
                 if let Some(mb) = memory_mb {
                     let bytes = i64::try_from(mb.saturating_mul(1024 * 1024)).map_err(|_| {
                         Error::invalid("pipeline file", "environment.memory_mb", "too large")
@@ -573,6 +600,13 @@ impl Pipeline {
                     image,
                     config: backend_config(file, "environment", rest)?,
                     hosts: resolve_hosts(hosts, &base),
+                }
+            }
+            EnvironmentFile::Swarm { image, mut rest } => {
+                container_keys(file, &mut rest, &project, &drain)?;
+                EnvironmentCfg::Swarm {
+                    image,
+                    config: backend_config(file, "environment", rest)?,
                 }
             }
         };
@@ -724,7 +758,7 @@ impl Pipeline {
                 r.env = pc.env.clone();
                 Ok(r)
             }
-            EnvironmentCfg::Docker { image, .. } => {
+            EnvironmentCfg::Docker { image, .. } | EnvironmentCfg::Swarm { image, .. } => {
                 // Validate first: the version is spliced into an image reference.
                 let v = bluegreen::Version::new(version)?;
                 Release::new(version, image.replace("{version}", v.as_str()))
@@ -745,6 +779,7 @@ impl Pipeline {
         match &self.environment {
             EnvironmentCfg::Process(_) => "process",
             EnvironmentCfg::Docker { .. } => "docker",
+            EnvironmentCfg::Swarm { .. } => "swarm",
         }
     }
 
@@ -1234,6 +1269,48 @@ admin = "127.0.0.1:8001"
         std::fs::write(&file, format!("{head}lock_timout = \"200ms\"\n")).unwrap();
         let err = Pipeline::load(&file).unwrap_err();
         assert!(err.to_string().contains("lock_timout"), "{err}");
+    }
+
+    #[test]
+    fn a_swarm_environment_is_a_validated_swarm_config() {
+        let tail =
+            "[switch]\nkind = \"haproxy\"\nruntime = \"/x.sock\"\n[policy]\ndrain_timeout = 7\n";
+        let env = |keys: &str| {
+            format!(
+                "[project]\nname = \"shop\"\n[environment]\nkind = \"swarm\"\n\
+                 image = \"shop:{{version}}\"\n{keys}\n{tail}"
+            )
+        };
+        let p = load(&env(
+            "replicas = 3\nblue_port = 9001\ngreen_port = 9002\nready_timeout = \"90s\"",
+        ))
+        .unwrap();
+        assert_eq!(p.environment_kind(), "swarm");
+        let EnvironmentCfg::Swarm { config, .. } = &p.environment else {
+            panic!("{:?}", p.environment)
+        };
+        assert_eq!(config.project.as_str(), "shop");
+        assert_eq!(
+            (config.replicas, config.blue_port, config.green_port),
+            (3, 9001, 9002)
+        );
+        assert_eq!(config.ready_timeout, Duration::from_secs(90));
+        // The drain bound is the tasks' stop grace period unless given.
+        assert_eq!(config.stop_timeout, Duration::from_secs(7));
+        assert_eq!(
+            p.release("2.1").unwrap().artifact,
+            "shop:2.1",
+            "the version goes into the image"
+        );
+        for (keys, named) in [
+            ("replicas = 0", "replicas"),
+            ("blue_port = 9000\ngreen_port = 9000", "ports"),
+            ("replica = 2", "replica"),
+            ("project = \"other\"", "project"),
+        ] {
+            let err = load(&env(keys)).unwrap_err().to_string();
+            assert!(err.contains(named), "{keys}: {err}");
+        }
     }
 
     #[test]

@@ -281,7 +281,7 @@ fn ten_minutes() -> Duration {
 
 /// A project name of at most 40 characters (so that `<project>-green` stays a valid DNS label),
 /// lower-case, starting with a letter.
-fn check_project(name: &Name) -> Result<()> {
+pub(crate) fn check_project(name: &Name) -> Result<()> {
     let project = name.as_str();
     if project.len() > 40 {
         return Err(Error::invalid(
@@ -512,7 +512,15 @@ impl DockerConfig {
         for k in self.env.keys() {
             validate_env_key(k)?;
         }
-        if let ContainerHealth::Check(h) = &self.health {
+        self.health.validate()
+    }
+}
+
+impl ContainerHealth {
+    /// Checks a [`ContainerHealth::Check`]: a command without NUL, interval and timeout of at
+    /// least 1 ms.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let ContainerHealth::Check(h) = self {
             if h.argv.is_empty() || h.argv.iter().any(|a| a.contains('\0')) {
                 return Err(Error::invalid(
                     "healthcheck",
@@ -529,6 +537,32 @@ impl DockerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The engine's form: `None` keeps the image's `HEALTHCHECK`.
+    pub(crate) fn engine_config(&self) -> Option<bollard::models::HealthConfig> {
+        use bollard::models::HealthConfig;
+        match self {
+            ContainerHealth::Image => None,
+            ContainerHealth::Disabled => Some(HealthConfig {
+                test: Some(vec!["NONE".into()]),
+                ..Default::default()
+            }),
+            ContainerHealth::Check(h) => {
+                let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+                let mut test = vec!["CMD".to_string()];
+                test.extend(h.argv.iter().cloned());
+                Some(HealthConfig {
+                    test: Some(test),
+                    interval: Some(nanos(h.interval)),
+                    timeout: Some(nanos(h.timeout)),
+                    retries: Some(i64::from(h.retries.max(1))),
+                    // 0 would mean "inherit the image's".
+                    start_period: Some(nanos(h.start_period.max(Duration::from_millis(1)))),
+                    ..Default::default()
+                })
+            }
+        }
     }
 }
 

@@ -15,8 +15,8 @@ use bollard::container::LogOutput;
 use bollard::exec::StartExecResults;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings,
-    ExecConfig, HealthConfig, HealthStatusEnum, HostConfig, NetworkCreateRequest, NetworkingConfig,
-    PortBinding, RestartPolicyNameEnum,
+    ExecConfig, HealthStatusEnum, HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
+    RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
@@ -27,7 +27,7 @@ use bollard::Docker;
 use futures_util::StreamExt;
 
 use crate::config::validate_env_key;
-use crate::config::{ContainerHealth, DockerConfig, Publish, PullPolicy, RestartPolicy};
+use crate::config::{DockerConfig, Publish, PullPolicy, RestartPolicy};
 use crate::error::{docker_host_for_messages, is_not_found, is_not_modified, DockerError};
 
 /// Label naming the project that owns a container or network.
@@ -104,7 +104,7 @@ pub struct OwnedContainer {
 }
 
 /// Appends `chunk`, keeping memory bounded: past twice the limit, the oldest bytes go.
-fn keep_tail(buf: &mut Vec<u8>, chunk: &[u8]) {
+pub(crate) fn keep_tail(buf: &mut Vec<u8>, chunk: &[u8]) {
     buf.extend_from_slice(chunk);
     if buf.len() > 2 * MAX_LOG_BYTES {
         trim_to(buf, MAX_LOG_BYTES);
@@ -112,7 +112,7 @@ fn keep_tail(buf: &mut Vec<u8>, chunk: &[u8]) {
 }
 
 /// Keeps the last `max` bytes.
-fn trim_to(buf: &mut Vec<u8>, max: usize) {
+pub(crate) fn trim_to(buf: &mut Vec<u8>, max: usize) {
     if buf.len() > max {
         buf.drain(..buf.len() - max);
     }
@@ -125,6 +125,31 @@ fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
+/// A client of the engine named by `DOCKER_HOST`, else the local socket, and that address.
+pub(crate) fn default_client() -> Result<(Docker, String)> {
+    let host = docker_host_for_messages();
+    let docker = Docker::connect_with_defaults().map_err(|source| {
+        DockerError::Unreachable {
+            host: host.clone(),
+            source,
+        }
+        .into_core("connect")
+    })?;
+    Ok((docker, host))
+}
+
+/// The client with the API version negotiated: older engines (e.g. 20.10 speaks API 1.41)
+/// refuse requests for a newer API version.
+pub(crate) async fn negotiated(docker: Docker, host: &str) -> Result<Docker> {
+    docker.negotiate_version().await.map_err(|source| {
+        DockerError::Unreachable {
+            host: host.to_string(),
+            source,
+        }
+        .into_core("connect")
+    })
+}
+
 impl DockerEnvironment {
     /// Connects to the engine named by `DOCKER_HOST` (`unix://`, `tcp://`; TLS when
     /// `DOCKER_TLS_VERIFY` is set, with certificates from `DOCKER_CERT_PATH`), else the local
@@ -135,14 +160,7 @@ impl DockerEnvironment {
     /// ([`DockerError::Unreachable`], retryable).
     pub async fn connect(config: DockerConfig) -> Result<Self> {
         config.validate()?;
-        let host = docker_host_for_messages();
-        let docker = Docker::connect_with_defaults().map_err(|source| {
-            DockerError::Unreachable {
-                host: host.clone(),
-                source,
-            }
-            .into_core("connect")
-        })?;
+        let (docker, host) = default_client()?;
         Self::negotiate(docker, host, config).await
     }
 
@@ -161,14 +179,7 @@ impl DockerEnvironment {
         host: String,
         config: DockerConfig,
     ) -> Result<Self> {
-        // Older engines (e.g. 20.10 speaks API 1.41) refuse requests for a newer API version.
-        let docker = docker.negotiate_version().await.map_err(|source| {
-            DockerError::Unreachable {
-                host: host.clone(),
-                source,
-            }
-            .into_core("connect")
-        })?;
+        let docker = negotiated(docker, &host).await?;
         tracing::debug!(%host, api = %docker.client_version(), "connected to the Docker Engine");
         Ok(DockerEnvironment {
             inner: Arc::new(Inner {
@@ -317,7 +328,7 @@ impl DockerEnvironment {
         env
     }
 
-    fn check_release(release: &Release) -> Result<()> {
+    pub(crate) fn check_release(release: &Release) -> Result<()> {
         let image = release.artifact.as_str();
         if image.is_empty()
             || image.len() > 512
@@ -603,27 +614,7 @@ impl DockerEnvironment {
             env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
             exposed_ports: Some(vec![exposed]),
-            healthcheck: match &cfg.health {
-                ContainerHealth::Image => None,
-                ContainerHealth::Disabled => Some(HealthConfig {
-                    test: Some(vec!["NONE".into()]),
-                    ..Default::default()
-                }),
-                ContainerHealth::Check(h) => {
-                    let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-                    let mut test = vec!["CMD".to_string()];
-                    test.extend(h.argv.iter().cloned());
-                    Some(HealthConfig {
-                        test: Some(test),
-                        interval: Some(nanos(h.interval)),
-                        timeout: Some(nanos(h.timeout)),
-                        retries: Some(i64::from(h.retries.max(1))),
-                        // 0 would mean "inherit the image's".
-                        start_period: Some(nanos(h.start_period.max(Duration::from_millis(1)))),
-                        ..Default::default()
-                    })
-                }
-            },
+            healthcheck: cfg.health.engine_config(),
             stop_timeout: Some(cfg.stop_timeout.as_secs().max(1) as i64),
             host_config: Some(HostConfig {
                 port_bindings,

@@ -156,6 +156,95 @@ pub enum DockerError {
         slot: Slot,
     },
 
+    /// The engine a [`SwarmEnvironment`](crate::SwarmEnvironment) talks to is not a manager of a
+    /// swarm.
+    #[error(
+        "the Docker Engine at {host} is not a swarm manager (swarm state: {state}); connect to a \
+         manager node (`docker node ls` works there), or create a swarm with `docker swarm init`"
+    )]
+    NotSwarmManager {
+        /// The engine's address.
+        host: String,
+        /// Its swarm state (`inactive`, `active` for a worker, …).
+        state: String,
+    },
+
+    /// A task of a slot's service failed, or was rejected by its node.
+    #[error("service `{service}`: the task on node {node} {state}: {message}; {hint}")]
+    TaskFailed {
+        /// The service.
+        service: String,
+        /// The node, named as `name (address)`.
+        node: String,
+        /// What happened (`was rejected`, `failed`, `exited`).
+        state: String,
+        /// Docker's message (the task's error).
+        message: String,
+        /// What to do.
+        hint: String,
+    },
+
+    /// The swarm has fewer usable nodes than the slot needs replicas (one per node).
+    #[error(
+        "service `{service}` needs {replicas} replicas, one per node, but the swarm has {nodes} \
+         ready and active node(s); add nodes, make them active (`docker node update \
+         --availability active`), or lower replicas"
+    )]
+    TooFewNodes {
+        /// The service.
+        service: String,
+        /// Replicas wanted.
+        replicas: u32,
+        /// Nodes ready and active.
+        nodes: usize,
+    },
+
+    /// The service's tasks did not all run (and pass their health check) in time.
+    #[error(
+        "service `{service}`: {running} of {replicas} tasks running and healthy after {after:?} \
+         ({detail}); raise ready_timeout if the release starts slowly, or see `docker service ps \
+         {service} --no-trunc`"
+    )]
+    NotConverged {
+        /// The service.
+        service: String,
+        /// Tasks running.
+        running: usize,
+        /// Replicas wanted.
+        replicas: u32,
+        /// The bound.
+        after: std::time::Duration,
+        /// Each node's task state.
+        detail: String,
+    },
+
+    /// A deploy failed, and removing the service it created failed too.
+    #[error(
+        "{failure}; removing the service `{service}` this deploy created failed too: {cleanup}; \
+         remove it with `docker service rm {service}`"
+    )]
+    ServiceLeft {
+        /// The service left behind.
+        service: String,
+        /// Why the deploy failed.
+        failure: Box<DockerError>,
+        /// Why the removal failed.
+        cleanup: Box<DockerError>,
+    },
+
+    /// A service's tasks did not go away in time after it was removed or scaled down.
+    #[error("service `{service}`: {left} task(s) still {what} after {after:?}")]
+    TasksRemain {
+        /// The service.
+        service: String,
+        /// How many.
+        left: usize,
+        /// `running` or `present`.
+        what: &'static str,
+        /// The bound.
+        after: std::time::Duration,
+    },
+
     /// `exec` did not finish in time (the command may still run inside the container).
     #[error("`{program}` in slot {slot} did not finish within {after:?}")]
     ExecTimeout {
@@ -213,7 +302,13 @@ impl DockerError {
             | DockerError::NetworkUnusable { .. }
             | DockerError::ExitedAtStart { .. }
             | DockerError::NoPublishedPort { .. }
-            | DockerError::NotRunning { .. } => false,
+            | DockerError::NotRunning { .. }
+            | DockerError::NotSwarmManager { .. }
+            | DockerError::TaskFailed { .. }
+            | DockerError::TooFewNodes { .. }
+            | DockerError::NotConverged { .. } => false,
+            DockerError::TasksRemain { .. } => true,
+            DockerError::ServiceLeft { failure, .. } => failure.is_retryable(),
         }
     }
 

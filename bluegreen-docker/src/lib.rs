@@ -5,6 +5,7 @@ mod config;
 mod environment;
 mod error;
 mod fleet;
+mod swarm;
 
 pub use config::{
     ContainerHealth, DockerConfig, Healthcheck, HostPorts, Publish, PullPolicy, RestartPolicy,
@@ -17,6 +18,8 @@ pub use error::DockerError;
 pub use fleet::{
     DockerFleet, FleetError, FleetHost, FleetTls, HostFailure, HostStatus, DEFAULT_CONCURRENCY,
 };
+
+pub use swarm::{NodeTask, ServiceStatus, SwarmConfig, SwarmEnvironment};
 
 /// The bollard client this crate uses, re-exported so callers build clients of the same version.
 pub use bollard;

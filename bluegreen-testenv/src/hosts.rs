@@ -55,7 +55,7 @@ const ENGINE_STOP: Duration = Duration::from_secs(15);
 /// The TCP port a TLS engine listens on.
 pub const TLS_PORT: u16 = 2376;
 
-fn host_error(what: impl Into<String>) -> Error {
+pub(crate) fn host_error(what: impl Into<String>) -> Error {
     Error::backend("testenv", "test hosts", false, what.into())
 }
 
@@ -66,7 +66,7 @@ pub fn state_root() -> PathBuf {
 
 /// Runs a program (argv, never a shell) and returns its stdout; an error names the command and
 /// quotes its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())

@@ -17,6 +17,8 @@ pub mod hosts;
 pub mod nginx;
 #[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(feature = "docker")]
+pub mod swarm;
 
 pub use demo::{DemoBackends, SwitchSuiteBuilder};
 pub use gate::{in_ci, missing, require};

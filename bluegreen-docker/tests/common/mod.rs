@@ -158,3 +158,49 @@ pub async fn environment(
     .unwrap();
     (env, guard)
 }
+
+/// A Deployer of `env` switching through `proxy`: the file state store in `dir`, `/health`
+/// checks (500 ms each), the data path proved through the proxy by the version header.
+pub fn proxy_deployer(
+    env: std::sync::Arc<dyn bluegreen_core::Environment>,
+    proxy: &bluegreen_proxy::ProxySwitch,
+    dir: &std::path::Path,
+    policy: bluegreen_core::Policy,
+) -> bluegreen_core::Deployer {
+    use std::sync::Arc;
+    bluegreen_core::Deployer::builder()
+        .environment(env)
+        .switch(Arc::new(proxy.clone()))
+        .store(Arc::new(
+            bluegreen_core::FileStateStore::new(dir.join("state")).unwrap(),
+        ))
+        .verify_data_path(Arc::new(bluegreen_core::HttpVersionProbe::new(
+            proxy.url("/"),
+            bluegreen_core::VersionMarker::Header("x-bluegreen-version".into()),
+        )))
+        .health_check(Arc::new(
+            bluegreen_core::health::HttpCheck::new("/health")
+                .with_timeout(Duration::from_millis(500)),
+        ))
+        .policy(policy)
+        .build()
+        .unwrap()
+}
+
+/// Keep-alive clients through the proxy, 2 ms apart; counts answers and failures.
+pub fn proxy_load(proxy: &bluegreen_proxy::ProxySwitch) -> bluegreen_testenv::Load {
+    bluegreen_testenv::Load::start(
+        proxy.local_addr(),
+        bluegreen_testenv::LoadOptions::new(4).with_pause(Duration::from_millis(2)),
+    )
+}
+
+/// The version the proxy serves now (its `x-bluegreen-version` header).
+pub async fn served_version(proxy: &bluegreen_proxy::ProxySwitch) -> String {
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = c.get(proxy.url("/")).send().await.unwrap();
+    r.headers()["x-bluegreen-version"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
