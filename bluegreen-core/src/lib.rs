@@ -119,6 +119,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod hooks;
+pub mod ledger;
 pub mod policy;
 pub mod secrets;
 pub mod state;
@@ -131,11 +132,12 @@ pub mod types;
 
 pub use analysis::{
     Analysis, AnalysisContext, DataPathProbe, HttpVersionProbe, MetricsAnalysis, ProbeResult,
-    Verdict, VersionMarker,
+    StatisticalAnalysis, Verdict, VersionMarker,
 };
 pub use engine::{Deployer, DeployerBuilder, Plan, PlannedStep, Report, RunOutcome, StatusReport};
 pub use error::{BoxError, Error, LiveTraffic, Result};
 pub use events::DeployEvent;
+pub use ledger::{SwitchCounters, TrafficLedger};
 pub use policy::{
     CanaryStep, HookOptions, KeepOld, Observation, OnTimeout, Policy, Promotion, Resume,
     RetryConfig,
