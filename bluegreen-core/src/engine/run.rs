@@ -301,13 +301,13 @@ impl<'a> Run<'a> {
             Ok(c) => c,
             Err(Error::Unsupported { .. }) => {
                 return TrafficLedger::not_measured(format!(
-                    "the {} switch keeps no request counters",
+                    "the switch {} keeps no request counters",
                     sw.name()
                 ))
             }
             Err(e) => {
                 return TrafficLedger::not_measured(format!(
-                    "reading the {} switch's counters failed: {e}",
+                    "reading the counters of the switch {} failed: {e}",
                     sw.name()
                 ))
             }
@@ -315,7 +315,7 @@ impl<'a> Run<'a> {
         match &f.counters_at_start {
             Some(start) => TrafficLedger::between(start, f.counters_at_switch.as_ref(), &end),
             None => TrafficLedger::not_measured(format!(
-                "the {} switch's counters were not read when the deployment started",
+                "the counters of the switch {} were not read when the deployment started",
                 sw.name()
             )),
         }
