@@ -74,6 +74,8 @@ pub struct LoadStats {
     pub green: u64,
     /// Answers per `x-bluegreen-version` (`?` when absent).
     pub versions: BTreeMap<String, u64>,
+    /// Complete answers per status code (a request that got no complete answer is in none).
+    pub statuses: BTreeMap<u16, u64>,
     /// The first few failure reasons.
     pub errors: Vec<String>,
 }
@@ -146,11 +148,14 @@ fn lock(m: &Mutex<LoadStats>) -> std::sync::MutexGuard<'_, LoadStats> {
 
 enum Outcome {
     Ok {
+        status: u16,
         slot: Option<String>,
         version: Option<String>,
         keep: bool,
     },
     Failed(String),
+    /// A complete answer with a status other than 2xx.
+    Status(u16),
 }
 
 async fn client(
@@ -170,12 +175,14 @@ async fn client(
         };
         match outcome {
             Outcome::Ok {
+                status,
                 slot,
                 version,
                 keep,
             } => {
                 let mut s = lock(&stats);
                 s.ok += 1;
+                *s.statuses.entry(status).or_default() += 1;
                 match slot.as_deref() {
                     Some("blue") => s.blue += 1,
                     Some("green") => s.green += 1,
@@ -190,6 +197,13 @@ async fn client(
             }
             Outcome::Failed(why) => {
                 lock(&stats).fail(why);
+                conn = None;
+            }
+            Outcome::Status(status) => {
+                let mut s = lock(&stats);
+                *s.statuses.entry(status).or_default() += 1;
+                s.fail(format!("status {status}"));
+                drop(s);
                 conn = None;
             }
         }
@@ -264,11 +278,12 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
     }
     if (200..300).contains(&status) {
         Outcome::Ok {
+            status,
             slot,
             version,
             keep,
         }
     } else {
-        Outcome::Failed(format!("status {status}"))
+        Outcome::Status(status)
     }
 }
