@@ -121,6 +121,7 @@ pub mod health;
 pub mod hooks;
 pub mod ledger;
 pub mod policy;
+pub mod prometheus;
 pub mod secrets;
 pub mod state;
 pub mod store;
@@ -142,6 +143,7 @@ pub use policy::{
     CanaryStep, HookOptions, KeepOld, Observation, OnTimeout, Policy, Promotion, Resume,
     RetryConfig,
 };
+pub use prometheus::PrometheusAnalysis;
 pub use state::{
     DeploymentState, HistoryEntry, InFlight, Lease, LockInfo, LockOwner, Outcome, Phase, RunKind,
     SlotRecord, Timestamp, Waiting,

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod gate;
 pub mod load;
 pub mod port;
+pub mod prometheus;
 
 #[cfg(feature = "docker")]
 pub mod docker;
