@@ -147,6 +147,20 @@ pub struct SlotCounters {
 }
 
 impl SlotCounters {
+    /// `requests` answered; no failure cause, latency or close counted (all "not measured").
+    pub fn new(requests: u64) -> Self {
+        SlotCounters {
+            requests,
+            ..SlotCounters::default()
+        }
+    }
+
+    /// With a count of the application's 5xx.
+    pub fn with_app_5xx(mut self, n: u64) -> Self {
+        self.app_5xx = Some(n);
+        self
+    }
+
     /// A slot whose switch counts every failure cause (latency and graceful closes not counted).
     pub fn counted(
         requests: u64,
@@ -440,19 +454,34 @@ impl TrafficLedger {
             TrafficLedger::Measured(c) => c,
         };
         let requests = c.requests.blue + c.requests.green;
-        let mut line = format!(
-            "{requests} requests, {} dropped",
-            self.dropped().unwrap_or(0)
-        );
-        let causes: Vec<String> = [
+        let all = [
             ("refused", c.refused),
             ("timed out", c.timeouts),
             ("app 5xx", c.app_5xx),
             ("switch 5xx", c.switch_5xx),
-        ]
-        .iter()
-        .filter_map(|(name, n)| n.filter(|n| *n > 0).map(|n| format!("{n} {name}")))
-        .collect();
+        ];
+        let unmeasured: Vec<&str> = all
+            .iter()
+            .filter(|(_, n)| n.is_none())
+            .map(|(name, _)| *name)
+            .collect();
+        // With causes the switch does not count, the total is a lower bound and says so.
+        let at_least = if unmeasured.is_empty() {
+            ""
+        } else {
+            "at least "
+        };
+        let mut line = format!(
+            "{requests} requests, {at_least}{} dropped",
+            self.dropped().unwrap_or(0)
+        );
+        let mut causes: Vec<String> = all
+            .iter()
+            .filter_map(|(name, n)| n.filter(|n| *n > 0).map(|n| format!("{n} {name}")))
+            .collect();
+        if !unmeasured.is_empty() {
+            causes.push(format!("{} not measured", unmeasured.join(", ")));
+        }
         if !causes.is_empty() {
             line.push_str(&format!(" ({})", causes.join(", ")));
         }
@@ -518,7 +547,7 @@ impl fmt::Display for TrafficLedger {
             )?;
             writeln!(
                 f,
-                "failed:    {} refused, {} timed out, {} app 5xx, {} switch 5xx",
+                "failed:    refused {}, timed out {}, app 5xx {}, switch 5xx {}",
                 count(c.refused),
                 count(c.timeouts),
                 count(c.app_5xx),
@@ -616,6 +645,28 @@ mod tests {
         let l = TrafficLedger::between(&end, None, &start);
         assert!(matches!(l, TrafficLedger::NotMeasured { .. }), "{l:?}");
         assert_eq!(l.dropped(), None);
+    }
+
+    #[test]
+    fn causes_a_switch_does_not_count_make_the_total_a_lower_bound() {
+        // A switch that only counts the application's 5xx (HAProxy's server rows).
+        let slot = |requests, app_5xx| SlotCounters {
+            requests,
+            app_5xx: Some(app_5xx),
+            ..SlotCounters::default()
+        };
+        let start = SwitchCounters::new(slot(10, 0), slot(0, 0));
+        let end = SwitchCounters::new(slot(60, 2), slot(40, 1));
+        let l = TrafficLedger::between(&start, None, &end);
+        assert_eq!(l.dropped(), Some(3));
+        assert_eq!(
+            l.summary(),
+            "90 requests, at least 3 dropped (3 app 5xx, refused, timed out, switch 5xx not \
+             measured), latency not measured"
+        );
+        assert!(l.to_string().contains(
+            "failed:    refused not measured, timed out not measured, app 5xx 3, switch 5xx not measured"
+        ));
     }
 
     #[test]
