@@ -191,8 +191,8 @@ pub fn two_proportion_z(x1: u64, n1: u64, x2: u64, n2: u64) -> f64 {
 ///   two-proportion z-test ([`two_proportion_z`]): z above the threshold (default 2.326, a 1 %
 ///   false-alarm rate) **fails**.
 /// - p95 latency: the canary's p95 above `max_p95_ratio` × the stable's (default 1.5) and more
-///   than `latency_floor` (default 5 ms) above it **fails** (a floor, so microsecond jitter
-///   never fails a release).
+///   than `latency_floor` (default 25 ms) above it **fails** (a floor, so jitter and a new
+///   instance's cold connections never fail a release).
 /// - Otherwise **pass**.
 ///
 /// When the stable slot receives too little traffic during the step (at 100 % it gets none), it
@@ -218,13 +218,13 @@ impl Default for StatisticalAnalysis {
 }
 
 impl StatisticalAnalysis {
-    /// At least 100 requests per side, z > 2.326 fails, p95 ratio 1.5 above a 5 ms floor.
+    /// At least 100 requests per side, z > 2.326 fails, p95 ratio 1.5 above a 25 ms floor.
     pub fn new() -> Self {
         StatisticalAnalysis {
             min_samples: 100,
             z_threshold: 2.326,
             max_p95_ratio: 1.5,
-            latency_floor: Duration::from_millis(5),
+            latency_floor: Duration::from_millis(25),
         }
     }
 
@@ -512,7 +512,7 @@ mod tests {
         // 4 % slow requests: p95 still 10 ms.
         let fine = slot(100, 0).with_latency(lat(10, 40, 4));
         assert_eq!(a.judge(g, &fine, b, &stable), Verdict::Pass);
-        // 3 × but only 2 ms apart (1 ms vs 3 ms): under the 5 ms floor.
+        // 3 × but only 2 ms apart (1 ms vs 3 ms): under the 25 ms floor.
         let tiny = slot(100, 0).with_latency(lat(1, 3, 10));
         let tiny_stable = slot(100, 0).with_latency(lat(1, 1, 0));
         assert_eq!(a.judge(g, &tiny, b, &tiny_stable), Verdict::Pass);
