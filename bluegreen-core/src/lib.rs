@@ -16,8 +16,11 @@
 //! | [`HealthCheck`] | judges an endpoint | [`health::HttpCheck`], [`health::TcpCheck`], [`health::CommandCheck`], [`health::AllOf`], [`health::AnyOf`] |
 //! | [`StateStore`] | persists state and the deployment lock | [`FileStateStore`], `bluegreen-postgres` |
 //!
-//! plus [`Hook`]s at lifecycle points, [`Analysis`] after the switch (pass / fail / inconclusive)
-//! and a [`DataPathProbe`] proving the switch through the proxy's public address.
+//! plus [`Hook`]s at lifecycle points, [`Analysis`] after the switch (pass / fail / inconclusive:
+//! [`MetricsAnalysis`], the canary-against-stable [`StatisticalAnalysis`], a PromQL query with
+//! [`PrometheusAnalysis`]) and a [`DataPathProbe`] proving the switch through the proxy's public
+//! address. Every deployment's [`TrafficLedger`] says what its clients saw, from the switch's own
+//! counters ([`TrafficSwitch::counters`]), or that it was not measured.
 //!
 //! ## A deployment, phase by phase
 //!
