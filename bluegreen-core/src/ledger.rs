@@ -117,6 +117,15 @@ impl LatencyHistogram {
     }
 }
 
+/// `now - then` for a count a switch may not keep: `Some(None)` when it does not, `None` when it
+/// went down (a restart).
+fn sub(now: Option<u64>, then: Option<u64>) -> Option<Option<u64>> {
+    match (now, then) {
+        (Some(n), Some(t)) => n.checked_sub(t).map(Some),
+        (n, _) => Some(n),
+    }
+}
+
 /// One slot's counters in a [`SwitchCounters`] snapshot, cumulative since the switch started.
 ///
 /// The failure causes are disjoint: a request the client saw fail is counted under exactly one.
@@ -202,13 +211,6 @@ impl SlotCounters {
 
     /// What was counted after `earlier`; `None` when a counter went down (a restart).
     pub fn since(&self, earlier: &SlotCounters) -> Option<SlotCounters> {
-        let sub = |now: Option<u64>, then: Option<u64>| -> Option<Option<u64>> {
-            match (now, then) {
-                (Some(n), Some(t)) => n.checked_sub(t).map(Some),
-                (Some(n), None) => Some(Some(n)),
-                (None, _) => Some(None),
-            }
-        };
         Some(SlotCounters {
             requests: self.requests.checked_sub(earlier.requests)?,
             refused: sub(self.refused, earlier.refused)?,
@@ -264,12 +266,6 @@ impl SwitchCounters {
 
     /// What was counted after `earlier`; `None` when a counter went down (the switch restarted).
     pub fn since(&self, earlier: &SwitchCounters) -> Option<SwitchCounters> {
-        let sub = |now: Option<u64>, then: Option<u64>| -> Option<Option<u64>> {
-            match (now, then) {
-                (Some(n), Some(t)) => n.checked_sub(t).map(Some),
-                (n, _) => Some(n),
-            }
-        };
         Some(SwitchCounters {
             slots: PerSlot::new(
                 self.slots.blue.since(&earlier.slots.blue)?,

@@ -150,10 +150,7 @@ async fn a_failed_deploy_keeps_its_ledger_in_history() {
     d.deploy(release("v1")).await.unwrap();
     fakes.set_counters(counters((0, 0), (0, 0)));
     let mut events = d.subscribe();
-    let deploy = tokio::spawn({
-        let d = Arc::clone(&d);
-        async move { d.deploy(release("v2")).await }
-    });
+    let deploy = spawn_deploy(&d, "v2");
     started(&mut events, Phase::Observe).await;
     // Blue served 1000 with 10 errors before the switch; green 1000 with 30 after it.
     fakes.set_counters(counters((1000, 10), (1000, 30)));
@@ -166,6 +163,12 @@ async fn a_failed_deploy_keeps_its_ledger_in_history() {
     assert_eq!(c.requests, PerSlot::new(1000, 1000));
     assert_eq!(c.app_5xx, Some(40));
     assert_eq!(entry.ledger.dropped(), Some(40));
+}
+
+/// `d.deploy(version)` in a task, so the test can act while it runs.
+fn spawn_deploy(d: &Arc<Deployer>, version: &str) -> tokio::task::JoinHandle<Result<Report>> {
+    let (d, release) = (Arc::clone(d), release(version));
+    tokio::spawn(async move { d.deploy(release).await })
 }
 
 fn canary_deployer(fakes: &Fakes, steps: Vec<CanaryStep>) -> Arc<Deployer> {
@@ -189,10 +192,7 @@ async fn statistical_analysis_fails_a_canary_significantly_worse_than_stable() {
     d.deploy(release("v1")).await.unwrap();
     fakes.set_counters(counters((500, 0), (0, 0)));
     let mut events = d.subscribe();
-    let deploy = tokio::spawn({
-        let d = Arc::clone(&d);
-        async move { d.deploy(release("v2")).await }
-    });
+    let deploy = spawn_deploy(&d, "v2");
     started(&mut events, Phase::Observe).await;
     // During the step: blue 1000 requests with 10 errors (1 %), green 1000 with 30 (3 %):
     // z = 3.19 (computed by hand in the unit tests) > 2.326.
@@ -244,10 +244,7 @@ async fn statistical_analysis_passes_each_step_and_judges_100_percent_against_th
     d.deploy(release("v1")).await.unwrap();
     fakes.set_counters(counters((0, 0), (0, 0)));
     let mut events = d.subscribe();
-    let deploy = tokio::spawn({
-        let d = Arc::clone(&d);
-        async move { d.deploy(release("v2")).await }
-    });
+    let deploy = spawn_deploy(&d, "v2");
     // Step 1 (50 %): 12/1000 against 10/1000, z = 0.43: pass.
     started(&mut events, Phase::Observe).await;
     fakes.set_counters(counters((1000, 10), (1000, 12)));

@@ -17,28 +17,14 @@ use crate::port::{self, StartError};
 /// Bound on Prometheus becoming ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn find(names: &[&str], name: &str) -> Option<PathBuf> {
-    names
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|p| p.join(name))
-                    .find(|p| p.is_file())
-            })
-        })
-}
-
 /// The `prometheus` binary: Debian's `/usr/bin/prometheus` or the one on `PATH`.
 pub fn binary() -> Option<PathBuf> {
-    find(&["/usr/bin/prometheus"], "prometheus")
+    crate::find_binary(&["/usr/bin/prometheus"], "prometheus")
 }
 
 /// The `promtool` binary (shipped in the same Debian package).
 pub fn promtool() -> Option<PathBuf> {
-    find(&["/usr/bin/promtool"], "promtool")
+    crate::find_binary(&["/usr/bin/promtool"], "promtool")
 }
 
 /// `true` when Prometheus is installed; otherwise panics in CI, or prints `SKIPPED` and returns
