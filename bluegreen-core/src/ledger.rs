@@ -319,6 +319,9 @@ pub struct LatencyLedger {
     pub before: Option<Percentiles>,
     /// From the first switch to the end of the deployment.
     pub after: Option<Percentiles>,
+    /// Whether the deployment switched at all (if not, `before` covers all of it).
+    #[serde(default)]
+    pub switched: bool,
 }
 
 /// What the switch counted during one deployment. A `None` count is "not measured".
@@ -403,10 +406,12 @@ impl TrafficLedger {
                 Some(mid) => LatencyLedger {
                     before: window(start, mid),
                     after: window(mid, end),
+                    switched: true,
                 },
                 None => LatencyLedger {
                     before: window(start, end),
                     after: None,
+                    switched: false,
                 },
             }
         });
@@ -496,6 +501,7 @@ fn latency_delta(l: Option<&LatencyLedger>) -> String {
         return "latency not measured".into();
     };
     match (l.before, l.after) {
+        (Some(b), _) if !l.switched => format!("p99 {} (traffic never switched)", ms(b.p99)),
         (Some(b), Some(a)) => {
             let delta = a.p99.as_secs_f64() - b.p99.as_secs_f64();
             format!("p99 {}", signed_ms(delta))
@@ -560,6 +566,9 @@ impl fmt::Display for TrafficLedger {
                     .unwrap_or_else(|| "no requests".into())
             };
             match &c.latency {
+                Some(l) if !l.switched => {
+                    writeln!(f, "latency:   {} (traffic never switched)", p(l.before))?
+                }
                 Some(l) => writeln!(
                     f,
                     "latency:   before the switch {}; after {}",
@@ -637,6 +646,15 @@ mod tests {
         assert!(l
             .to_string()
             .contains("long-lived connections closed gracefully: not measured"));
+        // A deployment that failed before its switch: its latency is one window, said so.
+        let never = TrafficLedger::between(&start, None, &mid);
+        assert!(
+            never
+                .summary()
+                .ends_with("0 dropped, p99 1.0 ms (traffic never switched)"),
+            "{}",
+            never.summary()
+        );
         // A restart in between: nothing claimed.
         let l = TrafficLedger::between(&end, None, &start);
         assert!(matches!(l, TrafficLedger::NotMeasured { .. }), "{l:?}");
