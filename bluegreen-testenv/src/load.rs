@@ -68,14 +68,14 @@ pub struct LoadStats {
     pub ok: u64,
     /// Requests that failed (connection error, reset, timeout, non-2xx, truncated answer).
     pub failed: u64,
+    /// Complete answers per status code (a request without a complete answer is in none).
+    pub statuses: BTreeMap<u16, u64>,
     /// Answers carrying `x-bluegreen-slot: blue`.
     pub blue: u64,
     /// Answers carrying `x-bluegreen-slot: green`.
     pub green: u64,
     /// Answers per `x-bluegreen-version` (`?` when absent).
     pub versions: BTreeMap<String, u64>,
-    /// Complete answers per status code (a request that got no complete answer is in none).
-    pub statuses: BTreeMap<u16, u64>,
     /// The first few failure reasons.
     pub errors: Vec<String>,
 }
@@ -148,14 +148,11 @@ fn lock(m: &Mutex<LoadStats>) -> std::sync::MutexGuard<'_, LoadStats> {
 
 enum Outcome {
     Ok {
-        status: u16,
         slot: Option<String>,
         version: Option<String>,
         keep: bool,
     },
     Failed(String),
-    /// A complete answer with a status other than 2xx.
-    Status(u16),
 }
 
 async fn client(
@@ -168,21 +165,25 @@ async fn client(
 ) {
     let mut conn: Option<BufReader<TcpStream>> = None;
     while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
-        let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, &mut conn, &req)).await
-        {
-            Ok(o) => o,
-            Err(_) => Outcome::Failed("request timed out".into()),
-        };
+        let mut answered = 0u16;
+        let outcome =
+            match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, &mut conn, &req, &mut answered))
+                .await
+            {
+                Ok(o) => o,
+                Err(_) => Outcome::Failed("request timed out".into()),
+            };
+        if answered != 0 {
+            *lock(&stats).statuses.entry(answered).or_default() += 1;
+        }
         match outcome {
             Outcome::Ok {
-                status,
                 slot,
                 version,
                 keep,
             } => {
                 let mut s = lock(&stats);
                 s.ok += 1;
-                *s.statuses.entry(status).or_default() += 1;
                 match slot.as_deref() {
                     Some("blue") => s.blue += 1,
                     Some("green") => s.green += 1,
@@ -199,13 +200,6 @@ async fn client(
                 lock(&stats).fail(why);
                 conn = None;
             }
-            Outcome::Status(status) => {
-                let mut s = lock(&stats);
-                *s.statuses.entry(status).or_default() += 1;
-                s.fail(format!("status {status}"));
-                drop(s);
-                conn = None;
-            }
         }
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
@@ -213,7 +207,13 @@ async fn client(
     }
 }
 
-async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &str) -> Outcome {
+/// One request; `answered` is set to the status of a complete answer.
+async fn one(
+    addr: SocketAddr,
+    conn: &mut Option<BufReader<TcpStream>>,
+    req: &str,
+    answered: &mut u16,
+) -> Outcome {
     if conn.is_none() {
         match TcpStream::connect(addr).await {
             Ok(s) => {
@@ -276,14 +276,14 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
     if let Err(e) = c.read_exact(&mut body).await {
         return Outcome::Failed(format!("truncated body: {e}"));
     }
+    *answered = status;
     if (200..300).contains(&status) {
         Outcome::Ok {
-            status,
             slot,
             version,
             keep,
         }
     } else {
-        Outcome::Status(status)
+        Outcome::Failed(format!("status {status}"))
     }
 }
