@@ -273,3 +273,60 @@ async fn statistical_analysis_passes_each_step_and_judges_100_percent_against_th
     assert_eq!(c.requests, PerSlot::new(1000, 2000));
     assert_eq!(c.app_5xx, Some(34));
 }
+
+/// The fake switch, except that reading its counters fails (a proxy's admin API down, say).
+#[derive(Debug)]
+struct CountersFail(bluegreen_core::testkit::FakeSwitch);
+
+#[async_trait::async_trait]
+impl TrafficSwitch for CountersFail {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
+        self.0.apply(split, endpoints).await
+    }
+    async fn current(&self) -> Result<Option<TrafficSplit>> {
+        self.0.current().await
+    }
+    async fn in_flight(&self, slot: Slot) -> Result<u64> {
+        self.0.in_flight(slot).await
+    }
+    async fn counters(&self) -> Result<SwitchCounters> {
+        Err(Error::backend(
+            "fake-switch",
+            "counters",
+            true,
+            "admin API unreachable",
+        ))
+    }
+}
+
+#[tokio::test]
+async fn counters_that_cannot_be_read_never_fail_a_deploy_and_are_not_measured() {
+    let fakes = Fakes::new();
+    let d = fakes
+        .deployer_builder()
+        .switch(Arc::new(CountersFail(fakes.switch())))
+        .policy(policy())
+        .build()
+        .unwrap();
+    d.deploy(release("v1")).await.unwrap();
+    let report = d.deploy(release("v2")).await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Live);
+    assert_eq!(fakes.live(), Some(Slot::Green));
+    match &report.ledger {
+        TrafficLedger::NotMeasured { reason } => {
+            assert!(
+                reason.contains("reading the counters of the switch fake-switch failed")
+                    && reason.contains("admin API unreachable"),
+                "{reason}"
+            );
+        }
+        l => panic!("expected not measured, got {l:?}"),
+    }
+    assert_eq!(report.ledger.dropped(), None);
+}
