@@ -1,6 +1,11 @@
 //! Canary: traffic moves 10 % → 50 % → 100 % with an automatic analysis at each step, and a bad
 //! release is rolled back at its first step, having seen only a tenth of the traffic.
 //!
+//! Each step prints the statistical verdict (the canary against the stable slot, from the
+//! switch's own counters: a two-proportion z-test on error rates and a p95 latency ratio) and the
+//! deployment's traffic ledger so far, ending in one line such as `812 requests, 0 dropped,
+//! p99 +0.2 ms`.
+//!
 //! ```text
 //! cargo run --example canary --features haproxy   # through a real HAProxy (set weight, show stat)
 //! cargo run --example canary                       # through the embedded proxy, runs anywhere
@@ -19,8 +24,8 @@ use bluegreen::health::HttpCheck;
 use bluegreen::process::{ProcessConfig, ProcessEnvironment};
 use bluegreen::proxy::{ProxyConfig, ProxySwitch};
 use bluegreen::{
-    CanaryStep, DeployEvent, Deployer, FileStateStore, LiveTraffic, MetricsAnalysis, Phase, Policy,
-    Slot, TrafficSwitch,
+    CanaryStep, DeployEvent, Deployer, FileStateStore, LiveTraffic, MetricsAnalysis, Policy, Slot,
+    StatisticalAnalysis, TrafficSwitch,
 };
 
 mod common;
@@ -87,13 +92,18 @@ async fn canary() -> Result<(), Box<dyn std::error::Error>> {
         .switch(switch)
         .store(Arc::new(FileStateStore::new(dir.join("state"))?))
         .health_check(Arc::new(HttpCheck::new("/health")))
-        // At most 2 % of the canary's requests may fail; judge only with 10 requests or more.
+        // The canary against the stable slot: significantly more errors (z > 2.326) or a p95
+        // above 1.5 × the stable's fails; fewer than 30 requests a side is inconclusive.
+        .analysis(Arc::new(StatisticalAnalysis::new().with_min_samples(30)))
+        // And an absolute bound: at most 2 % of the canary's requests may fail.
         .analysis(Arc::new(MetricsAnalysis::new(0.02).with_min_requests(10)))
         .policy(policy)
         .build()?;
 
     let mut events = deployer.subscribe();
     let printer = tokio::spawn(async move {
+        // The latest verdict of each analysis this round (statistical first, then metrics).
+        let mut verdicts: Vec<String> = Vec::new();
         while let Ok(ev) = events.recv().await {
             match ev {
                 DeployEvent::Started {
@@ -107,14 +117,28 @@ async fn canary() -> Result<(), Box<dyn std::error::Error>> {
                 DeployEvent::Switched { split, .. } => println!("   ⇄ {split}"),
                 DeployEvent::Analysis {
                     verdict, detail, ..
-                } if verdict == "fail" => {
-                    println!("   ✗ analysis: {detail}")
+                } => {
+                    if verdict == "fail" {
+                        println!("   ✗ analysis: {detail}")
+                    }
+                    if verdicts.len() == 2 {
+                        verdicts.clear();
+                    }
+                    verdicts.push(if detail.is_empty() {
+                        verdict
+                    } else {
+                        format!("{verdict} ({detail})")
+                    });
                 }
-                DeployEvent::PhaseCompleted {
-                    phase: Phase::Observe,
-                    elapsed,
-                    ..
-                } => println!("   ✓ analysis passed over {:.1}s", elapsed.as_secs_f64()),
+                // After each step's observation, and once more when the run finishes.
+                DeployEvent::Traffic { step, ledger, .. } => match verdicts.first() {
+                    Some(v) => {
+                        println!("   step {}: statistical verdict: {v}", step + 1);
+                        println!("   step {}: traffic: {}", step + 1, ledger.summary());
+                        verdicts.clear();
+                    }
+                    None => println!("   done: traffic: {}", ledger.summary()),
+                },
                 DeployEvent::RollingBack { .. } => println!("   ↩ rolling back"),
                 _ => {}
             }
@@ -138,6 +162,10 @@ async fn canary() -> Result<(), Box<dyn std::error::Error>> {
         println!("   {err}");
         if err.live_traffic() != Some(LiveTraffic::RolledBack) {
             return Err("v3 was not switched back".into());
+        }
+        // A failed deployment keeps its ledger in history: what clients saw, rollback included.
+        if let Some(h) = deployer.history().await?.last() {
+            println!("   traffic of #{}: {}", h.id, h.ledger.summary());
         }
         let (counts, failed) = load.finish().await;
         let total: u64 = counts.values().sum::<u64>() + failed;

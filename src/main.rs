@@ -248,9 +248,14 @@ fn report_result(mode: Mode, r: &Report) -> ExitCode {
             "slot": r.target.as_str(),
             "waiting": waiting,
             "elapsed_ms": r.elapsed.as_millis() as u64,
+            "ledger": r.ledger,
+            "traffic": r.ledger.summary(),
             "exit_code": code,
         }));
     } else {
+        if r.outcome != RunOutcome::AlreadyLive {
+            println!("traffic: {}", r.ledger.summary());
+        }
         match &r.outcome {
             RunOutcome::Live => println!(
                 "#{} {} {} is live on {} ({:.1}s)",
@@ -487,6 +492,10 @@ async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
             })),
             "lock": st.lock,
             "drift": st.drift,
+            "last_deployment": st.state.history.back().map(|h| serde_json::json!({
+                "id": h.id, "version": h.version.as_str(), "outcome": h.outcome,
+                "ledger": h.ledger, "traffic": h.ledger.summary(),
+            })),
             "exit_code": code,
         }));
         return Ok(ExitCode::from(code));
@@ -539,6 +548,18 @@ async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
     }
     for d in &st.drift {
         println!("drift:   {d}");
+    }
+    // What clients saw during the last deployment, ending in its one-line summary.
+    if let Some(h) = st.state.history.back() {
+        println!(
+            "last deployment: #{} {} {}",
+            h.id,
+            h.kind.as_str(),
+            h.version
+        );
+        for line in h.ledger.to_string().lines() {
+            println!("  {line}");
+        }
     }
     Ok(ExitCode::from(code))
 }
@@ -641,7 +662,15 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
         Command::History => {
             let h = d.history().await?;
             if mode == Mode::Json {
-                emit_json(serde_json::json!({"result": "ok", "history": h}));
+                let entries: Vec<serde_json::Value> = h
+                    .iter()
+                    .map(|e| {
+                        let mut v = serde_json::to_value(e).unwrap_or_default();
+                        v["traffic"] = serde_json::Value::String(e.ledger.summary());
+                        v
+                    })
+                    .collect();
+                emit_json(serde_json::json!({"result": "ok", "history": entries}));
             } else if h.is_empty() {
                 println!("no deployments yet");
             } else {
@@ -655,6 +684,7 @@ async fn run(cli: Cli, mode: Mode) -> bluegreen::Result<ExitCode> {
                         e.finished_at,
                         e.outcome
                     );
+                    println!("      traffic: {}", e.ledger.summary());
                 }
             }
             ExitCode::SUCCESS

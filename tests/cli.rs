@@ -30,6 +30,11 @@ fn every_command_end_to_end_with_json_output() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("deploy v2 is live on green"), "{text}");
+    // The run's traffic ledger, read from the served proxy's counters.
+    assert!(
+        text.contains("\ntraffic: ") && text.contains(" 0 dropped"),
+        "{text}"
+    );
     assert_eq!(p.get().as_deref(), Some("v2"));
 
     let (code, st, _) = p.json(&["status"]);
@@ -43,6 +48,28 @@ fn every_command_end_to_end_with_json_output() {
     let h = h["history"].as_array().unwrap();
     assert_eq!(h.len(), 2);
     assert_eq!(h[1]["version"], "v2");
+    // Each entry's traffic ledger: measured by the proxy, nothing dropped, one summary line.
+    let ledger = &h[1]["ledger"];
+    assert_eq!(ledger["measured"], "measured", "{ledger}");
+    for cause in ["refused", "timeouts", "app_5xx", "switch_5xx"] {
+        assert_eq!(ledger[cause], 0, "{cause}: {ledger}");
+    }
+    assert!(
+        ledger["graceful_closes"].is_null(),
+        "not measured: {ledger}"
+    );
+    let traffic = h[1]["traffic"].as_str().unwrap();
+    assert!(traffic.contains(" requests, 0 dropped, "), "{traffic}");
+    assert_eq!(st["last_deployment"]["traffic"], traffic, "{st}");
+    let out = p.run(&["history"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("traffic: {traffic}")), "{text}");
+    let out = p.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.trim_end().ends_with(traffic),
+        "status ends with the summary:\n{text}"
+    );
 
     let (code, plan, _) = p.json(&["plan", "v3"]);
     assert_eq!(code, 0);

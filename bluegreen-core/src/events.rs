@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::ledger::TrafficLedger;
 use crate::state::{Outcome, Phase, RunKind};
 use crate::types::{Slot, TrafficSplit, Version};
 
@@ -15,6 +16,16 @@ use crate::types::{Slot, TrafficSplit, Version};
 #[serde(rename_all = "snake_case", tag = "event")]
 #[non_exhaustive]
 pub enum DeployEvent {
+    /// What the switch counted so far: at the end of each canary step's observation and when
+    /// the run finishes.
+    Traffic {
+        /// Deployment id.
+        id: u64,
+        /// Canary step (0-based).
+        step: usize,
+        /// The deployment's traffic ledger until now.
+        ledger: TrafficLedger,
+    },
     /// A run began.
     Started {
         /// Deployment id.

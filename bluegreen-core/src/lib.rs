@@ -16,8 +16,11 @@
 //! | [`HealthCheck`] | judges an endpoint | [`health::HttpCheck`], [`health::TcpCheck`], [`health::CommandCheck`], [`health::AllOf`], [`health::AnyOf`] |
 //! | [`StateStore`] | persists state and the deployment lock | [`FileStateStore`], `bluegreen-postgres` |
 //!
-//! plus [`Hook`]s at lifecycle points, [`Analysis`] after the switch (pass / fail / inconclusive)
-//! and a [`DataPathProbe`] proving the switch through the proxy's public address.
+//! plus [`Hook`]s at lifecycle points, [`Analysis`] after the switch (pass / fail / inconclusive:
+//! [`MetricsAnalysis`], the canary-against-stable [`StatisticalAnalysis`], a PromQL query with
+//! [`PrometheusAnalysis`]) and a [`DataPathProbe`] proving the switch through the proxy's public
+//! address. Every deployment's [`TrafficLedger`] says what its clients saw, from the switch's own
+//! counters ([`TrafficSwitch::counters`]), or that it was not measured.
 //!
 //! ## A deployment, phase by phase
 //!
@@ -119,7 +122,9 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod hooks;
+pub mod ledger;
 pub mod policy;
+pub mod prometheus;
 pub mod secrets;
 pub mod state;
 pub mod store;
@@ -131,15 +136,17 @@ pub mod types;
 
 pub use analysis::{
     Analysis, AnalysisContext, DataPathProbe, HttpVersionProbe, MetricsAnalysis, ProbeResult,
-    Verdict, VersionMarker,
+    StatisticalAnalysis, Verdict, VersionMarker,
 };
 pub use engine::{Deployer, DeployerBuilder, Plan, PlannedStep, Report, RunOutcome, StatusReport};
 pub use error::{BoxError, Error, LiveTraffic, Result};
 pub use events::DeployEvent;
+pub use ledger::{SwitchCounters, TrafficLedger};
 pub use policy::{
     CanaryStep, HookOptions, KeepOld, Observation, OnTimeout, Policy, Promotion, Resume,
     RetryConfig,
 };
+pub use prometheus::PrometheusAnalysis;
 pub use state::{
     DeploymentState, HistoryEntry, InFlight, Lease, LockInfo, LockOwner, Outcome, Phase, RunKind,
     SlotRecord, Timestamp, Waiting,

@@ -1,5 +1,6 @@
 //! Persisted deployment state, its phases, history, and the lock's lease.
 
+use crate::ledger::{SwitchCounters, TrafficLedger};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -254,6 +255,14 @@ pub struct InFlight {
     /// (also after a crash) resumes the switch while it is set.
     #[serde(default)]
     pub paused: bool,
+    /// The switch's counters when the deployment started, for its traffic ledger (`None` when
+    /// the switch keeps none or they could not be read).
+    #[serde(default)]
+    pub counters_at_start: Option<SwitchCounters>,
+    /// The switch's counters just before the first switch: the ledger's latency "before" ends
+    /// and "after" begins there.
+    #[serde(default)]
+    pub counters_at_switch: Option<SwitchCounters>,
     /// When it started.
     pub started_at: Timestamp,
 }
@@ -312,6 +321,10 @@ pub struct HistoryEntry {
     pub started_at: Timestamp,
     /// End.
     pub finished_at: Timestamp,
+    /// What the switch counted during the deployment (entries written before ledgers existed
+    /// read as not measured).
+    #[serde(default)]
+    pub ledger: TrafficLedger,
 }
 
 /// Everything the engine persists.
@@ -571,6 +584,42 @@ mod tests {
     }
 
     #[test]
+    fn a_state_written_before_traffic_ledgers_loads_as_not_measured() {
+        let mut s = DeploymentState::default();
+        s.record(HistoryEntry {
+            id: 1,
+            kind: RunKind::Deploy,
+            version: Version::new("v1").unwrap(),
+            slot: Slot::Blue,
+            outcome: Outcome::Succeeded,
+            started_at: Timestamp(1),
+            finished_at: Timestamp(2),
+            ledger: TrafficLedger::default(),
+        });
+        // The file an older bluegreen wrote: no `ledger` in history, no counters in the flight.
+        let mut json: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        json["history"][0].as_object_mut().unwrap().remove("ledger");
+        assert!(json["history"][0].get("ledger").is_none());
+        let old = serde_json::to_vec(&json).unwrap();
+        let loaded = DeploymentState::from_json("old.json", &old).unwrap();
+        assert_eq!(loaded.history[0].id, 1);
+        assert_eq!(
+            loaded.history[0].ledger,
+            TrafficLedger::not_measured("recorded before traffic ledgers existed")
+        );
+        assert_eq!(loaded.history[0].ledger.dropped(), None);
+        // A flight saved by an older version (fields up to `paused`) loads without counters.
+        let flight = r#"{"id":3,"kind":"deploy","release":{"version":"v3","artifact":"a"},
+            "target":"green","previous":"blue","previous_split":null,"phase":"switch","step":0,
+            "switched":false,"reuse_target":false,"endpoints":[],"binding":{},
+            "irreversible":null,"waiting":null,"failing":null,"started_at":5}"#;
+        match serde_json::from_str::<InFlight>(flight) {
+            Ok(f) => assert!(f.counters_at_start.is_none() && f.counters_at_switch.is_none()),
+            Err(e) => panic!("an old flight must load: {e}"),
+        }
+    }
+
+    #[test]
     fn history_is_bounded() {
         let mut s = DeploymentState::default();
         for id in 0..(HISTORY_LIMIT as u64 + 10) {
@@ -582,6 +631,7 @@ mod tests {
                 outcome: Outcome::Succeeded,
                 started_at: Timestamp(0),
                 finished_at: Timestamp(0),
+                ledger: TrafficLedger::default(),
             });
         }
         assert_eq!(s.history.len(), HISTORY_LIMIT);

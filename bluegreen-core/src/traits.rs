@@ -311,6 +311,17 @@ pub trait TrafficSwitch: Send + Sync + Debug {
         Err(Error::unsupported("metrics", self.name()))
     }
 
+    /// The switch's own counters (requests per slot, failures by cause, latency), cumulative
+    /// since it started: what the engine's [`TrafficLedger`](crate::TrafficLedger) is made of.
+    /// A count the switch does not keep is `None`, never `0`.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the switch keeps no counters (the ledger then says "not
+    /// measured").
+    async fn counters(&self) -> Result<crate::ledger::SwitchCounters> {
+        Err(Error::unsupported("counters", self.name()))
+    }
+
     /// Holds new requests (bounded) until `resume`.
     async fn pause(&self) -> Result<()> {
         Err(Error::unsupported("pause", self.name()))

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bluegreen_core::{
-    Capabilities, Endpoint, Endpoints, Error, Name, PerSlot, Result, Slot, SlotMetrics,
-    TrafficSplit, TrafficSwitch, TrafficSwitchExt,
+    ledger::SlotCounters, Capabilities, Endpoint, Endpoints, Error, Name, PerSlot, Result, Slot,
+    SlotMetrics, SwitchCounters, TrafficSplit, TrafficSwitch, TrafficSwitchExt,
 };
 use tokio::sync::Mutex;
 
@@ -792,6 +792,33 @@ impl TrafficSwitch for HaproxySwitch {
             .await
             .map_err(|e| e.into_core("metrics"))?;
         Ok(metrics_of(&rows))
+    }
+
+    /// The traffic ledger's counters from the servers' rows of `show stat`: responses per slot
+    /// (`hrsp_*`) and the application's 5xx (`hrsp_5xx`). HAProxy's retries and redispatch hide
+    /// which connection errors reached a client, it keeps no latency histogram, and the errors
+    /// it writes itself are not on the server rows: refused, timeouts, the switch's own 5xx,
+    /// buffered requests and latency are `None` ("not measured"), never 0.
+    async fn counters(&self) -> Result<SwitchCounters> {
+        let rows = self
+            .inner
+            .client
+            .server_stats(&self.inner.backend)
+            .await
+            .map_err(|e| e.into_core("counters"))?;
+        let slot = |slot: Slot| -> Result<SlotCounters> {
+            let name = self.server(slot).as_str();
+            let row = rows.iter().find(|r| r.server() == name).ok_or_else(|| {
+                HaproxyError::NoSuchServer {
+                    backend: self.inner.backend.to_string(),
+                    server: name.to_string(),
+                }
+                .into_core("counters")
+            })?;
+            let m = metrics_of(row);
+            Ok(SlotCounters::new(m.requests).with_app_5xx(m.errors_5xx))
+        };
+        Ok(SwitchCounters::new(slot(Slot::Blue)?, slot(Slot::Green)?))
     }
 }
 

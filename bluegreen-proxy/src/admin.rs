@@ -11,6 +11,8 @@
 //! | `PUT /v1/preview` | `{"slot": slot or null, "endpoints": {...}}` |
 //! | `GET /v1/slots/{slot}/in-flight` | `{"in_flight": n}` |
 //! | `GET /v1/slots/{slot}/metrics` | `SlotMetrics` |
+//! | `GET /v1/counters` | `SwitchCounters` (the traffic ledger's snapshot) |
+//! | `GET /metrics` | the counters in the Prometheus text format (scrape with a bearer token) |
 //! | `POST /v1/pause`, `POST /v1/resume` | — |
 //! | `/v1/environment/{slot}/…` | the served [`Environment`], see [`RemoteEnvironment`](crate::RemoteEnvironment) |
 //!
@@ -25,8 +27,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bluegreen_core::{
-    Capabilities, Endpoints, Environment, Error, Result, Secret, Slot, SlotMetrics, TrafficSplit,
-    TrafficSwitch, TrafficSwitchExt,
+    Capabilities, Endpoints, Environment, Error, Result, Secret, Slot, SlotMetrics, SwitchCounters,
+    TrafficSplit, TrafficSwitch, TrafficSwitchExt,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -350,6 +352,15 @@ async fn handle(
                 _ => error(StatusCode::NOT_FOUND, "not_found", "no such resource"),
             }
         }
+        (Method::GET, ["v1", "counters"]) => match switch.counters().await {
+            Ok(c) => json(StatusCode::OK, &c),
+            Err(e) => from_error(e),
+        },
+        (Method::GET, ["metrics"]) => Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(switch.prometheus_metrics())))
+            .expect("valid response"),
         (Method::POST, ["v1", "pause"]) => match switch.pause().await {
             Ok(()) => no_content(),
             Err(e) => from_error(e),
@@ -551,6 +562,14 @@ impl TrafficSwitch for RemoteProxySwitch {
         .json()
         .await
         .map_err(|e| ProxyError::Answer(e).into_core("metrics"))
+    }
+
+    async fn counters(&self) -> Result<SwitchCounters> {
+        self.call(reqwest::Method::GET, "/v1/counters", None, "counters")
+            .await?
+            .json()
+            .await
+            .map_err(|e| ProxyError::Answer(e).into_core("counters"))
     }
 
     async fn pause(&self) -> Result<()> {

@@ -1,10 +1,12 @@
-//! Lock-free per-slot counters: in-flight requests, answered requests, errors and a latency
-//! histogram.
+//! Lock-free per-slot counters: in-flight requests, answered requests, failures by cause and a
+//! latency histogram; their snapshot for the traffic ledger ([`Stats::counters`]) and their
+//! Prometheus text exposition ([`Stats::prometheus`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bluegreen_core::ledger::{LatencyHistogram, SlotCounters, SwitchCounters};
 use bluegreen_core::{Slot, SlotMetrics};
 use tokio::sync::Notify;
 
@@ -18,13 +20,64 @@ const BUCKETS: usize = (SUB + (MAX_BITS as u64 - SUB_BITS as u64 + 1) * SUB) as 
 /// A histogram of latencies in microseconds with fixed logarithmic buckets of atomics.
 pub(crate) struct Histogram {
     buckets: Box<[AtomicU64]>,
+    /// The sum of every recorded latency, in microseconds (Prometheus's `_sum`).
+    sum_micros: AtomicU64,
 }
 
 impl Histogram {
     pub(crate) fn new() -> Self {
         Histogram {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
         }
+    }
+
+    /// The first latency (µs) above bucket `i`: its exclusive upper bound.
+    fn upper(i: usize) -> u64 {
+        let i = i as u64;
+        if i < SUB {
+            return i + 1;
+        }
+        let shift = (i - SUB) / SUB;
+        let sub = (i - SUB) % SUB;
+        ((SUB + sub) << shift) + (1u64 << shift)
+    }
+
+    /// The non-empty buckets as (representative µs, count), for the ledger.
+    pub(crate) fn snapshot(&self) -> LatencyHistogram {
+        LatencyHistogram::from_buckets(
+            self.buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (Self::value(i), b.load(Ordering::Relaxed))),
+        )
+    }
+
+    /// Cumulative counts of latencies below each of `bounds` (µs, ascending), the total count and
+    /// the sum in µs. A bucket counts under a bound when all of it lies below: near a bound the
+    /// count is low by at most one bucket's width (12.5 %).
+    fn cumulative(&self, bounds: &[u64]) -> (Vec<u64>, u64, u64) {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let le = bounds
+            .iter()
+            .map(|bound| {
+                counts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| Self::upper(*i) <= *bound)
+                    .map(|(_, c)| c)
+                    .sum()
+            })
+            .collect();
+        (
+            le,
+            counts.iter().sum(),
+            self.sum_micros.load(Ordering::Relaxed),
+        )
     }
 
     fn index(micros: u64) -> usize {
@@ -53,6 +106,7 @@ impl Histogram {
     pub(crate) fn record(&self, d: Duration) {
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.buckets[Self::index(micros)].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// The `q` quantile (0.0 ..= 1.0); zero when nothing was recorded.
@@ -78,12 +132,28 @@ impl Histogram {
     }
 }
 
+/// Why the proxy answered a routed request with an error of its own. The causes are disjoint
+/// (with the application's own 5xx, counted apart): each failed request counts under one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// No endpoint of the slot accepted a connection (502).
+    Refused,
+    /// The slot did not answer within the response-header timeout (504).
+    Timeout,
+    /// Any other error the proxy wrote (e.g. 502: the upstream broke off mid-request).
+    Switch,
+}
+
 /// Counters of one slot.
 pub(crate) struct SlotStats {
     in_flight: AtomicU64,
     requests: AtomicU64,
     errors_5xx: AtomicU64,
     connect_errors: AtomicU64,
+    refused: AtomicU64,
+    timeouts: AtomicU64,
+    app_5xx: AtomicU64,
+    switch_5xx: AtomicU64,
     latency: Histogram,
     drained: Notify,
 }
@@ -95,9 +165,25 @@ impl SlotStats {
             requests: AtomicU64::new(0),
             errors_5xx: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            app_5xx: AtomicU64::new(0),
+            switch_5xx: AtomicU64::new(0),
             latency: Histogram::new(),
             drained: Notify::new(),
         }
+    }
+
+    fn counters(&self) -> SlotCounters {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SlotCounters::counted(
+            n(&self.requests),
+            n(&self.refused),
+            n(&self.timeouts),
+            n(&self.app_5xx),
+            n(&self.switch_5xx),
+        )
+        .with_latency(self.latency.snapshot())
     }
 }
 
@@ -105,14 +191,110 @@ impl SlotStats {
 pub(crate) struct Stats {
     blue: SlotStats,
     green: SlotStats,
+    /// 5xx answers written before a slot was chosen (no split, pause overflow or timeout).
+    unrouted_5xx: AtomicU64,
 }
+
+/// Latency bounds of the Prometheus histogram, in µs (1 ms to 10 s).
+const PROMETHEUS_BOUNDS: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
 
 impl Stats {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Stats {
             blue: SlotStats::new(),
             green: SlotStats::new(),
+            unrouted_5xx: AtomicU64::new(0),
         })
+    }
+
+    /// Counts a 5xx the proxy wrote before choosing a slot.
+    pub(crate) fn unrouted_5xx(&self) {
+        self.unrouted_5xx.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The snapshot the traffic ledger is made of; `buffered` is the pause gate's count.
+    pub(crate) fn counters(&self, buffered: u64) -> SwitchCounters {
+        SwitchCounters::new(self.blue.counters(), self.green.counters())
+            .with_unrouted_5xx(self.unrouted_5xx.load(Ordering::Relaxed))
+            .with_buffered(buffered)
+    }
+
+    /// The counters in the Prometheus text exposition format (version 0.0.4).
+    pub(crate) fn prometheus(&self, buffered: u64) -> String {
+        let mut out = String::new();
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let slots = [(Slot::Blue, &self.blue), (Slot::Green, &self.green)];
+        let mut w = |line: String| {
+            out.push_str(&line);
+            out.push('\n');
+        };
+        w("# HELP bluegreen_proxy_requests_total Requests routed to a slot and answered (any status).".into());
+        w("# TYPE bluegreen_proxy_requests_total counter".into());
+        for (slot, s) in slots {
+            w(format!(
+                "bluegreen_proxy_requests_total{{slot=\"{slot}\"}} {}",
+                n(&s.requests)
+            ));
+        }
+        w("# HELP bluegreen_proxy_failed_requests_total Requests that failed, by cause: refused, timeout, app_5xx (from the application), switch_5xx (written by the proxy).".into());
+        w("# TYPE bluegreen_proxy_failed_requests_total counter".into());
+        for (slot, s) in slots {
+            for (cause, v) in [
+                ("refused", &s.refused),
+                ("timeout", &s.timeouts),
+                ("app_5xx", &s.app_5xx),
+                ("switch_5xx", &s.switch_5xx),
+            ] {
+                w(format!(
+                    "bluegreen_proxy_failed_requests_total{{slot=\"{slot}\",cause=\"{cause}\"}} {}",
+                    n(v)
+                ));
+            }
+        }
+        w("# HELP bluegreen_proxy_unrouted_errors_total 5xx answers written before a slot was chosen (no split applied, pause overflow or timeout).".into());
+        w("# TYPE bluegreen_proxy_unrouted_errors_total counter".into());
+        w(format!(
+            "bluegreen_proxy_unrouted_errors_total {}",
+            n(&self.unrouted_5xx)
+        ));
+        w("# HELP bluegreen_proxy_buffered_requests_total Requests held by a pause and then let through.".into());
+        w("# TYPE bluegreen_proxy_buffered_requests_total counter".into());
+        w(format!(
+            "bluegreen_proxy_buffered_requests_total {buffered}"
+        ));
+        w("# HELP bluegreen_proxy_in_flight Requests in flight to a slot.".into());
+        w("# TYPE bluegreen_proxy_in_flight gauge".into());
+        for (slot, s) in slots {
+            w(format!(
+                "bluegreen_proxy_in_flight{{slot=\"{slot}\"}} {}",
+                n(&s.in_flight)
+            ));
+        }
+        w("# HELP bluegreen_proxy_request_duration_seconds Time to response headers of answered requests.".into());
+        w("# TYPE bluegreen_proxy_request_duration_seconds histogram".into());
+        for (slot, s) in slots {
+            let (le, count, sum) = s.latency.cumulative(&PROMETHEUS_BOUNDS);
+            for (bound, c) in PROMETHEUS_BOUNDS.iter().zip(le) {
+                w(format!(
+                    "bluegreen_proxy_request_duration_seconds_bucket{{slot=\"{slot}\",le=\"{}\"}} {c}",
+                    *bound as f64 / 1e6
+                ));
+            }
+            w(format!(
+                "bluegreen_proxy_request_duration_seconds_bucket{{slot=\"{slot}\",le=\"+Inf\"}} {count}"
+            ));
+            w(format!(
+                "bluegreen_proxy_request_duration_seconds_sum{{slot=\"{slot}\"}} {}",
+                sum as f64 / 1e6
+            ));
+            w(format!(
+                "bluegreen_proxy_request_duration_seconds_count{{slot=\"{slot}\"}} {count}"
+            ));
+        }
+        out
     }
 
     pub(crate) fn slot(&self, slot: Slot) -> &SlotStats {
@@ -194,6 +376,25 @@ impl InFlight {
             s.errors_5xx.fetch_add(1, Ordering::Relaxed);
         }
         s.latency.record(self.started.elapsed());
+    }
+
+    /// Counts the application's own 5xx (after [`answered`](Self::answered)).
+    pub(crate) fn app_error(&self) {
+        self.stats
+            .slot(self.slot)
+            .app_5xx
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an error the proxy answered with itself (after [`answered`](Self::answered)).
+    pub(crate) fn failed(&self, why: Failure) {
+        let s = self.stats.slot(self.slot);
+        let counter = match why {
+            Failure::Refused => &s.refused,
+            Failure::Timeout => &s.timeouts,
+            Failure::Switch => &s.switch_5xx,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

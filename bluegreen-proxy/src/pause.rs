@@ -1,6 +1,6 @@
 //! Holding new requests during a cutover.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -22,6 +22,8 @@ pub(crate) enum Refused {
 pub(crate) struct PauseGate {
     paused: AtomicBool,
     waiting: AtomicUsize,
+    /// Requests that were held and then let through (the traffic ledger's "buffered").
+    released: AtomicU64,
     tx: watch::Sender<bool>,
 }
 
@@ -30,6 +32,7 @@ impl PauseGate {
         PauseGate {
             paused: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
+            released: AtomicU64::new(0),
             tx: watch::Sender::new(false),
         }
     }
@@ -53,6 +56,11 @@ impl PauseGate {
         self.waiting.load(Ordering::SeqCst)
     }
 
+    /// Requests held by a pause and then let through, since the proxy started.
+    pub(crate) fn released(&self) -> u64 {
+        self.released.load(Ordering::Relaxed)
+    }
+
     /// Returns once the proxy is not paused, or why the request must be refused.
     pub(crate) async fn pass(&self, max_waiting: usize, max_wait: Duration) -> Result<(), Refused> {
         if !self.paused.load(Ordering::SeqCst) {
@@ -65,6 +73,9 @@ impl PauseGate {
             let _ = rx.wait_for(|paused| !paused).await;
         })
         .await;
+        if resumed.is_ok() {
+            self.released.fetch_add(1, Ordering::Relaxed);
+        }
         resumed.map_err(|_| Refused::TimedOut)
     }
 }
@@ -118,5 +129,7 @@ mod tests {
         gate.resume();
         assert_eq!(held.await.unwrap(), Ok(()));
         assert_eq!(gate.waiting(), 0);
+        // Only the request held and let through counts as buffered.
+        assert_eq!(gate.released(), 1);
     }
 }

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
-use crate::metrics::{InFlight, Stats};
+use crate::metrics::{Failure, InFlight, Stats};
 use crate::pause::{PauseGate, Refused};
 use crate::routing::{Names, RoundRobin, Table, Upstream};
 
@@ -379,6 +379,7 @@ async fn handle(
             Refused::QueueFull => "proxy paused: too many waiting requests\n",
             Refused::TimedOut => "proxy paused for too long\n",
         };
+        state.stats.unrouted_5xx();
         return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, text, None));
     }
     // Routed only after the pause gate, so a held request sees the split applied meanwhile.
@@ -389,6 +390,7 @@ async fn handle(
         sticky_cookie: &cfg.sticky_cookie,
     };
     let Some(route) = table.route(req.headers(), &names) else {
+        state.stats.unrouted_5xx();
         return Ok(local_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "no route: no traffic split applied\n",
@@ -463,6 +465,7 @@ async fn forward(
             }
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %up.endpoint, error = %e, "upstream request failed");
+                in_flight.failed(Failure::Switch);
                 return local_response(
                     StatusCode::BAD_GATEWAY,
                     "bad gateway: upstream failed\n",
@@ -470,6 +473,7 @@ async fn forward(
                 );
             }
             Err(_) => {
+                in_flight.failed(Failure::Timeout);
                 return local_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     "gateway timeout: upstream did not answer in time\n",
@@ -478,6 +482,7 @@ async fn forward(
             }
         }
     }
+    in_flight.failed(Failure::Refused);
     local_response(
         StatusCode::BAD_GATEWAY,
         "bad gateway: cannot connect to upstream\n",
@@ -492,6 +497,9 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
     in_flight.answered(resp.status().as_u16());
+    if resp.status().is_server_error() {
+        in_flight.app_error();
+    }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(resp.headers_mut(), switching && client_upgrade.is_some());
     if let Some(c) = set_cookie {

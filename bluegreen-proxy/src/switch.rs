@@ -9,8 +9,8 @@ use crate::config::check_cookie_name;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bluegreen_core::{
-    Capabilities, Endpoints, Error, PerSlot, Result, Slot, SlotMetrics, TrafficSplit,
-    TrafficSwitch, TrafficSwitchExt,
+    Capabilities, Endpoints, Error, PerSlot, Result, Slot, SlotMetrics, SwitchCounters,
+    TrafficSplit, TrafficSwitch, TrafficSwitchExt,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -165,6 +165,25 @@ impl ProxySwitch {
         }
     }
 
+    /// The proxy's own counters since it started (the synchronous twin of
+    /// [`TrafficSwitch::counters`]): requests per slot, failures by cause (refused, timeout, the
+    /// application's 5xx, the proxy's own 5xx), requests buffered by a pause and a latency
+    /// histogram per slot. Long-lived connections closed gracefully are not counted (`None`).
+    pub fn counters_now(&self) -> SwitchCounters {
+        let state = &self.inner.state;
+        state.stats.counters(state.gate.released())
+    }
+
+    /// The counters in the Prometheus text exposition format, as the admin API's `GET /metrics`
+    /// serves them: `bluegreen_proxy_requests_total{slot}`,
+    /// `bluegreen_proxy_failed_requests_total{slot,cause}`, `bluegreen_proxy_unrouted_errors_total`,
+    /// `bluegreen_proxy_buffered_requests_total`, `bluegreen_proxy_in_flight{slot}` and the
+    /// histogram `bluegreen_proxy_request_duration_seconds{slot}`.
+    pub fn prometheus_metrics(&self) -> String {
+        let state = &self.inner.state;
+        state.stats.prometheus(state.gate.released())
+    }
+
     /// True while paused.
     pub fn is_paused(&self) -> bool {
         self.inner.state.gate.is_paused()
@@ -288,6 +307,10 @@ impl TrafficSwitch for ProxySwitch {
 
     async fn metrics(&self, slot: Slot) -> Result<SlotMetrics> {
         Ok(self.inner.state.stats.metrics(slot))
+    }
+
+    async fn counters(&self) -> Result<SwitchCounters> {
+        Ok(self.counters_now())
     }
 
     async fn pause(&self) -> Result<()> {

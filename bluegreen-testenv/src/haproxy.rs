@@ -20,17 +20,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The `haproxy` binary: Debian's `/usr/sbin/haproxy`, `/usr/local/sbin/haproxy`, or the one on
 /// `PATH`.
 pub fn binary() -> Option<PathBuf> {
-    ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|p| p.join("haproxy"))
-                    .find(|p| p.is_file())
-            })
-        })
+    crate::find_binary(&["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"], "haproxy")
 }
 
 /// `true` when HAProxy is installed; otherwise panics in CI, or prints `SKIPPED` and returns

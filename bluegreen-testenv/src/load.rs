@@ -69,6 +69,8 @@ pub struct LoadStats {
     pub ok: u64,
     /// Requests that failed (connection error, reset, timeout, non-2xx, truncated answer).
     pub failed: u64,
+    /// Complete answers per status code (a request without a complete answer is in none).
+    pub statuses: BTreeMap<u16, u64>,
     /// Answers carrying `x-bluegreen-slot: blue`.
     pub blue: u64,
     /// Answers carrying `x-bluegreen-slot: green`.
@@ -168,11 +170,17 @@ async fn client(
 ) {
     let mut conn: Option<BufReader<TcpStream>> = None;
     while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
-        let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, &mut conn, &req)).await
-        {
-            Ok(o) => o,
-            Err(_) => Outcome::Failed("request timed out".into()),
-        };
+        let mut answered = 0u16;
+        let outcome =
+            match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, &mut conn, &req, &mut answered))
+                .await
+            {
+                Ok(o) => o,
+                Err(_) => Outcome::Failed("request timed out".into()),
+            };
+        if answered != 0 {
+            *lock(&stats).statuses.entry(answered).or_default() += 1;
+        }
         match outcome {
             Outcome::Ok {
                 slot,
@@ -208,7 +216,13 @@ async fn client(
     }
 }
 
-async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &str) -> Outcome {
+/// One request; `answered` is set to the status of a complete answer.
+async fn one(
+    addr: SocketAddr,
+    conn: &mut Option<BufReader<TcpStream>>,
+    req: &str,
+    answered: &mut u16,
+) -> Outcome {
     if conn.is_none() {
         match TcpStream::connect(addr).await {
             Ok(s) => {
@@ -272,6 +286,7 @@ async fn one(addr: SocketAddr, conn: &mut Option<BufReader<TcpStream>>, req: &st
     if let Err(e) = c.read_exact(&mut body).await {
         return Outcome::Failed(format!("truncated body: {e}"));
     }
+    *answered = status;
     if (200..300).contains(&status) {
         Outcome::Ok {
             slot,

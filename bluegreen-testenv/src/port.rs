@@ -58,9 +58,12 @@ impl StartError {
 }
 
 /// True when a server's log says it could not bind because the address is in use (the wording
-/// of `EADDRINUSE` that HAProxy, nginx and PostgreSQL print).
+/// of `EADDRINUSE` that HAProxy, nginx, PostgreSQL and Prometheus print).
 pub fn is_addr_in_use(log: &str) -> bool {
-    log.contains("Address already in use") || log.contains("Address in use")
+    // Prometheus (Go) writes it in lower case: `bind: address already in use`.
+    log.contains("Address already in use")
+        || log.contains("Address in use")
+        || log.contains("address already in use")
 }
 
 /// A port the kernel had free a moment ago. Private on purpose: only [`start_on_fresh_ports`]

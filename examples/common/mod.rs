@@ -175,6 +175,7 @@ pub(crate) async fn print_history(deployer: &bluegreen::Deployer) -> bluegreen::
             h.slot,
             h.outcome
         );
+        println!("      traffic: {}", h.ledger.summary());
     }
     Ok(())
 }

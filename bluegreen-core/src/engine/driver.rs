@@ -11,6 +11,7 @@ use super::Report;
 use super::RunOutcome;
 use crate::error::{Error, LiveTraffic, Result};
 use crate::events::DeployEvent;
+use crate::ledger::TrafficLedger;
 use crate::policy::Resume;
 use crate::state::{
     HistoryEntry, InFlight, Outcome, Phase, RunKind, SlotRecord, Timestamp, Waiting,
@@ -54,8 +55,13 @@ impl Run<'_> {
             failing: None,
             previewing: false,
             paused: false,
+            counters_at_start: None,
+            counters_at_switch: None,
             started_at: Timestamp::now(),
         });
+        // The ledger's first snapshot, before anything changes.
+        let counters = self.read_counters().await;
+        self.flight_mut().counters_at_start = counters;
         self.emit(DeployEvent::Started {
             id,
             kind,
@@ -164,6 +170,8 @@ impl Run<'_> {
             Waiting::Decision { reason } => reason.clone(),
         };
         self.flight_mut().waiting = Some(waiting.clone());
+        // The traffic so far, for the person deciding.
+        self.ledger = Some(self.ledger_now().await);
         if let Err(e) = self.save().await {
             return Err(self.fail(phase, self.d.store.name().to_string(), e).await);
         }
@@ -174,6 +182,13 @@ impl Run<'_> {
     /// The last phase is done: record the run as finished.
     async fn done(&mut self) -> Result<Report> {
         let id = self.flight().id;
+        let ledger = self.ledger_now().await;
+        self.ledger = Some(ledger.clone());
+        self.emit(DeployEvent::Traffic {
+            id,
+            step: self.flight().step,
+            ledger,
+        });
         let report = self.report(RunOutcome::Live);
         let outcome = if self.recovered {
             Outcome::Recovered {
@@ -224,6 +239,10 @@ impl Run<'_> {
             outcome,
             started_at: f.started_at,
             finished_at: Timestamp::now(),
+            ledger: self
+                .ledger
+                .clone()
+                .unwrap_or_else(|| TrafficLedger::not_measured("the deployment did not finish")),
         });
     }
 

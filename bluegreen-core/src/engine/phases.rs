@@ -171,6 +171,11 @@ impl Run<'_> {
         let target = self.flight().target;
         let split = step_split(target, self.current_step().weight);
         let eps = self.endpoints();
+        if self.flight().counters_at_switch.is_none() && self.flight().counters_at_start.is_some() {
+            // The ledger's latency "before" ends here.
+            let counters = self.read_counters().await;
+            self.flight_mut().counters_at_switch = counters;
+        }
         // After a crash the split may already be in force: do not switch twice.
         let already = self.recovered
             && sw
@@ -258,6 +263,8 @@ impl Run<'_> {
         } else {
             None
         };
+        let counters_at_step = self.read_counters().await;
+        let counters_at_start = self.flight().counters_at_start.clone();
         let interval = self.d.policy.observation.interval;
         let start = Instant::now();
         let mut fails = 0u32;
@@ -292,6 +299,8 @@ impl Run<'_> {
                 elapsed: start.elapsed(),
                 window,
                 baseline,
+                counters_at_step: counters_at_step.clone(),
+                counters_at_start: counters_at_start.clone(),
                 switch: sw.clone(),
             };
             last_inconclusive = None;
@@ -323,6 +332,12 @@ impl Run<'_> {
             }
             tokio::time::sleep(interval.min(window.saturating_sub(start.elapsed()))).await;
         }
+        let ledger = self.ledger_now().await;
+        self.emit(DeployEvent::Traffic {
+            id,
+            step: idx,
+            ledger,
+        });
         if let Some(reason) = last_inconclusive {
             // With nothing live before (first deploy) there is nothing to compare or fall back
             // to: only health decides. Otherwise a person does.

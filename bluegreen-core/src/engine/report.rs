@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::ledger::TrafficLedger;
 use crate::state::{DeploymentState, LockInfo, Phase, RunKind, Waiting};
 use crate::traits::SlotStatus;
 use crate::types::{PerSlot, Slot, TrafficSplit, Version};
@@ -37,6 +38,8 @@ pub struct Report {
     pub outcome: RunOutcome,
     /// Time taken by this call.
     pub elapsed: Duration,
+    /// What the switch counted during the deployment (so far, for a run waiting for a person).
+    pub ledger: TrafficLedger,
 }
 
 /// One step of a [`Plan`].

@@ -9,6 +9,7 @@ use super::report::Report;
 use super::RunOutcome;
 use crate::error::{Error, LiveTraffic, Result};
 use crate::events::DeployEvent;
+use crate::ledger::{SwitchCounters, TrafficLedger};
 use crate::policy::{CanaryStep, OnTimeout, Policy};
 use crate::state::{DeploymentState, InFlight, Phase, RunKind};
 use crate::traits::{
@@ -45,6 +46,8 @@ pub(super) struct Run<'a> {
     pub(super) recovered: bool,
     /// The last change this run was cleared to make (reported if it loses its lock).
     last_change: std::sync::Mutex<Option<String>>,
+    /// The traffic ledger, once the run finished or stopped to wait.
+    pub(super) ledger: Option<TrafficLedger>,
 }
 
 /// The slot a deploy targets and the live slot, from the state.
@@ -121,6 +124,7 @@ impl<'a> Run<'a> {
             started: Instant::now(),
             recovered: false,
             last_change: Default::default(),
+            ledger: None,
         }
     }
 
@@ -268,6 +272,52 @@ impl<'a> Run<'a> {
             target: f.target,
             outcome,
             elapsed: self.started.elapsed(),
+            ledger: self
+                .ledger
+                .clone()
+                .unwrap_or_else(|| TrafficLedger::not_measured("the deployment has not finished")),
+        }
+    }
+
+    /// A snapshot of the switch's counters; `None` when it keeps none or they cannot be read
+    /// (the ledger then says "not measured"; a deployment never fails over its ledger).
+    pub(super) async fn read_counters(&self) -> Option<SwitchCounters> {
+        let sw = &self.d.switch;
+        match sw.counters().await {
+            Ok(c) => Some(c),
+            Err(Error::Unsupported { .. }) => None,
+            Err(e) => {
+                tracing::warn!(switch = sw.name(), error = %e, "reading the switch's counters failed");
+                None
+            }
+        }
+    }
+
+    /// The flight's traffic ledger from its start until now.
+    pub(super) async fn ledger_now(&self) -> TrafficLedger {
+        let sw = &self.d.switch;
+        let f = self.flight();
+        let end = match sw.counters().await {
+            Ok(c) => c,
+            Err(Error::Unsupported { .. }) => {
+                return TrafficLedger::not_measured(format!(
+                    "the switch {} keeps no request counters",
+                    sw.name()
+                ))
+            }
+            Err(e) => {
+                return TrafficLedger::not_measured(format!(
+                    "reading the counters of the switch {} failed: {e}",
+                    sw.name()
+                ))
+            }
+        };
+        match &f.counters_at_start {
+            Some(start) => TrafficLedger::between(start, f.counters_at_switch.as_ref(), &end),
+            None => TrafficLedger::not_measured(format!(
+                "the counters of the switch {} were not read when the deployment started",
+                sw.name()
+            )),
         }
     }
 
@@ -369,6 +419,9 @@ impl<'a> Run<'a> {
             target: active,
             outcome: RunOutcome::AlreadyLive,
             elapsed: self.started.elapsed(),
+            ledger: TrafficLedger::not_measured(
+                "nothing was deployed: the version is already live",
+            ),
         }))
     }
 
@@ -385,6 +438,7 @@ impl<'a> Run<'a> {
             target: h.slot,
             outcome,
             elapsed: self.started.elapsed(),
+            ledger: h.ledger.clone(),
         }
     }
 

@@ -14,6 +14,10 @@ async fn a_switch_that_does_not_take_effect_fails_verification_and_changes_nothi
     let mut switch = MockTrafficSwitch::new();
     switch.expect_name().return_const("mock-switch".to_string());
     switch.expect_capabilities().returning(Capabilities::basic);
+    // A switch without counters: the ledger says "not measured".
+    switch
+        .expect_counters()
+        .returning(|| Err(Error::unsupported("counters", "mock-switch")));
     switch.expect_apply().times(1).returning(|_, _| Ok(()));
     switch
         .expect_current()

@@ -187,6 +187,8 @@ impl Run<'_> {
             },
             o => o,
         };
+        // What clients saw, the failure and the switch back included.
+        let ledger = self.ledger_now().await;
         self.state.in_flight = None;
         self.state.record(HistoryEntry {
             id: f.id,
@@ -196,6 +198,7 @@ impl Run<'_> {
             outcome: outcome.clone(),
             started_at: f.started_at,
             finished_at: Timestamp::now(),
+            ledger,
         });
         match self.save().await {
             Err(e @ Error::LockLost { .. }) => return Err(e),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
+use crate::ledger::SwitchCounters;
 use crate::state::{new_token, DeploymentState, Lease, LockInfo, LockOwner, Timestamp};
 use crate::traits::{
     Capabilities, DatabaseStrategy, DbBinding, DbContext, DbStep, Environment, ExecOutput,
@@ -219,6 +220,7 @@ pub struct World {
     health_calls: u32,
     in_flight: PerSlot<u64>,
     metrics: PerSlot<SlotMetrics>,
+    counters: Option<SwitchCounters>,
     db_irreversible: HashSet<String>,
     db_prepared: HashSet<Slot>,
     state: Option<DeploymentState>,
@@ -498,6 +500,12 @@ impl Fakes {
     /// Sets what `metrics(slot)` reports.
     pub fn set_metrics(&self, slot: Slot, m: SlotMetrics) {
         self.w().metrics.set(slot, m);
+    }
+
+    /// Sets what `counters()` reports. Until this is called the fake switch keeps no counters:
+    /// `counters()` is unsupported and ledgers say "not measured".
+    pub fn set_counters(&self, c: SwitchCounters) {
+        self.w().counters = Some(c);
     }
 
     /// Database steps run for `version` report themselves irreversible.
@@ -958,6 +966,13 @@ impl TrafficSwitch for FakeSwitch {
         }
         hit(&self.world, self.name(), Op::SwitchMetrics).await?;
         Ok(*lock(&self.world).metrics.get(slot))
+    }
+
+    async fn counters(&self) -> Result<SwitchCounters> {
+        lock(&self.world)
+            .counters
+            .clone()
+            .ok_or_else(|| Error::unsupported("counters", self.name()))
     }
 
     async fn pause(&self) -> Result<()> {
