@@ -794,7 +794,8 @@ impl TrafficSwitch for HaproxySwitch {
         Ok(metrics_of(&rows))
     }
 
-    /// The traffic ledger's counters from the servers' rows of `show stat`: responses per slot
+    /// The traffic ledger's counters from the servers' rows of `show stat`, summed over each
+    /// slot's pool: responses per slot
     /// (`hrsp_*`) and the application's 5xx (`hrsp_5xx`). HAProxy's retries and redispatch hide
     /// which connection errors reached a client, it keeps no latency histogram, and the errors
     /// it writes itself are not on the server rows: refused, timeouts, the switch's own 5xx,
@@ -807,15 +808,10 @@ impl TrafficSwitch for HaproxySwitch {
             .await
             .map_err(|e| e.into_core("counters"))?;
         let slot = |slot: Slot| -> Result<SlotCounters> {
-            let name = self.server(slot).as_str();
-            let row = rows.iter().find(|r| r.server() == name).ok_or_else(|| {
-                HaproxyError::NoSuchServer {
-                    backend: self.inner.backend.to_string(),
-                    server: name.to_string(),
-                }
-                .into_core("counters")
-            })?;
-            let m = metrics_of(row);
+            let pool = self
+                .pool_rows(slot, &rows, |r| r.server().to_string())
+                .map_err(|e| e.into_core("counters"))?;
+            let m = metrics_of(&pool);
             Ok(SlotCounters::new(m.requests).with_app_5xx(m.errors_5xx))
         };
         Ok(SwitchCounters::new(slot(Slot::Blue)?, slot(Slot::Green)?))
