@@ -190,12 +190,13 @@ fn is_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// An HTTP header value as `http`'s `HeaderValue::from_str` accepts it: visible ASCII, spaces
-/// and tabs; no CR, LF, NUL or other control characters.
+/// An HTTP header value as `http`'s `HeaderValue::from_str` accepts it: visible ASCII, spaces,
+/// tabs and non-ASCII bytes (RFC 9110 `obs-text`); no CR, LF, NUL, DEL or other control
+/// characters.
 fn is_header_value(value: &str) -> bool {
     value
         .bytes()
-        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 #[cfg(feature = "http")]

@@ -1,11 +1,4 @@
 #![doc = include_str!("../README.md")]
-// The testkit module exists only with its feature: without it the link goes to the docs.rs build
-// (all features), so `cargo doc` has no broken link either way.
-#![cfg_attr(feature = "testkit", doc = "[testkit-module]: crate::testkit")]
-#![cfg_attr(
-    not(feature = "testkit"),
-    doc = "[testkit-module]: https://docs.rs/bluegreen-core/latest/bluegreen_core/testkit/"
-)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
