@@ -16,7 +16,13 @@
 //! | `haproxy` | `bluegreen-haproxy` | HAProxy runtime-API switch |
 //! | `traefik` | `bluegreen-traefik` | Traefik file-provider switch |
 //! | `postgres` | `bluegreen-postgres` | database strategies and a Postgres state store |
+//! | `http` (default) | `bluegreen-core/http` | `health::HttpCheck` and `HttpVersionProbe` (reqwest, rustls) |
+//! | `cli` (default) | clap, toml | the `bluegreen` binary (brings `proxy`, `process`, `http`) |
 //! | `full` | all of the above | |
+//!
+//! A library user who needs one backend turns the defaults off, e.g.
+//! `bluegreen = { version = "0.1", default-features = false, features = ["haproxy"] }`: no HTTP
+//! client, no argument parser, no embedded proxy.
 //!
 //! Start with `cargo run --example quickstart`, which needs nothing installed.
 //!

@@ -28,10 +28,41 @@ mod pipeline;
 
 use pipeline::Pipeline;
 
+/// The cargo features this binary was built with, in the order of the crate's feature table.
+const FEATURES: &[(&str, bool)] = &[
+    ("proxy", cfg!(feature = "proxy")),
+    ("process", cfg!(feature = "process")),
+    ("docker", cfg!(feature = "docker")),
+    ("nginx", cfg!(feature = "nginx")),
+    ("haproxy", cfg!(feature = "haproxy")),
+    ("traefik", cfg!(feature = "traefik")),
+    ("postgres", cfg!(feature = "postgres")),
+    ("http", cfg!(feature = "http")),
+    ("cli", cfg!(feature = "cli")),
+];
+
+/// `--version`: the crate's version and the features built in, so a pipeline file naming a
+/// backend the binary lacks can be explained before it is run.
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let on: Vec<&str> = FEATURES
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(name, _)| *name)
+            .collect();
+        format!(
+            "{} (features: {})",
+            env!("CARGO_PKG_VERSION"),
+            on.join(", ")
+        )
+    })
+}
+
 #[derive(Parser)]
 #[command(
     name = "bluegreen",
-    version,
+    version = version(),
     about = "Zero-downtime blue-green deployments"
 )]
 struct Cli {

@@ -11,6 +11,46 @@ mod common;
 use common::{stderr, Pipeline, BIN};
 
 #[test]
+fn version_prints_the_version_and_the_features_built_in() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    let want = format!("bluegreen {} (features: ", env!("CARGO_PKG_VERSION"));
+    assert!(line.starts_with(&want), "{line}");
+    let features: Vec<&str> = line
+        .trim_end()
+        .trim_start_matches(&want)
+        .trim_end_matches(')')
+        .split(", ")
+        .collect();
+    // The test build has the features the test run enabled: the binary reports each of them and
+    // nothing else (the binary needs `cli`, which brings proxy, process and http).
+    let built: Vec<&str> = [
+        ("proxy", cfg!(feature = "proxy")),
+        ("process", cfg!(feature = "process")),
+        ("docker", cfg!(feature = "docker")),
+        ("nginx", cfg!(feature = "nginx")),
+        ("haproxy", cfg!(feature = "haproxy")),
+        ("traefik", cfg!(feature = "traefik")),
+        ("postgres", cfg!(feature = "postgres")),
+        ("http", cfg!(feature = "http")),
+        ("cli", cfg!(feature = "cli")),
+    ]
+    .iter()
+    .filter(|(_, on)| *on)
+    .map(|(name, _)| *name)
+    .collect();
+    assert_eq!(features, built, "{line}");
+    for needed in ["cli", "proxy", "process", "http"] {
+        assert!(features.contains(&needed), "{line}");
+    }
+}
+
+#[test]
 fn every_command_end_to_end_with_json_output() {
     let mut p = Pipeline::new("[policy]\nobservation = { window = 0.5, interval = 100 }\n");
     p.serve();

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
+#[cfg(feature = "http")]
+use crate::error::Error;
+use crate::error::Result;
 use crate::ledger::{SlotCounters, SwitchCounters};
 use crate::traits::{SlotMetrics, TrafficSwitch};
 use crate::types::{Slot, Version};
@@ -364,7 +366,10 @@ pub enum VersionMarker {
     Body,
 }
 
-/// `GET url` through the switch, looking for the version in a header or the body.
+/// `GET url` through the switch, looking for the version in a header or the body (feature
+/// `http`, on by default).
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Debug, Clone)]
 pub struct HttpVersionProbe {
     url: String,
@@ -372,6 +377,7 @@ pub struct HttpVersionProbe {
     client: reqwest::Client,
 }
 
+#[cfg(feature = "http")]
 impl HttpVersionProbe {
     /// Probes `url` (the switch's public address) for `marker`.
     pub fn new(url: impl Into<String>, marker: VersionMarker) -> Self {
@@ -387,6 +393,7 @@ impl HttpVersionProbe {
     }
 }
 
+#[cfg(feature = "http")]
 #[async_trait]
 impl DataPathProbe for HttpVersionProbe {
     fn name(&self) -> &str {

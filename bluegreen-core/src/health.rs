@@ -1,5 +1,6 @@
 //! Health checks: HTTP, TCP connect, command, and combinators.
 
+#[cfg(feature = "http")]
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::traits::{HealthCheck, HealthReport};
 use crate::types::Endpoint;
 
-/// HTTP check: `GET <endpoint><path>`, expecting a status, optionally a body substring and a latency
+/// HTTP check (feature `http`, on by default): `GET <endpoint><path>`, expecting a status, optionally a body substring and a latency
 /// bound, with extra headers (e.g. `Host`).
 ///
 /// ```
@@ -23,6 +24,8 @@ use crate::types::Endpoint;
 ///     .with_header("Host", "app.example.com");
 /// # let _ = check;
 /// ```
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Clone)]
 pub struct HttpCheck {
     name: String,
@@ -35,6 +38,7 @@ pub struct HttpCheck {
     client: reqwest::Client,
 }
 
+#[cfg(feature = "http")]
 impl fmt::Debug for HttpCheck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpCheck")
@@ -51,6 +55,7 @@ impl fmt::Debug for HttpCheck {
     }
 }
 
+#[cfg(feature = "http")]
 impl HttpCheck {
     /// A check of `path`, expecting 200 within 5 s.
     pub fn new(path: impl Into<String>) -> Self {
@@ -157,7 +162,7 @@ pub fn validate_http_status(field: &'static str, status: u16) -> Result<()> {
 /// # Errors
 /// [`Error::InvalidInput`] naming `field`.
 pub fn validate_http_header(field: &'static str, name: &str, value: Option<&str>) -> Result<()> {
-    if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+    if !is_header_name(name) {
         return Err(Error::invalid(
             field,
             name.escape_debug().to_string(),
@@ -165,7 +170,7 @@ pub fn validate_http_header(field: &'static str, name: &str, value: Option<&str>
         ));
     }
     if let Some(v) = value {
-        if reqwest::header::HeaderValue::from_str(v).is_err() {
+        if !is_header_value(v) {
             return Err(Error::invalid(
                 field,
                 name,
@@ -176,6 +181,25 @@ pub fn validate_http_header(field: &'static str, name: &str, value: Option<&str>
     Ok(())
 }
 
+/// An HTTP header name: one or more token characters (RFC 9110 `tchar`), as `http`'s
+/// `HeaderName` accepts them.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// An HTTP header value as `http`'s `HeaderValue::from_str` accepts it: visible ASCII, spaces,
+/// tabs and non-ASCII bytes (RFC 9110 `obs-text`); no CR, LF, NUL, DEL or other control
+/// characters.
+fn is_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+#[cfg(feature = "http")]
 #[async_trait]
 impl HealthCheck for HttpCheck {
     fn name(&self) -> &str {
@@ -456,6 +480,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    #[cfg(feature = "http")]
     #[test]
     fn checks_that_can_never_pass_are_invalid() {
         assert!(HttpCheck::new("/health")
@@ -485,6 +510,44 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    /// The header grammar without reqwest agrees with reqwest's (`http`'s) own.
+    #[cfg(feature = "http")]
+    #[test]
+    fn header_grammar_matches_http_crate() {
+        let samples = [
+            "",
+            "Host",
+            "X-A",
+            "x_a.b~c",
+            "Bad Name",
+            "X-A\r\n",
+            "a:b",
+            "a\u{e9}",
+            "a\"",
+            "!#$%&'*+-.^_`|~",
+            "v",
+            "v w",
+            "v\tw",
+            "v\r\nX-B: 1",
+            "v\0",
+            "\u{7f}",
+            "\u{e9}t\u{e9}",
+            "Bearer abc/def=",
+        ];
+        for s in samples {
+            assert_eq!(
+                is_header_name(s),
+                reqwest::header::HeaderName::from_bytes(s.as_bytes()).is_ok(),
+                "name {s:?}"
+            );
+            assert_eq!(
+                is_header_value(s),
+                reqwest::header::HeaderValue::from_str(s).is_ok(),
+                "value {s:?}"
+            );
+        }
     }
 
     /// A one-route HTTP server answering every request with `status` and `body` after `delay`.
@@ -524,6 +587,7 @@ mod tests {
         Endpoint::new("127.0.0.1", port)
     }
 
+    #[cfg(feature = "http")]
     #[tokio::test]
     async fn http_check_judges_status_body_latency_and_headers() {
         let ok = server(200, "status ok", Duration::ZERO).await;
@@ -568,6 +632,7 @@ mod tests {
         assert!(!r.is_healthy());
     }
 
+    #[cfg(feature = "http")]
     #[tokio::test]
     async fn header_values_stay_out_of_debug() {
         let c = HttpCheck::new("/").with_header("Authorization", "Bearer sekrit");
@@ -611,6 +676,8 @@ mod tests {
         assert!(missing.check(&ok).await.is_err());
     }
 
+    // Its failing check is an HTTP one.
+    #[cfg(feature = "http")]
     #[tokio::test]
     async fn combinators() {
         let ok = server(200, "ok", Duration::ZERO).await;

@@ -41,7 +41,20 @@ impl Response {
 /// Connection failures, a timeout ([`io::ErrorKind::TimedOut`]) or an unparseable answer
 /// ([`io::ErrorKind::InvalidData`]).
 pub async fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
-    match tokio::time::timeout(TIMEOUT, get_unbounded(addr, path)).await {
+    get_with(addr, path, &[]).await
+}
+
+/// `GET path` from `addr` with extra request `headers` (names and values must be valid HTTP:
+/// they are sent as given).
+///
+/// # Errors
+/// As for [`get`].
+pub async fn get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<Response> {
+    match tokio::time::timeout(TIMEOUT, get_unbounded(addr, path, headers)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -50,9 +63,17 @@ pub async fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
     }
 }
 
-async fn get_unbounded(addr: SocketAddr, path: &str) -> io::Result<Response> {
+async fn get_unbounded(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<Response> {
     let mut stream = TcpStream::connect(addr).await?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;

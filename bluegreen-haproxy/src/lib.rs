@@ -3,6 +3,7 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod client;
+mod complete;
 mod config;
 mod error;
 mod switch;

@@ -50,6 +50,32 @@ pub const CONTROL_PATH: &str = "/bluegreen/split";
 /// The header carrying the control token.
 pub const TOKEN_HEADER: &str = "x-bluegreen-token";
 
+/// The first line of a rendered snippet, before the quoted name.
+const SNIPPET_HEADER: &str = "# bluegreen-nginx Dynamic switch ";
+
+/// The control location's token check in the snippet: the token sits between these two, which is
+/// where [`NginxDynamicConfig::token_from_snippet`] reads it back.
+const TOKEN_CHECK_PREFIX: &str = "if type(tok) ~= \"string\" or tok ~= \"";
+const TOKEN_CHECK_SUFFIX: &str = "\" then";
+
+/// 16 to 128 of letters, digits, `_`, `-` (also what keeps it inert inside the Lua string).
+fn check_token(token: &Secret) -> Result<()> {
+    let t = token.expose();
+    if t.len() < 16
+        || t.len() > 128
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::invalid(
+            "control token",
+            "<redacted>",
+            "expected 16 to 128 of letters, digits, `_`, `-`",
+        ));
+    }
+    Ok(())
+}
+
 /// Settings of a [`NginxDynamicSwitch`] and of the nginx snippet it talks to.
 ///
 /// `Debug` hides the token, and serializing leaves it out (deserializing reads it from `token`).
@@ -142,23 +168,52 @@ impl NginxDynamicConfig {
                 "port 0 is not reachable",
             ));
         }
-        let t = token.expose();
-        if t.len() < 16
-            || t.len() > 128
-            || !t
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(Error::invalid(
-                "control token",
-                "<redacted>",
-                "expected 16 to 128 of letters, digits, `_`, `-`",
-            ));
-        }
+        check_token(token)?;
         if let Some(path) = &self.state_file {
             check_state_file(path)?;
         }
         Ok(())
+    }
+
+    /// The control token kept in a snippet written from [`render_snippet`](Self::render_snippet):
+    /// a process that did not generate the token (a later run, another tool) loads it back from
+    /// the file nginx includes, instead of keeping a second copy.
+    ///
+    /// ```no_run
+    /// use bluegreen_nginx::NginxDynamicConfig;
+    ///
+    /// # fn run() -> bluegreen_core::Result<()> {
+    /// let token = NginxDynamicConfig::token_from_snippet("/etc/nginx/conf.d/shop-bluegreen.conf")?;
+    /// let config = NginxDynamicConfig::new("shop", "127.0.0.1:9180".parse().unwrap(), token)?;
+    /// # let _ = config;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file when it cannot be read; [`Error::InvalidInput`] when it is
+    /// not a Dynamic snippet of this crate or holds no valid token (the token is never printed).
+    pub fn token_from_snippet(path: impl AsRef<Path>) -> Result<Secret> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading the nginx snippet {}", path.display()), e))?;
+        let not_ours = |why: &str| Error::invalid("nginx snippet", path.display().to_string(), why);
+        if !text.starts_with(SNIPPET_HEADER) {
+            return Err(not_ours(
+                "is not a bluegreen-nginx Dynamic snippet (its first line is not render_snippet's)",
+            ));
+        }
+        let token = text
+            .lines()
+            .find_map(|l| {
+                l.trim_start()
+                    .strip_prefix(TOKEN_CHECK_PREFIX)
+                    .and_then(|rest| rest.strip_suffix(TOKEN_CHECK_SUFFIX))
+            })
+            .ok_or_else(|| not_ours("holds no control token check (edited by hand?)"))?;
+        let token = Secret::new(token.to_string());
+        check_token(&token)?;
+        Ok(token)
     }
 
     /// A random 48-character token from the OS's random source (`/dev/urandom`).
@@ -231,14 +286,20 @@ impl NginxDynamicConfig {
         let control_lua = LUA_CONTROL
             .replace("@MODULE@", &self.lua_module())
             .replace("@DICT@", &dict)
-            .replace("@TOKEN@", self.token.expose());
+            .replace(
+                "@TOKEN_CHECK@",
+                &format!(
+                    "{TOKEN_CHECK_PREFIX}{}{TOKEN_CHECK_SUFFIX}",
+                    self.token.expose()
+                ),
+            );
         let keepalive = if self.keepalive > 0 {
             format!("    keepalive {};\n", self.keepalive)
         } else {
             String::new()
         };
         format!(
-            "# bluegreen-nginx Dynamic switch {name:?}: generated, include at http level.\n\
+            "{SNIPPET_HEADER}{name:?}: generated, include at http level.\n\
              # Needs ndk_http_module and ngx_http_lua_module (load_module). Contains the control token.\n\
              lua_shared_dict {dict} 1m;\n\
              upstream {dict} {{\n\
@@ -388,7 +449,7 @@ const LUA_CONTROL: &str = r#"@MODULE@
             return ngx.exit(ngx.OK)
         end
         local tok = ngx.req.get_headers()["x-bluegreen-token"]
-        if type(tok) ~= "string" or tok ~= "@TOKEN@" then
+        @TOKEN_CHECK@
             return reply(401, "bad or missing x-bluegreen-token\n")
         end
         local method = ngx.req.get_method()

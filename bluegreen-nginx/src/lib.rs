@@ -13,7 +13,10 @@ pub use dynamic::{NginxDynamicConfig, NginxDynamicSwitch, CONTROL_PATH, TOKEN_HE
 pub use error::{NginxError, Restored, Step};
 pub use format::{Routing, MAX_PEERS_PER_SLOT};
 pub use master::NginxCommand;
-pub use reload::{NginxReloadConfig, NginxReloadSwitch, ReloadReport, SlotMarker, VerifyProbe};
+pub use reload::{
+    NginxReloadConfig, NginxReloadConfigBuilder, NginxReloadSwitch, ReloadReport, SlotMarker,
+    VerifyProbe, PROBE_HEADER, UPSTREAM_HEADER,
+};
 
 /// The name both switches report (`TrafficSwitch::name`), as found in errors and events.
 pub const NAME: &str = "nginx";

@@ -99,6 +99,151 @@ impl NginxCommand {
     }
 }
 
+impl NginxCommand {
+    /// The master's pid file as the configuration names it: the main context's `pid` directive
+    /// (read from `nginx -T`, the configuration as nginx parses it, includes resolved), else the
+    /// binary's compiled-in `--pid-path` (`nginx -V`), else nginx's own default `logs/nginx.pid`;
+    /// a relative path is taken from the prefix (`-p`, else the compiled-in `--prefix`).
+    ///
+    /// # Errors
+    /// [`NginxError::ConfigTest`] when nginx refuses the configuration, I/O errors when the binary
+    /// cannot be run or does not answer within `timeout`.
+    pub async fn pid_file(&self, timeout: Duration) -> Result<PathBuf, NginxError> {
+        let dump = self.run(&["-T", "-q"], timeout).await?;
+        if !dump.status.success() {
+            return Err(NginxError::ConfigTest {
+                include: self.main_config.clone(),
+                output: String::from_utf8_lossy(&dump.stderr).trim().to_string(),
+            });
+        }
+        let configured = pid_directive(&String::from_utf8_lossy(&dump.stdout));
+        let version = self.run(&["-V"], timeout).await?;
+        // `nginx -V` prints the build's configure arguments on stderr.
+        let built = String::from_utf8_lossy(&version.stderr).into_owned();
+        let build_arg = |name: &str| {
+            built
+                .split_whitespace()
+                .find_map(|a| a.strip_prefix(name))
+                .map(PathBuf::from)
+        };
+        let path = configured
+            .map(PathBuf::from)
+            .or_else(|| build_arg("--pid-path="))
+            .unwrap_or_else(|| PathBuf::from("logs/nginx.pid"));
+        if path.is_absolute() {
+            return Ok(path);
+        }
+        let prefix = self
+            .prefix
+            .clone()
+            .or_else(|| build_arg("--prefix="))
+            .unwrap_or_else(|| PathBuf::from("/usr/local/nginx"));
+        Ok(prefix.join(path))
+    }
+
+    /// Runs the binary with the common arguments and `extra` (argv only), bounded by `timeout`.
+    async fn run(
+        &self,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<std::process::Output, NginxError> {
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.base_args())
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let what = format!("{} {}", self.binary.display(), extra.join(" "));
+        tokio::time::timeout(timeout, cmd.output())
+            .await
+            .map_err(|_| {
+                NginxError::io(
+                    what.clone(),
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("took longer than {timeout:?}"),
+                    ),
+                )
+            })?
+            .map_err(|e| NginxError::io(format!("running {what}"), e))
+    }
+}
+
+/// The value of the first `pid` statement outside any block in an `nginx -T` dump. `pid` is
+/// allowed in the main context only, and nginx accepted this configuration, so a top-level `pid`
+/// of any file in the dump is the main context's. Comments and quotes are honoured.
+fn pid_directive(dump: &str) -> Option<String> {
+    let mut depth = 0usize;
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut quote: Option<char> = None;
+    let mut chars = dump.chars().peekable();
+    // Each file of the dump starts at depth 0 after its `# configuration file …:` line.
+    let mut at_line_start = true;
+    while let Some(c) = chars.next() {
+        if let Some(q) = quote {
+            if c == '\\' {
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+            } else if c == q {
+                quote = None;
+            } else {
+                word.push(c);
+            }
+            continue;
+        }
+        if at_line_start && c == '#' {
+            let line: String = std::iter::once(c)
+                .chain(chars.by_ref().take_while(|&n| n != '\n'))
+                .collect();
+            if line.starts_with("# configuration file ") && line.ends_with(':') {
+                depth = 0;
+                words.clear();
+                word.clear();
+            }
+            continue;
+        }
+        at_line_start = c == '\n';
+        match c {
+            '#' => {
+                for n in chars.by_ref() {
+                    if n == '\n' {
+                        at_line_start = true;
+                        break;
+                    }
+                }
+            }
+            '"' | '\'' => quote = Some(c),
+            '{' => {
+                depth += 1;
+                words.clear();
+                word.clear();
+            }
+            '}' => {
+                depth = depth.saturating_sub(1);
+                words.clear();
+                word.clear();
+            }
+            ';' => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+                if depth == 0 && words.len() == 2 && words[0] == "pid" {
+                    return Some(words.pop().unwrap_or_default());
+                }
+                words.clear();
+            }
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    None
+}
+
 /// Reads the master's pid from `pid_file` and checks that the process exists.
 ///
 /// # Errors
@@ -217,6 +362,23 @@ pub(crate) fn workers(master: Pid) -> Vec<Worker> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pid_directive_is_read_from_the_main_context_only() {
+        let dump = "# configuration file /etc/nginx/nginx.conf:\n\
+            user www-data; # pid /wrong/comment.pid;\n\
+            events { }\n\
+            http { include /etc/nginx/conf.d/*.conf; }\n\
+            pid \"/run/my nginx.pid\";\n\
+            \n\
+            # configuration file /etc/nginx/conf.d/a.conf:\n\
+            server { listen 80; location / { return 200 'pid /x;'; } }\n";
+        assert_eq!(pid_directive(dump).as_deref(), Some("/run/my nginx.pid"));
+        let dump = "# configuration file /n.conf:\nevents {}\nhttp { server { } }\n";
+        assert_eq!(pid_directive(dump), None);
+        let dump = "# configuration file /n.conf:\npid logs/n.pid;\nevents {}\n";
+        assert_eq!(pid_directive(dump).as_deref(), Some("logs/n.pid"));
+    }
 
     #[test]
     fn pid_file_states_are_told_apart() {

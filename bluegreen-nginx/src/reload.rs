@@ -21,17 +21,29 @@ use crate::master::{self, NginxCommand};
 
 const HEADER: &str = "# bluegreen-nginx Reload include: generated, do not edit (bluegreen refuses to read a hand-edited file).";
 
+/// The response header the rendered include adds: the address of the upstream server that
+/// answered (`$upstream_addr`), sent only to requests carrying [`PROBE_HEADER`]. The default
+/// verification marker: it needs nothing from the application.
+pub const UPSTREAM_HEADER: &str = "x-bluegreen-upstream";
+
+/// The request header the verification probe sends; only requests carrying it get
+/// [`UPSTREAM_HEADER`] (clients never see upstream addresses).
+pub const PROBE_HEADER: &str = "x-bluegreen-probe";
+
 /// How the verification probe tells which slot answered. In files:
-/// `{ header = "x-bluegreen-slot" }` or `{ upstream-addr-header = "x-upstream" }`.
+/// `{ upstream-addr-header = "x-bluegreen-upstream" }` (the default) or
+/// `{ header = "x-bluegreen-slot" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum SlotMarker {
-    /// A response header whose value is `blue` or `green` (the demo app's `x-bluegreen-slot`).
+    /// A response header whose value is `blue` or `green`, sent by the application itself (the
+    /// demo app's `x-bluegreen-slot`).
     Header(String),
-    /// A response header carrying the upstream address, e.g. from
-    /// `add_header x-upstream $upstream_addr always;` in your location; mapped to a slot through
-    /// the endpoints. Works with any application.
+    /// A response header carrying the upstream address, mapped to a slot through the endpoints.
+    /// Works with any application. The default is [`UPSTREAM_HEADER`], which the rendered
+    /// include adds itself; a header of your own works too (e.g.
+    /// `add_header x-upstream $upstream_addr always;` in your location).
     UpstreamAddrHeader(String),
 }
 
@@ -46,7 +58,7 @@ pub struct VerifyProbe {
     /// The path to request (`/` by default).
     #[serde(default = "root_path")]
     pub path: String,
-    /// How to tell the slot (`x-bluegreen-slot` by default).
+    /// How to tell the slot ([`UPSTREAM_HEADER`], added by the include, by default).
     #[serde(default = "default_marker")]
     pub marker: SlotMarker,
     /// Consecutive answers from the target needed (3 by default).
@@ -61,7 +73,7 @@ fn root_path() -> String {
 }
 
 fn default_marker() -> SlotMarker {
-    SlotMarker::Header("x-bluegreen-slot".into())
+    SlotMarker::UpstreamAddrHeader(UPSTREAM_HEADER.into())
 }
 
 fn three() -> u32 {
@@ -97,7 +109,8 @@ fn check_marker(marker: &SlotMarker) -> Result<()> {
 }
 
 impl VerifyProbe {
-    /// Probes `GET /` on `addr`, reading the slot from `x-bluegreen-slot`.
+    /// Probes `GET /` on `addr`, telling the slot by the upstream address in [`UPSTREAM_HEADER`]
+    /// (which the rendered include adds: any application works).
     pub fn new(addr: SocketAddr) -> Self {
         VerifyProbe {
             addr,
@@ -147,15 +160,15 @@ impl VerifyProbe {
 ///         "nginx": { "main_config": "/etc/nginx/nginx.conf" },
 ///         "include": "/etc/nginx/conf.d/shop-upstream.conf",
 ///         "upstream": "shop",
-///         "pid_file": "/run/nginx.pid",
 ///         "verify": { "addr": "127.0.0.1:80" },
 ///         "reload_timeout": "20s"
 ///     }"#,
 /// )
 /// .unwrap();
 /// assert_eq!(c.keepalive, 32);
+/// assert_eq!(c.pid_file, None); // found from the configuration at each switch
 /// assert!(serde_json::from_str::<NginxReloadConfig>(
-///     r#"{ "nginx": { "main_config": "n.conf" }, "include": "/", "upstream": "shop", "pid_file": "p" }"#,
+///     r#"{ "nginx": { "main_config": "n.conf" }, "include": "/", "upstream": "shop" }"#,
 /// )
 /// .is_err());
 /// ```
@@ -169,8 +182,10 @@ pub struct NginxReloadConfig {
     pub include: PathBuf,
     /// The upstream's name (what your `proxy_pass` names).
     pub upstream: Name,
-    /// The master's pid file.
-    pub pid_file: PathBuf,
+    /// The master's pid file. `None` (the default): the one the configuration names, found at
+    /// each switch with [`NginxCommand::pid_file`] (`nginx -T`).
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
     /// Probe through nginx after each reload (strongly advised).
     #[serde(default)]
     pub verify: Option<VerifyProbe>,
@@ -211,35 +226,38 @@ fn thirty_seconds() -> Duration {
 }
 
 impl NginxReloadConfig {
-    /// A switch owning `include`, rendering `upstream <upstream> { … }`, signalling the master in
-    /// `pid_file`, testing with `nginx`.
+    /// A builder for nginx run as `nginx`'s command line says (`-c`, `-p`, binary); `include`
+    /// and `upstream` are required, everything else has a default.
     ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for an upstream name outside letters, digits, `_`, `-`, or an
-    /// include path without a file name.
-    pub fn new(
-        nginx: NginxCommand,
-        include: impl Into<PathBuf>,
-        upstream: &str,
-        pid_file: impl Into<PathBuf>,
-    ) -> Result<Self> {
-        let config = NginxReloadConfig {
+    /// ```
+    /// use bluegreen_nginx::{NginxCommand, NginxReloadConfig, VerifyProbe};
+    ///
+    /// let config = NginxReloadConfig::builder(NginxCommand::new("/etc/nginx/nginx.conf"))
+    ///     .include("/etc/nginx/conf.d/shop-upstream.conf")
+    ///     .upstream("shop")
+    ///     .verify(VerifyProbe::new("127.0.0.1:80".parse().unwrap()))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(config.upstream.as_str(), "shop");
+    /// assert_eq!(config.pid_file, None); // the one nginx.conf names
+    /// let missing = NginxReloadConfig::builder(NginxCommand::new("/etc/nginx/nginx.conf"))
+    ///     .upstream("shop")
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(missing.to_string().contains("include"));
+    /// ```
+    pub fn builder(nginx: NginxCommand) -> NginxReloadConfigBuilder {
+        NginxReloadConfigBuilder {
             nginx,
-            include: include.into(),
-            upstream: Name::new(upstream)?,
-            pid_file: pid_file.into(),
+            include: None,
+            upstream: None,
+            pid_file: None,
             verify: None,
-            keepalive: default_keepalive(),
-            test_timeout: thirty_seconds(),
-            reload_timeout: fifteen_seconds(),
-            verify_timeout: fifteen_seconds(),
-            drain_wait: five_seconds(),
-        };
-        config.validate()?;
-        Ok(config)
+        }
     }
 
-    /// Checks what [`new`](Self::new) checks, and the probe; run when deserializing.
+    /// Checks the upstream name, the include path and the probe; run by
+    /// [`build`](NginxReloadConfigBuilder::build) and when deserializing.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for an upstream name outside letters, digits, `_`, `-`, an
@@ -296,6 +314,21 @@ impl NginxReloadConfig {
         self
     }
 
+    /// Directives for the `location` that serves your application: `proxy_pass` to the upstream,
+    /// HTTP/1.1 keep-alive toward it, and the verification marker's `add_header` (needed only
+    /// where the location or its server has `add_header`s of its own, which stop the include's
+    /// from being inherited; harmless elsewhere).
+    pub fn render_location(&self) -> String {
+        let up = self.upstream.as_str();
+        format!(
+            "proxy_pass http://{up};\n\
+             proxy_http_version 1.1;\n\
+             proxy_set_header Connection \"\";\n\
+             add_header {UPSTREAM_HEADER} ${var} always;\n",
+            var = marker_variable(up),
+        )
+    }
+
     fn tmp_path(&self) -> PathBuf {
         let name = self
             .include
@@ -305,6 +338,76 @@ impl NginxReloadConfig {
         // A leading dot and a suffix no include glob (`*.conf`) matches.
         self.include
             .with_file_name(format!(".{name}.bluegreen-tmp"))
+    }
+}
+
+/// Builds a [`NginxReloadConfig`]; from [`NginxReloadConfig::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "call `build()` to get the configuration"]
+pub struct NginxReloadConfigBuilder {
+    nginx: NginxCommand,
+    include: Option<PathBuf>,
+    upstream: Option<String>,
+    pid_file: Option<PathBuf>,
+    verify: Option<VerifyProbe>,
+}
+
+impl NginxReloadConfigBuilder {
+    /// The include this switch owns (required): your `nginx.conf` includes it at http level.
+    pub fn include(mut self, path: impl Into<PathBuf>) -> Self {
+        self.include = Some(path.into());
+        self
+    }
+
+    /// The upstream's name (required): what your `proxy_pass` names. Letters, digits, `_`, `-`.
+    pub fn upstream(mut self, name: impl Into<String>) -> Self {
+        self.upstream = Some(name.into());
+        self
+    }
+
+    /// The master's pid file, when it is not the one the configuration names (by default it is
+    /// found with `nginx -T` at each switch).
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// Probe through nginx after each reload (strongly advised).
+    pub fn verify(mut self, probe: VerifyProbe) -> Self {
+        self.verify = Some(probe);
+        self
+    }
+
+    /// The configuration, validated. Tune the rest with the config's `with_*` methods.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming a missing `include` or `upstream`, an upstream name outside
+    /// letters, digits, `_`, `-`, an include path without a file name, or a bad probe.
+    pub fn build(self) -> Result<NginxReloadConfig> {
+        let include = self.include.ok_or_else(|| {
+            Error::invalid("include", "", "required: the include file this switch owns")
+        })?;
+        let upstream = self.upstream.ok_or_else(|| {
+            Error::invalid(
+                "nginx upstream name",
+                "",
+                "required: the upstream your proxy_pass names",
+            )
+        })?;
+        let config = NginxReloadConfig {
+            nginx: self.nginx,
+            include,
+            upstream: Name::new(&upstream)?,
+            pid_file: self.pid_file,
+            verify: self.verify,
+            keepalive: default_keepalive(),
+            test_timeout: thirty_seconds(),
+            reload_timeout: fifteen_seconds(),
+            verify_timeout: fifteen_seconds(),
+            drain_wait: five_seconds(),
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -323,8 +426,35 @@ pub struct ReloadReport {
     pub old_workers_draining: usize,
 }
 
-/// Renders the include for `routing` (no sticky: stock nginx has no sticky cookie).
+/// The nginx variable holding the upstream address for probes of `upstream` (`-` is not allowed
+/// in variable names).
+fn marker_variable(upstream: &str) -> String {
+    format!("bluegreen_upstream_{}", upstream.replace('-', "_"))
+}
+
+/// The marker lines of the include: [`UPSTREAM_HEADER`] carries the answering upstream server's
+/// address, but only for requests with [`PROBE_HEADER`] (an empty value is not sent). At http
+/// level it reaches every `server` and `location` that has no `add_header` of its own; one that
+/// has, adds [`NginxReloadConfig::render_location`]'s line.
+fn render_marker(upstream: &str) -> String {
+    let var = marker_variable(upstream);
+    format!(
+        "map $http_{probe} ${var} {{\n    default $upstream_addr;\n    \"\" \"\";\n}}\n\
+         add_header {UPSTREAM_HEADER} ${var} always;\n",
+        probe = PROBE_HEADER.replace('-', "_"),
+    )
+}
+
+/// Renders the include for `routing` (no sticky: stock nginx has no sticky cookie): the upstream
+/// block, then the verification marker.
 pub(crate) fn render_include(upstream: &str, keepalive: u32, routing: &Routing) -> String {
+    let mut out = render_upstream(upstream, keepalive, routing);
+    out.push_str(&render_marker(upstream));
+    out
+}
+
+/// The upstream block with its header lines (all an include held before the marker was added).
+fn render_upstream(upstream: &str, keepalive: u32, routing: &Routing) -> String {
     let mut out = String::new();
     out.push_str(HEADER);
     out.push('\n');
@@ -402,7 +532,10 @@ pub(crate) fn parse_include(text: &str) -> std::result::Result<Routing, String> 
     if routing.split.sticky.is_some() {
         return Err("a Reload include never has a sticky cookie".into());
     }
-    if render_include(upstream, keepalive, &routing) != text {
+    // An include written before the marker was added is read too; the next switch adds it.
+    if render_include(upstream, keepalive, &routing) != text
+        && render_upstream(upstream, keepalive, &routing) != text
+    {
         return Err("the upstream block differs from what its header describes".into());
     }
     Ok(routing)
@@ -416,6 +549,7 @@ pub(crate) fn parse_include(text: &str) -> std::result::Result<Routing, String> 
 pub struct NginxReloadSwitch {
     config: Arc<NginxReloadConfig>,
     lock: Arc<tokio::sync::Mutex<()>>,
+    last_report: Arc<std::sync::Mutex<Option<ReloadReport>>>,
 }
 
 impl NginxReloadSwitch {
@@ -424,7 +558,18 @@ impl NginxReloadSwitch {
         NginxReloadSwitch {
             config: Arc::new(config),
             lock: Arc::new(tokio::sync::Mutex::new(())),
+            last_report: Arc::new(std::sync::Mutex::new(None)),
         }
+    }
+
+    /// The report of the last switch that succeeded through this handle or a clone of it
+    /// ([`switch_to`](Self::switch_to) or [`TrafficSwitch::apply`]): its latency, whether the
+    /// probe verified it, old workers still draining. `None` before the first.
+    pub fn last_report(&self) -> Option<ReloadReport> {
+        self.last_report
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The configuration.
@@ -493,18 +638,26 @@ impl NginxReloadSwitch {
             source: Box::new(e),
         };
 
-        let pid = master::master_pid(&c.pid_file)
+        let pid_file = match &c.pid_file {
+            Some(p) => p.clone(),
+            None => c
+                .nginx
+                .pid_file(c.test_timeout)
+                .await
+                .map_err(|e| fail(Step::Preflight, Restored::NothingChanged, e))?,
+        };
+        let pid = master::master_pid(&pid_file)
             .map_err(|e| fail(Step::Preflight, Restored::NothingChanged, e))?;
         let previous = read_optional(&c.include)
             .map_err(|e| fail(Step::Preflight, Restored::NothingChanged, e))?;
         let candidate = render_include(c.upstream.as_str(), c.keepalive, routing);
         if previous.as_deref() == Some(candidate.as_str()) {
-            return Ok(ReloadReport {
+            return Ok(self.record(ReloadReport {
                 changed: false,
                 latency: start.elapsed(),
                 verified: false,
                 old_workers_draining: 0,
-            });
+            }));
         }
 
         let tmp = c.tmp_path();
@@ -553,15 +706,27 @@ impl NginxReloadSwitch {
                 c.drain_wait
             );
         }
-        Ok(ReloadReport {
+        Ok(self.record(ReloadReport {
             changed: true,
             latency,
             verified,
             old_workers_draining,
-        })
+        }))
     }
 
-    /// SIGHUP, then wait until the master runs a worker that was not there before.
+    fn record(&self, report: ReloadReport) -> ReloadReport {
+        *self
+            .last_report
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(report.clone());
+        report
+    }
+
+    /// SIGHUP, then wait until the master runs a worker that was not there before and every
+    /// worker from before has stopped accepting (it is shutting down or gone). The master starts
+    /// the new workers first and tells the old ones to quit only about 100 ms later: until then
+    /// old workers still take new connections with the old upstreams, so a reload is only
+    /// applied once they are all shutting down.
     ///
     /// When the master's workers cannot be seen (another PID namespace, `/proc` mounted with
     /// `hidepid`), the wait is skipped with a warning and only the verification probe (if any)
@@ -579,10 +744,13 @@ impl NginxReloadSwitch {
         let deadline = Instant::now() + self.config.reload_timeout;
         loop {
             let now = master::workers(pid);
-            if now
+            let started = now
                 .iter()
-                .any(|w| !w.shutting_down && !before.iter().any(|b| b.pid == w.pid))
-            {
+                .any(|w| !w.shutting_down && !before.iter().any(|b| b.pid == w.pid));
+            let old_accepting = now
+                .iter()
+                .any(|w| !w.shutting_down && before.iter().any(|b| b.pid == w.pid));
+            if started && !old_accepting {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -668,7 +836,16 @@ async fn verify(
     let mut streak = 0;
     let mut last = String::from("no answer yet");
     loop {
-        match http::request(probe.addr, "GET", &probe.path, &[], "", bound).await {
+        match http::request(
+            probe.addr,
+            "GET",
+            &probe.path,
+            &[(PROBE_HEADER, "1")],
+            "",
+            bound,
+        )
+        .await
+        {
             Ok(a) if (200..300).contains(&a.status) => {
                 let slot = match &probe.marker {
                     SlotMarker::Header(h) => a.header(h).and_then(|v| v.parse::<Slot>().ok()),
@@ -690,7 +867,7 @@ async fn verify(
                         streak = 0;
                         last = match other {
                             Some(s) => format!("an answer came from {s}"),
-                            None => "an answer did not say which slot served it".into(),
+                            None => no_marker(&probe.marker),
                         };
                     }
                 }
@@ -715,6 +892,25 @@ async fn verify(
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Why an answer named no slot, and what to do about it.
+fn no_marker(marker: &SlotMarker) -> String {
+    match marker {
+        SlotMarker::UpstreamAddrHeader(h) if h == UPSTREAM_HEADER => format!(
+            "an answer had no `{h}` header naming a blue or green endpoint: the include adds it at \
+             http level, which a `server` or `location` with `add_header`s of its own does not \
+             inherit; add the `add_header` line of NginxReloadConfig::render_location() there"
+        ),
+        SlotMarker::UpstreamAddrHeader(h) => format!(
+            "an answer had no `{h}` header naming a blue or green endpoint (add \
+             `add_header {h} $upstream_addr always;` to the location)"
+        ),
+        SlotMarker::Header(h) => format!(
+            "an answer had no `{h}` header saying blue or green: the application must send it \
+             (or use the default marker, the upstream address nginx adds)"
+        ),
     }
 }
 
@@ -803,6 +999,40 @@ mod tests {
     }
 
     #[test]
+    fn the_include_adds_the_upstream_marker_for_probes_only() {
+        let text = render_include("my-app", 32, &routing(100, 0));
+        assert!(
+            text.contains(
+                "map $http_x_bluegreen_probe $bluegreen_upstream_my_app {\n    default $upstream_addr;\n    \"\" \"\";\n}\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("add_header x-bluegreen-upstream $bluegreen_upstream_my_app always;\n"),
+            "{text}"
+        );
+        let c = config("my-app").unwrap();
+        assert!(c
+            .render_location()
+            .contains("add_header x-bluegreen-upstream $bluegreen_upstream_my_app always;"));
+        assert!(c
+            .render_location()
+            .starts_with("proxy_pass http://my-app;\n"));
+        assert_eq!(
+            VerifyProbe::new("127.0.0.1:80".parse().unwrap()).marker,
+            SlotMarker::UpstreamAddrHeader(UPSTREAM_HEADER.into())
+        );
+    }
+
+    #[test]
+    fn an_include_written_before_the_marker_still_reads() {
+        let r = routing(70, 30);
+        let legacy = render_upstream("app", 32, &r);
+        assert!(!legacy.contains("add_header"));
+        assert_eq!(parse_include(&legacy).unwrap(), r);
+    }
+
+    #[test]
     fn include_round_trips_and_hand_edits_are_refused() {
         let r = routing(70, 30);
         let text = render_include("app", 32, &r);
@@ -815,16 +1045,38 @@ mod tests {
         assert!(parse_include("").is_err());
     }
 
+    fn config(upstream: &str) -> Result<NginxReloadConfig> {
+        NginxReloadConfig::builder(NginxCommand::new("/etc/nginx/nginx.conf"))
+            .include("/tmp/x.conf")
+            .upstream(upstream)
+            .pid_file("/run/nginx.pid")
+            .build()
+    }
+
     #[test]
     fn config_and_probe_validate_their_input() {
-        let cmd = NginxCommand::new("/etc/nginx/nginx.conf");
+        assert!(config("app").is_ok());
+        assert!(config("a;pp").is_err());
+        assert!(config("a.b").is_err());
+        let no_include = NginxReloadConfig::builder(NginxCommand::new("/n.conf"))
+            .upstream("app")
+            .build()
+            .unwrap_err();
+        assert!(no_include.to_string().contains("include"), "{no_include}");
+        let no_upstream = NginxReloadConfig::builder(NginxCommand::new("/n.conf"))
+            .include("/tmp/x.conf")
+            .build()
+            .unwrap_err();
         assert!(
-            NginxReloadConfig::new(cmd.clone(), "/tmp/x.conf", "app", "/run/nginx.pid").is_ok()
+            no_upstream.to_string().contains("upstream"),
+            "{no_upstream}"
         );
-        assert!(
-            NginxReloadConfig::new(cmd.clone(), "/tmp/x.conf", "a;pp", "/run/nginx.pid").is_err()
-        );
-        assert!(NginxReloadConfig::new(cmd, "/tmp/x.conf", "a.b", "/run/nginx.pid").is_err());
+        let no_file = NginxReloadConfig::builder(NginxCommand::new("/n.conf"))
+            .include("/")
+            .upstream("app")
+            .build()
+            .unwrap_err();
+        assert!(no_file.to_string().contains("include"), "{no_file}");
         let p = VerifyProbe::new("127.0.0.1:80".parse().unwrap());
         assert!(p.clone().with_path("/health?x=1").is_ok());
         assert!(p.clone().with_path("/a b").is_err());

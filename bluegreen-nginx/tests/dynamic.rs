@@ -347,3 +347,65 @@ fn state_file_paths_are_validated() {
         assert!(c.clone().with_state_file(bad).is_err(), "{bad:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_process_loads_the_token_back_from_the_included_snippet() {
+    if !common::require(true) {
+        return;
+    }
+    let dir = common::tempdir();
+    let backends = common::Backends::start().await;
+    let snippet = dir.path().join("app-bluegreen.conf");
+    // nginx includes the snippet file, as a deployment would; the token lives only there.
+    let nginx = bluegreen_testenv::port::start_on_fresh_ports(|[listen, control]| {
+        let ip = std::net::Ipv4Addr::LOCALHOST;
+        let config = NginxDynamicConfig::new(
+            "app",
+            (ip, control).into(),
+            NginxDynamicConfig::generate_token().unwrap(),
+        )
+        .unwrap();
+        std::fs::write(&snippet, config.render_snippet()).unwrap();
+        let mut site = bluegreen_testenv::nginx::StandaloneConfig::dynamic(
+            dir.path(),
+            (ip, listen).into(),
+            &config,
+        );
+        site.http = format!("include {};\n", snippet.display());
+        bluegreen_testenv::nginx::NginxProcess::start(site).map(|n| (n, config.control))
+    })
+    .unwrap();
+    let (nginx, control) = nginx;
+
+    let token = NginxDynamicConfig::token_from_snippet(&snippet).unwrap();
+    // The token never shows in Debug.
+    assert!(!format!("{token:?}").contains(token.expose()));
+    let switch = NginxDynamicSwitch::new(NginxDynamicConfig::new("app", control, token).unwrap());
+    switch
+        .apply(&TrafficSplit::all(Slot::Green), &backends.endpoints())
+        .await
+        .unwrap();
+    assert_eq!(
+        common::served_by(nginx.listen()).await.unwrap(),
+        Slot::Green
+    );
+
+    // Not a snippet of ours, or one whose token line was edited: a clear error, no token shown.
+    let other = dir.path().join("other.conf");
+    std::fs::write(&other, "upstream app { server 127.0.0.1:1; }\n").unwrap();
+    let err = NginxDynamicConfig::token_from_snippet(&other).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not a bluegreen-nginx Dynamic snippet"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&snippet).unwrap();
+    let token = NginxDynamicConfig::token_from_snippet(&snippet).unwrap();
+    let edited = dir.path().join("edited.conf");
+    std::fs::write(&edited, text.replace(token.expose(), "short")).unwrap();
+    let err = NginxDynamicConfig::token_from_snippet(&edited).unwrap_err();
+    assert!(err.to_string().contains("control token"), "{err}");
+    assert!(!err.to_string().contains("short"), "{err}");
+    let err = NginxDynamicConfig::token_from_snippet(dir.path().join("missing.conf")).unwrap_err();
+    assert!(err.to_string().contains("missing.conf"), "{err}");
+}

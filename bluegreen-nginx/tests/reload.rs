@@ -8,7 +8,11 @@ use std::time::Duration;
 use bluegreen_core::testkit::switch_suite;
 use bluegreen_core::{Endpoint, Error, Slot, TrafficSplit, TrafficSwitch};
 use bluegreen_demo::{DemoConfig, DemoServer};
-use bluegreen_nginx::{NginxError, NginxReloadConfig, NginxReloadSwitch, Restored, Routing, Step};
+use bluegreen_nginx::{
+    NginxError, NginxReloadConfig, NginxReloadSwitch, Restored, Routing, SlotMarker, Step,
+    VerifyProbe, PROBE_HEADER, UPSTREAM_HEADER,
+};
+use bluegreen_testenv::{nginx, port};
 
 fn nginx_error(e: &Error) -> &NginxError {
     match e {
@@ -91,16 +95,22 @@ async fn a_switch_whose_requests_do_not_reach_the_target_is_rolled_back() {
     let s = common::reload().await;
     let before = include_text(&s);
     // "green" is really another blue instance (a misrouted environment): nginx accepts the
-    // config and reloads, but the probe sees blue answering.
+    // config and reloads, but the probe sees blue answering. Only the application's own slot
+    // header can tell (the default marker, the upstream address, proves where nginx sends
+    // requests, not what runs there).
     let wrong = DemoServer::start(DemoConfig::new("v1", "blue"))
         .await
         .unwrap();
     let mut endpoints = s.backends.endpoints();
     endpoints.green = vec![Endpoint::new("127.0.0.1", wrong.local_addr().port())];
+    let app_marker = VerifyProbe::new(s.listen)
+        .with_marker(SlotMarker::Header("x-bluegreen-slot".into()))
+        .unwrap();
     let switch = NginxReloadSwitch::new(
         s.switch
             .config()
             .clone()
+            .with_verify(app_marker)
             .with_verify_timeout(Duration::from_secs(2)),
     );
     let err = switch
@@ -139,7 +149,7 @@ async fn nginx_not_running_and_a_stale_pid_file_are_told_apart_and_change_nothin
     child.wait().unwrap();
     std::fs::write(&stale, format!("{dead}\n")).unwrap();
     let mut config = s.switch.config().clone();
-    config.pid_file = stale;
+    config.pid_file = Some(stale);
     let err = NginxReloadSwitch::new(config)
         .apply(&TrafficSplit::all(Slot::Green), &endpoints)
         .await
@@ -267,7 +277,12 @@ fn reload_config_refuses_hostile_names() {
     let cmd = bluegreen_nginx::NginxCommand::new("/etc/nginx/nginx.conf");
     for bad in ["app;", "app\n", "a b", "app}", ""] {
         assert!(
-            NginxReloadConfig::new(cmd.clone(), "/tmp/u.conf", bad, "/run/nginx.pid").is_err(),
+            NginxReloadConfig::builder(cmd.clone())
+                .include("/tmp/u.conf")
+                .upstream(bad)
+                .pid_file("/run/nginx.pid")
+                .build()
+                .is_err(),
             "{bad:?}"
         );
     }
@@ -300,6 +315,8 @@ async fn a_reload_the_master_rejects_is_reported_and_the_previous_include_restor
         .clone()
         .with_reload_timeout(Duration::from_secs(3));
     config.nginx = bluegreen_nginx::NginxCommand::new(&other_conf).with_prefix(&other);
+    // The master's own pid file, given explicitly (the other config names another).
+    config.pid_file = Some(s.nginx.config().pid_file());
     let mut endpoints = s.backends.endpoints();
     endpoints.green = vec![Endpoint::new("no-such-host.invalid", 8080)];
     let err = NginxReloadSwitch::new(config)
@@ -370,4 +387,155 @@ async fn every_endpoint_of_a_weighted_slot_is_rendered_and_serves() {
         s.switch.current().await.unwrap(),
         Some(TrafficSplit::all(Slot::Green))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pid_file_is_the_one_the_configuration_names() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    // The setup gives no pid file: the switch found nginx's through `nginx -T`.
+    assert_eq!(s.switch.config().pid_file, None);
+    let found = s
+        .switch
+        .config()
+        .nginx
+        .pid_file(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(found, s.nginx.config().pid_file());
+    assert_eq!(
+        std::fs::read_to_string(&found).unwrap().trim(),
+        s.nginx.pid().to_string()
+    );
+    // A main config without `pid`: the binary's compiled-in path (Debian: /run/nginx.pid).
+    let bare = s.dir.path().join("bare.conf");
+    std::fs::write(
+        &bare,
+        format!(
+            "error_log {}/logs/bare.log;\nevents {{}}\nhttp {{}}\n",
+            s.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let compiled = bluegreen_nginx::NginxCommand::new(&bare)
+        .with_prefix(s.dir.path())
+        .pid_file(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(compiled.is_absolute(), "{compiled:?}");
+    assert_ne!(compiled, found);
+    // A main config nginx refuses: the error says so.
+    let broken = s.dir.path().join("broken.conf");
+    std::fs::write(&broken, "events {}\nhttp { nonsense; }\n").unwrap();
+    let err = bluegreen_nginx::NginxCommand::new(&broken)
+        .with_prefix(s.dir.path())
+        .pid_file(Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NginxError::ConfigTest { .. }), "{err:?}");
+    assert!(err.to_string().contains("nonsense"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_needs_nothing_from_the_app_and_clients_never_see_the_marker() {
+    if !common::require(false) {
+        return;
+    }
+    let s = common::reload().await;
+    // The default probe reads the upstream address the include adds; the demo's own
+    // `x-bluegreen-slot` is not used.
+    let probe = s.switch.config().verify.clone().unwrap();
+    assert_eq!(
+        probe.marker,
+        SlotMarker::UpstreamAddrHeader(UPSTREAM_HEADER.into())
+    );
+    assert_eq!(s.switch.last_report(), None);
+    s.switch
+        .apply(&TrafficSplit::all(Slot::Green), &s.backends.endpoints())
+        .await
+        .unwrap();
+    // The report of that apply is reachable through the switch (and its clones).
+    let report = s.switch.clone().last_report().unwrap();
+    assert!(report.changed && report.verified, "{report:?}");
+    assert!(report.latency > Duration::ZERO, "{report:?}");
+
+    let green = s.backends.endpoints().green[0].authority();
+    let probed = bluegreen_demo::client::get_with(s.listen, "/", &[(PROBE_HEADER, "1")])
+        .await
+        .unwrap();
+    assert_eq!(probed.header(UPSTREAM_HEADER), Some(green.as_str()));
+    // A client without the probe header never sees upstream addresses.
+    let plain = bluegreen_demo::client::get(s.listen, "/").await.unwrap();
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header(UPSTREAM_HEADER), None, "{plain:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_location_with_its_own_add_header_fails_verification_naming_the_fix_and_restores() {
+    if !common::require(false) {
+        return;
+    }
+    let dir = common::tempdir();
+    let backends = common::Backends::start().await;
+    let include = dir.path().join("upstream.conf");
+    let config = NginxReloadConfig::builder(nginx::command(dir.path()))
+        .include(&include)
+        .upstream("app")
+        .build()
+        .unwrap()
+        .with_verify_timeout(Duration::from_secs(2));
+    NginxReloadSwitch::new(config.clone())
+        .write_initial(&TrafficSplit::all(Slot::Blue), &backends.endpoints())
+        .unwrap();
+    // The site's location sets a header of its own: it no longer inherits the include's.
+    let start = |location: String| {
+        port::start_on_fresh_ports(|[listen]| {
+            let mut c = nginx::StandaloneConfig::reload(
+                dir.path(),
+                std::net::SocketAddr::from(([127, 0, 0, 1], listen)),
+                &include,
+                "app",
+            );
+            c.location = location.clone();
+            nginx::NginxProcess::start(c)
+        })
+        .unwrap()
+    };
+    let own = "proxy_pass http://app;\nadd_header x-frame-options DENY always;\n".to_string();
+    let server = start(own);
+    let listen = server.listen();
+    let switch = NginxReloadSwitch::new(config.clone().with_verify(VerifyProbe::new(listen)));
+    let before = std::fs::read_to_string(&include).unwrap();
+    let err = switch
+        .apply(&TrafficSplit::all(Slot::Green), &backends.endpoints())
+        .await
+        .unwrap_err();
+    let ne = nginx_error(&err);
+    assert_eq!(ne.step(), Some(Step::Verify), "{err}");
+    assert!(err.to_string().contains("render_location"), "{err}");
+    assert!(
+        matches!(ne.restored(), Some(Restored::Restored { reloaded: true })),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&include).unwrap(), before);
+    assert_eq!(common::served_by(listen).await.unwrap(), Slot::Blue);
+    assert_eq!(switch.last_report(), None);
+    server.stop();
+
+    // The location with render_location()'s lines (plus its own header) verifies.
+    let fixed = format!(
+        "{}add_header x-frame-options DENY always;\n",
+        config.render_location()
+    );
+    let server = start(fixed);
+    let listen = server.listen();
+    let switch = NginxReloadSwitch::new(config.with_verify(VerifyProbe::new(listen)));
+    switch
+        .apply(&TrafficSplit::all(Slot::Green), &backends.endpoints())
+        .await
+        .unwrap();
+    assert!(switch.last_report().unwrap().verified);
+    assert_eq!(common::served_by(listen).await.unwrap(), Slot::Green);
 }

@@ -82,9 +82,12 @@ async fn dynamic(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcom
 
 async fn reload(o: Options, endpoints: &Endpoints, dir: &Path) -> Result<Outcome> {
     let include = dir.join("upstream.conf");
-    let config =
-        NginxReloadConfig::new(nginx::command(dir), &include, "app", nginx::pid_file(dir))?
-            .with_drain_wait(Duration::from_secs(2));
+    let config = NginxReloadConfig::builder(nginx::command(dir))
+        .include(&include)
+        .upstream("app")
+        .pid_file(nginx::pid_file(dir))
+        .build()?
+        .with_drain_wait(Duration::from_secs(2));
     // The include exists before nginx starts; the verify probe needs nginx's port.
     NginxReloadSwitch::new(config.clone())
         .write_initial(&TrafficSplit::all(Slot::Blue), endpoints)?;

@@ -50,13 +50,12 @@ pub async fn reload() -> ReloadSetup {
     let dir = tempdir();
     let backends = Backends::start_several(3, 2).await;
     let include = dir.path().join("upstream.conf");
-    let config = NginxReloadConfig::new(
-        nginx::command(dir.path()),
-        &include,
-        "app",
-        nginx::pid_file(dir.path()),
-    )
-    .unwrap();
+    // No pid file given: the switch finds the one nginx.conf names (`pid …;`).
+    let config = NginxReloadConfig::builder(nginx::command(dir.path()))
+        .include(&include)
+        .upstream("app")
+        .build()
+        .unwrap();
     // The include must exist before nginx starts; the verify probe needs nginx's port, known
     // once it runs.
     NginxReloadSwitch::new(config.clone())
