@@ -54,8 +54,8 @@ pub struct ProxyConfig {
     /// Most requests that may wait while the proxy is paused (default 10 000); more are answered
     /// 503 with `Retry-After` at once.
     pub max_paused_requests: usize,
-    /// Longest a request waits while the proxy is paused (default 10 s); then it is answered 503
-    /// with `Retry-After`.
+    /// Longest a request waits while the proxy is paused (default 10 s); then it is answered 504
+    /// (gateway timeout).
     #[serde(with = "bluegreen_core::config::duration")]
     pub max_pause_wait: Duration,
     /// Request header that sends a request to the preview slot (default `x-bluegreen-preview`).

@@ -16,6 +16,7 @@ mod switch;
 pub use admin::{AdminServer, RemoteProxySwitch};
 pub use config::ProxyConfig;
 pub use error::ProxyError;
+pub use pause::PauseCounts;
 pub use remote_env::RemoteEnvironment;
 pub use switch::ProxySwitch;
 

@@ -375,11 +375,19 @@ async fn handle(
         .pass(cfg.max_paused_requests, cfg.max_pause_wait)
         .await
     {
-        let text = match refused {
-            Refused::QueueFull => "proxy paused: too many waiting requests\n",
-            Refused::TimedOut => "proxy paused for too long\n",
+        // Overflow: retry soon (503 + Retry-After). Timeout: the request waited its whole
+        // bound at the gateway (504).
+        let (status, text) = match refused {
+            Refused::QueueFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "proxy paused: too many waiting requests\n",
+            ),
+            Refused::TimedOut => (StatusCode::GATEWAY_TIMEOUT, "proxy paused for too long\n"),
         };
-        return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, text, None));
+        let mut resp = local_response(status, text, None);
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(resp);
     }
     // Routed only after the pause gate, so a held request sees the split applied meanwhile.
     let table = state.table.load_full();

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
+use crate::pause::PauseCounts;
 use crate::proxy::{serve, State};
 use crate::routing::{Preview, Table, Upstream};
 use crate::NAME;
@@ -168,6 +169,12 @@ impl ProxySwitch {
     /// True while paused.
     pub fn is_paused(&self) -> bool {
         self.inner.state.gate.is_paused()
+    }
+
+    /// What pausing did to requests since the proxy started: held and let through, refused
+    /// with 503 because too many were waiting, or with 504 because the pause lasted too long.
+    pub fn pause_counts(&self) -> PauseCounts {
+        self.inner.state.gate.counts()
     }
 
     /// Requests held by the pause right now.

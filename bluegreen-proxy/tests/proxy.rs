@@ -206,7 +206,8 @@ async fn paused_requests_wait_and_go_to_the_split_applied_meanwhile() {
 }
 
 #[tokio::test]
-async fn pause_queue_overflow_and_overlong_wait_answer_503_with_retry_after() {
+async fn pause_queue_overflow_answers_503_and_overlong_wait_504_both_with_retry_after_and_counted()
+{
     let (b, g) = (upstream("blue").await, upstream("green").await);
     let p = ProxySwitch::bind(
         ProxyConfig::default()
@@ -237,6 +238,11 @@ async fn pause_queue_overflow_and_overlong_wait_answer_503_with_retry_after() {
     for h in held {
         assert_eq!(h.await.unwrap(), (200, "blue".to_string()));
     }
+    let counts = p.pause_counts();
+    assert_eq!(
+        (counts.held, counts.overflowed, counts.timed_out),
+        (2, 1, 0)
+    );
 
     // The time bound.
     let p =
@@ -249,9 +255,14 @@ async fn pause_queue_overflow_and_overlong_wait_answer_503_with_retry_after() {
     p.pause().await.unwrap();
     let started = Instant::now();
     let r = c.get(p.url("/")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.status(), 504);
     assert!(r.headers().contains_key("retry-after"));
     assert!(started.elapsed() >= Duration::from_millis(200));
+    let counts = p.pause_counts();
+    assert_eq!(
+        (counts.held, counts.overflowed, counts.timed_out),
+        (0, 0, 1)
+    );
     assert_eq!(
         b.requests(),
         2,
