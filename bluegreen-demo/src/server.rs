@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::{DemoConfig, MAX_SLOW_MS};
+use crate::db::Db;
 
 struct App {
     version: HeaderValue,
@@ -30,6 +31,7 @@ struct App {
     error_rate: f64,
     requests: AtomicU64,
     rpc_token: Option<String>,
+    db: Option<Db>,
 }
 
 impl App {
@@ -50,6 +52,14 @@ impl App {
             error_rate: config.error_rate.clamp(0.0, 1.0),
             requests: AtomicU64::new(0),
             rpc_token: config.rpc_token.clone(),
+            db: match &config.database_url {
+                Some(url) => {
+                    Some(Db::new(url.parse().map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidInput, e)
+                    })?))
+                }
+                None => None,
+            },
         })
     }
 
@@ -111,9 +121,40 @@ impl App {
         res
     }
 
+    /// `POST /write?id=N`: answered 200 only once the row is committed.
+    async fn write(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+        let id = query
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("id="))
+            .and_then(|v| v.parse::<i64>().ok());
+        let Some(id) = id else {
+            return self.respond(
+                StatusCode::BAD_REQUEST,
+                Bytes::from_static(b"missing ?id=N (an integer)\n"),
+            );
+        };
+        let Some(db) = &self.db else {
+            return self.respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from_static(b"no database: set DATABASE_URL\n"),
+            );
+        };
+        match db.write(id).await {
+            Ok(()) => self.respond(StatusCode::OK, Bytes::from(format!("written {id}\n"))),
+            Err(e) => self.respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from(format!("database write failed: {e}\n")),
+            ),
+        }
+    }
+
     async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         if req.method() == Method::POST && req.uri().path() == "/jsonrpc" {
             return self.jsonrpc(&req);
+        }
+        if req.method() == Method::POST && req.uri().path() == "/write" {
+            return self.write(req.uri().query()).await;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return self.respond(
