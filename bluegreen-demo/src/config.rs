@@ -311,6 +311,20 @@ mod tests {
     }
 
     #[test]
+    fn the_database_url_is_read_but_never_shown() {
+        let url = "postgres://app:s3cret@127.0.0.1:5432/shop";
+        let c = from(&[("DATABASE_URL", url)]).unwrap();
+        assert_eq!(c.database_url, Some(DatabaseUrl::new(url)));
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        let err = from(&[("DATABASE_URL", "postgres://app:s3cret@[bad")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("DATABASE_URL") && !msg.contains("s3cret"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (k, v) in [
             ("PORT", "http"),

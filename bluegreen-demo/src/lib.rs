@@ -12,6 +12,7 @@
 //! | `/web/health` | like `/health` (Odoo's health path, for the Odoo-style example)   |
 //! | `/env/NAME`   | `200 set (N bytes)` when the variable reached the app, else `404`  |
 //! | `/web/login`  | a small HTML login page                                           |
+//! | `GET /ws`     | a WebSocket echo: each text message comes back as `<slot> <message>` |
 //! | `POST /write?id=N` | inserts `N` into the table `demo_writes (id bigint primary key)` of the database in `DATABASE_URL` and answers `200 written N` after the commit; `503` naming the error when the database refuses (e.g. writes frozen) or is not configured |
 //! | `POST /jsonrpc` | `{"jsonrpc":"2.0","result":{"server_version":"<v>"}}`; with `DEMO_RPC_TOKEN` set it needs `Authorization: Bearer <token>` (else 401) |
 //!

@@ -5,6 +5,7 @@
 pub mod admin;
 mod config;
 mod error;
+mod long_lived;
 mod metrics;
 mod pause;
 mod persist;

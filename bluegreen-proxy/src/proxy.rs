@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
+use crate::long_lived::{pump, LongLived, LongLivedGuard, Pumped, CLOSE_GRACE};
 use crate::metrics::{InFlight, Stats};
 use crate::pause::{PauseGate, Refused};
 use crate::routing::{Names, RoundRobin, Table, Upstream};
@@ -40,6 +41,7 @@ pub(crate) struct State {
     pub(crate) writer: Mutex<()>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) gate: PauseGate,
+    pub(crate) long_lived: Arc<LongLived>,
     rr: RoundRobin,
     client: UpstreamClient,
 }
@@ -59,6 +61,7 @@ impl State {
             writer: Mutex::new(()),
             stats: Stats::new(),
             gate: PauseGate::new(),
+            long_lived: LongLived::new(),
             rr: RoundRobin::default(),
             client,
         }
@@ -456,7 +459,7 @@ async fn forward(
         let sent = tokio::time::timeout(cfg.response_header_timeout, state.client.request(out));
         match sent.await {
             Ok(Ok(resp)) => {
-                return respond(resp, set_cookie, in_flight, client_upgrade);
+                return respond(state, resp, set_cookie, in_flight, client_upgrade);
             }
             Ok(Err(e)) if e.is_connect() => {
                 state.stats.connect_error(slot);
@@ -494,6 +497,7 @@ async fn forward(
 }
 
 fn respond(
+    state: &State,
     mut resp: Response<Incoming>,
     set_cookie: Option<HeaderValue>,
     in_flight: InFlight,
@@ -508,9 +512,16 @@ fn respond(
     match client_upgrade {
         Some(client_side) if switching => {
             let upstream_side = hyper::upgrade::on(&mut resp);
+            let websocket = resp
+                .headers()
+                .get(UPGRADE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
             let (parts, body) = resp.into_parts();
-            // The tunnel counts as in flight until either side closes it.
-            tokio::spawn(tunnel(client_side, upstream_side, in_flight));
+            // The request is answered: from now on the tunnel is a long-lived connection,
+            // counted apart from requests so a drain or a cutover does not wait for it.
+            let guard = state.long_lived.open(in_flight.slot());
+            drop(in_flight);
+            tokio::spawn(tunnel(client_side, upstream_side, guard, websocket));
             Response::from_parts(
                 parts,
                 ProxyBody {
@@ -529,18 +540,83 @@ fn respond(
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    in_flight: InFlight,
+    mut guard: LongLivedGuard,
+    websocket: bool,
 ) {
-    let _in_flight = in_flight;
-    match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => {
-            let mut c = TokioIo::new(c);
-            let mut u = TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut c = TokioIo::new(c);
+    let mut u = TokioIo::new(u);
+    if !websocket {
+        // Another protocol: bytes are copied as they come; asked to close, it is cut.
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                if let Err(e) = copied {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            () = guard.close_requested() => guard.closed_gracefully(),
+        }
+        return;
+    }
+    let (mut cr, mut cw) = tokio::io::split(c);
+    let (mut ur, mut uw) = tokio::io::split(u);
+    let (closing, rx) = watch::channel(false);
+    let (rx2, rx3) = (rx.clone(), rx);
+    let down = {
+        let mut both = std::pin::pin!(async {
+            // Upstream to client: server frames, unmasked.
+            let mut down = std::pin::pin!(pump(&mut ur, &mut cw, false, rx2));
+            // Client to upstream: client frames, masked.
+            let mut up = std::pin::pin!(pump(&mut cr, &mut uw, true, rx3));
+            // Once one side is done the other gets a moment to finish, not forever (a peer
+            // that never closes its half would keep the connection counted).
+            let rest = |r: Result<std::io::Result<Pumped>, _>| r.unwrap_or(Ok(Pumped::Eof));
+            tokio::select! {
+                d = &mut down => (d, rest(tokio::time::timeout(CLOSE_GRACE, &mut up).await)),
+                u = &mut up => (rest(tokio::time::timeout(CLOSE_GRACE, &mut down).await), u),
+            }
+        });
+        tokio::select! {
+            ended = &mut both => {
+                log_tunnel_end(ended);
+                None
+            }
+            () = guard.close_requested() => {
+                closing.send_replace(true);
+                match tokio::time::timeout(CLOSE_GRACE, &mut both).await {
+                    Ok((down, _)) => Some(down),
+                    Err(_) => {
+                        tracing::debug!("a closing WebSocket did not reach a frame boundary in time: cut");
+                        None
+                    }
+                }
             }
         }
-        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    };
+    let Some(down) = down else { return };
+    if matches!(down, Ok(Pumped::Closed)) {
+        guard.closed_gracefully();
+        // The client answers the close frame; then the connection ends (bounded).
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while matches!(tokio::io::AsyncReadExt::read(&mut cr, &mut sink).await, Ok(n) if n > 0)
+            {
+            }
+        })
+        .await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut cw).await;
+    }
+}
+
+fn log_tunnel_end(ended: (std::io::Result<Pumped>, std::io::Result<Pumped>)) {
+    if let (Err(e), _) | (_, Err(e)) = ended {
+        tracing::debug!(error = %e, "WebSocket connection ended with an error");
     }
 }
 

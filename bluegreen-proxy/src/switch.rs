@@ -171,6 +171,34 @@ impl ProxySwitch {
         self.inner.state.gate.is_paused()
     }
 
+    /// Long-lived connections (WebSocket and other upgraded connections) open to `slot` now.
+    /// They are not requests in flight: [`in_flight_now`](ProxySwitch::in_flight_now) does not
+    /// count them.
+    pub fn long_lived_now(&self, slot: Slot) -> u64 {
+        self.inner.state.long_lived.open_now(slot)
+    }
+
+    /// Long-lived connections to `slot` the proxy closed (a WebSocket with a close frame `1001
+    /// going away` sent at a frame boundary, another upgraded protocol by closing it) since it
+    /// started.
+    pub fn long_lived_closed(&self, slot: Slot) -> u64 {
+        self.inner.state.long_lived.closed(slot)
+    }
+
+    /// Closes every long-lived connection open to `slot` (see
+    /// [`long_lived_closed`](ProxySwitch::long_lived_closed)) and waits until they are gone, at
+    /// most a few seconds; returns how many were closed gracefully.
+    pub async fn close_long_lived_now(&self, slot: Slot) -> u64 {
+        let ll = &self.inner.state.long_lived;
+        let before = ll.closed(slot);
+        ll.close_all(slot);
+        let deadline = tokio::time::Instant::now() + 3 * crate::long_lived::CLOSE_GRACE;
+        while ll.open_now(slot) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ll.closed(slot) - before
+    }
+
     /// What pausing did to requests since the proxy started: held and let through, refused
     /// with 503 because too many were waiting, or with 504 because the pause lasted too long.
     pub fn pause_counts(&self) -> PauseCounts {
@@ -227,7 +255,9 @@ impl TrafficSwitch for ProxySwitch {
     }
 
     fn capabilities(&self) -> Capabilities {
-        capabilities()
+        // Not (yet) through the admin API: only the in-process proxy closes long-lived
+        // connections.
+        capabilities().with_close_long_lived(true)
     }
 
     async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
@@ -295,6 +325,14 @@ impl TrafficSwitch for ProxySwitch {
 
     async fn metrics(&self, slot: Slot) -> Result<SlotMetrics> {
         Ok(self.inner.state.stats.metrics(slot))
+    }
+
+    async fn long_lived(&self, slot: Slot) -> Result<u64> {
+        Ok(self.inner.state.long_lived.open_now(slot))
+    }
+
+    async fn close_long_lived(&self, slot: Slot) -> Result<u64> {
+        Ok(self.close_long_lived_now(slot).await)
     }
 
     async fn pause(&self) -> Result<()> {

@@ -566,7 +566,7 @@ async fn forwarded_headers_are_added_and_hop_by_hop_headers_dropped() {
 }
 
 #[tokio::test]
-async fn upgraded_connections_are_tunnelled_and_counted_until_closed() {
+async fn upgraded_connections_are_tunnelled_and_counted_as_long_lived_until_closed() {
     let (b, g) = (upstream("blue").await, upstream("green").await);
     let p = proxy().await;
     p.apply(&TrafficSplit::all(Slot::Blue), &eps(&b, &g))
@@ -601,11 +601,19 @@ async fn upgraded_connections_are_tunnelled_and_counted_until_closed() {
         s.read_exact(&mut buf).await.unwrap();
         assert_eq!(buf, msg);
     }
-    assert_eq!(p.in_flight_now(Slot::Blue), 1);
-    drop(s);
+    // A long-lived connection, not a request in flight: a drain does not wait for it.
+    assert_eq!(p.long_lived_now(Slot::Blue), 1);
+    assert_eq!(p.in_flight_now(Slot::Blue), 0);
     p.wait_drained(Slot::Blue, Duration::from_secs(10))
         .await
         .unwrap();
+    drop(s);
+    let probe = p.clone();
+    eventually("the tunnel is gone", || {
+        probe.long_lived_now(Slot::Blue) == 0
+    })
+    .await;
+    assert_eq!(p.long_lived_closed(Slot::Blue), 0, "the client closed it");
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use crate::events::DeployEvent;
 use crate::policy::{KeepOld, Promotion};
 use crate::state::{RunKind, Waiting};
 use crate::traits::{HookPoint, Prepared};
-use crate::types::{TrafficSplit, Version};
+use crate::types::{Slot, TrafficSplit, Version};
 
 impl Run<'_> {
     /// Lock, load and target choice happen before the flight exists; nothing is left to do.
@@ -427,6 +427,16 @@ impl Run<'_> {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            if sw.capabilities().close_long_lived {
+                // Traffic is already on the target: a failure here is reported, not undone
+                // (stopping the old slot ends those connections anyway).
+                if let Err((backend, e)) = self.close_long_lived(prev, deadline).await {
+                    if matches!(e, Error::LockLost { .. } | Error::Interrupted) {
+                        return Err((backend, e));
+                    }
+                    tracing::warn!(backend, error = %e, slot = %prev, "closing long-lived connections failed");
+                }
+            }
         }
         if p.keep_old == KeepOld::Stop {
             let env = self.d.environment.clone();
@@ -435,6 +445,37 @@ impl Run<'_> {
             self.retry(|| env.stop(prev, drain)).await.by(env.name())?;
         }
         Ok(Step::Continue)
+    }
+
+    /// Long-lived connections (WebSockets) to the old slot stay open until the drain deadline;
+    /// those still open then are closed gracefully by the switch, and counted.
+    async fn close_long_lived(&mut self, prev: Slot, deadline: Instant) -> PhaseResult<()> {
+        let sw = self.d.switch.clone();
+        let open = loop {
+            let n = sw.long_lived(prev).await.by(sw.name())?;
+            if n == 0 || Instant::now() >= deadline {
+                break n;
+            }
+            self.check_interrupt()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if open == 0 {
+            return Ok(());
+        }
+        self.fenced(format!(
+            "{}: close {open} long-lived connection(s) to {prev}",
+            sw.name()
+        ))
+        .await?;
+        let count = sw.close_long_lived(prev).await.by(sw.name())?;
+        tracing::info!(slot = %prev, count, "long-lived connections closed at the drain deadline");
+        let id = self.flight().id;
+        self.emit(DeployEvent::LongLivedClosed {
+            id,
+            slot: prev,
+            count,
+        });
+        Ok(())
     }
 
     /// The last word before success: the switch still sends every request to the target (read
