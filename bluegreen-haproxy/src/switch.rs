@@ -502,13 +502,15 @@ impl TrafficSwitch for HaproxySwitch {
         NAME
     }
 
-    /// Weights (`set weight`), real in-flight counts (`scur`) and per-server metrics (`show
-    /// stat`); no sticky sessions, preview or pause.
+    /// Weights (`set weight`), real in-flight counts (`scur`), per-server metrics (`show
+    /// stat`) and closing the sessions left on a server after its drain (`shutdown sessions
+    /// server`); no sticky sessions, preview or pause.
     fn capabilities(&self) -> Capabilities {
         Capabilities::basic()
             .with_weights(true)
             .with_drain(true)
             .with_metrics(true)
+            .with_close_long_lived(true)
     }
 
     async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
@@ -528,6 +530,38 @@ impl TrafficSwitch for HaproxySwitch {
         self.sessions(slot)
             .await
             .map_err(|e| e.into_core("in_flight"))
+    }
+
+    /// The sessions still on the slot's server (`scur`): HAProxy does not tell a WebSocket
+    /// from a slow request, so this is the same count as `in_flight`.
+    async fn long_lived(&self, slot: Slot) -> Result<u64> {
+        self.sessions(slot)
+            .await
+            .map_err(|e| e.into_core("long_lived"))
+    }
+
+    /// `shutdown sessions server <backend>/<server>` for the slot's server, then waits (about
+    /// 2 s at most) until its `scur` reaches 0; returns how many sessions it had. HAProxy
+    /// closes them at the TCP level: a WebSocket client sees its connection end, not a close
+    /// frame, and reconnects to the live server.
+    async fn close_long_lived(&self, slot: Slot) -> Result<u64> {
+        let core = |e: HaproxyError| e.into_core("close_long_lived");
+        let open = self.sessions(slot).await.map_err(core)?;
+        if open == 0 {
+            return Ok(0);
+        }
+        let server = self.server(slot).clone();
+        self.inner
+            .client
+            .send(&Command::shutdown_sessions(&self.inner.backend, &server))
+            .await
+            .map_err(core)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.sessions(slot).await.map_err(core)? > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(self.inner.config.poll_interval).await;
+        }
+        Ok(open)
     }
 
     /// The slot's server counters from `show stat`: responses (`hrsp_*`), 5xx (`hrsp_5xx`),
