@@ -60,6 +60,11 @@ impl LongLived {
         self.closed[idx(slot)].load(Ordering::Relaxed)
     }
 
+    /// Counts `n` connections to `slot` closed gracefully by other means (HTTP/2 GOAWAY).
+    pub(crate) fn add_closed(&self, slot: Slot, n: u64) {
+        self.closed[idx(slot)].fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Asks every connection to `slot` open now to close.
     pub(crate) fn close_all(&self, slot: Slot) {
         self.close[idx(slot)].send_modify(|generation| *generation += 1);
@@ -89,6 +94,115 @@ impl LongLivedGuard {
 impl Drop for LongLivedGuard {
     fn drop(&mut self) {
         self.owner.open[idx(self.slot)].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The client connections of a proxy and, for each, the requests in flight per slot: at the
+/// drain deadline, an HTTP/2 connection still carrying streams to the old slot is shut down
+/// gracefully (GOAWAY: the streams in flight finish, the client opens new ones on a new
+/// connection).
+#[derive(Default)]
+pub(crate) struct Connections {
+    next: AtomicU64,
+    open: std::sync::Mutex<std::collections::HashMap<u64, Arc<Connection>>>,
+}
+
+/// One client connection.
+#[derive(Default)]
+pub(crate) struct Connection {
+    http2: std::sync::atomic::AtomicBool,
+    in_flight: [AtomicU64; 2],
+    goaway: tokio::sync::Notify,
+}
+
+impl Connection {
+    /// Notes a request of this connection, in flight to `slot` until the guard is dropped.
+    pub(crate) fn start(self: &Arc<Self>, slot: Slot, http2: bool) -> ConnRequest {
+        if http2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        self.in_flight[idx(slot)].fetch_add(1, Ordering::AcqRel);
+        ConnRequest {
+            conn: Arc::clone(self),
+            slot,
+        }
+    }
+
+    /// Resolves when the connection is to be shut down gracefully.
+    pub(crate) async fn goaway_requested(&self) {
+        self.goaway.notified().await;
+    }
+}
+
+/// A request in flight on one connection.
+pub(crate) struct ConnRequest {
+    conn: Arc<Connection>,
+    slot: Slot,
+}
+
+impl Drop for ConnRequest {
+    fn drop(&mut self) {
+        self.conn.in_flight[idx(self.slot)].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Removes a connection from the registry when its task ends.
+pub(crate) struct Registered {
+    owner: Arc<Connections>,
+    id: u64,
+    pub(crate) conn: Arc<Connection>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.owner
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Connections {
+    pub(crate) fn register(self: &Arc<Self>) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Connection::default());
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::clone(&conn));
+        Registered {
+            owner: Arc::clone(self),
+            id,
+            conn,
+        }
+    }
+
+    fn http2_with_streams_to(&self, slot: Slot) -> Vec<Arc<Connection>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| {
+                c.http2.load(Ordering::Relaxed)
+                    && c.in_flight[idx(slot)].load(Ordering::Acquire) > 0
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// HTTP/2 connections with streams in flight to `slot` now.
+    pub(crate) fn http2_to(&self, slot: Slot) -> u64 {
+        self.http2_with_streams_to(slot).len() as u64
+    }
+
+    /// Sends GOAWAY on every HTTP/2 connection with streams in flight to `slot`; how many.
+    pub(crate) fn goaway(&self, slot: Slot) -> u64 {
+        let conns = self.http2_with_streams_to(slot);
+        for c in &conns {
+            c.goaway.notify_one();
+        }
+        conns.len() as u64
     }
 }
 

@@ -21,12 +21,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
-use crate::long_lived::{pump, LongLived, LongLivedGuard, Pumped, CLOSE_GRACE};
+use crate::long_lived::{
+    pump, ConnRequest, Connection, Connections, LongLived, LongLivedGuard, Pumped, CLOSE_GRACE,
+};
 use crate::metrics::{InFlight, Stats};
 use crate::pause::{PauseGate, Refused};
 use crate::routing::{Names, RoundRobin, Table, Upstream};
@@ -42,6 +43,7 @@ pub(crate) struct State {
     pub(crate) stats: Arc<Stats>,
     pub(crate) gate: PauseGate,
     pub(crate) long_lived: Arc<LongLived>,
+    pub(crate) connections: Arc<Connections>,
     rr: RoundRobin,
     client: UpstreamClient,
 }
@@ -62,6 +64,7 @@ impl State {
             stats: Stats::new(),
             gate: PauseGate::new(),
             long_lived: LongLived::new(),
+            connections: Arc::default(),
             rr: RoundRobin::default(),
             client,
         }
@@ -75,7 +78,8 @@ pub(crate) async fn serve(
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Each connection task holds a receiver: the proxy has stopped once all are gone.
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -88,18 +92,40 @@ pub(crate) async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let registered = state.connections.register();
+                    let this = Arc::clone(&registered.conn);
                     let state = Arc::clone(&state);
                     let service = hyper::service::service_fn(move |req| {
-                        handle(Arc::clone(&state), peer, req)
+                        handle(Arc::clone(&state), peer, Arc::clone(&this), req)
                     });
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
-                    let conn = graceful.watch(conn);
+                    let mut stop = stop_rx.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
+                        let mut conn = std::pin::pin!(conn);
+                        let mut closing = false;
+                        let ended = loop {
+                            tokio::select! {
+                                ended = conn.as_mut() => break ended,
+                                // The proxy stops, or the drain deadline of a slot this
+                                // connection still has streams to: HTTP/2 GOAWAY, HTTP/1.1
+                                // closes after the response in progress.
+                                _ = stop.changed(), if !closing => {
+                                    closing = true;
+                                    conn.as_mut().graceful_shutdown();
+                                }
+                                () = registered.conn.goaway_requested(), if !closing => {
+                                    closing = true;
+                                    conn.as_mut().graceful_shutdown();
+                                }
+                            }
+                        };
+                        if let Err(e) = ended {
                             tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         }
+                        drop(registered);
+                        drop(stop);
                     });
                 }
                 Err(e) => {
@@ -112,7 +138,9 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(state.config.shutdown_timeout, graceful.shutdown())
+    drop(stop_rx);
+    stop_tx.send_replace(true);
+    if tokio::time::timeout(state.config.shutdown_timeout, stop_tx.closed())
         .await
         .is_err()
     {
@@ -125,6 +153,8 @@ pub(crate) async fn serve(
 pub(crate) struct ProxyBody {
     kind: Kind,
     in_flight: Option<InFlight>,
+    /// The same request as seen by its client connection (ended with `in_flight`).
+    conn: Option<ConnRequest>,
 }
 
 enum Kind {
@@ -137,6 +167,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))),
             in_flight,
+            conn: None,
         }
     }
 }
@@ -156,6 +187,7 @@ impl Body for ProxyBody {
         };
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_end_stream() {
             this.in_flight = None;
+            this.conn = None;
         }
         polled
     }
@@ -370,6 +402,7 @@ fn upstream_uri(up: &Upstream, pq: Option<&PathAndQuery>) -> Uri {
 async fn handle(
     state: Arc<State>,
     peer: SocketAddr,
+    conn: Arc<Connection>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let cfg = &state.config;
@@ -407,7 +440,8 @@ async fn handle(
         ));
     };
     let in_flight = state.stats.start(route.slot);
-    Ok(forward(
+    let on_conn = conn.start(route.slot, req.version() == Version::HTTP_2);
+    let mut resp = forward(
         &state,
         peer,
         req,
@@ -415,7 +449,12 @@ async fn handle(
         route.set_cookie,
         in_flight,
     )
-    .await)
+    .await;
+    let body = resp.body_mut();
+    if body.in_flight.is_some() {
+        body.conn = Some(on_conn);
+    }
+    Ok(resp)
 }
 
 async fn forward(
@@ -527,12 +566,14 @@ fn respond(
                 ProxyBody {
                     kind: Kind::Upstream(body),
                     in_flight: None,
+                    conn: None,
                 },
             )
         }
         _ => resp.map(|body| ProxyBody {
             kind: Kind::Upstream(body),
             in_flight: Some(in_flight),
+            conn: None,
         }),
     }
 }

@@ -171,16 +171,16 @@ impl ProxySwitch {
         self.inner.state.gate.is_paused()
     }
 
-    /// Long-lived connections (WebSocket and other upgraded connections) open to `slot` now.
-    /// They are not requests in flight: [`in_flight_now`](ProxySwitch::in_flight_now) does not
-    /// count them.
+    /// Long-lived connections to `slot` now: WebSocket and other upgraded connections (not
+    /// requests in flight: [`in_flight_now`](ProxySwitch::in_flight_now) does not count them),
+    /// and HTTP/2 client connections with streams in flight to `slot`.
     pub fn long_lived_now(&self, slot: Slot) -> u64 {
-        self.inner.state.long_lived.open_now(slot)
+        self.inner.state.long_lived.open_now(slot) + self.inner.state.connections.http2_to(slot)
     }
 
     /// Long-lived connections to `slot` the proxy closed (a WebSocket with a close frame `1001
-    /// going away` sent at a frame boundary, another upgraded protocol by closing it) since it
-    /// started.
+    /// going away` sent at a frame boundary, another upgraded protocol by closing it, an HTTP/2
+    /// connection with GOAWAY) since it started.
     pub fn long_lived_closed(&self, slot: Slot) -> u64 {
         self.inner.state.long_lived.closed(slot)
     }
@@ -191,6 +191,9 @@ impl ProxySwitch {
     pub async fn close_long_lived_now(&self, slot: Slot) -> u64 {
         let ll = &self.inner.state.long_lived;
         let before = ll.closed(slot);
+        // HTTP/2: GOAWAY; the streams in flight finish where they are.
+        let goaway = self.inner.state.connections.goaway(slot);
+        ll.add_closed(slot, goaway);
         ll.close_all(slot);
         let deadline = tokio::time::Instant::now() + 3 * crate::long_lived::CLOSE_GRACE;
         while ll.open_now(slot) > 0 && tokio::time::Instant::now() < deadline {
@@ -328,7 +331,7 @@ impl TrafficSwitch for ProxySwitch {
     }
 
     async fn long_lived(&self, slot: Slot) -> Result<u64> {
-        Ok(self.inner.state.long_lived.open_now(slot))
+        Ok(self.long_lived_now(slot))
     }
 
     async fn close_long_lived(&self, slot: Slot) -> Result<u64> {

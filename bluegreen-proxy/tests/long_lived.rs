@@ -131,3 +131,62 @@ async fn closing_a_slot_without_long_lived_connections_closes_nothing() {
         "the client closed it, not the proxy"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_with_a_stream_to_the_old_slot_gets_goaway_and_the_stream_finishes() {
+    let (_b, _g, p, eps) = setup().await;
+    let tcp = tokio::net::TcpStream::connect(p.local_addr())
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |mut sender: hyper::client::conn::http2::SendRequest<_>, path: &str| {
+        let uri = format!("http://{}{path}", p.local_addr());
+        async move {
+            let req = hyper::Request::get(uri)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await?;
+            let slot = resp.headers()["x-bluegreen-slot"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let status = resp.status().as_u16();
+            http_body_util::BodyExt::collect(resp.into_body()).await?;
+            Ok::<_, hyper::Error>((status, slot))
+        }
+    };
+    // A long stream to blue, then the switch: the connection now carries a stream to the old
+    // slot.
+    let slow = tokio::spawn(get(sender.clone(), "/slow?ms=1500"));
+    let probe = p.clone();
+    eventually("the stream is in flight", || probe.in_flight_now(Slot::Blue) == 1).await;
+    p.apply(&TrafficSplit::all(Slot::Green), &eps)
+        .await
+        .unwrap();
+    // New streams on the same connection go to green already.
+    assert_eq!(
+        get(sender.clone(), "/").await.unwrap(),
+        (200, "green".into())
+    );
+    assert_eq!(p.long_lived_now(Slot::Blue), 1);
+    assert_eq!(p.close_long_lived(Slot::Blue).await.unwrap(), 1);
+    // GOAWAY: the stream in flight finishes on blue; the client opens no new stream here.
+    assert_eq!(slow.await.unwrap().unwrap(), (200, "blue".into()));
+    assert!(
+        get(sender, "/").await.is_err(),
+        "a new stream was accepted after GOAWAY"
+    );
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the connection did not end after GOAWAY")
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.long_lived_closed(Slot::Blue), 1);
+    assert_eq!(p.long_lived_now(Slot::Blue), 0);
+}
