@@ -165,7 +165,10 @@ async fn an_http2_connection_with_a_stream_to_the_old_slot_gets_goaway_and_the_s
     // slot.
     let slow = tokio::spawn(get(sender.clone(), "/slow?ms=1500"));
     let probe = p.clone();
-    eventually("the stream is in flight", || probe.in_flight_now(Slot::Blue) == 1).await;
+    eventually("the stream is in flight", || {
+        probe.in_flight_now(Slot::Blue) == 1
+    })
+    .await;
     p.apply(&TrafficSplit::all(Slot::Green), &eps)
         .await
         .unwrap();

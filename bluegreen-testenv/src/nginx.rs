@@ -83,6 +83,9 @@ pub struct StandaloneConfig {
     pub http: String,
     /// Directives of the site's `location /`.
     pub location: String,
+    /// `worker_shutdown_timeout`: how long old workers keep connections after a reload
+    /// (default 10 s).
+    pub worker_shutdown_timeout: std::time::Duration,
 }
 
 impl StandaloneConfig {
@@ -100,6 +103,7 @@ impl StandaloneConfig {
             lua: true,
             http: config.render_snippet(),
             location: config.render_location(),
+            worker_shutdown_timeout: std::time::Duration::from_secs(10),
         }
     }
 
@@ -120,7 +124,27 @@ impl StandaloneConfig {
             location: format!(
                 "proxy_pass http://{upstream};\nproxy_http_version 1.1;\nproxy_set_header Connection \"\";\n"
             ),
+            worker_shutdown_timeout: std::time::Duration::from_secs(10),
         }
+    }
+
+    /// Proxying WebSockets too: `Upgrade` is passed on and `Connection` is `upgrade` when the
+    /// client asked for one (empty otherwise, keeping upstream keep-alive).
+    pub fn with_websockets(mut self) -> Self {
+        self.http.push_str(
+            "map $http_upgrade $bg_connection_upgrade {\n    default upgrade;\n    '' '';\n}\n",
+        );
+        self.location = self.location.replace(
+            "proxy_set_header Connection \"\";",
+            "proxy_set_header Upgrade $http_upgrade;\nproxy_set_header Connection $bg_connection_upgrade;",
+        );
+        self
+    }
+
+    /// With `worker_shutdown_timeout`.
+    pub fn with_worker_shutdown_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.worker_shutdown_timeout = timeout;
+        self
     }
 
     /// With `worker_processes`.
@@ -167,7 +191,10 @@ impl StandaloneConfig {
                 "load_module {LUA_MODULE_DIR}/ndk_http_module.so;\nload_module {LUA_MODULE_DIR}/ngx_http_lua_module.so;\n"
             ));
         }
-        out.push_str("worker_shutdown_timeout 10s;\nevents { worker_connections 4096; }\nhttp {\n");
+        out.push_str(&format!(
+            "worker_shutdown_timeout {}ms;\nevents {{ worker_connections 4096; }}\nhttp {{\n",
+            self.worker_shutdown_timeout.as_millis()
+        ));
         out.push_str("    access_log off;\n");
         for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             out.push_str(&format!("    {t}_temp_path {p}/tmp/{t};\n"));
@@ -292,7 +319,8 @@ impl Drop for NginxProcess {
     }
 }
 
-fn loopback(port: u16) -> SocketAddr {
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
