@@ -12,6 +12,7 @@ mod persist;
 mod proxy;
 mod remote_env;
 mod routing;
+mod shadow;
 mod switch;
 
 pub use admin::{AdminServer, RemoteProxySwitch};
@@ -19,6 +20,7 @@ pub use config::ProxyConfig;
 pub use error::ProxyError;
 pub use pause::PauseCounts;
 pub use remote_env::RemoteEnvironment;
+pub use shadow::{ShadowConfig, ShadowMismatch, ShadowReport};
 pub use switch::ProxySwitch;
 
 /// The name this switch reports (`TrafficSwitch::name`), as found in errors and events.

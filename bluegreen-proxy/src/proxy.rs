@@ -31,6 +31,7 @@ use crate::long_lived::{
 use crate::metrics::{InFlight, Stats};
 use crate::pause::{PauseGate, Refused};
 use crate::routing::{Names, RoundRobin, Table, Upstream};
+use crate::shadow::{Shadow, Tee};
 
 type UpstreamClient = Client<HttpConnector, RequestBody>;
 
@@ -44,6 +45,7 @@ pub(crate) struct State {
     pub(crate) gate: PauseGate,
     pub(crate) long_lived: Arc<LongLived>,
     pub(crate) connections: Arc<Connections>,
+    pub(crate) shadow: Option<Arc<Shadow>>,
     rr: RoundRobin,
     client: UpstreamClient,
 }
@@ -57,6 +59,10 @@ impl State {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
             .build(http);
+        let shadow = config
+            .shadow
+            .clone()
+            .map(|s| Shadow::new(s, config.connect_timeout));
         State {
             config,
             table: ArcSwap::from_pointee(Table::default()),
@@ -65,6 +71,7 @@ impl State {
             gate: PauseGate::new(),
             long_lived: LongLived::new(),
             connections: Arc::default(),
+            shadow,
             rr: RoundRobin::default(),
             client,
         }
@@ -155,6 +162,8 @@ pub(crate) struct ProxyBody {
     in_flight: Option<InFlight>,
     /// The same request as seen by its client connection (ended with `in_flight`).
     conn: Option<ConnRequest>,
+    /// A copy of the answer for shadow traffic's comparison, when the request was mirrored.
+    tee: Option<Tee>,
 }
 
 enum Kind {
@@ -168,6 +177,7 @@ impl ProxyBody {
             kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))),
             in_flight,
             conn: None,
+            tee: None,
         }
     }
 }
@@ -185,9 +195,20 @@ impl Body for ProxyBody {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
+        if let (Some(tee), Poll::Ready(Some(Ok(frame)))) = (&mut this.tee, &polled) {
+            if let Some(data) = frame.data_ref() {
+                tee.data(data);
+            }
+        }
+        if matches!(polled, Poll::Ready(None)) || this.is_end_stream() {
+            if let Some(tee) = &mut this.tee {
+                tee.finish();
+            }
+        }
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_end_stream() {
             this.in_flight = None;
             this.conn = None;
+            this.tee = None;
         }
         polled
     }
@@ -441,6 +462,26 @@ async fn handle(
     };
     let in_flight = state.stats.start(route.slot);
     let on_conn = conn.start(route.slot, req.version() == Version::HTTP_2);
+    // Shadow traffic: live requests (not preview ones) mirrored to the preview slot.
+    let mirrored = match (&state.shadow, &table.preview) {
+        (Some(shadow), Some(preview))
+            if preview.slot != route.slot
+                && !wants_upgrade(&req)
+                && !preview.upstreams.is_empty() =>
+        {
+            let mut headers = req.headers().clone();
+            strip_hop_by_hop(&mut headers, false);
+            let target = upstream_uri(&preview.upstreams[0], req.uri().path_and_query());
+            shadow.mirror(
+                req.method(),
+                req.uri(),
+                &headers,
+                req.body().is_end_stream(),
+                target,
+            )
+        }
+        _ => None,
+    };
     let mut resp = forward(
         &state,
         peer,
@@ -450,9 +491,18 @@ async fn handle(
         in_flight,
     )
     .await;
+    let tee = mirrored.map(|m| m.tee(resp.status(), resp.headers()));
     let body = resp.body_mut();
     if body.in_flight.is_some() {
         body.conn = Some(on_conn);
+    }
+    if let Some(mut tee) = tee {
+        if body.is_end_stream() {
+            // Nothing will be polled (e.g. a HEAD answer): the answer is complete now.
+            tee.finish();
+        } else {
+            body.tee = Some(tee);
+        }
     }
     Ok(resp)
 }
@@ -567,6 +617,7 @@ fn respond(
                     kind: Kind::Upstream(body),
                     in_flight: None,
                     conn: None,
+                    tee: None,
                 },
             )
         }
@@ -574,6 +625,7 @@ fn respond(
             kind: Kind::Upstream(body),
             in_flight: Some(in_flight),
             conn: None,
+            tee: None,
         }),
     }
 }

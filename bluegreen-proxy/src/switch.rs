@@ -20,6 +20,7 @@ use crate::config::ProxyConfig;
 use crate::pause::PauseCounts;
 use crate::proxy::{serve, State};
 use crate::routing::{Preview, Table, Upstream};
+use crate::shadow::ShadowReport;
 use crate::NAME;
 
 /// An in-process reverse proxy that is a [`TrafficSwitch`].
@@ -208,6 +209,12 @@ impl ProxySwitch {
         self.inner.state.gate.counts()
     }
 
+    /// How shadow traffic went since preview routing last turned on; `None` without
+    /// [`ProxyConfig::shadow`](crate::ProxyConfig::shadow).
+    pub fn shadow_report(&self) -> Option<ShadowReport> {
+        self.inner.state.shadow.as_ref().map(|s| s.snapshot())
+    }
+
     /// Requests held by the pause right now.
     pub fn paused_requests(&self) -> usize {
         self.inner.state.gate.waiting()
@@ -311,6 +318,7 @@ impl TrafficSwitch for ProxySwitch {
             }
             None => None,
         };
+        let turning_on = preview.is_some() && self.table().load().preview.is_none();
         self.update(|current| {
             if current.preview == preview {
                 return None;
@@ -319,6 +327,11 @@ impl TrafficSwitch for ProxySwitch {
             next.preview = preview;
             Some(next)
         })?;
+        if turning_on {
+            if let Some(shadow) = &self.inner.state.shadow {
+                shadow.reset();
+            }
+        }
         Ok(())
     }
 
