@@ -20,7 +20,7 @@ pub use config::ProxyConfig;
 pub use error::ProxyError;
 pub use pause::PauseCounts;
 pub use remote_env::RemoteEnvironment;
-pub use shadow::{ShadowConfig, ShadowMismatch, ShadowReport};
+pub use shadow::{ShadowAnalysis, ShadowConfig, ShadowMismatch, ShadowReport};
 pub use switch::ProxySwitch;
 
 /// The name this switch reports (`TrafficSwitch::name`), as found in errors and events.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bluegreen_core::analysis::{Analysis, AnalysisContext, Verdict};
 use bluegreen_core::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -509,6 +510,89 @@ impl TeeStart {
     }
 }
 
+/// The shadow traffic mismatch rate as an analysis input: fails a deployment whose preview slot
+/// answered differently from the live one too often, naming examples.
+///
+/// Reads [`ProxySwitch::shadow_report`](crate::ProxySwitch::shadow_report), which keeps what
+/// was mirrored while preview routing was on (before the switch). Fewer than `min_compared`
+/// comparisons is inconclusive, never a pass.
+///
+/// ```no_run
+/// # async fn f(proxy: bluegreen_proxy::ProxySwitch) -> bluegreen_core::Result<()> {
+/// use std::sync::Arc;
+/// use bluegreen_proxy::ShadowAnalysis;
+///
+/// let analysis = ShadowAnalysis::new(proxy.clone(), 0.01).with_min_compared(50);
+/// let deployer = bluegreen_core::Deployer::builder()
+///     .switch(Arc::new(proxy))
+///     .analysis(Arc::new(analysis));
+/// # let _ = deployer; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ShadowAnalysis {
+    proxy: crate::ProxySwitch,
+    max_mismatch_rate: f64,
+    min_compared: u64,
+}
+
+impl ShadowAnalysis {
+    /// Fails above `max_mismatch_rate` (0 to 1) of compared answers differing.
+    pub fn new(proxy: crate::ProxySwitch, max_mismatch_rate: f64) -> Self {
+        ShadowAnalysis {
+            proxy,
+            max_mismatch_rate: max_mismatch_rate.clamp(0.0, 1.0),
+            min_compared: 20,
+        }
+    }
+
+    /// With the fewest comparisons for a verdict (default 20).
+    pub fn with_min_compared(mut self, n: u64) -> Self {
+        self.min_compared = n;
+        self
+    }
+
+    /// The verdict on `report`.
+    pub fn verdict(&self, report: Option<&ShadowReport>) -> Verdict {
+        let Some(r) = report else {
+            return Verdict::Inconclusive("shadow traffic is not configured on the proxy".into());
+        };
+        if r.compared < self.min_compared {
+            return Verdict::Inconclusive(format!(
+                "shadow traffic: {} of {} answers needed compared ({} mirrored, {} shadow errors)",
+                r.compared, self.min_compared, r.mirrored, r.shadow_errors
+            ));
+        }
+        let rate = r.mismatch_rate().unwrap_or(0.0);
+        if rate > self.max_mismatch_rate {
+            let examples: Vec<String> = r
+                .examples
+                .iter()
+                .map(|e| format!("{} {}: {}", e.method, e.path, e.detail))
+                .collect();
+            return Verdict::Fail(format!(
+                "shadow traffic: {} of {} answers of the new release differed ({:.1} % > {:.1} %), e.g. {}",
+                r.mismatched,
+                r.compared,
+                rate * 100.0,
+                self.max_mismatch_rate * 100.0,
+                examples.join("; ")
+            ));
+        }
+        Verdict::Pass
+    }
+}
+
+#[async_trait::async_trait]
+impl Analysis for ShadowAnalysis {
+    fn name(&self) -> &str {
+        "shadow"
+    }
+
+    async fn analyze(&self, _ctx: &AnalysisContext) -> Result<Verdict> {
+        Ok(self.verdict(self.proxy.shadow_report().as_ref()))
+    }
+}
+
 fn strip(v: &mut serde_json::Value, keys: &[String]) {
     match v {
         serde_json::Value::Object(map) => {
@@ -626,6 +710,38 @@ mod tests {
         for (c, field) in bad {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_analysis_needs_enough_comparisons_and_names_examples() {
+        let proxy = crate::ProxySwitch::bind(crate::ProxyConfig::default())
+            .await
+            .unwrap();
+        let a = ShadowAnalysis::new(proxy, 0.1).with_min_compared(10);
+        assert!(matches!(a.verdict(None), Verdict::Inconclusive(_)));
+        let mut r = ShadowReport {
+            compared: 9,
+            ..ShadowReport::default()
+        };
+        assert!(matches!(a.verdict(Some(&r)), Verdict::Inconclusive(_)));
+        r.compared = 10;
+        r.mismatched = 1;
+        assert_eq!(a.verdict(Some(&r)), Verdict::Pass);
+        r.mismatched = 2;
+        r.examples.push(ShadowMismatch {
+            method: "GET".into(),
+            path: "/cart".into(),
+            live_status: 200,
+            shadow_status: 500,
+            detail: "status 200 vs 500".into(),
+        });
+        match a.verdict(Some(&r)) {
+            Verdict::Fail(why) => assert!(
+                why.contains("2 of 10") && why.contains("GET /cart: status 200 vs 500"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
         }
     }
 
