@@ -8,11 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bluegreen_core::{Slot, TrafficSplit, TrafficSwitch};
-use bluegreen_nginx::{
-    NginxDynamicConfig, NginxDynamicSwitch, NginxReloadConfig, NginxReloadSwitch,
-};
-use bluegreen_testenv::nginx::{self, loopback, NginxProcess, StandaloneConfig};
-use bluegreen_testenv::port;
+use bluegreen_testenv::nginx::{NginxProcess, StandaloneConfig};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -50,23 +46,13 @@ async fn dynamic_switch_leaves_an_open_websocket_on_the_old_slot() {
     if !common::require(true) {
         return;
     }
-    let dir = common::tempdir();
-    let backends = common::Backends::start().await;
-    let token = NginxDynamicConfig::generate_token().unwrap();
-    let (nginx, config) = port::start_on_fresh_ports(|[listen, control]| {
-        let config = NginxDynamicConfig::new("app", loopback(control), token.clone()).unwrap();
-        let site =
-            StandaloneConfig::dynamic(dir.path(), loopback(listen), &config).with_websockets();
-        Ok((NginxProcess::start(site)?, config))
-    })
-    .unwrap();
-    let switch = NginxDynamicSwitch::new(config);
-    let eps = backends.endpoints();
+    let s = common::dynamic_site(StandaloneConfig::with_websockets).await;
+    let (nginx, switch, eps) = (&s.nginx, &s.switch, s.backends.endpoints());
     switch
         .apply(&TrafficSplit::all(Slot::Blue), &eps)
         .await
         .unwrap();
-    let mut ws = open(&nginx).await;
+    let mut ws = open(nginx).await;
     assert_eq!(echo(&mut ws, "a").await.as_deref(), Some("blue a"));
 
     switch
@@ -79,7 +65,7 @@ async fn dynamic_switch_leaves_an_open_websocket_on_the_old_slot() {
     let (how, _) = ending(&mut ws, Duration::from_millis(1500)).await;
     assert_eq!(how, "still open");
     assert_eq!(echo(&mut ws, "c").await.as_deref(), Some("blue c"));
-    let mut new = open(&nginx).await;
+    let mut new = open(nginx).await;
     assert_eq!(echo(&mut new, "d").await.as_deref(), Some("green d"));
     println!("nginx Dynamic switch: the open WebSocket stayed on blue, still open 1.5 s later; a new one went to green");
 }
@@ -89,31 +75,14 @@ async fn reload_switch_keeps_an_open_websocket_until_worker_shutdown_timeout_the
     if !common::require(false) {
         return;
     }
-    let dir = common::tempdir();
-    let backends = common::Backends::start().await;
-    let include = dir.path().join("upstream.conf");
-    let config = NginxReloadConfig::new(
-        nginx::command(dir.path()),
-        &include,
-        "app",
-        nginx::pid_file(dir.path()),
-    )
-    .unwrap();
-    NginxReloadSwitch::new(config.clone())
-        .write_initial(&TrafficSplit::all(Slot::Blue), &backends.endpoints())
-        .unwrap();
     let shutdown_timeout = Duration::from_secs(2);
-    let nginx = port::start_on_fresh_ports(|[listen]| {
-        NginxProcess::start(
-            StandaloneConfig::reload(dir.path(), loopback(listen), &include, "app")
-                .with_websockets()
-                .with_worker_shutdown_timeout(shutdown_timeout),
-        )
+    let s = common::reload_site(|site| {
+        site.with_websockets()
+            .with_worker_shutdown_timeout(shutdown_timeout)
     })
-    .unwrap();
-    let switch = NginxReloadSwitch::new(config);
-    let eps = backends.endpoints();
-    let mut ws = open(&nginx).await;
+    .await;
+    let (nginx, switch, eps) = (&s.nginx, s.switch.clone(), s.backends.endpoints());
+    let mut ws = open(nginx).await;
     assert_eq!(echo(&mut ws, "a").await.as_deref(), Some("blue a"));
 
     let reloaded = Instant::now();
@@ -124,7 +93,7 @@ async fn reload_switch_keeps_an_open_websocket_until_worker_shutdown_timeout_the
     };
     // Once new connections reach green the reload took effect…
     let mut new = loop {
-        let mut c = open(&nginx).await;
+        let mut c = open(nginx).await;
         if echo(&mut c, "c").await.as_deref() == Some("green c") {
             break c;
         }

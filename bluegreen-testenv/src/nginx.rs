@@ -319,8 +319,7 @@ impl Drop for NginxProcess {
     }
 }
 
-/// `127.0.0.1:port`.
-pub fn loopback(port: u16) -> SocketAddr {
+fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -335,14 +334,31 @@ pub fn start_dynamic(
     name: &str,
     configure: impl Fn(NginxDynamicConfig) -> Result<NginxDynamicConfig, bluegreen_core::Error>,
 ) -> Result<(NginxProcess, NginxDynamicConfig), StartError> {
+    start_dynamic_site(prefix, name, configure, |site| site)
+}
+
+/// [`start_dynamic`], with `site` changing the nginx configuration around it (e.g.
+/// [`StandaloneConfig::with_websockets`]).
+///
+/// # Errors
+/// nginx does not start.
+pub fn start_dynamic_site(
+    prefix: &Path,
+    name: &str,
+    configure: impl Fn(NginxDynamicConfig) -> Result<NginxDynamicConfig, bluegreen_core::Error>,
+    site: impl Fn(StandaloneConfig) -> StandaloneConfig,
+) -> Result<(NginxProcess, NginxDynamicConfig), StartError> {
     let invalid = |e: bluegreen_core::Error| StartError::Failed(format!("dynamic config: {e}"));
     let token = NginxDynamicConfig::generate_token().map_err(invalid)?;
     port::start_on_fresh_ports(|[listen, control]| {
         let config = NginxDynamicConfig::new(name, loopback(control), token.clone())
             .and_then(&configure)
             .map_err(invalid)?;
-        let nginx =
-            NginxProcess::start(StandaloneConfig::dynamic(prefix, loopback(listen), &config))?;
+        let nginx = NginxProcess::start(site(StandaloneConfig::dynamic(
+            prefix,
+            loopback(listen),
+            &config,
+        )))?;
         Ok((nginx, config))
     })
 }
@@ -358,11 +374,29 @@ pub fn start_reload(
     upstream: &str,
     workers: Option<u32>,
 ) -> Result<NginxProcess, StartError> {
+    start_reload_site(prefix, include, upstream, |c| match workers {
+        Some(w) => c.with_workers(w),
+        None => c,
+    })
+}
+
+/// [`start_reload`], with `site` changing the nginx configuration (e.g.
+/// [`StandaloneConfig::with_websockets`]).
+///
+/// # Errors
+/// nginx does not start.
+pub fn start_reload_site(
+    prefix: &Path,
+    include: &Path,
+    upstream: &str,
+    site: impl Fn(StandaloneConfig) -> StandaloneConfig,
+) -> Result<NginxProcess, StartError> {
     port::start_on_fresh_ports(|[listen]| {
-        let mut c = StandaloneConfig::reload(prefix, loopback(listen), include, upstream);
-        if let Some(w) = workers {
-            c = c.with_workers(w);
-        }
-        NginxProcess::start(c)
+        NginxProcess::start(site(StandaloneConfig::reload(
+            prefix,
+            loopback(listen),
+            include,
+            upstream,
+        )))
     })
 }
