@@ -135,16 +135,7 @@ async fn closing_a_slot_without_long_lived_connections_closes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_with_a_stream_to_the_old_slot_gets_goaway_and_the_stream_finishes() {
     let (_b, _g, p, eps) = setup().await;
-    let tcp = tokio::net::TcpStream::connect(p.local_addr())
-        .await
-        .unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (sender, conn) = common::h2_connect(p.local_addr()).await;
     let get = |mut sender: hyper::client::conn::http2::SendRequest<_>, path: &str| {
         let uri = format!("http://{}{path}", p.local_addr());
         async move {

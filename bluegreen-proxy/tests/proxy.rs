@@ -623,16 +623,7 @@ async fn http2_prior_knowledge_clients_are_served() {
     p.apply(&TrafficSplit::all(Slot::Green), &eps(&b, &g))
         .await
         .unwrap();
-    let tcp = tokio::net::TcpStream::connect(p.local_addr())
-        .await
-        .unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (sender, _conn) = common::h2_connect(p.local_addr()).await;
     let mut streams = Vec::new();
     for _ in 0..10 {
         let mut sender = sender.clone();
