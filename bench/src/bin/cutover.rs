@@ -238,12 +238,12 @@ async fn scenario(cluster: &Cluster, base: &str, pause: bool, clients: usize) ->
 fn print(label: &str, o: &Outcome) {
     let failed = o.reads.failed + o.writes.failed;
     println!(
-        "  {label:<10} {:>6} reads {:>6} writes  {failed:>4} failed  p99 {:>9.3?} before / {:>9.3?} during (+{:.3?})  max {:>9.3?}  writes frozen {:>8.3?}  held {:>4}  refused by pause {}  lost writes {}  deploy {:.2?}",
+        "  {label:<10} {:>6} reads {:>6} writes  {failed:>4} failed  p99 {:>9.3?} before / {:>9.3?} during ({:+.1} ms)  max {:>9.3?}  writes frozen {:>8.3?}  held {:>4}  refused by pause {}  lost writes {}  deploy {:.2?}",
         o.reads.ok,
         o.writes.ok,
         o.before_p99,
         o.during_p99,
-        o.during_p99.saturating_sub(o.before_p99),
+        (o.during_p99.as_secs_f64() - o.before_p99.as_secs_f64()) * 1000.0,
         o.during_max,
         o.frozen,
         o.held,
