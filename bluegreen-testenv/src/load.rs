@@ -18,6 +18,9 @@ use tokio::task::JoinHandle;
 /// Bound on one request (connect to last byte).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many latencies [`LoadStats::latencies_us`] keeps (16 MB).
+const MAX_LATENCIES: usize = 2_000_000;
+
 /// How many failure reasons [`LoadStats::errors`] keeps.
 const KEPT_ERRORS: usize = 10;
 
@@ -91,7 +94,7 @@ pub struct LoadStats {
     /// With [`LoadOptions::writes`]: the ids whose write was answered 2xx.
     pub acked: Vec<i64>,
     /// Each request's latency (send to complete answer, failed ones included), in microseconds,
-    /// in completion order.
+    /// in completion order; the first two million.
     pub latencies_us: Vec<u64>,
 }
 
@@ -226,7 +229,12 @@ async fn client(
             Err(_) => Outcome::Failed("request timed out".into()),
         };
         let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        lock(&stats).latencies_us.push(took);
+        {
+            let mut s = lock(&stats);
+            if s.latencies_us.len() < MAX_LATENCIES {
+                s.latencies_us.push(took);
+            }
+        }
         match outcome {
             Outcome::Ok {
                 slot,
