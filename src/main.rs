@@ -220,6 +220,9 @@ fn progress(deployer: &Deployer, mode: Mode) -> tokio::task::JoinHandle<()> {
                         }
                         DeployEvent::Switched { split, .. } => println!("{clear}  ⇄ traffic: {split}"),
                         DeployEvent::Waiting { reason, .. } => println!("{clear}  ⏸ {reason}"),
+                        DeployEvent::LongLivedClosed { slot, count, .. } => println!(
+                            "{clear}  ⏏ {count} long-lived connection(s) to {slot} closed at the drain deadline"
+                        ),
                         DeployEvent::RollingBack { reason, .. } => println!("{clear}  ↩ rolling back: {reason}"),
                         DeployEvent::Recovering { phase, action, .. } => {
                             println!("{clear}  ⟳ recovering a deployment left at {phase}: {action}")

@@ -1416,6 +1416,29 @@ admin = "127.0.0.1:8001"
     }
 
     #[test]
+    fn the_proxy_takes_shadow_traffic_settings_and_refuses_mirrored_writes() {
+        let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"/bin/true\"\n\
+                    [switch]\nkind = \"proxy\"\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n";
+        let p = load(&format!(
+            "{head}[switch.shadow]\npercent = 20\ncompare_bodies = true\nignore_json_fields = [\"at\"]\n"
+        ))
+        .unwrap();
+        let SwitchCfg::Proxy { config, .. } = &p.switch else {
+            panic!("{:?}", p.switch)
+        };
+        let shadow = config.shadow.as_ref().unwrap();
+        assert_eq!((shadow.percent, shadow.compare_bodies), (20, true));
+        assert_eq!(shadow.ignore_json_fields, ["at"]);
+        let err = load(&format!("{head}[switch.shadow]\nmethods = [\"POST\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[switch]") && err.contains("shadow.methods"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_backend_keys_are_errors_naming_the_section_and_key() {
         let head = "[project]\nname = \"shop\"\n[environment]\nkind = \"process\"\nprogram = \"/bin/true\"\n";
         for (switch, expected) in [

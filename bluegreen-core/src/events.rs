@@ -37,6 +37,16 @@ pub enum DeployEvent {
         /// The target slot.
         target: Slot,
     },
+    /// Long-lived connections to the old slot were still open at the drain deadline and the
+    /// switch closed them gracefully (their clients reconnect to the live slot).
+    LongLivedClosed {
+        /// Deployment id.
+        id: u64,
+        /// The old slot.
+        slot: Slot,
+        /// How many were closed.
+        count: u64,
+    },
     /// A phase began.
     PhaseStarted {
         /// Deployment id.

@@ -194,8 +194,17 @@ pub struct Policy {
     pub promotion: Promotion,
     /// Route preview traffic to the target before the switch (needs a switch with preview).
     pub preview: bool,
-    /// Pause new requests at the switch during the database cutover (needs a switch with pause).
+    /// Pause new requests at the switch during the database cutover (default off): the engine
+    /// holds new requests, lets those in flight to the live slot finish (see
+    /// `cutover_drain_timeout`), then runs the database's `before_switch` (e.g. the write freeze
+    /// and catch-up), switches and resumes. A switch whose [`Capabilities`](crate::Capabilities)
+    /// say it cannot pause is not refused: the cutover then runs without pausing.
     pub pause_during_cutover: bool,
+    /// Bound on the requests in flight to the live slot finishing once the switch is paused for
+    /// the cutover (default 5 s). Exceeding it fails the deploy before anything is frozen or
+    /// switched, and the switch resumes.
+    #[serde(with = "secs")]
+    pub cutover_drain_timeout: Duration,
     /// Old slot after success.
     pub keep_old: KeepOld,
     /// Crash recovery of an unswitched deployment.
@@ -227,6 +236,7 @@ impl Default for Policy {
             promotion: Promotion::Auto,
             preview: false,
             pause_during_cutover: false,
+            cutover_drain_timeout: Duration::from_secs(5),
             keep_old: KeepOld::Warm,
             resume: Resume::RollBack,
             verify_timeout: Duration::from_secs(30),
@@ -330,6 +340,11 @@ impl Policy {
     /// With pausing at the switch during the database cutover.
     pub fn with_pause_during_cutover(mut self, yes: bool) -> Self {
         self.pause_during_cutover = yes;
+        self
+    }
+    /// With the bound on in-flight requests finishing before the database cutover.
+    pub fn with_cutover_drain_timeout(mut self, d: Duration) -> Self {
+        self.cutover_drain_timeout = d;
         self
     }
     /// With what happens to the old slot.

@@ -183,6 +183,11 @@ pub struct Capabilities {
     pub drain: bool,
     /// Per-slot request metrics (`metrics`).
     pub metrics: bool,
+    /// Long-lived connections (WebSocket and other upgraded connections, HAProxy sessions)
+    /// counted apart from requests and closed gracefully at the drain deadline
+    /// (`long_lived`, `close_long_lived`).
+    #[serde(default)]
+    pub close_long_lived: bool,
 }
 
 impl Capabilities {
@@ -219,6 +224,11 @@ impl Capabilities {
     /// With metrics.
     pub fn with_metrics(mut self, yes: bool) -> Self {
         self.metrics = yes;
+        self
+    }
+    /// With long-lived connection counts and graceful closing.
+    pub fn with_close_long_lived(mut self, yes: bool) -> Self {
+        self.close_long_lived = yes;
         self
     }
 }
@@ -330,6 +340,22 @@ pub trait TrafficSwitch: Send + Sync + Debug {
     /// Releases held requests.
     async fn resume(&self) -> Result<()> {
         Err(Error::unsupported("resume", self.name()))
+    }
+
+    /// Long-lived connections open to `slot` now (WebSockets and other upgraded connections),
+    /// counted apart from [`in_flight`](TrafficSwitch::in_flight) requests: the engine lets
+    /// them run until the drain deadline instead of waiting for them.
+    async fn long_lived(&self, slot: Slot) -> Result<u64> {
+        let _ = slot;
+        Err(Error::unsupported("long_lived", self.name()))
+    }
+
+    /// Closes the long-lived connections still open to `slot` gracefully (a WebSocket gets a
+    /// close frame `1001 going away`), so their clients reconnect to the live slot; returns how
+    /// many were closed. Called by the engine at the drain deadline of the old slot.
+    async fn close_long_lived(&self, slot: Slot) -> Result<u64> {
+        let _ = slot;
+        Err(Error::unsupported("close_long_lived", self.name()))
     }
 }
 

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::db::DatabaseUrl;
+
 /// The longest sleep `/slow?ms=N` accepts, in milliseconds.
 pub const MAX_SLOW_MS: u64 = 60_000;
 
@@ -37,6 +39,8 @@ pub struct DemoConfig {
     pub ignore_sigterm: bool,
     /// When set, `POST /jsonrpc` requires `Authorization: Bearer <token>` (`DEMO_RPC_TOKEN`).
     pub rpc_token: Option<String>,
+    /// The database `POST /write` writes to (`DATABASE_URL`); without it the route answers 503.
+    pub database_url: Option<DatabaseUrl>,
 }
 
 impl Default for DemoConfig {
@@ -53,6 +57,7 @@ impl Default for DemoConfig {
             drain_timeout: Duration::from_secs(30),
             ignore_sigterm: false,
             rpc_token: None,
+            database_url: None,
         }
     }
 }
@@ -125,12 +130,30 @@ impl DemoConfig {
             c.drain_timeout = Duration::from_millis(parse("DEMO_DRAIN_MS", &d, "milliseconds")?);
         }
         c.rpc_token = set("DEMO_RPC_TOKEN");
+        if let Some(url) = set("DATABASE_URL") {
+            let url = DatabaseUrl::new(url);
+            // The value is a secret: the error names the variable only.
+            if url.parse().is_err() {
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "<redacted>",
+                    "a PostgreSQL connection string",
+                ));
+            }
+            c.database_url = Some(url);
+        }
         Ok(c)
     }
 
     /// With a token `POST /jsonrpc` requires.
     pub fn with_rpc_token(mut self, token: impl Into<String>) -> Self {
         self.rpc_token = Some(token.into());
+        self
+    }
+
+    /// With the database `POST /write` writes to.
+    pub fn with_database_url(mut self, url: DatabaseUrl) -> Self {
+        self.database_url = Some(url);
         self
     }
 
@@ -285,6 +308,20 @@ mod tests {
     #[test]
     fn version_falls_back_to_version_variable() {
         assert_eq!(from(&[("VERSION", "1.2")]).unwrap().version, "1.2");
+    }
+
+    #[test]
+    fn the_database_url_is_read_but_never_shown() {
+        let url = "postgres://app:s3cret@127.0.0.1:5432/shop";
+        let c = from(&[("DATABASE_URL", url)]).unwrap();
+        assert_eq!(c.database_url, Some(DatabaseUrl::new(url)));
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        let err = from(&[("DATABASE_URL", "postgres://app:s3cret@[bad")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("DATABASE_URL") && !msg.contains("s3cret"),
+            "{msg}"
+        );
     }
 
     #[test]

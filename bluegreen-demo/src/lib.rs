@@ -12,6 +12,8 @@
 //! | `/web/health` | like `/health` (Odoo's health path, for the Odoo-style example)   |
 //! | `/env/NAME`   | `200 set (N bytes)` when the variable reached the app, else `404`  |
 //! | `/web/login`  | a small HTML login page                                           |
+//! | `GET /ws`     | a WebSocket echo: each text message comes back as `<slot> <message>` |
+//! | `POST /write?id=N` | inserts `N` into the table `demo_writes (id bigint primary key)` of the database in `DATABASE_URL` and answers `200 written N` after the commit; `503` naming the error when the database refuses (e.g. writes frozen) or is not configured |
 //! | `POST /jsonrpc` | `{"jsonrpc":"2.0","result":{"server_version":"<v>"}}`; with `DEMO_RPC_TOKEN` set it needs `Authorization: Bearer <token>` (else 401) |
 //!
 //! Started as `bluegreen-demo -u <modules> --stop-after-init` it stands in for an Odoo module
@@ -24,7 +26,8 @@
 //! The `bluegreen-demo` binary reads its settings from the environment
 //! ([`DemoConfig::from_env`]): `PORT` (8080), `HOST` (127.0.0.1), `BLUEGREEN_VERSION` (else
 //! `VERSION`, else `dev`), `BLUEGREEN_SLOT` (`none`), and the knobs `DEMO_FAIL_HEALTH=1`,
-//! `DEMO_START_DELAY_MS=N`, `DEMO_ERROR_RATE=0.3`, `DEMO_EXIT_CODE=N`, `DEMO_DRAIN_MS=N` (drain
+//! `DEMO_START_DELAY_MS=N`, `DEMO_ERROR_RATE=0.3`, `DATABASE_URL` (for `POST /write`; what a
+//! PostgreSQL strategy's binding gives a release), `DEMO_EXIT_CODE=N`, `DEMO_DRAIN_MS=N` (drain
 //! bound, default 30 s) and `DEMO_IGNORE_SIGTERM=1` (a stuck release). On SIGTERM or SIGINT it
 //! stops accepting, finishes in-flight requests (bounded) and exits 0.
 //!
@@ -53,8 +56,10 @@
 mod binary;
 pub mod client;
 mod config;
+mod db;
 mod server;
 
 pub use binary::binary_path;
 pub use config::{ConfigError, DemoConfig, MAX_SLOW_MS};
+pub use db::{DatabaseUrl, WRITES_TABLE};
 pub use server::{serve, DemoServer};

@@ -11,16 +11,23 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
 use crate::config::{DemoConfig, MAX_SLOW_MS};
+use crate::db::Db;
 
 struct App {
     version: HeaderValue,
@@ -32,6 +39,7 @@ struct App {
     error_rate: f64,
     requests: AtomicU64,
     rpc_token: Option<String>,
+    db: Option<Db>,
 }
 
 impl App {
@@ -53,6 +61,14 @@ impl App {
             error_rate: config.error_rate.clamp(0.0, 1.0),
             requests: AtomicU64::new(0),
             rpc_token: config.rpc_token.clone(),
+            db: match &config.database_url {
+                Some(url) => {
+                    Some(Db::new(url.parse().map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidInput, e)
+                    })?))
+                }
+                None => None,
+            },
         })
     }
 
@@ -117,9 +133,98 @@ impl App {
         res
     }
 
+    /// `POST /write?id=N`: answered 200 only once the row is committed.
+    async fn write(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+        let id = query
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("id="))
+            .and_then(|v| v.parse::<i64>().ok());
+        let Some(id) = id else {
+            return self.respond(
+                StatusCode::BAD_REQUEST,
+                Bytes::from_static(b"missing ?id=N (an integer)\n"),
+            );
+        };
+        let Some(db) = &self.db else {
+            return self.respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from_static(b"no database: set DATABASE_URL\n"),
+            );
+        };
+        match db.write(id).await {
+            Ok(()) => self.respond(StatusCode::OK, Bytes::from(format!("written {id}\n"))),
+            Err(e) => self.respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from(format!("database write failed: {e}\n")),
+            ),
+        }
+    }
+
+    /// `GET /ws`: a WebSocket that answers every text message with `<slot> <message>` and
+    /// binary messages unchanged.
+    fn websocket(&self, mut req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let key = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| derive_accept_key(k.as_bytes()));
+        let upgrade = req
+            .headers()
+            .get(hyper::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let Some(accept) = key.filter(|_| upgrade) else {
+            return self.respond(
+                StatusCode::BAD_REQUEST,
+                Bytes::from_static(b"a WebSocket upgrade is expected here\n"),
+            );
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let slot = self.slot.to_str().unwrap_or("none").to_string();
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                let reply = match msg {
+                    Message::Text(t) => Message::text(format!("{slot} {}", t.as_str())),
+                    Message::Binary(b) => Message::Binary(b),
+                    // The close reply is queued by tungstenite and sent by the next poll,
+                    // which then ends the stream.
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut res = self.respond(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+        let h = res.headers_mut();
+        h.remove(CONTENT_TYPE);
+        h.insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        res
+    }
+
     async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         if req.method() == Method::POST && req.uri().path() == "/jsonrpc" {
             return self.jsonrpc(&req);
+        }
+        if req.uri().path() == "/ws" {
+            return self.websocket(req);
+        }
+        if req.method() == Method::POST && req.uri().path() == "/write" {
+            return self.write(req.uri().query()).await;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return self.respond(
@@ -218,7 +323,10 @@ pub async fn serve(
                     let app = app.clone();
                     async move { Ok::<_, Infallible>(app.handle(req).await) }
                 });
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                // HTTP/1.1 (with upgrades: `/ws`) and HTTP/2 with prior knowledge.
+                let conn = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
@@ -318,6 +426,14 @@ mod tests {
         assert!((0..100).all(|_| !none.should_fail()));
         let all = App::new(&DemoConfig::new("v", "s").with_error_rate(1.0)).unwrap();
         assert!((0..100).all(|_| all.should_fail()));
+    }
+
+    #[tokio::test]
+    async fn a_write_without_a_database_or_an_id_is_refused() {
+        let app = App::new(&DemoConfig::new("v", "s")).unwrap();
+        assert_eq!(app.write(Some("id=1")).await.status(), 503);
+        assert_eq!(app.write(Some("id=x")).await.status(), 400);
+        assert_eq!(app.write(None).await.status(), 400);
     }
 
     #[test]

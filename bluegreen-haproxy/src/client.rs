@@ -138,6 +138,17 @@ impl Command {
         )
     }
 
+    /// `shutdown sessions server <backend>/<server>`: closes every session still on the server
+    /// (long-lived connections left after a drain).
+    pub fn shutdown_sessions(backend: &Name, server: &Name) -> Self {
+        Command::for_server(
+            format!("shutdown sessions server {backend}/{server}"),
+            backend,
+            server,
+            Expect::Empty,
+        )
+    }
+
     /// `show servers state <backend>`.
     pub fn show_servers_state(backend: &Name) -> Self {
         Command {

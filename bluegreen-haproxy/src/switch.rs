@@ -225,6 +225,12 @@ impl HaproxySwitch {
         self.pool_rows(slot, &rows, |r| r.server().to_string())
     }
 
+    /// The current sessions (`scur`) of all of `slot`'s servers.
+    async fn pool_sessions(&self, slot: Slot) -> std::result::Result<u64, HaproxyError> {
+        let rows = self.stat_rows(slot).await?;
+        Ok(rows.iter().map(StatRow::current_sessions).sum())
+    }
+
     async fn sessions(&self, slot: Slot, idx: usize) -> std::result::Result<u64, HaproxyError> {
         let rows = self.inner.client.server_stats(&self.inner.backend).await?;
         let name = self.server(slot, idx).as_str();
@@ -750,13 +756,15 @@ impl TrafficSwitch for HaproxySwitch {
         NAME
     }
 
-    /// Weights (`set weight`), real in-flight counts (`scur`) and per-server metrics (`show
-    /// stat`); no sticky sessions, preview or pause.
+    /// Weights (`set weight`), real in-flight counts (`scur`), per-server metrics (`show
+    /// stat`) and closing the sessions left on a server after its drain (`shutdown sessions
+    /// server`); no sticky sessions, preview or pause.
     fn capabilities(&self) -> Capabilities {
         Capabilities::basic()
             .with_weights(true)
             .with_drain(true)
             .with_metrics(true)
+            .with_close_long_lived(true)
     }
 
     async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
@@ -773,11 +781,49 @@ impl TrafficSwitch for HaproxySwitch {
 
     /// The current sessions (`scur`) of every server of the slot's pool.
     async fn in_flight(&self, slot: Slot) -> Result<u64> {
-        let rows = self
-            .stat_rows(slot)
+        self.pool_sessions(slot)
             .await
-            .map_err(|e| e.into_core("in_flight"))?;
-        Ok(rows.iter().map(StatRow::current_sessions).sum())
+            .map_err(|e| e.into_core("in_flight"))
+    }
+
+    /// The sessions still on the slot's servers (`scur`, summed over its pool): HAProxy does
+    /// not tell a WebSocket from a slow request, so this is the same count as `in_flight`.
+    async fn long_lived(&self, slot: Slot) -> Result<u64> {
+        self.pool_sessions(slot)
+            .await
+            .map_err(|e| e.into_core("long_lived"))
+    }
+
+    /// `shutdown sessions server <backend>/<server>` for each of the slot's servers that has
+    /// sessions, then waits (about 2 s at most) until their `scur` reaches 0; returns how many
+    /// sessions they had. HAProxy closes them at the TCP level: a WebSocket client sees its
+    /// connection end, not a close frame, and reconnects to the live slot.
+    async fn close_long_lived(&self, slot: Slot) -> Result<u64> {
+        let core = |e: HaproxyError| e.into_core("close_long_lived");
+        let mut open = 0;
+        for idx in 0..self.inner.pools.get(slot).len() {
+            let n = self.sessions(slot, idx).await.map_err(core)?;
+            if n == 0 {
+                continue;
+            }
+            open += n;
+            let server = self.server(slot, idx).clone();
+            self.inner
+                .client
+                .send(&Command::shutdown_sessions(&self.inner.backend, &server))
+                .await
+                .map_err(core)?;
+        }
+        if open == 0 {
+            return Ok(0);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.pool_sessions(slot).await.map_err(core)? > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(self.inner.config.poll_interval).await;
+        }
+        Ok(open)
     }
 
     /// The slot's servers' counters from `show stat`, summed over its pool: responses

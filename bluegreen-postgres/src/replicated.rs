@@ -1046,8 +1046,13 @@ async fn is_superuser(c: &Client) -> Result<bool> {
     .get(0))
 }
 
+/// The end of the WAL inserted so far. Not `pg_current_wal_lsn()` (what is written): with
+/// `synchronous_commit = off` a commit returns to its client before its WAL is written, so a
+/// write acknowledged just before the freeze may lie past the written position, and a target
+/// caught up to that position would miss it (measured: acknowledged writes lost in a cutover
+/// under load without the proxy paused).
 async fn current_lsn(c: &Client) -> Result<String> {
-    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+    Ok(c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(|e| pg_error(BACKEND, "reading the current LSN", e))?
         .get(0))

@@ -8,6 +8,8 @@ use bluegreen_core::{Error, Result};
 use hyper::header::HeaderName;
 use serde::{Deserialize, Serialize};
 
+use crate::shadow::ShadowConfig;
+
 /// Settings of a [`ProxySwitch`](crate::ProxySwitch).
 ///
 /// Every field has a default (see [`ProxyConfig::default`]); set the ones you need with the
@@ -54,8 +56,8 @@ pub struct ProxyConfig {
     /// Most requests that may wait while the proxy is paused (default 10 000); more are answered
     /// 503 with `Retry-After` at once.
     pub max_paused_requests: usize,
-    /// Longest a request waits while the proxy is paused (default 10 s); then it is answered 503
-    /// with `Retry-After`.
+    /// Longest a request waits while the proxy is paused (default 10 s); then it is answered 504
+    /// (gateway timeout).
     #[serde(with = "bluegreen_core::config::duration")]
     pub max_pause_wait: Duration,
     /// Request header that sends a request to the preview slot (default `x-bluegreen-preview`).
@@ -77,6 +79,9 @@ pub struct ProxyConfig {
     /// is applied). Written atomically (temporary file, `fsync`, `rename`; mode 0600) before a
     /// change takes effect; a change that cannot be written is refused.
     pub routing_file: Option<PathBuf>,
+    /// Shadow traffic to the preview slot while preview routing is on (default none); see
+    /// [`ShadowConfig`].
+    pub shadow: Option<ShadowConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -95,6 +100,7 @@ impl Default for ProxyConfig {
             trust_forwarded_headers: false,
             shutdown_timeout: Duration::from_secs(30),
             routing_file: None,
+            shadow: None,
         }
     }
 }
@@ -110,7 +116,11 @@ impl ProxyConfig {
     pub fn validate(&self) -> Result<()> {
         check_header_name("preview header", &self.preview_header)?;
         check_cookie_name("preview cookie", &self.preview_cookie)?;
-        check_cookie_name("sticky cookie", &self.sticky_cookie)
+        check_cookie_name("sticky cookie", &self.sticky_cookie)?;
+        match &self.shadow {
+            Some(shadow) => shadow.validate(),
+            None => Ok(()),
+        }
     }
 
     /// With the listen address.
@@ -183,6 +193,12 @@ impl ProxyConfig {
     /// [`routing_file`](ProxyConfig::routing_file)).
     pub fn with_routing_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.routing_file = Some(path.into());
+        self
+    }
+
+    /// With shadow traffic to the preview slot (see [`ShadowConfig`]).
+    pub fn with_shadow(mut self, shadow: ShadowConfig) -> Self {
+        self.shadow = Some(shadow);
         self
     }
 

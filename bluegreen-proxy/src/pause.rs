@@ -22,9 +22,23 @@ pub(crate) enum Refused {
 pub(crate) struct PauseGate {
     paused: AtomicBool,
     waiting: AtomicUsize,
-    /// Requests that were held and then let through (the traffic ledger's "buffered").
-    released: AtomicU64,
     tx: watch::Sender<bool>,
+    held: AtomicU64,
+    overflowed: AtomicU64,
+    timed_out: AtomicU64,
+}
+
+/// What the pause did to requests since the proxy started (see
+/// [`ProxySwitch::pause_counts`](crate::ProxySwitch::pause_counts)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PauseCounts {
+    /// Requests held by a pause and let through on resume: they saw added latency, no error.
+    pub held: u64,
+    /// Requests answered 503 at once because `max_paused_requests` were already waiting.
+    pub overflowed: u64,
+    /// Requests answered 504 because the pause outlasted `max_pause_wait`.
+    pub timed_out: u64,
 }
 
 impl PauseGate {
@@ -32,8 +46,10 @@ impl PauseGate {
         PauseGate {
             paused: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
-            released: AtomicU64::new(0),
             tx: watch::Sender::new(false),
+            held: AtomicU64::new(0),
+            overflowed: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
         }
     }
 
@@ -58,7 +74,7 @@ impl PauseGate {
 
     /// Requests held by a pause and then let through, since the proxy started.
     pub(crate) fn released(&self) -> u64 {
-        self.released.load(Ordering::Relaxed)
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Returns once the proxy is not paused, or why the request must be refused.
@@ -66,17 +82,38 @@ impl PauseGate {
         if !self.paused.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let _waiter = Waiter::enter(&self.waiting, max_waiting)?;
+        let _waiter = match Waiter::enter(&self.waiting, max_waiting) {
+            Ok(w) => w,
+            Err(refused) => {
+                self.overflowed.fetch_add(1, Ordering::Relaxed);
+                return Err(refused);
+            }
+        };
         let mut rx = self.tx.subscribe();
         // The sender lives as long as the gate, so `wait_for` only ends on resume.
         let resumed = tokio::time::timeout(max_wait, async {
             let _ = rx.wait_for(|paused| !paused).await;
         })
         .await;
-        if resumed.is_ok() {
-            self.released.fetch_add(1, Ordering::Relaxed);
+        match resumed {
+            Ok(()) => {
+                self.held.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(_) => {
+                self.timed_out.fetch_add(1, Ordering::Relaxed);
+                Err(Refused::TimedOut)
+            }
         }
-        resumed.map_err(|_| Refused::TimedOut)
+    }
+
+    /// What the pause did to requests so far.
+    pub(crate) fn counts(&self) -> PauseCounts {
+        PauseCounts {
+            held: self.held.load(Ordering::Relaxed),
+            overflowed: self.overflowed.load(Ordering::Relaxed),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -129,6 +166,14 @@ mod tests {
         gate.resume();
         assert_eq!(held.await.unwrap(), Ok(()));
         assert_eq!(gate.waiting(), 0);
+        assert_eq!(
+            gate.counts(),
+            PauseCounts {
+                held: 1,
+                overflowed: 1,
+                timed_out: 1
+            }
+        );
         // Only the request held and let through counts as buffered.
         assert_eq!(gate.released(), 1);
     }

@@ -21,14 +21,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
+use crate::long_lived::{
+    pump, ConnRequest, Connection, Connections, LongLived, LongLivedGuard, Pumped, CLOSE_GRACE,
+};
 use crate::metrics::{Failure, InFlight, Stats};
 use crate::pause::{PauseGate, Refused};
 use crate::routing::{Names, RoundRobin, Table, Upstream};
+use crate::shadow::{Shadow, Tee};
 
 type UpstreamClient = Client<HttpConnector, RequestBody>;
 
@@ -40,6 +43,9 @@ pub(crate) struct State {
     pub(crate) writer: Mutex<()>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) gate: PauseGate,
+    pub(crate) long_lived: Arc<LongLived>,
+    pub(crate) connections: Arc<Connections>,
+    pub(crate) shadow: Option<Arc<Shadow>>,
     rr: RoundRobin,
     client: UpstreamClient,
 }
@@ -53,12 +59,19 @@ impl State {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.upstream_idle_timeout)
             .build(http);
+        let shadow = config
+            .shadow
+            .clone()
+            .map(|s| Shadow::new(s, config.connect_timeout));
         State {
             config,
             table: ArcSwap::from_pointee(Table::default()),
             writer: Mutex::new(()),
             stats: Stats::new(),
             gate: PauseGate::new(),
+            long_lived: LongLived::new(),
+            connections: Arc::default(),
+            shadow,
             rr: RoundRobin::default(),
             client,
         }
@@ -72,7 +85,8 @@ pub(crate) async fn serve(
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Each connection task holds a receiver: the proxy has stopped once all are gone.
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -85,18 +99,40 @@ pub(crate) async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let registered = state.connections.register();
+                    let this = Arc::clone(&registered.conn);
                     let state = Arc::clone(&state);
                     let service = hyper::service::service_fn(move |req| {
-                        handle(Arc::clone(&state), peer, req)
+                        handle(Arc::clone(&state), peer, Arc::clone(&this), req)
                     });
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
-                    let conn = graceful.watch(conn);
+                    let mut stop = stop_rx.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
+                        let mut conn = std::pin::pin!(conn);
+                        let mut closing = false;
+                        let ended = loop {
+                            tokio::select! {
+                                ended = conn.as_mut() => break ended,
+                                // The proxy stops, or the drain deadline of a slot this
+                                // connection still has streams to: HTTP/2 GOAWAY, HTTP/1.1
+                                // closes after the response in progress.
+                                _ = stop.changed(), if !closing => {
+                                    closing = true;
+                                    conn.as_mut().graceful_shutdown();
+                                }
+                                () = registered.conn.goaway_requested(), if !closing => {
+                                    closing = true;
+                                    conn.as_mut().graceful_shutdown();
+                                }
+                            }
+                        };
+                        if let Err(e) = ended {
                             tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         }
+                        drop(registered);
+                        drop(stop);
                     });
                 }
                 Err(e) => {
@@ -109,7 +145,9 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(state.config.shutdown_timeout, graceful.shutdown())
+    drop(stop_rx);
+    stop_tx.send_replace(true);
+    if tokio::time::timeout(state.config.shutdown_timeout, stop_tx.closed())
         .await
         .is_err()
     {
@@ -122,6 +160,10 @@ pub(crate) async fn serve(
 pub(crate) struct ProxyBody {
     kind: Kind,
     in_flight: Option<InFlight>,
+    /// The same request as seen by its client connection (ended with `in_flight`).
+    conn: Option<ConnRequest>,
+    /// A copy of the answer for shadow traffic's comparison, when the request was mirrored.
+    tee: Option<Tee>,
 }
 
 enum Kind {
@@ -134,6 +176,8 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))),
             in_flight,
+            conn: None,
+            tee: None,
         }
     }
 }
@@ -151,8 +195,20 @@ impl Body for ProxyBody {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
+        if let (Some(tee), Poll::Ready(Some(Ok(frame)))) = (&mut this.tee, &polled) {
+            if let Some(data) = frame.data_ref() {
+                tee.data(data);
+            }
+        }
+        if matches!(polled, Poll::Ready(None)) || this.is_end_stream() {
+            if let Some(tee) = &mut this.tee {
+                tee.finish();
+            }
+        }
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_end_stream() {
             this.in_flight = None;
+            this.conn = None;
+            this.tee = None;
         }
         polled
     }
@@ -367,6 +423,7 @@ fn upstream_uri(up: &Upstream, pq: Option<&PathAndQuery>) -> Uri {
 async fn handle(
     state: Arc<State>,
     peer: SocketAddr,
+    conn: Arc<Connection>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let cfg = &state.config;
@@ -375,12 +432,20 @@ async fn handle(
         .pass(cfg.max_paused_requests, cfg.max_pause_wait)
         .await
     {
-        let text = match refused {
-            Refused::QueueFull => "proxy paused: too many waiting requests\n",
-            Refused::TimedOut => "proxy paused for too long\n",
+        // Overflow: retry soon (503 + Retry-After). Timeout: the request waited its whole
+        // bound at the gateway (504).
+        let (status, text) = match refused {
+            Refused::QueueFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "proxy paused: too many waiting requests\n",
+            ),
+            Refused::TimedOut => (StatusCode::GATEWAY_TIMEOUT, "proxy paused for too long\n"),
         };
         state.stats.unrouted_5xx();
-        return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, text, None));
+        let mut resp = local_response(status, text, None);
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(resp);
     }
     // Routed only after the pause gate, so a held request sees the split applied meanwhile.
     let table = state.table.load_full();
@@ -398,7 +463,28 @@ async fn handle(
         ));
     };
     let in_flight = state.stats.start(route.slot);
-    Ok(forward(
+    let on_conn = conn.start(route.slot, req.version() == Version::HTTP_2);
+    // Shadow traffic: live requests (not preview ones) mirrored to the preview slot.
+    let mirrored = match (&state.shadow, &table.preview) {
+        (Some(shadow), Some(preview))
+            if preview.slot != route.slot
+                && !wants_upgrade(&req)
+                && !preview.upstreams.is_empty() =>
+        {
+            let mut headers = req.headers().clone();
+            strip_hop_by_hop(&mut headers, false);
+            let target = upstream_uri(&preview.upstreams[0], req.uri().path_and_query());
+            shadow.mirror(
+                req.method(),
+                req.uri(),
+                &headers,
+                req.body().is_end_stream(),
+                target,
+            )
+        }
+        _ => None,
+    };
+    let mut resp = forward(
         &state,
         peer,
         req,
@@ -406,7 +492,21 @@ async fn handle(
         route.set_cookie,
         in_flight,
     )
-    .await)
+    .await;
+    let tee = mirrored.map(|m| m.tee(resp.status(), resp.headers()));
+    let body = resp.body_mut();
+    if body.in_flight.is_some() {
+        body.conn = Some(on_conn);
+    }
+    if let Some(mut tee) = tee {
+        if body.is_end_stream() {
+            // Nothing will be polled (e.g. a HEAD answer): the answer is complete now.
+            tee.finish();
+        } else {
+            body.tee = Some(tee);
+        }
+    }
+    Ok(resp)
 }
 
 async fn forward(
@@ -450,7 +550,7 @@ async fn forward(
         let sent = tokio::time::timeout(cfg.response_header_timeout, state.client.request(out));
         match sent.await {
             Ok(Ok(resp)) => {
-                return respond(resp, set_cookie, in_flight, client_upgrade);
+                return respond(state, resp, set_cookie, in_flight, client_upgrade);
             }
             Ok(Err(e)) if e.is_connect() => {
                 state.stats.connect_error(slot);
@@ -491,6 +591,7 @@ async fn forward(
 }
 
 fn respond(
+    state: &State,
     mut resp: Response<Incoming>,
     set_cookie: Option<HeaderValue>,
     in_flight: InFlight,
@@ -508,20 +609,31 @@ fn respond(
     match client_upgrade {
         Some(client_side) if switching => {
             let upstream_side = hyper::upgrade::on(&mut resp);
+            let websocket = resp
+                .headers()
+                .get(UPGRADE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
             let (parts, body) = resp.into_parts();
-            // The tunnel counts as in flight until either side closes it.
-            tokio::spawn(tunnel(client_side, upstream_side, in_flight));
+            // The request is answered: from now on the tunnel is a long-lived connection,
+            // counted apart from requests so a drain or a cutover does not wait for it.
+            let guard = state.long_lived.open(in_flight.slot());
+            drop(in_flight);
+            tokio::spawn(tunnel(client_side, upstream_side, guard, websocket));
             Response::from_parts(
                 parts,
                 ProxyBody {
                     kind: Kind::Upstream(body),
                     in_flight: None,
+                    conn: None,
+                    tee: None,
                 },
             )
         }
         _ => resp.map(|body| ProxyBody {
             kind: Kind::Upstream(body),
             in_flight: Some(in_flight),
+            conn: None,
+            tee: None,
         }),
     }
 }
@@ -529,18 +641,83 @@ fn respond(
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    in_flight: InFlight,
+    mut guard: LongLivedGuard,
+    websocket: bool,
 ) {
-    let _in_flight = in_flight;
-    match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => {
-            let mut c = TokioIo::new(c);
-            let mut u = TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut c = TokioIo::new(c);
+    let mut u = TokioIo::new(u);
+    if !websocket {
+        // Another protocol: bytes are copied as they come; asked to close, it is cut.
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                if let Err(e) = copied {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            () = guard.close_requested() => guard.closed_gracefully(),
+        }
+        return;
+    }
+    let (mut cr, mut cw) = tokio::io::split(c);
+    let (mut ur, mut uw) = tokio::io::split(u);
+    let (closing, rx) = watch::channel(false);
+    let (rx2, rx3) = (rx.clone(), rx);
+    let down = {
+        let mut both = std::pin::pin!(async {
+            // Upstream to client: server frames, unmasked.
+            let mut down = std::pin::pin!(pump(&mut ur, &mut cw, false, rx2));
+            // Client to upstream: client frames, masked.
+            let mut up = std::pin::pin!(pump(&mut cr, &mut uw, true, rx3));
+            // Once one side is done the other gets a moment to finish, not forever (a peer
+            // that never closes its half would keep the connection counted).
+            let rest = |r: Result<std::io::Result<Pumped>, _>| r.unwrap_or(Ok(Pumped::Eof));
+            tokio::select! {
+                d = &mut down => (d, rest(tokio::time::timeout(CLOSE_GRACE, &mut up).await)),
+                u = &mut up => (rest(tokio::time::timeout(CLOSE_GRACE, &mut down).await), u),
+            }
+        });
+        tokio::select! {
+            ended = &mut both => {
+                log_tunnel_end(ended);
+                None
+            }
+            () = guard.close_requested() => {
+                closing.send_replace(true);
+                match tokio::time::timeout(CLOSE_GRACE, &mut both).await {
+                    Ok((down, _)) => Some(down),
+                    Err(_) => {
+                        tracing::debug!("a closing WebSocket did not reach a frame boundary in time: cut");
+                        None
+                    }
+                }
             }
         }
-        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    };
+    let Some(down) = down else { return };
+    if matches!(down, Ok(Pumped::Closed)) {
+        guard.closed_gracefully();
+        // The client answers the close frame; then the connection ends (bounded).
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while matches!(tokio::io::AsyncReadExt::read(&mut cr, &mut sink).await, Ok(n) if n > 0)
+            {
+            }
+        })
+        .await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut cw).await;
+    }
+}
+
+fn log_tunnel_end(ended: (std::io::Result<Pumped>, std::io::Result<Pumped>)) {
+    if let (Err(e), _) | (_, Err(e)) = ended {
+        tracing::debug!(error = %e, "WebSocket connection ended with an error");
     }
 }
 

@@ -17,8 +17,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ProxyConfig;
+use crate::pause::PauseCounts;
 use crate::proxy::{serve, State};
 use crate::routing::{Preview, Table, Upstream};
+use crate::shadow::ShadowReport;
 use crate::NAME;
 
 /// An in-process reverse proxy that is a [`TrafficSwitch`].
@@ -189,6 +191,49 @@ impl ProxySwitch {
         self.inner.state.gate.is_paused()
     }
 
+    /// Long-lived connections to `slot` now: WebSocket and other upgraded connections (not
+    /// requests in flight: [`in_flight_now`](ProxySwitch::in_flight_now) does not count them),
+    /// and HTTP/2 client connections with streams in flight to `slot`.
+    pub fn long_lived_now(&self, slot: Slot) -> u64 {
+        self.inner.state.long_lived.open_now(slot) + self.inner.state.connections.http2_to(slot)
+    }
+
+    /// Long-lived connections to `slot` the proxy closed (a WebSocket with a close frame `1001
+    /// going away` sent at a frame boundary, another upgraded protocol by closing it, an HTTP/2
+    /// connection with GOAWAY) since it started.
+    pub fn long_lived_closed(&self, slot: Slot) -> u64 {
+        self.inner.state.long_lived.closed(slot)
+    }
+
+    /// Closes every long-lived connection open to `slot` (see
+    /// [`long_lived_closed`](ProxySwitch::long_lived_closed)) and waits until they are gone, at
+    /// most a few seconds; returns how many were closed gracefully.
+    pub async fn close_long_lived_now(&self, slot: Slot) -> u64 {
+        let ll = &self.inner.state.long_lived;
+        let before = ll.closed(slot);
+        // HTTP/2: GOAWAY; the streams in flight finish where they are.
+        let goaway = self.inner.state.connections.goaway(slot);
+        ll.add_closed(slot, goaway);
+        ll.close_all(slot);
+        let deadline = tokio::time::Instant::now() + 3 * crate::long_lived::CLOSE_GRACE;
+        while ll.open_now(slot) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ll.closed(slot) - before
+    }
+
+    /// What pausing did to requests since the proxy started: held and let through, refused
+    /// with 503 because too many were waiting, or with 504 because the pause lasted too long.
+    pub fn pause_counts(&self) -> PauseCounts {
+        self.inner.state.gate.counts()
+    }
+
+    /// How shadow traffic went since preview routing last turned on; `None` without
+    /// [`ProxyConfig::shadow`](crate::ProxyConfig::shadow).
+    pub fn shadow_report(&self) -> Option<ShadowReport> {
+        self.inner.state.shadow.as_ref().map(|s| s.snapshot())
+    }
+
     /// Requests held by the pause right now.
     pub fn paused_requests(&self) -> usize {
         self.inner.state.gate.waiting()
@@ -239,7 +284,9 @@ impl TrafficSwitch for ProxySwitch {
     }
 
     fn capabilities(&self) -> Capabilities {
-        capabilities()
+        // Not (yet) through the admin API: only the in-process proxy closes long-lived
+        // connections.
+        capabilities().with_close_long_lived(true)
     }
 
     async fn apply(&self, split: &TrafficSplit, endpoints: &Endpoints) -> Result<()> {
@@ -290,6 +337,7 @@ impl TrafficSwitch for ProxySwitch {
             }
             None => None,
         };
+        let turning_on = preview.is_some() && self.table().load().preview.is_none();
         self.update(|current| {
             if current.preview == preview {
                 return None;
@@ -298,6 +346,11 @@ impl TrafficSwitch for ProxySwitch {
             next.preview = preview;
             Some(next)
         })?;
+        if turning_on {
+            if let Some(shadow) = &self.inner.state.shadow {
+                shadow.reset();
+            }
+        }
         Ok(())
     }
 
@@ -311,6 +364,14 @@ impl TrafficSwitch for ProxySwitch {
 
     async fn counters(&self) -> Result<SwitchCounters> {
         Ok(self.counters_now())
+    }
+
+    async fn long_lived(&self, slot: Slot) -> Result<u64> {
+        Ok(self.long_lived_now(slot))
+    }
+
+    async fn close_long_lived(&self, slot: Slot) -> Result<u64> {
+        Ok(self.close_long_lived_now(slot).await)
     }
 
     async fn pause(&self) -> Result<()> {

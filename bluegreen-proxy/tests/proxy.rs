@@ -206,7 +206,8 @@ async fn paused_requests_wait_and_go_to_the_split_applied_meanwhile() {
 }
 
 #[tokio::test]
-async fn pause_queue_overflow_and_overlong_wait_answer_503_with_retry_after() {
+async fn pause_queue_overflow_answers_503_and_overlong_wait_504_both_with_retry_after_and_counted()
+{
     let (b, g) = (upstream("blue").await, upstream("green").await);
     let p = ProxySwitch::bind(
         ProxyConfig::default()
@@ -237,6 +238,11 @@ async fn pause_queue_overflow_and_overlong_wait_answer_503_with_retry_after() {
     for h in held {
         assert_eq!(h.await.unwrap(), (200, "blue".to_string()));
     }
+    let counts = p.pause_counts();
+    assert_eq!(
+        (counts.held, counts.overflowed, counts.timed_out),
+        (2, 1, 0)
+    );
 
     // The time bound.
     let p =
@@ -249,9 +255,14 @@ async fn pause_queue_overflow_and_overlong_wait_answer_503_with_retry_after() {
     p.pause().await.unwrap();
     let started = Instant::now();
     let r = c.get(p.url("/")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.status(), 504);
     assert!(r.headers().contains_key("retry-after"));
     assert!(started.elapsed() >= Duration::from_millis(200));
+    let counts = p.pause_counts();
+    assert_eq!(
+        (counts.held, counts.overflowed, counts.timed_out),
+        (0, 0, 1)
+    );
     assert_eq!(
         b.requests(),
         2,
@@ -555,7 +566,7 @@ async fn forwarded_headers_are_added_and_hop_by_hop_headers_dropped() {
 }
 
 #[tokio::test]
-async fn upgraded_connections_are_tunnelled_and_counted_until_closed() {
+async fn upgraded_connections_are_tunnelled_and_counted_as_long_lived_until_closed() {
     let (b, g) = (upstream("blue").await, upstream("green").await);
     let p = proxy().await;
     p.apply(&TrafficSplit::all(Slot::Blue), &eps(&b, &g))
@@ -590,11 +601,19 @@ async fn upgraded_connections_are_tunnelled_and_counted_until_closed() {
         s.read_exact(&mut buf).await.unwrap();
         assert_eq!(buf, msg);
     }
-    assert_eq!(p.in_flight_now(Slot::Blue), 1);
-    drop(s);
+    // A long-lived connection, not a request in flight: a drain does not wait for it.
+    assert_eq!(p.long_lived_now(Slot::Blue), 1);
+    assert_eq!(p.in_flight_now(Slot::Blue), 0);
     p.wait_drained(Slot::Blue, Duration::from_secs(10))
         .await
         .unwrap();
+    drop(s);
+    let probe = p.clone();
+    eventually("the tunnel is gone", || {
+        probe.long_lived_now(Slot::Blue) == 0
+    })
+    .await;
+    assert_eq!(p.long_lived_closed(Slot::Blue), 0, "the client closed it");
 }
 
 #[tokio::test]
@@ -604,16 +623,7 @@ async fn http2_prior_knowledge_clients_are_served() {
     p.apply(&TrafficSplit::all(Slot::Green), &eps(&b, &g))
         .await
         .unwrap();
-    let tcp = tokio::net::TcpStream::connect(p.local_addr())
-        .await
-        .unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (sender, _conn) = common::h2_connect(p.local_addr()).await;
     let mut streams = Vec::new();
     for _ in 0..10 {
         let mut sender = sender.clone();

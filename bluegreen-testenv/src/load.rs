@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +18,9 @@ use tokio::task::JoinHandle;
 
 /// Bound on one request (connect to last byte).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many latencies [`LoadStats::latencies_us`] keeps (16 MB).
+const MAX_LATENCIES: usize = 2_000_000;
 
 /// How many failure reasons [`LoadStats::errors`] keeps.
 const KEPT_ERRORS: usize = 10;
@@ -35,6 +38,9 @@ pub struct LoadOptions {
     /// Bound on the whole run: the clients stop by themselves after it, whoever forgot to stop
     /// them. Default 5 minutes.
     pub limit: Duration,
+    /// Send `POST /write?id=N` (the demo app's database write, a new `N` per request) instead of
+    /// `GET path`; the ids answered 2xx are kept in [`LoadStats::acked`].
+    pub writes: bool,
 }
 
 impl LoadOptions {
@@ -45,12 +51,21 @@ impl LoadOptions {
             path: "/".into(),
             pause: Duration::ZERO,
             limit: Duration::from_secs(300),
+            writes: false,
         }
     }
 
     /// With another request path.
     pub fn with_path(mut self, path: impl Into<String>) -> Self {
         self.path = path.into();
+        self
+    }
+
+    /// Sending the demo app's database writes (`POST /write?id=N`, `N` counting up from 1)
+    /// instead of `GET`s: every id answered 2xx is in [`LoadStats::acked`], so a test can check
+    /// that each acknowledged write is in the database.
+    pub fn writes(mut self) -> Self {
+        self.writes = true;
         self
     }
 
@@ -82,12 +97,28 @@ pub struct LoadStats {
     pub instances: BTreeMap<String, u64>,
     /// The first few failure reasons.
     pub errors: Vec<String>,
+    /// With [`LoadOptions::writes`]: the ids whose write was answered 2xx.
+    pub acked: Vec<i64>,
+    /// Each request's latency (send to complete answer, failed ones included), in microseconds,
+    /// in completion order; the first two million.
+    pub latencies_us: Vec<u64>,
 }
 
 impl LoadStats {
     /// `ok + failed`.
     pub fn total(&self) -> u64 {
         self.ok + self.failed
+    }
+
+    /// The `q` quantile (0.0 ..= 1.0) of [`latencies_us`](Self::latencies_us); zero when empty.
+    pub fn latency(&self, q: f64) -> Duration {
+        let mut v = self.latencies_us.clone();
+        if v.is_empty() {
+            return Duration::ZERO;
+        }
+        v.sort_unstable();
+        let i = ((q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        Duration::from_micros(v[i])
     }
 
     fn fail(&mut self, why: String) {
@@ -112,12 +143,19 @@ impl Load {
     pub fn start(addr: SocketAddr, options: LoadOptions) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(LoadStats::default()));
-        let req = format!("GET {} HTTP/1.1\r\nHost: {addr}\r\n\r\n", options.path);
+        let kind = if options.writes {
+            Kind::Writes(Arc::new(AtomicI64::new(0)))
+        } else {
+            Kind::Get(format!(
+                "GET {} HTTP/1.1\r\nHost: {addr}\r\n\r\n",
+                options.path
+            ))
+        };
         let tasks = (0..options.clients)
             .map(|_| {
-                let (stop, stats, req) = (stop.clone(), stats.clone(), req.clone());
+                let (stop, stats, kind) = (stop.clone(), stats.clone(), kind.clone());
                 let deadline = tokio::time::Instant::now() + options.limit;
-                tokio::spawn(client(addr, req, options.pause, deadline, stop, stats))
+                tokio::spawn(client(addr, kind, options.pause, deadline, stop, stats))
             })
             .collect();
         Load { stop, stats, tasks }
@@ -160,9 +198,18 @@ enum Outcome {
     Failed(String),
 }
 
+/// What a client sends.
+#[derive(Clone)]
+enum Kind {
+    /// The same `GET` every time.
+    Get(String),
+    /// `POST /write?id=N`, `N` from a counter shared by the clients.
+    Writes(Arc<AtomicI64>),
+}
+
 async fn client(
     addr: SocketAddr,
-    req: String,
+    kind: Kind,
     pause: Duration,
     deadline: tokio::time::Instant,
     stop: Arc<AtomicBool>,
@@ -170,6 +217,19 @@ async fn client(
 ) {
     let mut conn: Option<BufReader<TcpStream>> = None;
     while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+        let (req, id) = match &kind {
+            Kind::Get(req) => (req.clone(), None),
+            Kind::Writes(next) => {
+                let id = next.fetch_add(1, Ordering::Relaxed) + 1;
+                (
+                    format!(
+                        "POST /write?id={id} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+                    ),
+                    Some(id),
+                )
+            }
+        };
+        let started = tokio::time::Instant::now();
         let mut answered = 0u16;
         let outcome =
             match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, &mut conn, &req, &mut answered))
@@ -178,8 +238,15 @@ async fn client(
                 Ok(o) => o,
                 Err(_) => Outcome::Failed("request timed out".into()),
             };
-        if answered != 0 {
-            *lock(&stats).statuses.entry(answered).or_default() += 1;
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        {
+            let mut s = lock(&stats);
+            if s.latencies_us.len() < MAX_LATENCIES {
+                s.latencies_us.push(took);
+            }
+            if answered != 0 {
+                *s.statuses.entry(answered).or_default() += 1;
+            }
         }
         match outcome {
             Outcome::Ok {
@@ -190,6 +257,9 @@ async fn client(
             } => {
                 let mut s = lock(&stats);
                 s.ok += 1;
+                if let Some(id) = id {
+                    s.acked.push(id);
+                }
                 match slot.as_deref() {
                     Some("blue") => s.blue += 1,
                     Some("green") => s.green += 1,

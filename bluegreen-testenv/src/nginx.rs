@@ -83,6 +83,9 @@ pub struct StandaloneConfig {
     pub http: String,
     /// Directives of the site's `location /`.
     pub location: String,
+    /// `worker_shutdown_timeout`: how long old workers keep connections after a reload
+    /// (default 10 s).
+    pub worker_shutdown_timeout: std::time::Duration,
 }
 
 impl StandaloneConfig {
@@ -100,6 +103,7 @@ impl StandaloneConfig {
             lua: true,
             http: config.render_snippet(),
             location: config.render_location(),
+            worker_shutdown_timeout: std::time::Duration::from_secs(10),
         }
     }
 
@@ -120,7 +124,27 @@ impl StandaloneConfig {
             location: format!(
                 "proxy_pass http://{upstream};\nproxy_http_version 1.1;\nproxy_set_header Connection \"\";\n"
             ),
+            worker_shutdown_timeout: std::time::Duration::from_secs(10),
         }
+    }
+
+    /// Proxying WebSockets too: `Upgrade` is passed on and `Connection` is `upgrade` when the
+    /// client asked for one (empty otherwise, keeping upstream keep-alive).
+    pub fn with_websockets(mut self) -> Self {
+        self.http.push_str(
+            "map $http_upgrade $bg_connection_upgrade {\n    default upgrade;\n    '' '';\n}\n",
+        );
+        self.location = self.location.replace(
+            "proxy_set_header Connection \"\";",
+            "proxy_set_header Upgrade $http_upgrade;\nproxy_set_header Connection $bg_connection_upgrade;",
+        );
+        self
+    }
+
+    /// With `worker_shutdown_timeout`.
+    pub fn with_worker_shutdown_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.worker_shutdown_timeout = timeout;
+        self
     }
 
     /// With `worker_processes`.
@@ -167,7 +191,10 @@ impl StandaloneConfig {
                 "load_module {LUA_MODULE_DIR}/ndk_http_module.so;\nload_module {LUA_MODULE_DIR}/ngx_http_lua_module.so;\n"
             ));
         }
-        out.push_str("worker_shutdown_timeout 10s;\nevents { worker_connections 4096; }\nhttp {\n");
+        out.push_str(&format!(
+            "worker_shutdown_timeout {}ms;\nevents {{ worker_connections 4096; }}\nhttp {{\n",
+            self.worker_shutdown_timeout.as_millis()
+        ));
         out.push_str("    access_log off;\n");
         for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             out.push_str(&format!("    {t}_temp_path {p}/tmp/{t};\n"));
@@ -307,14 +334,31 @@ pub fn start_dynamic(
     name: &str,
     configure: impl Fn(NginxDynamicConfig) -> Result<NginxDynamicConfig, bluegreen_core::Error>,
 ) -> Result<(NginxProcess, NginxDynamicConfig), StartError> {
+    start_dynamic_site(prefix, name, configure, |site| site)
+}
+
+/// [`start_dynamic`], with `site` changing the nginx configuration around it (e.g.
+/// [`StandaloneConfig::with_websockets`]).
+///
+/// # Errors
+/// nginx does not start.
+pub fn start_dynamic_site(
+    prefix: &Path,
+    name: &str,
+    configure: impl Fn(NginxDynamicConfig) -> Result<NginxDynamicConfig, bluegreen_core::Error>,
+    site: impl Fn(StandaloneConfig) -> StandaloneConfig,
+) -> Result<(NginxProcess, NginxDynamicConfig), StartError> {
     let invalid = |e: bluegreen_core::Error| StartError::Failed(format!("dynamic config: {e}"));
     let token = NginxDynamicConfig::generate_token().map_err(invalid)?;
     port::start_on_fresh_ports(|[listen, control]| {
         let config = NginxDynamicConfig::new(name, loopback(control), token.clone())
             .and_then(&configure)
             .map_err(invalid)?;
-        let nginx =
-            NginxProcess::start(StandaloneConfig::dynamic(prefix, loopback(listen), &config))?;
+        let nginx = NginxProcess::start(site(StandaloneConfig::dynamic(
+            prefix,
+            loopback(listen),
+            &config,
+        )))?;
         Ok((nginx, config))
     })
 }
@@ -330,11 +374,29 @@ pub fn start_reload(
     upstream: &str,
     workers: Option<u32>,
 ) -> Result<NginxProcess, StartError> {
+    start_reload_site(prefix, include, upstream, |c| match workers {
+        Some(w) => c.with_workers(w),
+        None => c,
+    })
+}
+
+/// [`start_reload`], with `site` changing the nginx configuration (e.g.
+/// [`StandaloneConfig::with_websockets`]).
+///
+/// # Errors
+/// nginx does not start.
+pub fn start_reload_site(
+    prefix: &Path,
+    include: &Path,
+    upstream: &str,
+    site: impl Fn(StandaloneConfig) -> StandaloneConfig,
+) -> Result<NginxProcess, StartError> {
     port::start_on_fresh_ports(|[listen]| {
-        let mut c = StandaloneConfig::reload(prefix, loopback(listen), include, upstream);
-        if let Some(w) = workers {
-            c = c.with_workers(w);
-        }
-        NginxProcess::start(c)
+        NginxProcess::start(site(StandaloneConfig::reload(
+            prefix,
+            loopback(listen),
+            include,
+            upstream,
+        )))
     })
 }

@@ -11,7 +11,7 @@ use crate::events::DeployEvent;
 use crate::policy::{KeepOld, Promotion};
 use crate::state::{RunKind, Waiting};
 use crate::traits::{HookPoint, Prepared};
-use crate::types::{TrafficSplit, Version};
+use crate::types::{Slot, TrafficSplit, Version};
 
 impl Run<'_> {
     /// Lock, load and target choice happen before the flight exists; nothing is left to do.
@@ -148,12 +148,7 @@ impl Run<'_> {
             return Ok(Step::Skip("no database strategy"));
         };
         if self.d.policy.pause_during_cutover {
-            // Recorded before the switch is touched, so undo resumes it after a crash too.
-            self.flight_mut().paused = true;
-            self.save().await.by(self.d.store.name())?;
-            self.fenced(format!("{}: pause", self.d.switch.name()))
-                .await?;
-            self.d.switch.pause().await.by(self.d.switch.name())?;
+            self.pause_for_cutover().await?;
         }
         self.fenced(format!("{}: database cutover", db.name()))
             .await?;
@@ -164,6 +159,61 @@ impl Run<'_> {
         .by(db.name())?;
         self.note_db_step(&step);
         Ok(Step::Continue)
+    }
+
+    /// Holds new requests at the switch, then lets the requests in flight to the live slot
+    /// finish (bounded by the policy's `cutover_drain_timeout`), so that the write freeze that
+    /// follows ends no request half-way. A switch that cannot pause says so in its
+    /// capabilities: the cutover then runs without pausing, as it would with the policy off.
+    async fn pause_for_cutover(&mut self) -> PhaseResult<()> {
+        let sw = self.d.switch.clone();
+        let caps = sw.capabilities();
+        if !caps.pause {
+            tracing::warn!(
+                switch = sw.name(),
+                "the switch cannot pause: the database cutover runs without holding requests"
+            );
+            return Ok(());
+        }
+        // Recorded before the switch is touched, so undo resumes it after a crash too.
+        self.flight_mut().paused = true;
+        self.save().await.by(self.d.store.name())?;
+        self.fenced(format!("{}: pause", sw.name())).await?;
+        sw.pause().await.by(sw.name())?;
+        let Some(live) = self
+            .flight()
+            .previous
+            .filter(|p| *p != self.flight().target)
+        else {
+            return Ok(());
+        };
+        if !caps.drain {
+            return Ok(());
+        }
+        let bound = self.d.policy.cutover_drain_timeout;
+        let deadline = Instant::now() + bound;
+        loop {
+            let n = sw.in_flight(live).await.by(sw.name())?;
+            if n == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err((
+                    sw.name().to_string(),
+                    Error::Timeout {
+                        what: format!(
+                            "requests in flight to the live slot {live} finishing before the \
+                             database cutover ({n} still in flight; nothing was frozen or \
+                             switched, and the held requests were let through): raise \
+                             cutover_drain_timeout or deploy when long requests are done"
+                        ),
+                        after: bound,
+                    },
+                ));
+            }
+            self.check_interrupt()?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub(super) async fn switch(&mut self) -> PhaseResult<Step> {
@@ -392,6 +442,16 @@ impl Run<'_> {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            if sw.capabilities().close_long_lived {
+                // Traffic is already on the target: a failure here is reported, not undone
+                // (stopping the old slot ends those connections anyway).
+                if let Err((backend, e)) = self.close_long_lived(prev, deadline).await {
+                    if matches!(e, Error::LockLost { .. } | Error::Interrupted) {
+                        return Err((backend, e));
+                    }
+                    tracing::warn!(backend, error = %e, slot = %prev, "closing long-lived connections failed");
+                }
+            }
         }
         if p.keep_old == KeepOld::Stop {
             let env = self.d.environment.clone();
@@ -400,6 +460,37 @@ impl Run<'_> {
             self.retry(|| env.stop(prev, drain)).await.by(env.name())?;
         }
         Ok(Step::Continue)
+    }
+
+    /// Long-lived connections (WebSockets) to the old slot stay open until the drain deadline;
+    /// those still open then are closed gracefully by the switch, and counted.
+    async fn close_long_lived(&mut self, prev: Slot, deadline: Instant) -> PhaseResult<()> {
+        let sw = self.d.switch.clone();
+        let open = loop {
+            let n = sw.long_lived(prev).await.by(sw.name())?;
+            if n == 0 || Instant::now() >= deadline {
+                break n;
+            }
+            self.check_interrupt()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if open == 0 {
+            return Ok(());
+        }
+        self.fenced(format!(
+            "{}: close {open} long-lived connection(s) to {prev}",
+            sw.name()
+        ))
+        .await?;
+        let count = sw.close_long_lived(prev).await.by(sw.name())?;
+        tracing::info!(slot = %prev, count, "long-lived connections closed at the drain deadline");
+        let id = self.flight().id;
+        self.emit(DeployEvent::LongLivedClosed {
+            id,
+            slot: prev,
+            count,
+        });
+        Ok(())
     }
 
     /// The last word before success: the switch still sends every request to the target (read

@@ -80,12 +80,8 @@ pub(super) fn check_capabilities(d: &Inner, kind: RunKind) -> Result<()> {
             "turn preview off or use a switch with preview routing",
         ));
     }
-    if p.pause_during_cutover && !caps.pause {
-        return Err(missing(
-            "pause",
-            "turn pause_during_cutover off or use a switch that can pause",
-        ));
-    }
+    // A switch that cannot pause is not refused for `pause_during_cutover`: the cutover then
+    // runs without holding requests (see `pause_for_cutover`).
     if d.analyses.iter().any(|a| a.requires_metrics()) && !caps.metrics {
         return Err(missing(
             "metrics",

@@ -219,6 +219,8 @@ pub struct World {
     healthy_after: u32,
     health_calls: u32,
     in_flight: PerSlot<u64>,
+    long_lived: PerSlot<u64>,
+    long_lived_closed: PerSlot<u64>,
     metrics: PerSlot<SlotMetrics>,
     counters: Option<SwitchCounters>,
     db_irreversible: HashSet<String>,
@@ -276,7 +278,8 @@ impl Fakes {
                 .with_preview(true)
                 .with_pause(true)
                 .with_drain(true)
-                .with_metrics(true);
+                .with_metrics(true)
+                .with_close_long_lived(true);
         }
         f
     }
@@ -490,6 +493,17 @@ impl Fakes {
         let mut w = self.w();
         w.healthy_after = n;
         w.health_calls = 0;
+    }
+
+    /// Sets how many long-lived connections `long_lived(slot)` reports (until
+    /// `close_long_lived(slot)` closes them).
+    pub fn set_long_lived(&self, slot: Slot, n: u64) {
+        self.w().long_lived.set(slot, n);
+    }
+
+    /// How many long-lived connections to `slot` `close_long_lived` closed.
+    pub fn long_lived_closed(&self, slot: Slot) -> u64 {
+        *self.w().long_lived_closed.get(slot)
     }
 
     /// Sets what `in_flight(slot)` reports.
@@ -973,6 +987,26 @@ impl TrafficSwitch for FakeSwitch {
             .counters
             .clone()
             .ok_or_else(|| Error::unsupported("counters", self.name()))
+    }
+
+    async fn long_lived(&self, slot: Slot) -> Result<u64> {
+        if !self.capabilities().close_long_lived {
+            return Err(Error::unsupported("long_lived", self.name()));
+        }
+        Ok(*lock(&self.world).long_lived.get(slot))
+    }
+
+    async fn close_long_lived(&self, slot: Slot) -> Result<u64> {
+        if !self.capabilities().close_long_lived {
+            return Err(Error::unsupported("close_long_lived", self.name()));
+        }
+        record(&self.world, format!("switch.close_long_lived {slot:?}"));
+        let mut w = lock(&self.world);
+        let n = *w.long_lived.get(slot);
+        w.long_lived.set(slot, 0);
+        let closed = *w.long_lived_closed.get(slot) + n;
+        w.long_lived_closed.set(slot, closed);
+        Ok(n)
     }
 
     async fn pause(&self) -> Result<()> {

@@ -430,6 +430,11 @@ pub async fn switch_optional_operations_match_capabilities(
     if caps.pause {
         switch.resume().await.unwrap();
     }
+    check(
+        caps.close_long_lived,
+        "long_lived",
+        switch.long_lived(Slot::Blue).await.map(|_| ()),
+    );
     SuiteReport::switch_check(
         switch,
         suite,

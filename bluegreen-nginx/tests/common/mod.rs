@@ -25,9 +25,16 @@ pub struct DynamicSetup {
 }
 
 pub async fn dynamic() -> DynamicSetup {
+    dynamic_site(|site| site).await
+}
+
+/// [`dynamic`], with `site` changing the nginx configuration around the snippet.
+pub async fn dynamic_site(
+    site: impl Fn(nginx::StandaloneConfig) -> nginx::StandaloneConfig,
+) -> DynamicSetup {
     let dir = tempdir();
     let backends = Backends::start_several(3, 2).await;
-    let (nginx, config) = nginx::start_dynamic(dir.path(), "app", Ok).unwrap();
+    let (nginx, config) = nginx::start_dynamic_site(dir.path(), "app", Ok, site).unwrap();
     DynamicSetup {
         listen: nginx.listen(),
         nginx,
@@ -47,6 +54,13 @@ pub struct ReloadSetup {
 
 /// nginx (stock, no modules) including a managed upstream file that starts at 100 % blue.
 pub async fn reload() -> ReloadSetup {
+    reload_site(|site| site).await
+}
+
+/// [`reload`], with `site` changing the nginx configuration.
+pub async fn reload_site(
+    site: impl Fn(nginx::StandaloneConfig) -> nginx::StandaloneConfig,
+) -> ReloadSetup {
     let dir = tempdir();
     let backends = Backends::start_several(3, 2).await;
     let include = dir.path().join("upstream.conf");
@@ -61,7 +75,7 @@ pub async fn reload() -> ReloadSetup {
     NginxReloadSwitch::new(config.clone())
         .write_initial(&TrafficSplit::all(Slot::Blue), &backends.endpoints())
         .unwrap();
-    let nginx = nginx::start_reload(dir.path(), &include, "app", None).unwrap();
+    let nginx = nginx::start_reload_site(dir.path(), &include, "app", site).unwrap();
     let listen = nginx.listen();
     ReloadSetup {
         nginx,

@@ -191,3 +191,21 @@ pub async fn get(c: &reqwest::Client, url: &str) -> (u16, String) {
     let s = r.status().as_u16();
     (s, r.text().await.unwrap())
 }
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`: the request sender and the
+/// connection's task, which ends when the connection does.
+pub async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
