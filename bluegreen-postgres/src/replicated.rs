@@ -632,11 +632,14 @@ impl ReplicatedDatabase {
     }
 
     /// Drops the reverse replication (from `target` back into `source`).
-    async fn drop_reverse(&self, source: &str, target: &str) -> Result<()> {
+    /// True when a reverse subscription existed (the source was following the target).
+    async fn drop_reverse(&self, source: &str, target: &str) -> Result<bool> {
         let names = Names::for_target(target);
         let admin_s = connect_rw(&self.config.server.db("postgres")).await?;
+        let mut existed = false;
         if database_exists(BACKEND, &admin_s, source).await? {
             let src = connect_rw(&self.config.server.db(source)).await?;
+            existed = subscription_exists(&src, &names.rev_subscription).await?;
             drop_subscription(&src, &names.rev_subscription).await?;
         }
         let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
@@ -645,7 +648,7 @@ impl ReplicatedDatabase {
             let tgt = connect_rw(&self.target_server().db(target)).await?;
             drop_publication(&tgt, &names.rev_publication).await?;
         }
-        Ok(())
+        Ok(existed)
     }
 
     /// Waits (bounded by the lag bound) until the reverse replication out of `target`, if any,
@@ -1552,20 +1555,35 @@ impl DatabaseStrategy for ReplicatedDatabase {
         if old_db == target {
             return Ok(DbStep::reversible("nothing to finalize"));
         }
-        self.drop_reverse(&old_db, &target).await?;
+        // Only what really happened is reported: after a first deploy, or with
+        // `after_cutover = drop`, no replication ran into the old database.
+        let stopped = self.drop_reverse(&old_db, &target).await?;
+        let stopped_text =
+            format!("stopped the replication into {old_db}; it no longer follows {target}");
         if ctx.live.is_none() || !self.config.drop_old_on_finalize || old_db == self.dbs.base {
-            return Ok(DbStep::irreversible(format!(
-                "stopped the replication into {old_db}; it no longer follows {target}"
-            )));
+            let why = if old_db == self.dbs.base {
+                "the base database is never dropped"
+            } else {
+                "drop_old_on_finalize is off"
+            };
+            return Ok(if stopped {
+                DbStep::irreversible(format!("{stopped_text}; {old_db} kept ({why})"))
+            } else {
+                DbStep::reversible(format!(
+                    "nothing to finalize: no replication into {old_db}; {old_db} kept ({why})"
+                ))
+            });
         }
         let admin = connect_rw(&self.config.server.db("postgres")).await?;
         self.drop_subscriptions_in(&self.config.server, &old_db)
             .await?;
         drop_slots_in(&admin, &old_db).await?;
         drop_database(BACKEND, &admin, &old_db).await?;
-        Ok(DbStep::irreversible(format!(
-            "dropped the previous live database {old_db}"
-        )))
+        Ok(DbStep::irreversible(if stopped {
+            format!("{stopped_text}; dropped the previous live database {old_db}")
+        } else {
+            format!("dropped the previous live database {old_db}")
+        }))
     }
 }
 

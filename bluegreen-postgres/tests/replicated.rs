@@ -373,6 +373,15 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
     // finalize stops the reverse replication and leaves nothing behind.
     let step = db.finalize(&c).await.unwrap();
     println!("finalize: {}", step.summary);
+    assert!(!step.is_reversible(), "{step:?}");
+    assert!(
+        step.summary
+            .contains("stopped the replication into live_green; it no longer follows")
+            && step
+                .summary
+                .contains("live_green kept (drop_old_on_finalize is off)"),
+        "{step:?}"
+    );
     let before = one_i64(&old, "SELECT count(*) FROM orders").await;
     new.execute("INSERT INTO orders (account, amount) VALUES (1, 1)", &[])
         .await
@@ -751,4 +760,37 @@ async fn writers_the_freeze_cannot_see_yet_cannot_write_after_the_cutover() {
         "the old side has writes the new one lacks"
     );
     db.rollback(&c).await.unwrap();
+}
+
+/// `finalize` reports what it did: after a first deploy (no reverse replication was ever set up,
+/// and the base database is kept) nothing irreversible happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_after_a_first_deploy_reports_only_what_happened() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    seeded(&cluster, "first").await;
+    // The default: reverse the replication at the cutover (there is nothing to reverse into
+    // on a first deploy).
+    let db = ReplicatedDatabase::new(config(&cluster, "first")).unwrap();
+    let c = ctx(None, Slot::Blue);
+    db.prepare(&c).await.unwrap();
+    let step = db.before_switch(&c).await.unwrap();
+    assert!(step.summary.contains("replication dropped"), "{step:?}");
+    db.after_switch(&c).await.unwrap();
+    let step = db.finalize(&c).await.unwrap();
+    println!("finalize: {}", step.summary);
+    assert!(step.is_reversible(), "{step:?}");
+    assert!(!step.summary.contains("stopped"), "{step:?}");
+    assert!(
+        step.summary.contains("no replication into first")
+            && step
+                .summary
+                .contains("first kept (the base database is never dropped)"),
+        "{step:?}"
+    );
+    assert_eq!(
+        leftovers(&cluster, &["first", "first_blue"]).await,
+        Vec::<String>::new()
+    );
 }
