@@ -240,6 +240,10 @@ pub struct CutoverReport {
     pub lsn: String,
     /// How long writes to the live database were frozen before the target had everything.
     pub frozen: Duration,
+    /// The part of `frozen` spent making the live database read-only and ending its sessions.
+    pub ending_sessions: Duration,
+    /// The part of `frozen` spent waiting for the target to apply the last writes.
+    pub catching_up: Duration,
     /// Sessions on the live database ended by the freeze (0 without it).
     pub sessions_ended: usize,
     /// Sequences set on the target.
@@ -782,6 +786,7 @@ impl ReplicatedDatabase {
             } else {
                 0
             };
+            let ending_sessions = frozen_at.elapsed();
             // Every session that could write is gone: every acknowledged write is before this
             // position.
             let l = insert_lsn(&src).await?;
@@ -819,6 +824,8 @@ impl ReplicatedDatabase {
             Ok(CutoverReport {
                 lsn: l,
                 frozen,
+                ending_sessions,
+                catching_up: frozen.saturating_sub(ending_sessions),
                 sessions_ended,
                 sequences,
                 reversed,
@@ -1126,9 +1133,15 @@ async fn connect_rw(cfg: &PostgresConfig) -> Result<Client> {
     Ok(c)
 }
 
-/// Flushes the server's WAL up to now: a transaction with an id, committed synchronously.
+/// Flushes the server's WAL up to now, through `c` (a session with `synchronous_commit = on`):
+/// a transaction that writes a WAL record (a transactional logical-decoding message, prefix
+/// `bluegreen`, which subscriptions do not receive) and commits. A transaction that only takes an
+/// id writes no record before its commit, and PostgreSQL commits such a transaction
+/// asynchronously whatever `synchronous_commit` says: nothing was flushed until the WAL writer's
+/// next round (`wal_writer_delay`, 200 ms by default), and the walsender, woken by flushes,
+/// waited for it (the 0.2–0.4 s tail of the frozen window).
 async fn flush_wal(c: &Client) -> Result<()> {
-    c.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
+    c.batch_execute("BEGIN; SELECT pg_logical_emit_message(true, 'bluegreen', 'flush'); COMMIT")
         .await
         .map_err(|e| pg_error(BACKEND, "flushing the WAL", e))
 }
@@ -1635,6 +1648,42 @@ mod window_tests {
             c
         } else {
             c.with_password(cluster.password.clone())
+        }
+    }
+
+    /// `flush_wal` makes every record inserted before it durable at once, also on a server that
+    /// commits asynchronously by default (the test clusters): it used to commit a transaction
+    /// that wrote no record, which PostgreSQL commits asynchronously, so the flush waited for the
+    /// WAL writer and the walsender with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flush_wal_flushes_what_was_inserted_before_it() {
+        let Some(cluster) = Cluster::start().await else {
+            return;
+        };
+        cluster.create_db("fl").await;
+        let writer = cluster.client("fl").await.unwrap();
+        writer
+            .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+            .await
+            .unwrap();
+        let c = connect_rw(&settings(&cluster, "fl")).await.unwrap();
+        for i in 0..20 {
+            // Acknowledged, not yet written (synchronous_commit = off on this cluster).
+            writer
+                .execute("INSERT INTO t VALUES ($1)", &[&i])
+                .await
+                .unwrap();
+            let inserted = insert_lsn(&c).await.unwrap();
+            flush_wal(&c).await.unwrap();
+            let flushed: bool = c
+                .query_one(
+                    "SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                    &[&inserted],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(flushed, "round {i}: WAL up to {inserted} was not flushed");
         }
     }
 
