@@ -1046,11 +1046,17 @@ async fn end_sessions_older_than(src: &Client, db: &str, frozen: SystemTime) -> 
             .iter()
             .filter_map(|r| r.get::<_, Option<i32>>(0))
             .collect();
+        // Listed and, if forked before the freeze, ended in the same statement (one round trip
+        // less per round: under load each costs milliseconds of the frozen window).
         let rows = src
             .query(
-                "SELECT a.pid, a.backend_type = 'client backend' AND a.backend_start < $2
-                 FROM pg_stat_activity a
-                 WHERE a.pid <> pg_backend_pid() AND (a.datname = $1 OR a.pid = ANY($3))",
+                "SELECT pid, doomed, CASE WHEN doomed THEN pg_terminate_backend(pid) END
+                 FROM (SELECT a.pid,
+                              a.backend_type = 'client backend' AND a.backend_start < $2
+                                AS doomed
+                       FROM pg_stat_activity a
+                       WHERE a.pid <> pg_backend_pid()
+                         AND (a.datname = $1 OR a.pid = ANY($3))) s",
                 &[&db, &frozen, &starting],
             )
             .await
@@ -1065,6 +1071,7 @@ async fn end_sessions_older_than(src: &Client, db: &str, frozen: SystemTime) -> 
         if pids.is_empty() && unlisted == 0 {
             return Ok(ended.len());
         }
+        ended.extend(pids.iter().copied());
         if started.elapsed() > Duration::from_secs(10) {
             return Err(fail(
                 BACKEND,
@@ -1076,18 +1083,9 @@ async fn end_sessions_older_than(src: &Client, db: &str, frozen: SystemTime) -> 
                 ),
             ));
         }
-        if !pids.is_empty() {
-            src.execute(
-                "SELECT pg_terminate_backend(p) FROM unnest($1::int4[]) p",
-                &[&pids],
-            )
-            .await
-            .map_err(|e| pg_error(BACKEND, &op, e))?;
-            ended.extend(pids);
-        }
         // Until they are gone, so their last commits are in the WAL before the LSN the target
         // must reach is read.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
