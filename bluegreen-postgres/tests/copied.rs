@@ -278,26 +278,33 @@ async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let others = |kind: &'static str| {
+    // Waits (bounded) until the number of `kind` processes on tpl satisfies `done`; returns it.
+    let backends = |kind: &'static str, done: fn(i64) -> bool| {
         let admin = &admin;
         async move {
-            let n: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = 'tpl' AND backend_type = $1",
-                    &[&kind],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            n
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = 'tpl' AND backend_type = $1",
+                        &[&kind],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if done(n) || Instant::now() > deadline {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while others("walsender").await == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(others("walsender").await, 1, "pg_recvlogical did not start");
+    assert_eq!(
+        backends("walsender", |n| n > 0).await,
+        1,
+        "pg_recvlogical did not start"
+    );
     let busy = cluster.client("tpl").await.unwrap();
     let busy_too = cluster.client("tpl").await.unwrap();
     let err = db
@@ -312,10 +319,7 @@ async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
         "{err}"
     );
     drop((busy, busy_too));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while others("client backend").await > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(backends("client backend", |n| n == 0).await, 0);
     // No client left: the copy is tried, and PostgreSQL itself refuses while the walsender is
     // connected; the error says so and nothing is left behind.
     let err = db
@@ -336,10 +340,7 @@ async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
     assert!(left.is_none(), "a refused copy left its target behind");
     walsender.kill().unwrap();
     walsender.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while others("walsender").await > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(backends("walsender", |n| n == 0).await, 0);
     admin
         .batch_execute("SELECT pg_drop_replication_slot('tpl_watch')")
         .await
