@@ -397,9 +397,13 @@ impl CopiedDatabase {
                  or the template option",
             ));
         }
+        // Client sessions only: PostgreSQL ends autovacuum workers itself before the copy, and
+        // counting them (or walsenders, background workers) named connections no client has.
         let others: i64 = admin
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()
+                   AND backend_type = 'client backend'",
                 &[&source],
             )
             .await
@@ -410,26 +414,55 @@ impl CopiedDatabase {
                 BACKEND,
                 "CREATE DATABASE … TEMPLATE",
                 format!(
-                    "database {source} has {others} other connection(s); the template copy needs \
-                     none (it would fail, and it locks out new connections for the whole copy). \
+                    "database {source} has {others} other connection(s) from clients; the \
+                     template copy needs none (it would fail, and it locks out new connections for the whole copy). \
                      Stop its clients or use the online copy (template = false)"
                 ),
             ));
         }
-        admin
+        let op = format!("CREATE DATABASE {target} TEMPLATE {source}");
+        if let Err(e) = admin
             .batch_execute(&format!(
                 "CREATE DATABASE {} TEMPLATE {}",
                 quote_ident(target),
                 quote_ident(source)
             ))
             .await
-            .map_err(|e| {
-                pg_error(
-                    BACKEND,
-                    &format!("CREATE DATABASE {target} TEMPLATE {source}"),
-                    e,
+        {
+            let in_use = e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE);
+            let err = pg_error(BACKEND, &op, e);
+            if !in_use {
+                return Err(err);
+            }
+            // Refused for processes that are not client sessions: say which.
+            let others: Vec<String> = admin
+                .query(
+                    "SELECT backend_type || ' (pid ' || pid || ')' FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()
+                       AND backend_type <> 'client backend' ORDER BY pid",
+                    &[&source],
                 )
-            })?;
+                .await
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default();
+            if others.is_empty() {
+                return Err(err);
+            }
+            let said = match &err {
+                bluegreen_core::Error::Backend { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            return Err(fail(
+                BACKEND,
+                &op,
+                format!(
+                    "{said}; connected to {source} besides clients: {}. Stop them (a \
+                     subscription or a replication client reading {source}) or use the online \
+                     copy (template = false)",
+                    others.join(", ")
+                ),
+            ));
+        }
         Ok(CopyReport {
             source: source.into(),
             target: target.into(),

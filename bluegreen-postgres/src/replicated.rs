@@ -240,6 +240,12 @@ pub struct CutoverReport {
     pub lsn: String,
     /// How long writes to the live database were frozen before the target had everything.
     pub frozen: Duration,
+    /// The part of `frozen` spent making the live database read-only and ending its sessions.
+    pub ending_sessions: Duration,
+    /// The part of `frozen` spent waiting for the target to apply the last writes.
+    pub catching_up: Duration,
+    /// Sessions on the live database ended by the freeze (0 without it).
+    pub sessions_ended: usize,
     /// Sequences set on the target.
     pub sequences: usize,
     /// Whether the replication was reversed (else dropped).
@@ -630,11 +636,14 @@ impl ReplicatedDatabase {
     }
 
     /// Drops the reverse replication (from `target` back into `source`).
-    async fn drop_reverse(&self, source: &str, target: &str) -> Result<()> {
+    /// True when a reverse subscription existed (the source was following the target).
+    async fn drop_reverse(&self, source: &str, target: &str) -> Result<bool> {
         let names = Names::for_target(target);
         let admin_s = connect_rw(&self.config.server.db("postgres")).await?;
+        let mut existed = false;
         if database_exists(BACKEND, &admin_s, source).await? {
             let src = connect_rw(&self.config.server.db(source)).await?;
+            existed = subscription_exists(&src, &names.rev_subscription).await?;
             drop_subscription(&src, &names.rev_subscription).await?;
         }
         let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
@@ -643,7 +652,7 @@ impl ReplicatedDatabase {
             let tgt = connect_rw(&self.target_server().db(target)).await?;
             drop_publication(&tgt, &names.rev_publication).await?;
         }
-        Ok(())
+        Ok(existed)
     }
 
     /// Waits (bounded by the lag bound) until the reverse replication out of `target`, if any,
@@ -651,7 +660,9 @@ impl ReplicatedDatabase {
     async fn wait_reverse(&self, target: &str) -> Result<bool> {
         let names = Names::for_target(target);
         let admin_t = connect_rw(&self.target_server().db("postgres")).await?;
-        let lsn = current_lsn(&admin_t).await?;
+        let lsn = insert_lsn(&admin_t).await?;
+        // The walsender sends only flushed WAL.
+        flush_wal(&admin_t).await?;
         let started = Instant::now();
         loop {
             let row = admin_t
@@ -705,59 +716,14 @@ impl ReplicatedDatabase {
     }
 
     /// Freezes writes on `db` through `src` (a session on it, which stays usable): new sessions
-    /// are read-only, the other client sessions are ended.
-    async fn freeze(&self, src: &Client, db: &str) -> Result<()> {
-        let op = format!("freezing writes on {db}");
-        src.batch_execute(&format!(
-            "ALTER DATABASE {} SET default_transaction_read_only = on",
-            quote_ident(db)
-        ))
-        .await
-        .map_err(|e| pg_error(BACKEND, &op, e))?;
-        // A session forked after this instant reads the setting above when it starts: it is read
-        // only. One forked before may still be starting (not yet showing its database) and may
-        // have read the old setting: every session older than this instant is ended, listing
-        // again until none is left, so that a writer reconnecting at the wrong moment cannot
-        // commit after the LSN the target must reach is read.
-        let frozen: SystemTime = src
-            .query_one("SELECT clock_timestamp()", &[])
-            .await
-            .map_err(|e| pg_error(BACKEND, &op, e))?
-            .get(0);
-        let started = Instant::now();
-        loop {
-            let pids: Vec<i32> = src
-                .query(
-                    "SELECT pid FROM pg_stat_activity
-                     WHERE (datname = $1 OR datname IS NULL) AND pid <> pg_backend_pid()
-                       AND backend_type = 'client backend' AND backend_start < $2",
-                    &[&db, &frozen],
-                )
-                .await
-                .map_err(|e| pg_error(BACKEND, &op, e))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            if pids.is_empty() {
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(fail(
-                    BACKEND,
-                    &op,
-                    format!("{} session(s) on {db} did not end within 10 s", pids.len()),
-                ));
-            }
-            src.execute(
-                "SELECT pg_terminate_backend(p) FROM unnest($1::int4[]) p",
-                &[&pids],
-            )
-            .await
-            .map_err(|e| pg_error(BACKEND, &op, e))?;
-            // Until they are gone, so their last commits are in the WAL before the LSN the target
-            // must reach is read.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+    /// are read-only, every session that may still write is ended, and a prepared transaction
+    /// (which any session, read-only or not, could commit later) fails the freeze. Returns how
+    /// many sessions were ended.
+    async fn freeze(&self, src: &Client, db: &str) -> Result<usize> {
+        let frozen = forbid_new_writes(src, db).await?;
+        let ended = end_sessions_older_than(src, db, frozen).await?;
+        refuse_prepared_transactions(src, db).await?;
+        Ok(ended)
     }
 
     async fn unfreeze(&self, db: &str) -> Result<()> {
@@ -804,7 +770,7 @@ impl ReplicatedDatabase {
         let mut previous = Duration::MAX;
         for _round in 0..4 {
             let round = Instant::now();
-            let l0 = current_lsn(&src).await?;
+            let l0 = insert_lsn(&src).await?;
             self.wait_confirmed(&src, &tgt, &names, &l0, &source, &target, deadline)
                 .await?;
             let took = round.elapsed();
@@ -815,10 +781,15 @@ impl ReplicatedDatabase {
         }
         let frozen_at = Instant::now();
         let res = async {
-            if self.config.freeze_source {
-                self.freeze(&src, &source).await?;
-            }
-            let l = current_lsn(&src).await?;
+            let sessions_ended = if self.config.freeze_source {
+                self.freeze(&src, &source).await?
+            } else {
+                0
+            };
+            let ending_sessions = frozen_at.elapsed();
+            // Every session that could write is gone: every acknowledged write is before this
+            // position.
+            let l = insert_lsn(&src).await?;
             let deadline = Instant::now() + self.config.lag_bound;
             self.wait_confirmed(&src, &tgt, &names, &l, &source, &target, deadline)
                 .await?;
@@ -853,6 +824,9 @@ impl ReplicatedDatabase {
             Ok(CutoverReport {
                 lsn: l,
                 frozen,
+                ending_sessions,
+                catching_up: frozen.saturating_sub(ending_sessions),
+                sessions_ended,
                 sequences,
                 reversed,
             })
@@ -947,11 +921,16 @@ impl ReplicatedDatabase {
         // WAL writer.
         flush_wal(src).await?;
         loop {
-            // Fast path: the apply worker has processed a keepalive at or past `lsn`. It handles
-            // messages one after another, so every change before it is applied (committed and
-            // visible); flushing the target's WAL then makes them durable. The slot's
-            // confirmed_flush_lsn says the same, but the worker reports it only about once a
-            // second.
+            // Fast path: the apply worker has processed a keepalive at or past `lsn`
+            // (`latest_end_lsn` is the position of the last keepalive it handled). The walsender
+            // sends a keepalive for a position only after every transaction committed before it
+            // was decoded and sent, and the worker handles messages one after another, so every
+            // such transaction is applied (committed and visible); flushing the target's WAL then
+            // makes them durable. This holds only if `lsn` is past every write that matters: an
+            // insert position read once the writers are gone (see `insert_lsn`); a keepalive
+            // from before the freeze can already be past a lower, write-position `lsn`. The
+            // slot's confirmed_flush_lsn says the same, but the worker reports it only about
+            // once a second.
             let seen: Option<bool> = tgt
                 .query_opt(
                     "SELECT latest_end_lsn >= $1::text::pg_lsn FROM pg_stat_subscription
@@ -1019,6 +998,129 @@ const TABLES_FROM: &str = "FROM pg_class c JOIN pg_namespace n ON n.oid = c.reln
                        WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                          AND d.deptype = 'e')";
 
+/// `ALTER DATABASE db SET default_transaction_read_only = on`, then the server's clock: every
+/// session forked after that instant reads the setting when it starts, and is read-only.
+async fn forbid_new_writes(src: &Client, db: &str) -> Result<SystemTime> {
+    let op = format!("freezing writes on {db}");
+    src.batch_execute(&format!(
+        "ALTER DATABASE {} SET default_transaction_read_only = on",
+        quote_ident(db)
+    ))
+    .await
+    .map_err(|e| pg_error(BACKEND, &op, e))?;
+    Ok(src
+        .query_one("SELECT clock_timestamp()", &[])
+        .await
+        .map_err(|e| pg_error(BACKEND, &op, e))?
+        .get(0))
+}
+
+/// Ends every client session on `db` that may have read the database's settings before they
+/// became read-only (forked before `frozen`), listing again until none is left (bounded at
+/// 10 s); returns how many were ended.
+///
+/// A session that is still starting does not show in `pg_stat_activity` yet (PostgreSQL lists it
+/// only once its start-up is done, after it has read the settings), so listing that view alone
+/// misses a writer that reconnected a moment before the freeze. While it starts, a session holds
+/// a lock on its database object, released when the start-up ends: a pid holding that lock but
+/// not yet listed is waited for, then judged like the others. Sessions that take the lock after
+/// the first listing read the settings after the freeze, so they are read-only.
+async fn end_sessions_older_than(src: &Client, db: &str, frozen: SystemTime) -> Result<usize> {
+    let op = format!("freezing writes on {db}");
+    let started = Instant::now();
+    let mut ended = std::collections::BTreeSet::new();
+    loop {
+        // First the sessions still starting on `db` (the lock), then, in a later statement
+        // (a statement sees one copy of `pg_stat_activity`), what the view lists.
+        let starting: Vec<i32> = src
+            .query(
+                "SELECT pid FROM pg_locks
+                 WHERE locktype = 'object' AND database = 0
+                   AND classid = 'pg_database'::regclass
+                   AND objid = (SELECT oid FROM pg_database WHERE datname = $1)
+                   AND pid <> pg_backend_pid()",
+                &[&db],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, &op, e))?
+            .iter()
+            .filter_map(|r| r.get::<_, Option<i32>>(0))
+            .collect();
+        // Listed and, if forked before the freeze, ended in the same statement (one round trip
+        // less per round: under load each costs milliseconds of the frozen window).
+        let rows = src
+            .query(
+                "SELECT pid, doomed, CASE WHEN doomed THEN pg_terminate_backend(pid) END
+                 FROM (SELECT a.pid,
+                              a.backend_type = 'client backend' AND a.backend_start < $2
+                                AS doomed
+                       FROM pg_stat_activity a
+                       WHERE a.pid <> pg_backend_pid()
+                         AND (a.datname = $1 OR a.pid = ANY($3))) s",
+                &[&db, &frozen, &starting],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, &op, e))?;
+        let listed: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        let pids: Vec<i32> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<bool>>(1) == Some(true))
+            .map(|r| r.get(0))
+            .collect();
+        let unlisted = starting.iter().filter(|p| !listed.contains(p)).count();
+        if pids.is_empty() && unlisted == 0 {
+            return Ok(ended.len());
+        }
+        ended.extend(pids.iter().copied());
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(fail(
+                BACKEND,
+                &op,
+                format!(
+                    "{} session(s) on {db} did not end and {unlisted} did not finish starting \
+                     within 10 s",
+                    pids.len()
+                ),
+            ));
+        }
+        // Until they are gone, so their last commits are in the WAL before the LSN the target
+        // must reach is read.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Fails when `db` holds prepared transactions: `COMMIT PREPARED` works from any session, even a
+/// read-only one, so one could commit after the cutover, on the old side, and be lost.
+async fn refuse_prepared_transactions(src: &Client, db: &str) -> Result<()> {
+    let gids: Vec<String> = src
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = $1 ORDER BY prepared",
+            &[&db],
+        )
+        .await
+        .map_err(|e| pg_error(BACKEND, "listing prepared transactions", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if gids.is_empty() {
+        return Ok(());
+    }
+    Err(fail(
+        BACKEND,
+        &format!("freezing writes on {db}"),
+        format!(
+            "{db} has {} prepared transaction(s) ({}); any session can commit one later, after \
+             the cutover, and its writes would be lost: COMMIT PREPARED or ROLLBACK PREPARED them \
+             (pg_prepared_xacts), then deploy again",
+            gids.len(),
+            gids.iter()
+                .map(|g| quote_literal(g))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
 /// Connects with `default_transaction_read_only` off for this session (the database may be
 /// frozen by a cutover).
 async fn connect_rw(cfg: &PostgresConfig) -> Result<Client> {
@@ -1029,9 +1131,15 @@ async fn connect_rw(cfg: &PostgresConfig) -> Result<Client> {
     Ok(c)
 }
 
-/// Flushes the server's WAL up to now: a transaction with an id, committed synchronously.
+/// Flushes the server's WAL up to now, through `c` (a session with `synchronous_commit = on`):
+/// a transaction that writes a WAL record (a transactional logical-decoding message, prefix
+/// `bluegreen`, which subscriptions do not receive) and commits. A transaction that only takes an
+/// id writes no record before its commit, and PostgreSQL commits such a transaction
+/// asynchronously whatever `synchronous_commit` says: nothing was flushed until the WAL writer's
+/// next round (`wal_writer_delay`, 200 ms by default), and the walsender, woken by flushes,
+/// waited for it (the 0.2–0.4 s tail of the frozen window).
 async fn flush_wal(c: &Client) -> Result<()> {
-    c.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
+    c.batch_execute("BEGIN; SELECT pg_logical_emit_message(true, 'bluegreen', 'flush'); COMMIT")
         .await
         .map_err(|e| pg_error(BACKEND, "flushing the WAL", e))
 }
@@ -1046,12 +1154,11 @@ async fn is_superuser(c: &Client) -> Result<bool> {
     .get(0))
 }
 
-/// The end of the WAL inserted so far. Not `pg_current_wal_lsn()` (what is written): with
-/// `synchronous_commit = off` a commit returns to its client before its WAL is written, so a
-/// write acknowledged just before the freeze may lie past the written position, and a target
-/// caught up to that position would miss it (measured: acknowledged writes lost in a cutover
-/// under load without the proxy paused).
-async fn current_lsn(c: &Client) -> Result<String> {
+/// The server's WAL insert position: at or past the commit record of every transaction whose
+/// commit has returned. Not `pg_current_wal_lsn()`, the *write* position: with
+/// `synchronous_commit = off` a commit returns before its record is written, so that position
+/// can lie before writes that were acknowledged (the writes the target must have).
+async fn insert_lsn(c: &Client) -> Result<String> {
     Ok(c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(|e| pg_error(BACKEND, "reading the current LSN", e))?
@@ -1378,9 +1485,11 @@ impl DatabaseStrategy for ReplicatedDatabase {
             return Ok(DbStep::reversible(format!("{target} already cut over")));
         };
         Ok(DbStep::reversible(format!(
-            "{target} caught up to LSN {} (writes frozen {:.0?}); {} sequences set; replication {}",
+            "{target} caught up to LSN {} (writes frozen {:.0?}, {} session(s) ended); {} \
+             sequences set; replication {}",
             r.lsn,
             r.frozen,
+            r.sessions_ended,
             r.sequences,
             if r.reversed {
                 "reversed (the old database follows the new one until finalize)"
@@ -1457,20 +1566,35 @@ impl DatabaseStrategy for ReplicatedDatabase {
         if old_db == target {
             return Ok(DbStep::reversible("nothing to finalize"));
         }
-        self.drop_reverse(&old_db, &target).await?;
+        // Only what really happened is reported: after a first deploy, or with
+        // `after_cutover = drop`, no replication ran into the old database.
+        let stopped = self.drop_reverse(&old_db, &target).await?;
+        let stopped_text =
+            format!("stopped the replication into {old_db}; it no longer follows {target}");
         if ctx.live.is_none() || !self.config.drop_old_on_finalize || old_db == self.dbs.base {
-            return Ok(DbStep::irreversible(format!(
-                "stopped the replication into {old_db}; it no longer follows {target}"
-            )));
+            let why = if old_db == self.dbs.base {
+                "the base database is never dropped"
+            } else {
+                "drop_old_on_finalize is off"
+            };
+            return Ok(if stopped {
+                DbStep::irreversible(format!("{stopped_text}; {old_db} kept ({why})"))
+            } else {
+                DbStep::reversible(format!(
+                    "nothing to finalize: no replication into {old_db}; {old_db} kept ({why})"
+                ))
+            });
         }
         let admin = connect_rw(&self.config.server.db("postgres")).await?;
         self.drop_subscriptions_in(&self.config.server, &old_db)
             .await?;
         drop_slots_in(&admin, &old_db).await?;
         drop_database(BACKEND, &admin, &old_db).await?;
-        Ok(DbStep::irreversible(format!(
-            "dropped the previous live database {old_db}"
-        )))
+        Ok(DbStep::irreversible(if stopped {
+            format!("{stopped_text}; dropped the previous live database {old_db}")
+        } else {
+            format!("dropped the previous live database {old_db}")
+        }))
     }
 }
 
@@ -1506,5 +1630,150 @@ mod tests {
         let long = Names::for_target(&"x".repeat(63));
         assert_eq!(long.rev_slot.len(), 63);
         assert_ne!(long.slot, long.rev_slot);
+    }
+}
+
+/// The pieces of the frozen window on a real server, in an order a test forces.
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use bluegreen_testenv::pg::Cluster;
+
+    /// Settings for `db` on `cluster` (built here: this crate's own `PostgresConfig` type).
+    fn settings(cluster: &Cluster, db: &str) -> PostgresConfig {
+        let c = PostgresConfig::new("127.0.0.1", cluster.port, db).with_user("postgres");
+        if cluster.password.is_empty() {
+            c
+        } else {
+            c.with_password(cluster.password.clone())
+        }
+    }
+
+    /// `flush_wal` makes every record inserted before it durable at once, also on a server that
+    /// commits asynchronously by default (the test clusters): it used to commit a transaction
+    /// that wrote no record, which PostgreSQL commits asynchronously, so the flush waited for the
+    /// WAL writer and the walsender with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flush_wal_flushes_what_was_inserted_before_it() {
+        let Some(cluster) = Cluster::start().await else {
+            return;
+        };
+        cluster.create_db("fl").await;
+        let writer = cluster.client("fl").await.unwrap();
+        writer
+            .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+            .await
+            .unwrap();
+        let c = connect_rw(&settings(&cluster, "fl")).await.unwrap();
+        for i in 0..20 {
+            // Acknowledged, not yet written (synchronous_commit = off on this cluster).
+            writer
+                .execute("INSERT INTO t VALUES ($1)", &[&i])
+                .await
+                .unwrap();
+            let inserted = insert_lsn(&c).await.unwrap();
+            flush_wal(&c).await.unwrap();
+            let flushed: bool = c
+                .query_one(
+                    "SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                    &[&inserted],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(flushed, "round {i}: WAL up to {inserted} was not flushed");
+        }
+    }
+
+    /// A write acknowledged after `ALTER DATABASE … read_only` by a session that was already
+    /// open, just before the freeze ends that session. The test cluster commits asynchronously
+    /// (`synchronous_commit = off`, as many servers do): the acknowledged commit record may not be
+    /// written yet, so the WAL *write* position (`pg_current_wal_lsn()`) lies before it, and a
+    /// keepalive the target handled right after the ALTER already reaches that position. The
+    /// cutover then waited for nothing, dropped the subscription, and lost the write (seen in CI
+    /// as one lost write in about 1700). The target's apply worker is held by a lock here so that
+    /// a wait that ends too early is always caught: the subscription is dropped right after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_acknowledged_inside_the_freeze_is_on_the_target_when_the_wait_ends() {
+        let Some(cluster) = Cluster::start().await else {
+            return;
+        };
+        cluster.create_db("win").await;
+        let admin = cluster.client("win").await.unwrap();
+        admin
+            .batch_execute("CREATE TABLE orders (id bigserial PRIMARY KEY, note text)")
+            .await
+            .unwrap();
+        let db = ReplicatedDatabase::new(
+            ReplicatedConfig::new(settings(&cluster, "win"))
+                .with_bin_dir(cluster.bin_dir())
+                .with_after_cutover(AfterCutover::Drop),
+        )
+        .unwrap();
+        let ctx = DbContext {
+            live: None,
+            target: Slot::Green,
+            release: bluegreen_core::Release::new("v2", "app").unwrap(),
+        };
+        db.prepare(&ctx).await.unwrap();
+        let names = Names::for_target("win_green");
+        let src = connect_rw(&settings(&cluster, "win")).await.unwrap();
+        let tgt = connect_rw(&settings(&cluster, "win_green")).await.unwrap();
+        let far = || Instant::now() + Duration::from_secs(60);
+        // Caught up: the target has handled a keepalive at the source's current end.
+        let l0 = insert_lsn(&src).await.unwrap();
+        db.wait_confirmed(&src, &tgt, &names, &l0, "win", "win_green", far())
+            .await
+            .unwrap();
+
+        // The apply worker will wait on this lock at the next change to orders.
+        let blocker = cluster.client("win_green").await.unwrap();
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+
+        let writer = cluster.client("win").await.unwrap();
+        let frozen = forbid_new_writes(&src, "win").await.unwrap();
+        let id: i64 = writer
+            .query_one(
+                "INSERT INTO orders (note) VALUES ('inside the freeze') RETURNING id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let ended = end_sessions_older_than(&src, "win", frozen).await.unwrap();
+        assert!(
+            ended >= 2,
+            "the writer and the setup session are ended ({ended})"
+        );
+        assert!(writer.query_one("SELECT 1", &[]).await.is_err());
+        let l = insert_lsn(&src).await.unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            blocker.batch_execute("ROLLBACK").await.unwrap();
+        });
+        db.wait_confirmed(&src, &tgt, &names, &l, "win", "win_green", far())
+            .await
+            .unwrap();
+        // As the cutover does next: the replication stops here.
+        drop_subscription(&tgt, &names.subscription).await.unwrap();
+        release.await.unwrap();
+        let present = tgt
+            .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .is_some();
+        assert!(
+            present,
+            "the wait for LSN {l} ended before the acknowledged write {id} was applied"
+        );
+        db.rollback(&ctx).await.unwrap();
+        let fresh = cluster.client("win").await.unwrap();
+        fresh
+            .execute("INSERT INTO orders (note) VALUES ('writable again')", &[])
+            .await
+            .unwrap();
     }
 }

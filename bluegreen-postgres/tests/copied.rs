@@ -247,14 +247,104 @@ async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
     };
     seeded(&cluster, "tpl").await;
     let db = CopiedDatabase::new(strategy(&cluster, "tpl").with_template(true)).unwrap();
+    // A process that is not a client session: a logical walsender streaming from tpl.
+    let admin = cluster.client("postgres").await.unwrap();
+    cluster
+        .client("tpl")
+        .await
+        .unwrap()
+        .batch_execute("SELECT pg_create_logical_replication_slot('tpl_watch', 'test_decoding')")
+        .await
+        .unwrap();
+    let mut walsender = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"))
+        .args([
+            "--no-password",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "tpl",
+        ])
+        .args([
+            "-p",
+            &cluster.port.to_string(),
+            "--slot",
+            "tpl_watch",
+            "--start",
+        ])
+        .args(["-f", "/dev/null"])
+        .env("PGPASSWORD", &cluster.password)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Waits (bounded) until the number of `kind` processes on tpl satisfies `done`; returns it.
+    let backends = |kind: &'static str, done: fn(i64) -> bool| {
+        let admin = &admin;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = 'tpl' AND backend_type = $1",
+                        &[&kind],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if done(n) || Instant::now() > deadline {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(
+        backends("walsender", |n| n > 0).await,
+        1,
+        "pg_recvlogical did not start"
+    );
     let busy = cluster.client("tpl").await.unwrap();
+    let busy_too = cluster.client("tpl").await.unwrap();
     let err = db
         .copy_database("tpl", "tpl_green")
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("other connection"), "{err}");
-    drop(busy);
+    println!("{err}");
+    // The two client sessions, not the walsender.
+    assert!(
+        err.contains("has 2 other connection(s) from clients"),
+        "{err}"
+    );
+    drop((busy, busy_too));
+    assert_eq!(backends("client backend", |n| n == 0).await, 0);
+    // No client left: the copy is tried, and PostgreSQL itself refuses while the walsender is
+    // connected; the error says so and nothing is left behind.
+    let err = db
+        .copy_database("tpl", "tpl_green")
+        .await
+        .unwrap_err()
+        .to_string();
+    println!("{err}");
+    assert!(
+        err.contains("TEMPLATE tpl") && err.contains("being accessed by other users"),
+        "{err}"
+    );
+    assert!(err.contains("besides clients: walsender (pid "), "{err}");
+    let left = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = 'tpl_green'", &[])
+        .await
+        .unwrap();
+    assert!(left.is_none(), "a refused copy left its target behind");
+    walsender.kill().unwrap();
+    walsender.wait().unwrap();
+    assert_eq!(backends("walsender", |n| n == 0).await, 0);
+    admin
+        .batch_execute("SELECT pg_drop_replication_slot('tpl_watch')")
+        .await
+        .unwrap();
     // The dropped session may take a moment to leave pg_stat_activity.
     let deadline = Instant::now() + Duration::from_secs(30);
     let report = loop {

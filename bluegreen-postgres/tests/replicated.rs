@@ -373,6 +373,15 @@ async fn cutover_under_a_concurrent_writer_loses_no_committed_write() {
     // finalize stops the reverse replication and leaves nothing behind.
     let step = db.finalize(&c).await.unwrap();
     println!("finalize: {}", step.summary);
+    assert!(!step.is_reversible(), "{step:?}");
+    assert!(
+        step.summary
+            .contains("stopped the replication into live_green; it no longer follows")
+            && step
+                .summary
+                .contains("live_green kept (drop_old_on_finalize is off)"),
+        "{step:?}"
+    );
     let before = one_i64(&old, "SELECT count(*) FROM orders").await;
     new.execute("INSERT INTO orders (account, amount) VALUES (1, 1)", &[])
         .await
@@ -637,4 +646,151 @@ async fn across_two_clusters_a_rollback_after_the_switch_brings_every_write_back
     );
     assert_eq!(leftovers(&a, &["shop_green"]).await, Vec::<String>::new());
     assert_eq!(leftovers(&b, &[]).await, Vec::<String>::new());
+}
+
+/// Pids holding the start-up lock on database `db` (sessions still starting) that
+/// `pg_stat_activity` does not list yet.
+async fn starting_unlisted(admin: &Client, db: &str) -> Vec<i32> {
+    admin
+        .query(
+            "SELECT l.pid FROM pg_locks l
+             WHERE l.locktype = 'object' AND l.database = 0
+               AND l.classid = 'pg_database'::regclass
+               AND l.objid = (SELECT oid FROM pg_database WHERE datname = $1)
+               AND l.pid NOT IN (SELECT pid FROM pg_stat_activity)",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Two writers the freeze used to miss. A client that connected a moment before the freeze: its
+/// session read the database's settings (writable) but PostgreSQL lists it in `pg_stat_activity`
+/// only once its start-up is over, so ending the listed sessions did not end it, and its write
+/// landed on the old side after the cutover (`post_auth_delay` holds it at exactly that point).
+/// And a prepared transaction, which any session (read-only ones too) can commit later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_the_freeze_cannot_see_yet_cannot_write_after_the_cutover() {
+    let Some(cluster) = Cluster::start_with(&["max_prepared_transactions=2"]).await else {
+        return;
+    };
+    let src = seeded(&cluster, "slow").await;
+    let db =
+        ReplicatedDatabase::new(config(&cluster, "slow").with_after_cutover(AfterCutover::Drop))
+            .unwrap();
+    let c = ctx(None, Slot::Green);
+    db.prepare(&c).await.unwrap();
+
+    // A prepared transaction: the cutover refuses, naming it, and live takes writes again.
+    src.batch_execute(
+        "BEGIN; INSERT INTO orders (account, amount) VALUES (1, 99);
+         PREPARE TRANSACTION 'pending-order'",
+    )
+    .await
+    .unwrap();
+    let err = db.before_switch(&c).await.unwrap_err().to_string();
+    println!("{err}");
+    assert!(
+        err.contains("prepared transaction") && err.contains("'pending-order'"),
+        "{err}"
+    );
+    assert!(err.contains("ROLLBACK PREPARED"), "{err}");
+    let fresh = cluster.client("slow").await.unwrap();
+    fresh
+        .batch_execute("ROLLBACK PREPARED 'pending-order'")
+        .await
+        .unwrap();
+    fresh
+        .execute("INSERT INTO orders (account, amount) VALUES (2, 1)", &[])
+        .await
+        .unwrap();
+
+    // A client whose session sleeps 4 s between reading the settings and being listed.
+    let mut late = tokio_postgres::Config::new();
+    late.host("127.0.0.1")
+        .port(cluster.port)
+        .user("postgres")
+        .password(cluster.password.as_str())
+        .dbname("slow")
+        .options("-c post_auth_delay=4");
+    let writer = tokio::spawn(async move {
+        let (client, conn) = late.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let id: i64 = client
+            .query_one(
+                "INSERT INTO orders (account, amount, note) VALUES (3, 7, 'late') RETURNING id",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok::<_, tokio_postgres::Error>(id)
+    });
+    let admin = cluster.client("postgres").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while starting_unlisted(&admin, "slow").await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(starting_unlisted(&admin, "slow").await.len(), 1);
+    // Its settings are read just before the sleep begins.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        starting_unlisted(&admin, "slow").await.len(),
+        1,
+        "still starting, not listed"
+    );
+
+    let step = db.before_switch(&c).await.unwrap();
+    println!("{}", step.summary);
+    let late_write = writer.await.unwrap();
+    println!("late writer: {late_write:?}");
+    let tgt = cluster.client("slow_green").await.unwrap();
+    let on_target = ids(&tgt).await;
+    // Refused (ended by the freeze), or committed before the cutover's LSN and so on the target:
+    // never committed on the old side only.
+    if let Ok(id) = late_write {
+        assert!(on_target.contains(&id), "write {id} committed but lost");
+    }
+    let old = cluster.client("slow").await.unwrap();
+    assert_eq!(
+        ids(&old).await,
+        on_target,
+        "the old side has writes the new one lacks"
+    );
+    db.rollback(&c).await.unwrap();
+}
+
+/// `finalize` reports what it did: after a first deploy (no reverse replication was ever set up,
+/// and the base database is kept) nothing irreversible happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_after_a_first_deploy_reports_only_what_happened() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    seeded(&cluster, "first").await;
+    // The default: reverse the replication at the cutover (there is nothing to reverse into
+    // on a first deploy).
+    let db = ReplicatedDatabase::new(config(&cluster, "first")).unwrap();
+    let c = ctx(None, Slot::Blue);
+    db.prepare(&c).await.unwrap();
+    let step = db.before_switch(&c).await.unwrap();
+    assert!(step.summary.contains("replication dropped"), "{step:?}");
+    db.after_switch(&c).await.unwrap();
+    let step = db.finalize(&c).await.unwrap();
+    println!("finalize: {}", step.summary);
+    assert!(step.is_reversible(), "{step:?}");
+    assert!(!step.summary.contains("stopped"), "{step:?}");
+    assert!(
+        step.summary.contains("no replication into first")
+            && step
+                .summary
+                .contains("first kept (the base database is never dropped)"),
+        "{step:?}"
+    );
+    assert_eq!(
+        leftovers(&cluster, &["first", "first_blue"]).await,
+        Vec::<String>::new()
+    );
 }
