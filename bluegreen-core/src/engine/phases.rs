@@ -321,12 +321,10 @@ impl Run<'_> {
         let mut last_inconclusive: Option<String>;
         loop {
             self.check_interrupt()?;
-            let status = self
-                .d
-                .environment
-                .status(target)
-                .await
-                .by(self.d.environment.name())?;
+            // A retryable error (a control plane restarting) is retried like every other
+            // backend call; only a lasting one ends the observation.
+            let env = self.d.environment.clone();
+            let status = self.retry(|| env.status(target)).await.by(env.name())?;
             let (healthy, detail, backend) = self.health_round(&status, &eps).await;
             fails = if healthy { 0 } else { fails + 1 };
             if fails >= self.d.policy.fall {
