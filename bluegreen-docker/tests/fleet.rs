@@ -283,17 +283,33 @@ async fn an_unreachable_host_is_reported_by_name() {
             _ => assert_eq!(h.status.as_ref().unwrap().state, InstanceState::Running),
         }
     }
-    let err = fleet.status(Slot::Blue).await.unwrap_err();
+    // The aggregate answers: unknown (never running), each host by name, h3 with the error.
+    let st = fleet.status(Slot::Blue).await.unwrap();
+    assert_eq!(st.state, InstanceState::Unknown, "{st:?}");
+    assert!(!st.is_up());
     assert_eq!(
-        fleet_error(&err)
-            .failed
-            .iter()
-            .map(|f| f.host.as_str())
-            .collect::<Vec<_>>(),
-        ["h3"]
+        st.version.as_ref().unwrap().as_str(),
+        "v1",
+        "what h1, h2 run"
     );
-    assert!(err.to_string().contains("host_status"), "{err}");
-    assert!(err.is_retryable(), "an unreachable engine may come back");
+    assert_eq!(st.endpoints.len(), 2, "the reachable hosts' endpoints");
+    let parts: Vec<(&str, InstanceState)> = st
+        .parts
+        .iter()
+        .map(|p| (p.name.as_str(), p.state))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            ("h1", InstanceState::Running),
+            ("h2", InstanceState::Running),
+            ("h3", InstanceState::Unknown)
+        ]
+    );
+    let unread: Vec<_> = st.unreadable_parts().collect();
+    assert_eq!(unread.len(), 1);
+    let why = unread[0].error.as_deref().unwrap();
+    assert!(why.contains("cannot reach") && why.contains("h3"), "{why}");
     // Remove is not silently skipped on the unreachable host: it fails naming it, after
     // removing the slot everywhere else.
     let err = fleet.remove(Slot::Blue).await.unwrap_err();

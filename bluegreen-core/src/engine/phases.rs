@@ -326,6 +326,7 @@ impl Run<'_> {
                 .environment
                 .status(target)
                 .await
+                .and_then(|s| super::readiness::readable(self.d.environment.name(), s))
                 .by(self.d.environment.name())?;
             let (healthy, detail, backend) = self.health_round(&status, &eps).await;
             fails = if healthy { 0 } else { fails + 1 };
