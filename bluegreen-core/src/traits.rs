@@ -823,3 +823,24 @@ pub trait StateStore: Send + Sync + Debug {
     /// Removes the lock whoever holds it.
     async fn break_lock(&self) -> Result<Option<LockInfo>>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_status_without_parts_reads_and_writes_as_before() {
+        let old =
+            r#"{"state":"running","version":"v1","health":null,"exit_code":null,"endpoints":[]}"#;
+        let st: SlotStatus = serde_json::from_str(old).unwrap();
+        assert!(st.parts.is_empty());
+        assert_eq!(serde_json::to_string(&st).unwrap(), old);
+        let unknown = SlotStatus::new(InstanceState::Unknown, None, Vec::new())
+            .with_parts(vec![SlotPart::unreadable("h2", "cannot reach h2")]);
+        let text = serde_json::to_string(&unknown).unwrap();
+        assert!(text.contains(r#""state":"unknown""#), "{text}");
+        assert_eq!(serde_json::from_str::<SlotStatus>(&text).unwrap(), unknown);
+        assert!(!unknown.is_up());
+        assert_eq!(unknown.unreadable_parts().count(), 1);
+    }
+}
