@@ -564,6 +564,18 @@ async fn status(d: &Deployer, mode: Mode) -> bluegreen::Result<ExitCode> {
             s.version.as_ref().map(|v| v.as_str()).unwrap_or("-"),
             recorded.unwrap_or_default()
         );
+        // A slot over several hosts: each host by name, an unreachable one with why.
+        for part in &s.parts {
+            match &part.error {
+                Some(e) => println!("  host {}: unreachable: {e}", part.name),
+                None => println!(
+                    "  host {}: {:?} {}",
+                    part.name,
+                    part.state,
+                    part.version.as_ref().map(|v| v.as_str()).unwrap_or("-")
+                ),
+            }
+        }
     }
     if let Some(f) = &st.state.in_flight {
         println!(
@@ -605,6 +617,26 @@ async fn validate(
 ) -> bluegreen::Result<ExitCode> {
     let d = backends::deployer(p, state_dir).await?;
     let st = d.status().await?;
+    // Every host of a fleet must answer: "reachable" is said only when it is true.
+    let unreachable: Vec<String> = bluegreen::Slot::ALL
+        .iter()
+        .flat_map(|slot| st.slots.get(*slot).unreadable_parts())
+        .map(|part| (&part.name, part.error.as_deref().unwrap_or("")))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .map(|(name, error)| format!("{name}: {error}"))
+        .collect();
+    if !unreachable.is_empty() {
+        return Err(bluegreen::Error::backend(
+            p.environment_kind(),
+            "status",
+            true,
+            format!(
+                "environment host(s) unreachable: {}; fix them or take them out of hosts",
+                unreachable.join("; ")
+            ),
+        ));
+    }
     let database = backends::check_database(p).await?;
     let mut lines = vec![
         format!("pipeline file ok (project {})", p.project.name),

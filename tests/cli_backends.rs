@@ -393,3 +393,73 @@ observation = {{ window = 1, interval = 250 }}
     assert_eq!(status_json(&file)["split"]["blue"], 100);
     ok(&file, &["reset"]);
 }
+
+#[test]
+fn status_of_a_fleet_names_each_host_and_the_unreachable_one() {
+    if !haproxy::available("cli") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    if rt.block_on(bluegreen_testenv::docker::engine()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_haproxy, sock, port) = start_haproxy();
+    // web1 is this machine's engine; web2's engine socket does not exist.
+    let engine = std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| h.starts_with("unix://"))
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+    let gone = dir.path().join("gone.sock");
+    let file = pipeline_with(
+        dir.path(),
+        &format!("cli-fleet-{}", std::process::id()),
+        &format!(
+            "[environment]\nkind = \"docker\"\nimage = \"bluegreen-demo:{{version}}\"\n\
+             pull = \"never\"\nport = 8080\nhosts = [\n  \
+             {{ name = \"web1\", engine = \"{engine}\", address = \"127.0.0.1\" }},\n  \
+             {{ name = \"web2\", engine = \"unix://{}\", address = \"127.0.0.2\" }},\n]",
+            gone.display()
+        ),
+        &format!(
+            "[switch]\nkind = \"haproxy\"\nruntime = \"{}\"\npublic = \"127.0.0.1:{port}\"",
+            sock.display()
+        ),
+    );
+    let text = ok(&file, &["status"]);
+    assert!(text.contains("blue     Unknown"), "{text}");
+    assert!(text.contains("  host web1: Absent"), "{text}");
+    let web2 = text
+        .lines()
+        .find(|l| l.starts_with("  host web2: unreachable: "))
+        .unwrap_or_else(|| panic!("web2 not reported unreachable: {text}"));
+    assert!(web2.contains(&gone.display().to_string()), "{web2}");
+
+    let st = status_json(&file);
+    for slot in ["blue", "green"] {
+        let s = &st["slots"][slot];
+        assert_eq!(s["state"], "unknown", "{st}");
+        assert_eq!(s["parts"][0]["name"], "web1", "{st}");
+        assert_eq!(s["parts"][0]["state"], "absent", "{st}");
+        assert_eq!(s["parts"][1]["name"], "web2", "{st}");
+        assert_eq!(s["parts"][1]["state"], "unknown", "{st}");
+        assert!(
+            s["parts"][1]["error"]
+                .as_str()
+                .unwrap()
+                .contains("gone.sock"),
+            "{st}"
+        );
+    }
+
+    // validate does not call an environment with an unreachable host reachable.
+    let out = run(&file, &["validate"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains("web2") && err.contains("unreachable"), "{err}");
+    assert_eq!(
+        err.matches("gone.sock)").count(),
+        1,
+        "web2 named once: {err}"
+    );
+}

@@ -30,6 +30,10 @@ pub enum InstanceState {
     Stopped,
     /// Exited on its own.
     Exited,
+    /// Could not be read entirely: a part of the slot (e.g. a fleet's host) did not answer; the
+    /// parts that did are in [`SlotStatus::parts`]. Never counts as running: the engine
+    /// redeploys a slot in this state instead of reusing it.
+    Unknown,
 }
 
 /// Health as the platform itself reports it (e.g. a Docker HEALTHCHECK).
@@ -58,6 +62,47 @@ pub struct SlotStatus {
     pub exit_code: Option<i32>,
     /// Where it is reachable (empty unless running or starting).
     pub endpoints: Vec<Endpoint>,
+    /// For a slot spread over several parts (a fleet's hosts), each part's own state, by name,
+    /// an unreadable one included with why; empty for a slot in one place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<SlotPart>,
+}
+
+/// One part of a slot spread over several (a fleet's host), in [`SlotStatus::parts`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SlotPart {
+    /// The part's name (a host name).
+    pub name: String,
+    /// Its state; [`InstanceState::Unknown`] when it could not be read.
+    pub state: InstanceState,
+    /// The version running there, when known.
+    pub version: Option<Version>,
+    /// Why it could not be read (an unreachable engine), naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SlotPart {
+    /// A part read as `status`.
+    pub fn read(name: impl Into<String>, status: &SlotStatus) -> Self {
+        SlotPart {
+            name: name.into(),
+            state: status.state,
+            version: status.version.clone(),
+            error: None,
+        }
+    }
+
+    /// A part that could not be read, and why.
+    pub fn unreadable(name: impl Into<String>, error: impl Into<String>) -> Self {
+        SlotPart {
+            name: name.into(),
+            state: InstanceState::Unknown,
+            version: None,
+            error: Some(error.into()),
+        }
+    }
 }
 
 impl SlotStatus {
@@ -69,6 +114,7 @@ impl SlotStatus {
             health: None,
             exit_code: None,
             endpoints: Vec::new(),
+            parts: Vec::new(),
         }
     }
 
@@ -80,6 +126,7 @@ impl SlotStatus {
             health: None,
             exit_code: None,
             endpoints,
+            parts: Vec::new(),
         }
     }
 
@@ -93,6 +140,17 @@ impl SlotStatus {
     pub fn with_exit_code(mut self, code: Option<i32>) -> Self {
         self.exit_code = code;
         self
+    }
+
+    /// With the state of each part (a fleet's hosts).
+    pub fn with_parts(mut self, parts: Vec<SlotPart>) -> Self {
+        self.parts = parts;
+        self
+    }
+
+    /// The parts that could not be read (with why), e.g. a fleet's unreachable hosts.
+    pub fn unreadable_parts(&self) -> impl Iterator<Item = &SlotPart> {
+        self.parts.iter().filter(|p| p.error.is_some())
     }
 
     /// True for `Running` and `Starting`.
@@ -125,7 +183,9 @@ impl ExecOutput {
 /// - `deploy` replaces whatever the slot held and returns once the instance is started (not
 ///   necessarily ready: the engine runs health checks); deploying the same release twice is
 ///   idempotent. The release's environment (including `secret_env`) reaches the instance.
-/// - `status` reads the platform, not a cache; an unknown slot is [`InstanceState::Absent`].
+/// - `status` reads the platform, not a cache; an unknown slot is [`InstanceState::Absent`]. A
+///   slot spread over several parts (hosts) of which some cannot be read is
+///   [`InstanceState::Unknown`], naming them in [`SlotStatus::parts`].
 /// - `stop` stops gracefully, waiting at most `drain` before forcing; stopping an absent or stopped
 ///   slot is `Ok`.
 /// - `remove` deletes everything the slot owns; removing an absent slot is `Ok`.
@@ -762,4 +822,25 @@ pub trait StateStore: Send + Sync + Debug {
 
     /// Removes the lock whoever holds it.
     async fn break_lock(&self) -> Result<Option<LockInfo>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_status_without_parts_reads_and_writes_as_before() {
+        let old =
+            r#"{"state":"running","version":"v1","health":null,"exit_code":null,"endpoints":[]}"#;
+        let st: SlotStatus = serde_json::from_str(old).unwrap();
+        assert!(st.parts.is_empty());
+        assert_eq!(serde_json::to_string(&st).unwrap(), old);
+        let unknown = SlotStatus::new(InstanceState::Unknown, None, Vec::new())
+            .with_parts(vec![SlotPart::unreadable("h2", "cannot reach h2")]);
+        let text = serde_json::to_string(&unknown).unwrap();
+        assert!(text.contains(r#""state":"unknown""#), "{text}");
+        assert_eq!(serde_json::from_str::<SlotStatus>(&text).unwrap(), unknown);
+        assert!(!unknown.is_up());
+        assert_eq!(unknown.unreadable_parts().count(), 1);
+    }
 }

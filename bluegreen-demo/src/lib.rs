@@ -20,8 +20,9 @@
 //! update: it prints the modules it "updated" and exits 0 without serving.
 //!
 //! Every answer carries the headers `x-bluegreen-version` and `x-bluegreen-slot`, and
-//! `x-bluegreen-instance`: the address the app listens on (`127.0.0.1:40123`), so a client
-//! behind a switch routing a slot to several instances sees which one answered.
+//! `x-bluegreen-instance`: the address the app listens on (`127.0.0.1:40123`; on a wildcard
+//! address such as `0.0.0.0`, the address the connection reached, e.g. a host's own), so a
+//! client behind a switch routing a slot to several instances sees which one answered.
 //!
 //! The `bluegreen-demo` binary reads its settings from the environment
 //! ([`DemoConfig::from_env`]): `PORT` (8080), `HOST` (127.0.0.1), `BLUEGREEN_VERSION` (else

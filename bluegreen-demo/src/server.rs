@@ -319,9 +319,24 @@ pub async fn serve(
                     }
                 };
                 let app = app.clone();
+                // A wildcard listener (`HOST=0.0.0.0`, as in containers) names the address the
+                // connection reached instead, so that instances on several hosts tell apart.
+                let reached = listener
+                    .local_addr()
+                    .is_ok_and(|a| a.ip().is_unspecified())
+                    .then(|| stream.local_addr().ok())
+                    .flatten()
+                    .and_then(|a| HeaderValue::from_str(&a.to_string()).ok());
                 let svc = service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    let reached = reached.clone();
+                    async move {
+                        let mut res = app.handle(req).await;
+                        if let Some(addr) = reached {
+                            res.headers_mut().insert("x-bluegreen-instance", addr);
+                        }
+                        Ok::<_, Infallible>(res)
+                    }
                 });
                 // HTTP/1.1 (with upgrades: `/ws`) and HTTP/2 with prior knowledge.
                 let conn = auto::Builder::new(TokioExecutor::new())

@@ -208,3 +208,16 @@ async fn odoo_style_routes_answer_and_jsonrpc_checks_the_token() {
     );
     failing.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn on_a_wildcard_address_the_instance_is_the_address_the_connection_reached() {
+    let server = DemoServer::start(DemoConfig::new("v1", "blue").with_host("0.0.0.0"))
+        .await
+        .unwrap();
+    let port = server.local_addr().port();
+    let res = client::get(std::net::SocketAddr::from(([127, 0, 0, 2], port)), "/")
+        .await
+        .unwrap();
+    let want = format!("127.0.0.2:{port}");
+    assert_eq!(res.header("x-bluegreen-instance"), Some(want.as_str()));
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bluegreen_core::{
     Endpoint, Environment, Error, ExecOutput, InstanceState, Name, Release, Result, RuntimeHealth,
-    Slot, SlotStatus,
+    Slot, SlotPart, SlotStatus,
 };
 use bollard::Docker;
 use serde::{Deserialize, Serialize};
@@ -337,9 +337,11 @@ impl Member {
 ///   a host already runs is a no-op there (that host keeps its container), so a rollback to a
 ///   release missing on one host only starts it there.
 /// - `status` aggregates the hosts: `Running` only when every host runs the slot's release, the
-///   platform health is the worst of the hosts', and the endpoints are all hosts'. An
-///   unreachable host makes it an error naming the host; [`host_status`](Self::host_status)
-///   reports each host, reachable or not.
+///   platform health is the worst of the hosts', and the endpoints are all hosts'. Each host is
+///   in [`SlotStatus::parts`] by name with its state. An unreachable host makes the slot
+///   [`InstanceState::Unknown`] (never running: a rollback redeploys it, the health gates stop)
+///   and its part carries the error naming it; [`host_status`](Self::host_status) gives each
+///   host's full status.
 /// - `stop`, `remove` act on every host, and fail naming any host they could not reach.
 /// - `exec` runs on the first host (in configuration order), once: hooks such as migrations
 ///   must not run once per host. `logs` concatenates all hosts', each under a header.
@@ -601,11 +603,35 @@ impl DockerFleet {
     }
 }
 
+/// The aggregate of every host's status of one slot (as [`aggregate`]), with each host as a
+/// part: [`InstanceState::Unknown`] when a host could not be read, naming it with the error.
+fn aggregate_hosts(results: Vec<(String, Result<SlotStatus>)>) -> SlotStatus {
+    let parts: Vec<SlotPart> = results
+        .iter()
+        .map(|(host, r)| match r {
+            Ok(s) => SlotPart::read(host, s),
+            Err(e) => SlotPart::unreadable(host, e.to_string()),
+        })
+        .collect();
+    let read: Vec<SlotStatus> = results.into_iter().filter_map(|(_, r)| r.ok()).collect();
+    let mut status = aggregate(&read);
+    if parts.iter().any(|p| p.error.is_some()) {
+        // What the other hosts run is kept for the reader (version, their endpoints); the slot
+        // as a whole is not known to run anything.
+        status.state = InstanceState::Unknown;
+        status.health = None;
+        status.exit_code = None;
+    }
+    status.with_parts(parts)
+}
+
 /// The aggregate of every host's status of one slot.
 fn aggregate(statuses: &[SlotStatus]) -> SlotStatus {
     use InstanceState::*;
     let states: Vec<InstanceState> = statuses.iter().map(|s| s.state).collect();
-    let state = if states.iter().all(|s| *s == Absent) {
+    let state = if states.contains(&Unknown) {
+        Unknown
+    } else if states.iter().all(|s| *s == Absent) {
         Absent
     } else if states.iter().all(|s| *s == Running) {
         Running
@@ -781,14 +807,7 @@ impl Environment for DockerFleet {
         let results = self
             .on_all(|m| async move { m.env().await?.status(slot).await })
             .await;
-        let ok = Self::all_or_error(
-            "status",
-            Some(slot),
-            results,
-            "DockerFleet::host_status reports every host, the unreachable ones too",
-        )?;
-        let statuses: Vec<SlotStatus> = ok.into_iter().map(|(_, s)| s).collect();
-        Ok(aggregate(&statuses))
+        Ok(aggregate_hosts(results))
     }
 
     async fn stop(&self, slot: Slot, drain: Duration) -> Result<()> {
@@ -906,6 +925,41 @@ mod tests {
             st(Running, "v1", 2).with_health(Some(RuntimeHealth::Unhealthy)),
         ]);
         assert_eq!(sick.health, Some(RuntimeHealth::Unhealthy));
+    }
+
+    #[test]
+    fn an_unreadable_host_makes_the_slot_unknown_and_is_named() {
+        use InstanceState::*;
+        let down = Error::backend("docker", "status", true, "cannot reach h2");
+        let agg = aggregate_hosts(vec![
+            ("h1".into(), Ok(st(Running, "v1", 1))),
+            ("h2".into(), Err(down)),
+            ("h3".into(), Ok(st(Running, "v1", 3))),
+        ]);
+        assert_eq!(agg.state, Unknown, "never Running with a host unread");
+        assert!(!agg.is_up());
+        assert_eq!(agg.version.as_ref().unwrap().as_str(), "v1");
+        assert_eq!(agg.endpoints.len(), 2);
+        let names: Vec<&str> = agg.parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["h1", "h2", "h3"]);
+        let unread: Vec<&SlotPart> = agg.unreadable_parts().collect();
+        assert_eq!(unread.len(), 1);
+        assert_eq!(unread[0].name, "h2");
+        assert_eq!(unread[0].state, Unknown);
+        assert!(unread[0]
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("cannot reach h2"));
+        assert_eq!(agg.parts[0].state, Running);
+        // Every host read: the plain aggregate, with the hosts as parts.
+        let whole = aggregate_hosts(vec![
+            ("h1".into(), Ok(st(Running, "v1", 1))),
+            ("h2".into(), Ok(st(Running, "v1", 2))),
+        ]);
+        assert_eq!(whole.state, Running);
+        assert_eq!(whole.parts.len(), 2);
+        assert_eq!(whole.unreadable_parts().count(), 0);
     }
 
     #[test]

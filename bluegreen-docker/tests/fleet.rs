@@ -5,14 +5,15 @@
 //! run alone (`exclusive_hosts`); the others run side by side (`hosts`), each with its own
 //! project and ports.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bluegreen_core::health::HttpCheck;
 use bluegreen_core::testkit::{environment_suite, EnvironmentSuite};
 use bluegreen_core::{
-    Deployer, Environment, Error, FileStateStore, HttpVersionProbe, InstanceState, KeepOld,
-    LiveTraffic, Phase, Policy, Release, RunOutcome, Slot, TrafficSwitch, VersionMarker,
+    Deployer, Environment, Error, InstanceState, KeepOld, LiveTraffic, Phase, Policy, Release,
+    RunOutcome, Slot, TrafficSwitch,
 };
 use bluegreen_docker::{
     DockerConfig, DockerFleet, FleetError, HostPorts, Publish, PullPolicy, LABEL_PROJECT,
@@ -20,7 +21,7 @@ use bluegreen_docker::{
 };
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
 use bluegreen_testenv::hosts::{self, TestHosts, DEMO_IMAGE};
-use bluegreen_testenv::{Load, LoadOptions, LoadStats};
+use bluegreen_testenv::{Load, LoadStats};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 static HOSTS: RwLock<()> = RwLock::const_new(());
@@ -282,17 +283,33 @@ async fn an_unreachable_host_is_reported_by_name() {
             _ => assert_eq!(h.status.as_ref().unwrap().state, InstanceState::Running),
         }
     }
-    let err = fleet.status(Slot::Blue).await.unwrap_err();
+    // The aggregate answers: unknown (never running), each host by name, h3 with the error.
+    let st = fleet.status(Slot::Blue).await.unwrap();
+    assert_eq!(st.state, InstanceState::Unknown, "{st:?}");
+    assert!(!st.is_up());
     assert_eq!(
-        fleet_error(&err)
-            .failed
-            .iter()
-            .map(|f| f.host.as_str())
-            .collect::<Vec<_>>(),
-        ["h3"]
+        st.version.as_ref().unwrap().as_str(),
+        "v1",
+        "what h1, h2 run"
     );
-    assert!(err.to_string().contains("host_status"), "{err}");
-    assert!(err.is_retryable(), "an unreachable engine may come back");
+    assert_eq!(st.endpoints.len(), 2, "the reachable hosts' endpoints");
+    let parts: Vec<(&str, InstanceState)> = st
+        .parts
+        .iter()
+        .map(|p| (p.name.as_str(), p.state))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            ("h1", InstanceState::Running),
+            ("h2", InstanceState::Running),
+            ("h3", InstanceState::Unknown)
+        ]
+    );
+    let unread: Vec<_> = st.unreadable_parts().collect();
+    assert_eq!(unread.len(), 1);
+    let why = unread[0].error.as_deref().unwrap();
+    assert!(why.contains("cannot reach") && why.contains("h3"), "{why}");
     // Remove is not silently skipped on the unreachable host: it fails naming it, after
     // removing the slot everywhere else.
     let err = fleet.remove(Slot::Blue).await.unwrap_err();
@@ -326,31 +343,8 @@ async fn setup(set: &TestHosts, prefix: &str, policy: Policy, concurrency: usize
         ProxySwitch::bind(ProxyConfig::default().with_connect_timeout(Duration::from_millis(500)))
             .await
             .unwrap();
-    // Host networking, as on real hosts: no engine proxy process between the switch and a live
-    // container, which keeps serving while its engine crashes.
-    let (fleet, cleanup) = fleet_with(
-        set,
-        config(&project(prefix))
-            .with_publish(Publish::Host)
-            .with_host_ports(host_ports()),
-    );
-    let fleet = fleet.with_concurrency(concurrency);
-    let deployer = Deployer::builder()
-        .environment(Arc::new(fleet.clone()))
-        .switch(Arc::new(proxy.clone()))
-        .store(Arc::new(
-            FileStateStore::new(dir.path().join("state")).unwrap(),
-        ))
-        .verify_data_path(Arc::new(HttpVersionProbe::new(
-            proxy.url("/"),
-            VersionMarker::Header("x-bluegreen-version".into()),
-        )))
-        .health_check(Arc::new(
-            HttpCheck::new("/health").with_timeout(Duration::from_millis(500)),
-        ))
-        .policy(policy)
-        .build()
-        .unwrap();
+    let (fleet, cleanup) = host_network_fleet(set, prefix, concurrency);
+    let deployer = common::proxy_deployer(Arc::new(fleet.clone()), &proxy, dir.path(), policy);
     Setup {
         _dir: dir,
         proxy,
@@ -358,6 +352,18 @@ async fn setup(set: &TestHosts, prefix: &str, policy: Policy, concurrency: usize
         deployer,
         _cleanup: cleanup,
     }
+}
+
+/// A fleet over the hosts with host networking, as on real hosts: no engine proxy process
+/// between the switch and a live container, which keeps serving while its engine crashes.
+fn host_network_fleet(set: &TestHosts, prefix: &str, concurrency: usize) -> (DockerFleet, Cleanup) {
+    let (fleet, cleanup) = fleet_with(
+        set,
+        config(&project(prefix))
+            .with_publish(Publish::Host)
+            .with_host_ports(host_ports()),
+    );
+    (fleet.with_concurrency(concurrency), cleanup)
 }
 
 /// Ports of their own for each setup: a container left behind by a failed test (restarted with
@@ -377,19 +383,11 @@ fn policy() -> Policy {
 }
 
 fn load(proxy: &ProxySwitch) -> Load {
-    Load::start(
-        proxy.local_addr(),
-        LoadOptions::new(4).with_pause(Duration::from_millis(2)),
-    )
+    common::proxy_load(proxy)
 }
 
 async fn served_version(proxy: &ProxySwitch) -> String {
-    let c = reqwest::Client::builder().no_proxy().build().unwrap();
-    let r = c.get(proxy.url("/")).send().await.unwrap();
-    r.headers()["x-bluegreen-version"]
-        .to_str()
-        .unwrap()
-        .to_string()
+    common::served_version(proxy).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,4 +577,81 @@ async fn rollback_to_a_release_missing_on_one_host_deploys_it_there_first() {
             assert_eq!(&was.1, id, "{host} kept its running container");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the engine and a real HAProxy / nginx Dynamic switch, under load.
+
+/// Deploys v1 then v2 on a 3-host fleet through `switch`, whose public address is `addr`,
+/// under load there: no request fails, every host of both slots served requests (the demo
+/// app's `x-bluegreen-instance` is the host's address), and the data path serves v2 at the end.
+async fn three_hosts_through(
+    set: &TestHosts,
+    prefix: &str,
+    switch: Arc<dyn TrafficSwitch>,
+    addr: std::net::SocketAddr,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _cleanup) = host_network_fleet(set, prefix, 3);
+    let url = format!("http://{addr}/");
+    let deployer = common::switch_deployer(
+        Arc::new(fleet.clone()),
+        switch,
+        url.clone(),
+        dir.path(),
+        policy(),
+    );
+    deployer.deploy(release("v1")).await.unwrap();
+    let blue = fleet.status(Slot::Blue).await.unwrap().endpoints;
+    let load = common::load_at(addr);
+    let report = deployer.deploy(release("v2")).await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Live, "{report:?}");
+    let stats = load.finish().await;
+    assert_eq!(
+        stats.failed, 0,
+        "requests failed during the 3-host deploy through {prefix} ({} ok): {:?}",
+        stats.ok, stats.errors
+    );
+    assert!(stats.ok > 20, "too little load went through: {}", stats.ok);
+    assert_eq!(common::version_at(&url).await, "v2");
+    let green = fleet.status(Slot::Green).await.unwrap().endpoints;
+    assert_eq!(green.len(), 3, "{green:?}");
+    for e in blue.iter().chain(&green) {
+        assert!(
+            stats.instances.get(&e.authority()).copied().unwrap_or(0) > 0,
+            "{e} served no request through {prefix}: {:?}",
+            stats.instances
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_host_deploy_through_haproxy_fails_no_request() {
+    if !bluegreen_testenv::haproxy::available("fleet through HAProxy") {
+        return;
+    }
+    let Some((set, _serial)) = hosts().await else {
+        return;
+    };
+    // A pool of 4 servers per slot: 3 routed to the hosts, one left in maintenance.
+    let haproxy = bluegreen_testenv::haproxy::Haproxy::launch(false, |sock| {
+        bluegreen_testenv::haproxy::test_config(sock).with_pool_size(4)
+    })
+    .unwrap();
+    three_hosts_through(set, "haproxy", Arc::new(haproxy.switch()), haproxy.addr()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_host_deploy_through_nginx_dynamic_fails_no_request() {
+    if !bluegreen_testenv::nginx::available(true) {
+        return;
+    }
+    let Some((set, _serial)) = hosts().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (nginx, config) =
+        bluegreen_testenv::nginx::start_dynamic(&dir.path().join("nginx"), "app", Ok).unwrap();
+    let switch = bluegreen_nginx::NginxDynamicSwitch::new(config);
+    three_hosts_through(set, "nginx", Arc::new(switch), nginx.listen()).await;
 }

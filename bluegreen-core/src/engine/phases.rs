@@ -324,7 +324,11 @@ impl Run<'_> {
             // A retryable error (a control plane restarting) is retried like every other
             // backend call; only a lasting one ends the observation.
             let env = self.d.environment.clone();
-            let status = self.retry(|| env.status(target)).await.by(env.name())?;
+            let status = self
+                .retry(|| env.status(target))
+                .await
+                .and_then(|s| super::readiness::readable(env.name(), s))
+                .by(env.name())?;
             let (healthy, detail, backend) = self.health_round(&status, &eps).await;
             fails = if healthy { 0 } else { fails + 1 };
             if fails >= self.d.policy.fall {

@@ -8,6 +8,32 @@ use crate::events::DeployEvent;
 use crate::traits::{InstanceState, RuntimeHealth, SlotStatus};
 use crate::types::{Endpoint, Slot};
 
+/// `status`, unless some of its parts could not be read ([`InstanceState::Unknown`]): then an
+/// error naming them, as when the environment could not be read at all. The health gates act
+/// on what they know, never on a guess.
+pub(super) fn readable(env: &str, status: SlotStatus) -> crate::error::Result<SlotStatus> {
+    if status.state != InstanceState::Unknown {
+        return Ok(status);
+    }
+    let parts: Vec<String> = status
+        .unreadable_parts()
+        .map(|p| format!("{}: {}", p.name, p.error.as_deref().unwrap_or("unknown")))
+        .collect();
+    Err(Error::backend(
+        env,
+        "status",
+        true,
+        format!(
+            "the slot's state is unknown: cannot read {}",
+            if parts.is_empty() {
+                "it".to_string()
+            } else {
+                parts.join("; ")
+            }
+        ),
+    ))
+}
+
 impl Run<'_> {
     /// Polls `target` until `rise` consecutive rounds pass, adaptively: fast at first, then
     /// doubling up to `poll_max`. Fails fast if the instance exits.
@@ -24,7 +50,11 @@ impl Run<'_> {
         let id = self.flight().id;
         loop {
             self.check_interrupt()?;
-            let status = env.status(target).await.by(env.name())?;
+            let status = env
+                .status(target)
+                .await
+                .and_then(|s| readable(env.name(), s))
+                .by(env.name())?;
             if matches!(
                 status.state,
                 InstanceState::Exited | InstanceState::Stopped | InstanceState::Absent

@@ -167,15 +167,34 @@ pub fn proxy_deployer(
     dir: &std::path::Path,
     policy: bluegreen_core::Policy,
 ) -> bluegreen_core::Deployer {
+    switch_deployer(
+        env,
+        std::sync::Arc::new(proxy.clone()),
+        proxy.url("/"),
+        dir,
+        policy,
+    )
+}
+
+/// A Deployer of `env` switching through `switch` (any switch): the file state store in `dir`,
+/// `/health` checks (500 ms each), the data path proved at `url` (the switch's public address)
+/// by the version header.
+pub fn switch_deployer(
+    env: std::sync::Arc<dyn bluegreen_core::Environment>,
+    switch: std::sync::Arc<dyn bluegreen_core::TrafficSwitch>,
+    url: String,
+    dir: &std::path::Path,
+    policy: bluegreen_core::Policy,
+) -> bluegreen_core::Deployer {
     use std::sync::Arc;
     bluegreen_core::Deployer::builder()
         .environment(env)
-        .switch(Arc::new(proxy.clone()))
+        .switch(switch)
         .store(Arc::new(
             bluegreen_core::FileStateStore::new(dir.join("state")).unwrap(),
         ))
         .verify_data_path(Arc::new(bluegreen_core::HttpVersionProbe::new(
-            proxy.url("/"),
+            url,
             bluegreen_core::VersionMarker::Header("x-bluegreen-version".into()),
         )))
         .health_check(Arc::new(
@@ -189,16 +208,27 @@ pub fn proxy_deployer(
 
 /// Keep-alive clients through the proxy, 2 ms apart; counts answers and failures.
 pub fn proxy_load(proxy: &bluegreen_proxy::ProxySwitch) -> bluegreen_testenv::Load {
+    load_at(proxy.local_addr())
+}
+
+/// Keep-alive clients to `addr` (a switch's public address), 2 ms apart; counts answers and
+/// failures.
+pub fn load_at(addr: std::net::SocketAddr) -> bluegreen_testenv::Load {
     bluegreen_testenv::Load::start(
-        proxy.local_addr(),
+        addr,
         bluegreen_testenv::LoadOptions::new(4).with_pause(Duration::from_millis(2)),
     )
 }
 
 /// The version the proxy serves now (its `x-bluegreen-version` header).
 pub async fn served_version(proxy: &bluegreen_proxy::ProxySwitch) -> String {
+    version_at(&proxy.url("/")).await
+}
+
+/// The version `url` serves now (its `x-bluegreen-version` header).
+pub async fn version_at(url: &str) -> String {
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
-    let r = c.get(proxy.url("/")).send().await.unwrap();
+    let r = c.get(url).send().await.unwrap();
     r.headers()["x-bluegreen-version"]
         .to_str()
         .unwrap()
