@@ -102,6 +102,22 @@ async fn a_websocket_stays_on_its_slot_until_closed_with_1001_then_reconnects_to
     assert_eq!(p.long_lived_closed(Slot::Blue), 1);
     assert_eq!(p.long_lived_now(Slot::Blue), 0);
     assert_eq!(p.long_lived_closed(Slot::Green), 0);
+    // The traffic ledger's counters and `/metrics` say the same: one graceful close on blue,
+    // a measured 0 on green.
+    let c = p.counters().await.unwrap();
+    assert_eq!(c.slots.blue.graceful_closes, Some(1), "{c:?}");
+    assert_eq!(c.slots.green.graceful_closes, Some(0), "{c:?}");
+    let text = p.prometheus_metrics();
+    for line in [
+        "bluegreen_proxy_long_lived_closed_total{slot=\"blue\"} 1\n",
+        "bluegreen_proxy_long_lived_closed_total{slot=\"green\"} 0\n",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    match bluegreen_testenv::prometheus::check_metrics(&text) {
+        Some(res) => res.unwrap_or_else(|e| panic!("{e}\n{text}")),
+        None => eprintln!("promtool not installed: the exposition was not linted"),
+    }
 }
 
 async fn connect_to(url: &str) -> Ws {
