@@ -8,10 +8,8 @@ use bluegreen::health::HttpCheck;
 use bluegreen::process::{ProcessConfig, ProcessEnvironment};
 use bluegreen::proxy::{ProxyConfig, ProxySwitch};
 use bluegreen::*;
+use bluegreen_demo::ws_client;
 use bluegreen_testenv::{Load, LoadOptions};
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -163,17 +161,6 @@ async fn state_survives_the_deployer_a_new_one_promotes_and_rolls_back() {
     assert_eq!(r.headers()["x-bluegreen-version"], "v1");
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn ws_echo(ws: &mut Ws, text: &str) -> String {
-    ws.send(Message::text(text)).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => t.as_str().to_string(),
-        other => panic!("no echo for {text:?}: {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_held_across_a_deploy_is_closed_at_the_drain_deadline_and_counted_in_the_ledger(
 ) {
@@ -181,35 +168,22 @@ async fn a_websocket_held_across_a_deploy_is_closed_at_the_drain_deadline_and_co
     s.deployer.deploy(release("v1")).await.unwrap();
     let old = s.deployer.status().await.unwrap().state.active.unwrap();
     let url = format!("ws://{}/ws", s.proxy.local_addr());
-    let mut ws = tokio_tungstenite::connect_async(&url).await.unwrap().0;
-    assert_eq!(ws_echo(&mut ws, "a").await, format!("{old} a"));
+    let mut ws = ws_client::connect(&url).await.unwrap();
+    assert_eq!(
+        ws_client::echo(&mut ws, "a").await.unwrap(),
+        format!("{old} a")
+    );
 
     // The WebSocket client keeps sending through the whole deploy; it sees its echoes from the
     // old slot, then a close frame 1001 at the drain deadline, and reconnects to the new slot.
     let client = tokio::spawn({
         let url = url.clone();
         async move {
-            let mut echoes = 0u32;
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            let close = loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        // Sending may fail once the close has arrived and been answered.
-                        let _ = ws.send(Message::text(format!("m{echoes}"))).await;
-                    }
-                    msg = ws.next() => match msg {
-                        Some(Ok(Message::Text(t))) => {
-                            assert!(t.as_str().starts_with(&format!("{old} m")), "{t}");
-                            echoes += 1;
-                        }
-                        Some(Ok(Message::Close(frame))) => break frame,
-                        Some(Ok(_)) => {}
-                        other => panic!("the connection ended without a close frame: {other:?}"),
-                    }
-                }
-            };
-            let mut again = tokio_tungstenite::connect_async(&url).await.unwrap().0;
-            (echoes, close, ws_echo(&mut again, "after").await)
+            let closed = ws_client::send_until_closed(ws, Duration::from_millis(20))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut again = ws_client::connect(&url).await.unwrap();
+            (closed, ws_client::echo(&mut again, "after").await.unwrap())
         }
     });
     let load = Load::start(
@@ -223,15 +197,19 @@ async fn a_websocket_held_across_a_deploy_is_closed_at_the_drain_deadline_and_co
     let new = old.other();
     assert_eq!(report.target, new);
 
-    let (echoes, close, after) = tokio::time::timeout(Duration::from_secs(20), client)
+    let (closed, after) = tokio::time::timeout(Duration::from_secs(20), client)
         .await
         .expect("the client never saw the close")
         .unwrap();
-    assert!(echoes > 0, "the client was not answered during the deploy");
-    assert_eq!(
-        close.expect("a close frame with a code").code,
-        CloseCode::Away
+    assert!(
+        !closed.echoes.is_empty(),
+        "the client was not answered during the deploy"
     );
+    for t in &closed.echoes {
+        assert!(t.starts_with(&format!("{old} m")), "{t}");
+    }
+    let close = closed.close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1001, "going away: {close:?}");
     assert_eq!(after, format!("{new} after"));
 
     // The deployment's ledger (report and history) counts the one graceful close, and the
