@@ -8,6 +8,7 @@ use bluegreen::health::HttpCheck;
 use bluegreen::process::{ProcessConfig, ProcessEnvironment};
 use bluegreen::proxy::{ProxyConfig, ProxySwitch};
 use bluegreen::*;
+use bluegreen_demo::ws_client;
 use bluegreen_testenv::{Load, LoadOptions};
 
 struct Setup {
@@ -158,4 +159,85 @@ async fn state_survives_the_deployer_a_new_one_promotes_and_rolls_back() {
     assert_eq!(again.history().await.unwrap().len(), deploys_before + 1);
     let r = reqwest::get(s.proxy.url("/")).await.unwrap();
     assert_eq!(r.headers()["x-bluegreen-version"], "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_held_across_a_deploy_is_closed_at_the_drain_deadline_and_counted_in_the_ledger(
+) {
+    let s = setup(policy().with_drain_timeout(Duration::from_secs(1))).await;
+    s.deployer.deploy(release("v1")).await.unwrap();
+    let old = s.deployer.status().await.unwrap().state.active.unwrap();
+    let url = format!("ws://{}/ws", s.proxy.local_addr());
+    let mut ws = ws_client::connect(&url).await.unwrap();
+    assert_eq!(
+        ws_client::echo(&mut ws, "a").await.unwrap(),
+        format!("{old} a")
+    );
+
+    // The WebSocket client keeps sending through the whole deploy; it sees its echoes from the
+    // old slot, then a close frame 1001 at the drain deadline, and reconnects to the new slot.
+    let client = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let closed = ws_client::send_until_closed(ws, Duration::from_millis(20))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut again = ws_client::connect(&url).await.unwrap();
+            (closed, ws_client::echo(&mut again, "after").await.unwrap())
+        }
+    });
+    let load = Load::start(
+        s.proxy.local_addr(),
+        LoadOptions::new(4).with_pause(Duration::from_millis(2)),
+    );
+    let report = s.deployer.deploy(release("v2")).await.unwrap();
+    let stats = load.finish().await;
+    assert_eq!(report.outcome, RunOutcome::Live);
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    let new = old.other();
+    assert_eq!(report.target, new);
+
+    let (closed, after) = tokio::time::timeout(Duration::from_secs(20), client)
+        .await
+        .expect("the client never saw the close")
+        .unwrap();
+    assert!(
+        !closed.echoes.is_empty(),
+        "the client was not answered during the deploy"
+    );
+    for t in &closed.echoes {
+        assert!(t.starts_with(&format!("{old} m")), "{t}");
+    }
+    let close = closed.close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1001, "going away: {close:?}");
+    assert_eq!(after, format!("{new} after"));
+
+    // The deployment's ledger (report and history) counts the one graceful close, and the
+    // proxy's own counters put it on the old slot.
+    let counts = report.ledger.counts().expect("the proxy counts");
+    assert_eq!(counts.graceful_closes, Some(1), "{}", report.ledger);
+    assert!(
+        report
+            .ledger
+            .to_string()
+            .contains("long-lived connections closed gracefully: 1"),
+        "{}",
+        report.ledger
+    );
+    let history = s.deployer.history().await.unwrap();
+    let entry = history
+        .iter()
+        .find(|h| h.id == report.id)
+        .expect("the deploy is in the history");
+    assert_eq!(entry.ledger, report.ledger);
+    let c = s.proxy.counters_now();
+    assert_eq!(c.slots.get(old).graceful_closes, Some(1), "{c:?}");
+    assert_eq!(c.slots.get(new).graceful_closes, Some(0), "{c:?}");
+    assert!(
+        s.proxy.prometheus_metrics().contains(&format!(
+            "bluegreen_proxy_long_lived_closed_total{{slot=\"{old}\"}} 1\n"
+        )),
+        "{}",
+        s.proxy.prometheus_metrics()
+    );
 }

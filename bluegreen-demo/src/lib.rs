@@ -52,6 +52,7 @@
 //! ```
 //!
 //! Other crates' tests that need the executable use [`binary_path`].
+//! Tests of WebSockets through a switch talk to `GET /ws` with [`ws_client`].
 #![forbid(unsafe_code)]
 
 mod binary;
@@ -59,6 +60,7 @@ pub mod client;
 mod config;
 mod db;
 mod server;
+pub mod ws_client;
 
 pub use binary::binary_path;
 pub use config::{ConfigError, DemoConfig, MAX_SLOW_MS};

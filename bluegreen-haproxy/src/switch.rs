@@ -845,7 +845,12 @@ impl TrafficSwitch for HaproxySwitch {
     /// (`hrsp_*`) and the application's 5xx (`hrsp_5xx`). HAProxy's retries and redispatch hide
     /// which connection errors reached a client, it keeps no latency histogram, and the errors
     /// it writes itself are not on the server rows: refused, timeouts, the switch's own 5xx,
-    /// buffered requests and latency are `None` ("not measured"), never 0.
+    /// buffered requests and latency are `None` ("not measured"), never 0. Long-lived
+    /// connections closed gracefully are `None` too: [`close_long_lived`] cuts sessions at the
+    /// TCP level (no WebSocket close frame, no GOAWAY), and its count is every session the
+    /// servers had (`scur`), slow requests included, so none of it is a graceful close.
+    ///
+    /// [`close_long_lived`]: TrafficSwitch::close_long_lived
     async fn counters(&self) -> Result<SwitchCounters> {
         let rows = self
             .inner

@@ -10,6 +10,8 @@ use bluegreen_core::ledger::{LatencyHistogram, SlotCounters, SwitchCounters};
 use bluegreen_core::{Slot, SlotMetrics};
 use tokio::sync::Notify;
 
+use crate::long_lived::LongLived;
+
 /// Sub-buckets per power of two: 8 gives a relative error below 12.5 %.
 const SUB_BITS: u32 = 3;
 const SUB: u64 = 1 << SUB_BITS;
@@ -174,7 +176,8 @@ impl SlotStats {
         }
     }
 
-    fn counters(&self) -> SlotCounters {
+    /// The slot's counters; `closed` is its count of long-lived connections closed gracefully.
+    fn counters(&self, closed: u64) -> SlotCounters {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         SlotCounters::counted(
             n(&self.requests),
@@ -183,6 +186,7 @@ impl SlotStats {
             n(&self.app_5xx),
             n(&self.switch_5xx),
         )
+        .with_graceful_closes(closed)
         .with_latency(self.latency.snapshot())
     }
 }
@@ -215,15 +219,19 @@ impl Stats {
         self.unrouted_5xx.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The snapshot the traffic ledger is made of; `buffered` is the pause gate's count.
-    pub(crate) fn counters(&self, buffered: u64) -> SwitchCounters {
-        SwitchCounters::new(self.blue.counters(), self.green.counters())
-            .with_unrouted_5xx(self.unrouted_5xx.load(Ordering::Relaxed))
-            .with_buffered(buffered)
+    /// The snapshot the traffic ledger is made of; `buffered` is the pause gate's count,
+    /// `long_lived` the slots' long-lived connections (their graceful closes).
+    pub(crate) fn counters(&self, buffered: u64, long_lived: &LongLived) -> SwitchCounters {
+        SwitchCounters::new(
+            self.blue.counters(long_lived.closed(Slot::Blue)),
+            self.green.counters(long_lived.closed(Slot::Green)),
+        )
+        .with_unrouted_5xx(self.unrouted_5xx.load(Ordering::Relaxed))
+        .with_buffered(buffered)
     }
 
     /// The counters in the Prometheus text exposition format (version 0.0.4).
-    pub(crate) fn prometheus(&self, buffered: u64) -> String {
+    pub(crate) fn prometheus(&self, buffered: u64, long_lived: &LongLived) -> String {
         let mut out = String::new();
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let slots = [(Slot::Blue, &self.blue), (Slot::Green, &self.green)];
@@ -265,6 +273,14 @@ impl Stats {
         w(format!(
             "bluegreen_proxy_buffered_requests_total {buffered}"
         ));
+        w("# HELP bluegreen_proxy_long_lived_closed_total Long-lived connections (WebSocket, HTTP/2) to a slot the proxy closed gracefully (close frame 1001, GOAWAY).".into());
+        w("# TYPE bluegreen_proxy_long_lived_closed_total counter".into());
+        for (slot, _) in slots {
+            w(format!(
+                "bluegreen_proxy_long_lived_closed_total{{slot=\"{slot}\"}} {}",
+                long_lived.closed(slot)
+            ));
+        }
         w("# HELP bluegreen_proxy_in_flight Requests in flight to a slot.".into());
         w("# TYPE bluegreen_proxy_in_flight gauge".into());
         for (slot, s) in slots {

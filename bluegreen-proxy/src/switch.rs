@@ -170,20 +170,26 @@ impl ProxySwitch {
     /// The proxy's own counters since it started (the synchronous twin of
     /// [`TrafficSwitch::counters`]): requests per slot, failures by cause (refused, timeout, the
     /// application's 5xx, the proxy's own 5xx), requests buffered by a pause and a latency
-    /// histogram per slot. Long-lived connections closed gracefully are not counted (`None`).
+    /// histogram per slot, and the long-lived connections per slot it closed gracefully (see
+    /// [`long_lived_closed`](ProxySwitch::long_lived_closed); a measured 0 when none were).
     pub fn counters_now(&self) -> SwitchCounters {
         let state = &self.inner.state;
-        state.stats.counters(state.gate.released())
+        state
+            .stats
+            .counters(state.gate.released(), &state.long_lived)
     }
 
     /// The counters in the Prometheus text exposition format, as the admin API's `GET /metrics`
     /// serves them: `bluegreen_proxy_requests_total{slot}`,
     /// `bluegreen_proxy_failed_requests_total{slot,cause}`, `bluegreen_proxy_unrouted_errors_total`,
-    /// `bluegreen_proxy_buffered_requests_total`, `bluegreen_proxy_in_flight{slot}` and the
-    /// histogram `bluegreen_proxy_request_duration_seconds{slot}`.
+    /// `bluegreen_proxy_buffered_requests_total`, `bluegreen_proxy_long_lived_closed_total{slot}`,
+    /// `bluegreen_proxy_in_flight{slot}` and the histogram
+    /// `bluegreen_proxy_request_duration_seconds{slot}`.
     pub fn prometheus_metrics(&self) -> String {
         let state = &self.inner.state;
-        state.stats.prometheus(state.gate.released())
+        state
+            .stats
+            .prometheus(state.gate.released(), &state.long_lived)
     }
 
     /// True while paused.

@@ -8,12 +8,11 @@ mod common;
 use std::time::Duration;
 
 use bluegreen_core::{Endpoint, Endpoints, Slot, TrafficSplit, TrafficSwitch};
+use bluegreen_demo::ws_client::{self, WebSocket};
 use bluegreen_demo::{DemoConfig, DemoServer};
 use bluegreen_proxy::{ProxyConfig, ProxySwitch};
 use common::eventually;
-use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 
 async fn demo(slot: &str) -> DemoServer {
     DemoServer::start(DemoConfig::new("v", slot)).await.unwrap()
@@ -31,20 +30,14 @@ async fn setup() -> (DemoServer, DemoServer, ProxySwitch, Endpoints) {
     (b, g, p, eps)
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(p: &ProxySwitch) -> Ws {
-    let url = format!("ws://{}/ws", p.local_addr());
-    tokio_tungstenite::connect_async(url).await.unwrap().0
+async fn connect(p: &ProxySwitch) -> WebSocket {
+    connect_to(&format!("ws://{}/ws", p.local_addr())).await
 }
 
-async fn echo(ws: &mut Ws, text: &str) -> String {
-    ws.send(Message::text(text)).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => t.as_str().to_string(),
-        other => panic!("no echo for {text:?}: {other:?}"),
-    }
+async fn echo(ws: &mut WebSocket, text: &str) -> String {
+    ws_client::echo(ws, text)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,46 +59,53 @@ async fn a_websocket_stays_on_its_slot_until_closed_with_1001_then_reconnects_to
     // then a close frame 1001, then reconnects and reaches green.
     let url = format!("ws://{}/ws", p.local_addr());
     let client = tokio::spawn(async move {
-        let mut echoes = 0u32;
-        let mut tick = tokio::time::interval(Duration::from_millis(3));
-        let close = loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    // Sending may fail once the close has arrived and been answered.
-                    let _ = ws.send(Message::text(format!("m{echoes}"))).await;
-                }
-                msg = ws.next() => match msg {
-                    Some(Ok(Message::Text(t))) => {
-                        assert!(t.as_str().starts_with("blue m"), "{t}");
-                        echoes += 1;
-                    }
-                    Some(Ok(Message::Close(frame))) => break frame,
-                    Some(Ok(_)) => {}
-                    other => panic!("the connection ended without a close frame: {other:?}"),
-                }
-            }
-        };
+        let closed = ws_client::send_until_closed(ws, Duration::from_millis(3))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut again = connect_to(&url).await;
-        (echoes, close, echo(&mut again, "after").await)
+        (closed, echo(&mut again, "after").await)
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
     let closed = p.close_long_lived(Slot::Blue).await.unwrap();
     assert_eq!(closed, 1);
-    let (echoes, close, after) = tokio::time::timeout(Duration::from_secs(20), client)
+    let (closed, after) = tokio::time::timeout(Duration::from_secs(20), client)
         .await
         .expect("the client never saw the close")
         .unwrap();
-    assert!(echoes > 0, "the client was not answered before the close");
-    let close = close.expect("a close frame with a code");
+    let echoes = &closed.echoes;
+    assert!(
+        !echoes.is_empty(),
+        "the client was not answered before the close"
+    );
+    for t in echoes {
+        assert!(t.starts_with("blue m"), "{t}");
+    }
+    let close = closed.close.expect("a close frame with a code");
     assert_eq!(close.code, CloseCode::Away);
     assert_eq!(after, "green after");
     assert_eq!(p.long_lived_closed(Slot::Blue), 1);
     assert_eq!(p.long_lived_now(Slot::Blue), 0);
     assert_eq!(p.long_lived_closed(Slot::Green), 0);
+    // The traffic ledger's counters and `/metrics` say the same: one graceful close on blue,
+    // a measured 0 on green.
+    let c = p.counters().await.unwrap();
+    assert_eq!(c.slots.blue.graceful_closes, Some(1), "{c:?}");
+    assert_eq!(c.slots.green.graceful_closes, Some(0), "{c:?}");
+    let text = p.prometheus_metrics();
+    for line in [
+        "bluegreen_proxy_long_lived_closed_total{slot=\"blue\"} 1\n",
+        "bluegreen_proxy_long_lived_closed_total{slot=\"green\"} 0\n",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    match bluegreen_testenv::prometheus::check_metrics(&text) {
+        Some(res) => res.unwrap_or_else(|e| panic!("{e}\n{text}")),
+        None => eprintln!("promtool not installed: the exposition was not linted"),
+    }
 }
 
-async fn connect_to(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url).await.unwrap().0
+async fn connect_to(url: &str) -> WebSocket {
+    ws_client::connect(url).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
