@@ -42,7 +42,12 @@ async fn a_share_is_mirrored_and_mismatches_are_reported_with_examples() {
     let shadow = ShadowConfig::default()
         .with_percent(50)
         .with_compare_bodies(true)
-        .with_ignore_headers(["x-bluegreen-version", "x-bluegreen-slot"]);
+        // The demo app names its version, slot and instance (its address) in headers.
+        .with_ignore_headers([
+            "x-bluegreen-version",
+            "x-bluegreen-slot",
+            "x-bluegreen-instance",
+        ]);
     let (_blue, p) = proxy(shadow, endpoint(green.local_addr())).await;
     let c = client();
     // Same answer on both sides once the version headers are ignored.
