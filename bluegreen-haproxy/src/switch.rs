@@ -800,9 +800,11 @@ impl TrafficSwitch for HaproxySwitch {
     /// connection end, not a close frame, and reconnects to the live slot.
     async fn close_long_lived(&self, slot: Slot) -> Result<u64> {
         let core = |e: HaproxyError| e.into_core("close_long_lived");
+        // One `show stat` for the whole pool; its rows come in pool order.
+        let rows = self.stat_rows(slot).await.map_err(core)?;
         let mut open = 0;
-        for idx in 0..self.inner.pools.get(slot).len() {
-            let n = self.sessions(slot, idx).await.map_err(core)?;
+        for (idx, row) in rows.iter().enumerate() {
+            let n = row.current_sessions();
             if n == 0 {
                 continue;
             }
