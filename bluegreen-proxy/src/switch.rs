@@ -176,7 +176,7 @@ impl ProxySwitch {
         let state = &self.inner.state;
         state
             .stats
-            .counters(state.gate.released(), &state.long_lived)
+            .counters(state.gate.counts().held, &state.long_lived)
     }
 
     /// The counters in the Prometheus text exposition format, as the admin API's `GET /metrics`
@@ -189,7 +189,7 @@ impl ProxySwitch {
         let state = &self.inner.state;
         state
             .stats
-            .prometheus(state.gate.released(), &state.long_lived)
+            .prometheus(state.gate.counts().held, &state.long_lived)
     }
 
     /// True while paused.
