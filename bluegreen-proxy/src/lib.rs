@@ -9,6 +9,7 @@ mod long_lived;
 mod metrics;
 mod pause;
 mod persist;
+mod pool;
 mod proxy;
 mod remote_env;
 mod routing;

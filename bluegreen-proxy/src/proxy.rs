@@ -17,8 +17,6 @@ use hyper::header::{
 };
 use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -30,10 +28,9 @@ use crate::long_lived::{
 };
 use crate::metrics::{Failure, InFlight, Stats};
 use crate::pause::{PauseGate, Refused};
+use crate::pool::{Checkin, ConnectError, Pools};
 use crate::routing::{Names, RoundRobin, Table, Upstream};
 use crate::shadow::{Shadow, Tee};
-
-type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// Everything the request path needs, shared by all connections.
 pub(crate) struct State {
@@ -46,19 +43,13 @@ pub(crate) struct State {
     pub(crate) long_lived: Arc<LongLived>,
     pub(crate) connections: Arc<Connections>,
     pub(crate) shadow: Option<Arc<Shadow>>,
+    /// The upstreams' connection pools, by endpoint (for installing new tables).
+    pub(crate) pools: Pools,
     rr: RoundRobin,
-    client: UpstreamClient,
 }
 
 impl State {
     pub(crate) fn new(config: ProxyConfig) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.upstream_idle_timeout)
-            .build(http);
         let shadow = config
             .shadow
             .clone()
@@ -72,8 +63,8 @@ impl State {
             long_lived: LongLived::new(),
             connections: Arc::default(),
             shadow,
+            pools: Pools::default(),
             rr: RoundRobin::default(),
-            client,
         }
     }
 }
@@ -102,8 +93,10 @@ pub(crate) async fn serve(
                     let registered = state.connections.register();
                     let this = Arc::clone(&registered.conn);
                     let state = Arc::clone(&state);
+                    // The client's address as `X-Forwarded-For` writes it, once per connection.
+                    let client = Peer::new(peer);
                     let service = hyper::service::service_fn(move |req| {
-                        handle(Arc::clone(&state), peer, Arc::clone(&this), req)
+                        handle(Arc::clone(&state), client.clone(), Arc::clone(&this), req)
                     });
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -163,7 +156,9 @@ pub(crate) struct ProxyBody {
     /// The same request as seen by its client connection (ended with `in_flight`).
     conn: Option<ConnRequest>,
     /// A copy of the answer for shadow traffic's comparison, when the request was mirrored.
-    tee: Option<Tee>,
+    tee: Option<Box<Tee>>,
+    /// The upstream connection the body comes from: back to its pool once the body ended.
+    checkin: Option<Checkin>,
 }
 
 enum Kind {
@@ -178,6 +173,14 @@ impl ProxyBody {
             in_flight,
             conn: None,
             tee: None,
+            checkin: None,
+        }
+    }
+
+    /// The body ended: its connection can take another request.
+    fn ended(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.done();
         }
     }
 }
@@ -200,12 +203,16 @@ impl Body for ProxyBody {
                 tee.data(data);
             }
         }
-        if matches!(polled, Poll::Ready(None)) || this.is_end_stream() {
+        let ended = matches!(polled, Poll::Ready(None)) || this.is_end_stream();
+        if ended {
             if let Some(tee) = &mut this.tee {
                 tee.finish();
             }
+            this.ended();
         }
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_end_stream() {
+        if ended || matches!(polled, Poll::Ready(Some(Err(_)))) {
+            // An error leaves the connection mid-response: it is dropped, not pooled.
+            this.checkin = None;
             this.in_flight = None;
             this.conn = None;
             this.tee = None;
@@ -224,71 +231,6 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Upstream(b) => b.size_hint(),
             Kind::Local(b) => b.size_hint(),
-        }
-    }
-}
-
-/// The request body sent upstream. It is taken out of a shared slot on first poll, so after a
-/// connect error (nothing was sent, the body never polled) it can be recovered and the request
-/// sent to another endpoint.
-pub(crate) struct RequestBody {
-    shared: Arc<Mutex<Option<Incoming>>>,
-    taken: Option<Incoming>,
-    end_stream: bool,
-    hint: SizeHint,
-}
-
-impl RequestBody {
-    fn new(body: Incoming) -> Self {
-        let end_stream = body.is_end_stream();
-        let hint = body.size_hint();
-        RequestBody {
-            shared: Arc::new(Mutex::new(Some(body))),
-            taken: None,
-            end_stream,
-            hint,
-        }
-    }
-
-    /// A handle to recover the body if it was never polled.
-    fn recover_handle(&self) -> Arc<Mutex<Option<Incoming>>> {
-        Arc::clone(&self.shared)
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        if this.taken.is_none() {
-            let taken = this.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
-            match taken {
-                Some(b) => this.taken = Some(b),
-                None => return Poll::Ready(None),
-            }
-        }
-        match &mut this.taken {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.taken {
-            Some(b) => b.is_end_stream(),
-            None => self.end_stream,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.taken {
-            Some(b) => b.size_hint(),
-            None => self.hint,
         }
     }
 }
@@ -328,6 +270,16 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers, including those named in `Connection`. `TE: trailers` is kept
 /// (it is end-to-end in practice, e.g. gRPC); `Upgrade` is kept only when `keep_upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names spares the removals.
+    let any = headers
+        .keys()
+        .any(|k| k == CONNECTION || k == TE || k == UPGRADE || HOP_BY_HOP.contains(k));
+    if !any {
+        if keep_upgrade {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -371,20 +323,42 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, peer: SocketAddr, trust: bool) {
-    let ip = peer.ip().to_string();
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let xff = if prior.is_empty() {
-        ip
+/// The client at the other end of a connection.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    addr: SocketAddr,
+    /// Its IP address as a header value, made once per connection.
+    ip: HeaderValue,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, peer: &Peer, trust: bool) {
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let ip = peer.ip.to_str().unwrap_or("unknown");
+        let xff = format!("{}, {ip}", prior.join(", "));
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
     } else {
-        format!("{}, {ip}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
+        headers.insert(X_FORWARDED_FOR, peer.ip.clone());
     }
     if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -422,7 +396,7 @@ fn upstream_uri(up: &Upstream, pq: Option<&PathAndQuery>) -> Uri {
 
 async fn handle(
     state: Arc<State>,
-    peer: SocketAddr,
+    peer: Peer,
     conn: Arc<Connection>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -486,7 +460,7 @@ async fn handle(
     };
     let mut resp = forward(
         &state,
-        peer,
+        &peer,
         req,
         route.upstreams,
         route.set_cookie,
@@ -503,15 +477,76 @@ async fn handle(
             // Nothing will be polled (e.g. a HEAD answer): the answer is complete now.
             tee.finish();
         } else {
-            body.tee = Some(tee);
+            body.tee = Some(Box::new(tee));
         }
     }
     Ok(resp)
 }
 
+/// How one upstream took a request.
+enum Outcome {
+    /// The response head, and the connection it came on.
+    Answered(Response<Incoming>, Checkin),
+    /// No connection could carry the request: nothing reached the upstream, and the request is
+    /// handed back intact for another endpoint.
+    NotSent(Request<Incoming>, ConnectError),
+    /// The request went out and failed.
+    Failed(hyper::Error),
+    /// No response head within `response_header_timeout`.
+    TimedOut,
+}
+
+/// Sends `req` to `up` on a pooled connection, or a new one when the pooled one turns out to
+/// have been closed before the request could be written (nothing was sent: safe to repeat).
+async fn send(state: &State, up: &Upstream, mut req: Request<Incoming>) -> Outcome {
+    let cfg = &state.config;
+    let mut fresh_only = false;
+    loop {
+        let checkout = if fresh_only {
+            up.pool
+                .connect(cfg.connect_timeout)
+                .await
+                .map(|sender| crate::pool::Checkout {
+                    sender,
+                    reused: false,
+                })
+        } else {
+            up.pool
+                .checkout(cfg.connect_timeout, cfg.upstream_idle_timeout)
+                .await
+        };
+        let mut co = match checkout {
+            Ok(co) => co,
+            Err(e) => return Outcome::NotSent(req, e),
+        };
+        let sent = co.sender.try_send_request(req);
+        match tokio::time::timeout(cfg.response_header_timeout, sent).await {
+            Ok(Ok(resp)) => {
+                let checkin = Checkin {
+                    sender: co.sender,
+                    pool: Arc::clone(&up.pool),
+                };
+                return Outcome::Answered(resp, checkin);
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(back) if co.reused => {
+                    // The upstream closed the idle connection as it was taken.
+                    req = back;
+                    fresh_only = true;
+                }
+                Some(back) => {
+                    return Outcome::NotSent(back, ConnectError(e.into_error().to_string()));
+                }
+                None => return Outcome::Failed(e.into_error()),
+            },
+            Err(_) => return Outcome::TimedOut,
+        }
+    }
+}
+
 async fn forward(
     state: &State,
-    peer: SocketAddr,
+    peer: &Peer,
     mut req: Request<Incoming>,
     upstreams: &[Upstream],
     set_cookie: Option<HeaderValue>,
@@ -529,41 +564,39 @@ async fn forward(
         peer,
         cfg.trust_forwarded_headers,
     );
-    let pq = parts.uri.path_and_query().cloned();
-    let mut body = Some(RequestBody::new(body));
+    // HTTP/1.1 to the upstream, in origin form (`/path?query`).
+    let uri = match parts.uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    };
+    // A client without `Host` (HTTP/1.0): the upstream's address, per attempt.
+    let add_host = !parts.headers.contains_key(HOST);
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = parts.headers;
     let first = state.rr.next(slot, upstreams.len());
     let attempts = upstreams.len().min(2);
 
     for attempt in 0..attempts {
         let up = &upstreams[(first + attempt) % upstreams.len()];
-        let Some(b) = body.take() else { break };
-        let recover = b.recover_handle();
-        let mut out = Request::new(b);
-        *out.method_mut() = parts.method.clone();
-        *out.uri_mut() = upstream_uri(up, pq.as_ref());
-        *out.version_mut() = Version::HTTP_11;
-        *out.headers_mut() = if attempt + 1 < attempts {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
-        let sent = tokio::time::timeout(cfg.response_header_timeout, state.client.request(out));
-        match sent.await {
-            Ok(Ok(resp)) => {
-                return respond(state, resp, set_cookie, in_flight, client_upgrade);
+        if add_host {
+            if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
+                out.headers_mut().insert(HOST, v);
             }
-            Ok(Err(e)) if e.is_connect() => {
+        }
+        match send(state, up, out).await {
+            Outcome::Answered(resp, checkin) => {
+                return respond(state, resp, set_cookie, in_flight, client_upgrade, checkin);
+            }
+            Outcome::NotSent(back, e) => {
                 state.stats.connect_error(slot);
                 tracing::debug!(upstream = %up.endpoint, error = %e, "connect to upstream failed");
-                // Nothing reached the upstream: retry on the next endpoint if the body is intact.
-                let intact = recover.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(b) = intact {
-                    body = Some(RequestBody::new(b));
-                    continue;
-                }
-                break;
+                // Nothing reached the upstream: the next endpoint gets the request.
+                out = back;
             }
-            Ok(Err(e)) => {
+            Outcome::Failed(e) => {
                 tracing::debug!(upstream = %up.endpoint, error = %e, "upstream request failed");
                 in_flight.failed(Failure::Switch);
                 return local_response(
@@ -572,7 +605,7 @@ async fn forward(
                     Some(in_flight),
                 );
             }
-            Err(_) => {
+            Outcome::TimedOut => {
                 in_flight.failed(Failure::Timeout);
                 return local_response(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -596,6 +629,7 @@ fn respond(
     set_cookie: Option<HeaderValue>,
     in_flight: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    checkin: Checkin,
 ) -> Response<ProxyBody> {
     in_flight.answered(resp.status().as_u16());
     if resp.status().is_server_error() {
@@ -626,15 +660,25 @@ fn respond(
                     in_flight: None,
                     conn: None,
                     tee: None,
+                    // The upgraded connection is the tunnel's now.
+                    checkin: None,
                 },
             )
         }
-        _ => resp.map(|body| ProxyBody {
-            kind: Kind::Upstream(body),
-            in_flight: Some(in_flight),
-            conn: None,
-            tee: None,
-        }),
+        _ => {
+            let mut resp = resp.map(|body| ProxyBody {
+                kind: Kind::Upstream(body),
+                in_flight: Some(in_flight),
+                conn: None,
+                tee: None,
+                checkin: Some(checkin),
+            });
+            if resp.body().is_end_stream() {
+                // No body to read (HEAD, 204, 304): the connection is free now.
+                resp.body_mut().ended();
+            }
+            resp
+        }
     }
 }
 
@@ -751,12 +795,12 @@ mod tests {
 
     #[test]
     fn forwarded_headers_append_and_overwrite() {
-        let peer: SocketAddr = "10.0.0.7:5555".parse().unwrap();
+        let peer = Peer::new("10.0.0.7:5555".parse().unwrap());
         let mut h = HeaderMap::new();
         h.insert(HOST, HeaderValue::from_static("app.example"));
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        add_forwarded(&mut h, &Uri::from_static("/x"), peer, false);
+        add_forwarded(&mut h, &Uri::from_static("/x"), &peer, false);
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.7");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "app.example");
@@ -764,7 +808,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         let uri = Uri::from_static("http://h2.example/x");
-        add_forwarded(&mut h, &uri, peer, true);
+        add_forwarded(&mut h, &uri, &peer, true);
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[HOST], "h2.example");
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.7");

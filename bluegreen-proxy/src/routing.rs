@@ -4,19 +4,34 @@
 //! path only loads a pointer, and a request keeps the table (and slot) it started with.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bluegreen_core::{Endpoint, Endpoints, Error, PerSlot, Result, Slot, TrafficSplit};
 use hyper::header::{HeaderMap, HeaderValue, COOKIE};
 use hyper::http::uri::{Authority, Scheme};
 
-/// One upstream address, pre-parsed for building request URIs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::pool::{HostPool, Pools};
+
+/// One upstream address, pre-parsed for building request URIs, with its connection pool.
+#[derive(Debug, Clone)]
 pub(crate) struct Upstream {
     pub(crate) endpoint: Endpoint,
     pub(crate) scheme: Scheme,
     pub(crate) authority: Authority,
+    /// The endpoint's idle keep-alive connections (shared by every table naming it once
+    /// installed through [`Table::attach_pools`]).
+    pub(crate) pool: Arc<HostPool>,
 }
+
+/// Two upstreams are the same address; their pools do not matter.
+impl PartialEq for Upstream {
+    fn eq(&self, other: &Self) -> bool {
+        self.endpoint == other.endpoint
+    }
+}
+
+impl Eq for Upstream {}
 
 impl Upstream {
     fn new(endpoint: &Endpoint) -> Result<Self> {
@@ -32,6 +47,7 @@ impl Upstream {
             endpoint: endpoint.clone(),
             scheme: Scheme::HTTP,
             authority,
+            pool: HostPool::new(&endpoint.host, endpoint.port),
         })
     }
 
@@ -73,6 +89,21 @@ pub(crate) struct Names<'a> {
 }
 
 impl Table {
+    /// Gives every upstream of this table the pool that the endpoint already has, if a table
+    /// in use holds one, so warm connections survive a change of the table.
+    pub(crate) fn attach_pools(&mut self, pools: &Pools) {
+        let preview = self.preview.iter_mut().flat_map(|p| p.upstreams.iter_mut());
+        for up in self
+            .upstreams
+            .blue
+            .iter_mut()
+            .chain(self.upstreams.green.iter_mut())
+            .chain(preview)
+        {
+            up.pool = pools.attach(&up.pool);
+        }
+    }
+
     /// Picks the slot for a request with these headers; `None` when nothing is routable.
     pub(crate) fn route<'t>(&'t self, headers: &HeaderMap, names: &Names<'_>) -> Option<Route<'t>> {
         if let Some(p) = &self.preview {

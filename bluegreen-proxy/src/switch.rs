@@ -96,7 +96,8 @@ impl ProxySwitch {
             None => None,
         };
         let state = Arc::new(State::new(config));
-        if let Some(table) = restored {
+        if let Some(mut table) = restored {
+            table.attach_pools(&state.pools);
             if let Some(split) = &table.split {
                 tracing::info!(%split, "proxy routing restored from its routing file");
             }
@@ -269,10 +270,11 @@ impl ProxySwitch {
         let state = &self.inner.state;
         let _writer = state.writer.lock().unwrap_or_else(|p| p.into_inner());
         let current = state.table.load_full();
-        if let Some(next) = change(&current) {
+        if let Some(mut next) = change(&current) {
             if let Some(path) = &state.config.routing_file {
                 crate::persist::save(path, &next)?;
             }
+            next.attach_pools(&state.pools);
             state.table.store(Arc::new(next));
         }
         Ok(())

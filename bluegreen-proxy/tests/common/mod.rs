@@ -23,6 +23,8 @@ pub struct Upstream {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,6 +34,9 @@ impl Upstream {
     }
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
@@ -56,6 +61,7 @@ fn query_ms(req: &Request<Incoming>) -> u64 {
 /// Routes:
 /// - `/slow?ms=N`: answers after N ms
 /// - `/stream?ms=N`: sends headers at once, then `a`, then after N ms `b`
+/// - `/status/204`: answers 204 (no body)
 /// - `/status/500`: answers 500
 /// - `/headers`: echoes the request headers, one `name: value` per line
 /// - `/echo`: echoes the request body, prefixed with the name
@@ -106,6 +112,7 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Response<BoxB
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
         }
+        "/status/204" => Response::builder().status(204).body(full("")).unwrap(),
         "/status/500" => Response::builder()
             .status(500)
             .body(full(format!("{name} failed")))
@@ -134,11 +141,14 @@ pub async fn upstream(name: &'static str) -> Upstream {
     let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&requests);
+    let connections = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::clone(&connections);
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            accepted.fetch_add(1, Ordering::SeqCst);
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -156,6 +166,7 @@ pub async fn upstream(name: &'static str) -> Upstream {
         name,
         addr,
         requests,
+        connections,
         task,
     }
 }
