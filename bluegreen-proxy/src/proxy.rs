@@ -12,13 +12,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION,
-    RETRY_AFTER, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, RETRY_AFTER, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -78,55 +77,23 @@ pub(crate) async fn serve(
 ) {
     // Each connection task holds a receiver: the proxy has stopped once all are gone.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.idle_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2.timer(TokioTimer::new());
+    let builders = Arc::new((http1, http2));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let registered = state.connections.register();
-                    let this = Arc::clone(&registered.conn);
                     let state = Arc::clone(&state);
-                    // The client's address as `X-Forwarded-For` writes it, once per connection.
-                    let client = Peer::new(peer);
-                    let service = hyper::service::service_fn(move |req| {
-                        handle(Arc::clone(&state), client.clone(), Arc::clone(&this), req)
-                    });
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let mut stop = stop_rx.clone();
-                    tokio::spawn(async move {
-                        let mut conn = std::pin::pin!(conn);
-                        let mut closing = false;
-                        let ended = loop {
-                            tokio::select! {
-                                ended = conn.as_mut() => break ended,
-                                // The proxy stops, or the drain deadline of a slot this
-                                // connection still has streams to: HTTP/2 GOAWAY, HTTP/1.1
-                                // closes after the response in progress.
-                                _ = stop.changed(), if !closing => {
-                                    closing = true;
-                                    conn.as_mut().graceful_shutdown();
-                                }
-                                () = registered.conn.goaway_requested(), if !closing => {
-                                    closing = true;
-                                    conn.as_mut().graceful_shutdown();
-                                }
-                            }
-                        };
-                        if let Err(e) = ended {
-                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                        }
-                        drop(registered);
-                        drop(stop);
-                    });
+                    let builders = Arc::clone(&builders);
+                    let stop = stop_rx.clone();
+                    tokio::spawn(connection(stream, peer, state, builders, stop));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -145,6 +112,107 @@ pub(crate) async fn serve(
         .is_err()
     {
         tracing::warn!("proxy shutdown timed out with connections still open");
+    }
+}
+
+/// The HTTP/2 connection preface starts with the method `PRI`, reserved for it (RFC 9113 §3.4):
+/// no HTTP/1.1 request starts so.
+const H2_PREFACE_START: &[u8] = b"PRI";
+
+/// Which protocol a new connection speaks, from its first bytes (peeked, not read); `None` when
+/// it closed or sent nothing within `wait`.
+async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Option<Version> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 3];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE_START[..n] {
+            return Some(Version::HTTP_11);
+        }
+        if n == H2_PREFACE_START.len() {
+            return Some(Version::HTTP_2);
+        }
+        // A preface split after one or two bytes: wait for the rest (peek does not wait for
+        // more than it has).
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves one client connection with the HTTP/1.1 or HTTP/2 server, as its first bytes say.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    builders: Arc<(
+        hyper::server::conn::http1::Builder,
+        hyper::server::conn::http2::Builder<TokioExecutor>,
+    )>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let registered = state.connections.register();
+    let version = tokio::select! {
+        v = sniff(&stream, state.config.idle_timeout) => v,
+        // Stopping: a connection that has not sent a byte yet is closed at once.
+        _ = stop.changed() => None,
+    };
+    let Some(version) = version else {
+        return;
+    };
+    let this = Arc::clone(&registered.conn);
+    // The client's address as `X-Forwarded-For` writes it, once per connection.
+    let client = Peer::new(peer);
+    let service = hyper::service::service_fn(move |req| {
+        handle(Arc::clone(&state), client.clone(), Arc::clone(&this), req)
+    });
+    let io = TokioIo::new(stream);
+    let ended = if version == Version::HTTP_2 {
+        let conn = builders.1.serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), stop, &registered.conn).await
+    } else {
+        let conn = builders.0.serve_connection(io, service).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), stop, &registered.conn).await
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+    drop(registered);
+}
+
+/// Runs a served connection to its end. When the proxy stops, or at the drain deadline of a
+/// slot the connection still has streams to, it is shut down gracefully: HTTP/2 GOAWAY, and
+/// HTTP/1.1 closes after the response in progress.
+async fn drive<C>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
+    mut stop: watch::Receiver<bool>,
+    this: &Connection,
+) -> Result<(), hyper::Error>
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                graceful(conn.as_mut());
+            }
+            () = this.goaway_requested(), if !closing => {
+                closing = true;
+                graceful(conn.as_mut());
+            }
+        }
     }
 }
 
@@ -257,7 +325,8 @@ fn local_response(
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP_COUNT: usize = 7;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -271,38 +340,46 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// (it is end-to-end in practice, e.g. gRPC); `Upgrade` is kept only when `keep_upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of them: one pass over the names spares the removals.
-    let any = headers
-        .keys()
-        .any(|k| k == CONNECTION || k == TE || k == UPGRADE || HOP_BY_HOP.contains(k));
-    if !any {
-        if keep_upgrade {
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(keep_upgrade && name == UPGRADE) {
-            headers.remove(&name);
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    let mut other = false;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+        } else if k == TE || k == UPGRADE {
+            other = true;
         }
     }
-    for name in &HOP_BY_HOP {
+    if present[0] {
+        // Headers named by `Connection` (RFC 9110 §7.6.1); `close` and `keep-alive` are the
+        // usual tokens and name no header to remove (`Keep-Alive` goes below anyway).
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(keep_upgrade && name == UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    if let Some(te) = headers.get(TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            headers.remove(TE);
+    if other {
+        if let Some(te) = headers.get(TE) {
+            if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+                headers.remove(TE);
+            }
         }
     }
     if keep_upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if other {
         headers.remove(UPGRADE);
     }
 }
@@ -333,8 +410,28 @@ pub(crate) struct Peer {
 
 impl Peer {
     fn new(addr: SocketAddr) -> Self {
-        let ip = HeaderValue::from_str(&addr.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let ip = match addr.ip() {
+            // Written by hand: `to_string` goes through the formatting machinery, and this runs
+            // once per connection (once per request for clients that do not keep connections).
+            std::net::IpAddr::V4(v4) => {
+                let mut out = Vec::with_capacity(15);
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    if octet >= 100 {
+                        out.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        out.push(b'0' + octet / 10 % 10);
+                    }
+                    out.push(b'0' + octet % 10);
+                }
+                HeaderValue::from_maybe_shared(Bytes::from(out))
+            }
+            std::net::IpAddr::V6(v6) => HeaderValue::from_str(&v6.to_string()),
+        }
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Peer { addr, ip }
     }
 }
@@ -346,38 +443,48 @@ impl std::fmt::Display for Peer {
 }
 
 fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, peer: &Peer, trust: bool) {
-    if headers.contains_key(&X_FORWARDED_FOR) {
-        let prior: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let ip = peer.ip.to_str().unwrap_or("unknown");
-        let xff = format!("{}, {ip}", prior.join(", "));
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert(X_FORWARDED_FOR, v);
+    // Room for the (up to) four headers below at once, not a growth per insert.
+    headers.reserve(4);
+    // One lookup per header (`entry`): this runs for every request.
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(v) => {
+            v.insert(peer.ip.clone());
         }
-    } else {
-        headers.insert(X_FORWARDED_FOR, peer.ip.clone());
+        Entry::Occupied(mut o) => {
+            let prior: Vec<&str> = o.iter().filter_map(|v| v.to_str().ok()).collect();
+            let ip = peer.ip.to_str().unwrap_or("unknown");
+            if let Ok(v) = HeaderValue::from_str(&format!("{}, {ip}", prior.join(", "))) {
+                o.insert(v);
+            }
+        }
     }
-    if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let http = HeaderValue::from_static("http");
+    if trust {
+        headers.entry(X_FORWARDED_PROTO).or_insert(http);
+    } else {
+        headers.insert(X_FORWARDED_PROTO, http);
     }
     // HTTP/2 clients send `:authority` instead of `Host`; the upstream speaks HTTP/1.1.
-    if !headers.contains_key(HOST) {
-        if let Some(a) = uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(HOST, v);
-            }
-        }
-    }
-    if !(trust && headers.contains_key(&X_FORWARDED_HOST)) {
-        match headers.get(HOST).cloned() {
-            Some(host) => {
-                headers.insert(X_FORWARDED_HOST, host);
+    let host = match headers.entry(HOST) {
+        Entry::Occupied(o) => Some(o.get().clone()),
+        Entry::Vacant(v) => uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .map(|a| v.insert(a).clone()),
+    };
+    match headers.entry(X_FORWARDED_HOST) {
+        Entry::Occupied(_) if trust => {}
+        Entry::Occupied(mut o) => match host {
+            Some(h) => {
+                o.insert(h);
             }
             None => {
-                headers.remove(&X_FORWARDED_HOST);
+                o.remove_entry_mult().1.for_each(drop);
+            }
+        },
+        Entry::Vacant(v) => {
+            if let Some(h) = host {
+                v.insert(h);
             }
         }
     }
@@ -794,6 +901,66 @@ mod tests {
     }
 
     #[test]
+    fn peer_addresses_are_written_as_to_string_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.7",
+            "192.168.100.255",
+            "1.20.3.199",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let addr = SocketAddr::new(ip.parse().unwrap(), 9);
+            assert_eq!(Peer::new(addr).ip, ip);
+        }
+    }
+
+    /// What `sniff` says of a connection whose client sends `parts`, `gap` apart.
+    async fn sniffed(parts: &'static [&'static [u8]], gap: Duration) -> Option<Version> {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            for p in parts {
+                c.write_all(p).await.unwrap();
+                tokio::time::sleep(gap).await;
+            }
+            // Kept open until the server has decided.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let v = sniff(&server, Duration::from_millis(200)).await;
+        client.abort();
+        v
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_tell_http2_from_http1_even_when_split() {
+        let gap = Duration::from_millis(20);
+        assert_eq!(
+            sniffed(&[b"GET / HTTP/1.1\r\n"], gap).await,
+            Some(Version::HTTP_11)
+        );
+        assert_eq!(
+            sniffed(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], gap).await,
+            Some(Version::HTTP_2)
+        );
+        assert_eq!(
+            sniffed(&[b"P", b"OST / HTTP/1.1\r\n"], gap).await,
+            Some(Version::HTTP_11)
+        );
+        assert_eq!(
+            sniffed(&[b"PR", b"I * HTTP/2.0\r\n"], gap).await,
+            Some(Version::HTTP_2)
+        );
+        // Nothing sent within the wait, or only a preface's first byte: no protocol.
+        assert_eq!(sniffed(&[], gap).await, None);
+        assert_eq!(sniffed(&[b"P"], gap).await, None);
+    }
+
+    #[test]
     fn forwarded_headers_append_and_overwrite() {
         let peer = Peer::new("10.0.0.7:5555".parse().unwrap());
         let mut h = HeaderMap::new();
@@ -812,5 +979,31 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[HOST], "h2.example");
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.7");
+
+        // A client's own X-Forwarded-Host: kept only when trusted, else replaced by Host, or
+        // removed when there is no Host to put there.
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("real.example"));
+        h.append(
+            &X_FORWARDED_HOST,
+            HeaderValue::from_static("spoofed.example"),
+        );
+        h.append(&X_FORWARDED_HOST, HeaderValue::from_static("again.example"));
+        add_forwarded(&mut h, &Uri::from_static("/x"), &peer, false);
+        assert_eq!(h.get_all(&X_FORWARDED_HOST).iter().count(), 1);
+        assert_eq!(h[&X_FORWARDED_HOST], "real.example");
+        let mut h = HeaderMap::new();
+        h.insert(
+            &X_FORWARDED_HOST,
+            HeaderValue::from_static("spoofed.example"),
+        );
+        add_forwarded(&mut h, &Uri::from_static("/x"), &peer, false);
+        assert!(!h.contains_key(&X_FORWARDED_HOST), "{h:?}");
+        assert!(!h.contains_key(HOST), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("real.example"));
+        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("edge.example"));
+        add_forwarded(&mut h, &Uri::from_static("/x"), &peer, true);
+        assert_eq!(h[&X_FORWARDED_HOST], "edge.example");
     }
 }

@@ -520,12 +520,26 @@ fn uptime() -> String {
 // Instruction counts
 
 /// `n` sequential keep-alive requests to `addr` (`path`), each answered in full.
-fn sequential(addr: SocketAddr, path: &str, n: usize) -> Result<()> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
-    let mut reader = BufReader::new(s.try_clone()?);
-    for _ in 0..n {
+fn sequential(addr: SocketAddr, path: &str, n: usize, keep_alive: bool) -> Result<()> {
+    let connect = || -> Result<(TcpStream, BufReader<TcpStream>)> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let reader = BufReader::new(s.try_clone()?);
+        Ok((s, reader))
+    };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: bench\r\n{}\r\n",
+        if keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        }
+    );
+    let (mut s, mut reader) = connect()?;
+    for i in 0..n {
+        if !keep_alive && i > 0 {
+            (s, reader) = connect()?;
+        }
         s.write_all(req.as_bytes())?;
         let mut len = None;
         loop {
@@ -610,12 +624,21 @@ fn callgrind(o: &Options) -> Result<()> {
     );
     println!();
     println!("```");
-    for (path, label) in [("/", "3 B"), ("/10k", "10 KB")] {
+    let cases = [
+        ("/", "3 B, keep-alive", true),
+        ("/10k", "10 KB, keep-alive", true),
+        ("/", "3 B, new connection", false),
+    ];
+    for (path, label, keep_alive) in cases {
         let mut per = Vec::new();
         for who in ["proxy", "nginx"] {
             let mut totals = Vec::new();
             for (i, n) in [500, 500 + o.callgrind_requests].into_iter().enumerate() {
-                let prefix = format!("{who}-{}-{i}", path.trim_start_matches('/'));
+                let prefix = format!(
+                    "{who}-{}{}-{i}",
+                    path.trim_start_matches('/'),
+                    if keep_alive { "" } else { "-close" }
+                );
                 remove_prefixed(&dir, &prefix)?;
                 let out = dir.join(format!("{prefix}.%p"));
                 let wrapper = vec![
@@ -635,7 +658,7 @@ fn callgrind(o: &Options) -> Result<()> {
                                 upstream.addr.to_string(),
                             ],
                         )?;
-                        sequential(proxy.addr, path, n)?;
+                        sequential(proxy.addr, path, n, keep_alive)?;
                         // Closing stdin stops it cleanly so callgrind writes its file.
                         let mut proxy = proxy;
                         drop(proxy.child.stdin.take());
@@ -644,7 +667,7 @@ fn callgrind(o: &Options) -> Result<()> {
                     _ => {
                         let ndir = dir.join(format!("nginx-{prefix}"));
                         let nginx = start_nginx_wrapped(&ndir, upstream.addr, &wrapper)?;
-                        sequential(nginx.addr, path, n)?;
+                        sequential(nginx.addr, path, n, keep_alive)?;
                         stop_nginx_wrapped(nginx, &ndir)?;
                     }
                 }
@@ -652,7 +675,7 @@ fn callgrind(o: &Options) -> Result<()> {
             }
             let per_request =
                 (totals[1].saturating_sub(totals[0])) as f64 / o.callgrind_requests as f64;
-            println!("{who:<6} {label:>6} response: {per_request:>9.0} instructions per request");
+            println!("{who:<6} {label:<20} {per_request:>9.0} instructions per request");
             per.push(per_request);
         }
         println!("         proxy/nginx: {:.2}x", per[0] / per[1]);
