@@ -122,8 +122,27 @@ const H2_PREFACE_START: &[u8] = b"PRI";
 /// Which protocol a new connection speaks, from its first bytes (peeked, not read); `None` when
 /// it closed or sent nothing within `wait`.
 async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Option<Version> {
-    let deadline = tokio::time::Instant::now() + wait;
     let mut buf = [0u8; 3];
+    // Usually the bytes are there when the connection's task first runs: no timer then.
+    let first = std::future::poll_fn(|cx| {
+        let mut read = tokio::io::ReadBuf::new(&mut buf);
+        Poll::Ready(match stream.poll_peek(cx, &mut read) {
+            Poll::Ready(Ok(n)) => Some(Ok(n)),
+            Poll::Ready(Err(e)) => Some(Err(e)),
+            Poll::Pending => None,
+        })
+    })
+    .await;
+    if let Some(peeked) = first {
+        let n = peeked.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE_START[..n] {
+            return Some(Version::HTTP_11);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
             .await
