@@ -25,6 +25,9 @@ use tokio::net::TcpStream;
 /// Most idle connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
 
+/// How many idle connections a checkout looks at for one that is ready.
+const SCAN: usize = 4;
+
 /// One endpoint's idle connections, most recently used last.
 #[derive(Debug)]
 pub(crate) struct HostPool {
@@ -92,18 +95,29 @@ impl HostPool {
                 .take_while(|i| now.duration_since(i.since) >= idle_timeout)
                 .count();
             idle.drain(..expired);
-            while let Some(i) = idle.pop() {
-                if i.sender.is_closed() {
+            // The most recently used first; one that is still finishing its last response is
+            // passed over for a ready one among the next few.
+            let mut looked = 0;
+            let mut at = idle.len();
+            while at > 0 && looked < SCAN {
+                at -= 1;
+                if idle[at].sender.is_closed() {
+                    idle.remove(at);
                     continue;
                 }
-                if i.sender.is_ready() {
+                looked += 1;
+                if idle[at].sender.is_ready() {
                     return Ok(Checkout {
-                        sender: i.sender,
+                        sender: idle.remove(at).sender,
                         reused: true,
                     });
                 }
-                pending = Some(i.sender);
-                break;
+            }
+            while let Some(i) = idle.pop() {
+                if !i.sender.is_closed() {
+                    pending = Some(i.sender);
+                    break;
+                }
             }
         }
         if let Some(mut sender) = pending {
