@@ -277,6 +277,62 @@ fn load() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// CPU time in clock ticks from `/proc/<pid>/stat`: (the process's own, its reaped children's).
+fn cpu_ticks(pid: u32) -> Option<(u64, u64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces): state, ppid, …
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    // Fields 14-17 of stat(5) (utime, stime, cutime, cstime) are 11-14 here; ppid is 1.
+    Some((n(11)? + n(12)?, n(13)? + n(14)?, u32::try_from(n(1)?).ok()?))
+}
+
+/// The postmaster's live children with their CPU ticks (own + reaped).
+fn children(postmaster: u32) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((own, reaped, ppid)) = cpu_ticks(pid) {
+                if ppid == postmaster {
+                    out.push((pid, own + reaped));
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// CPU seconds used so far by the whole cluster (the postmaster, its live processes and every
+/// backend it has reaped) and by this process with its reaped children (pg_dump, psql,
+/// pg_restore, pgcopydb). Linux's `/proc`; zeros elsewhere. A backend reaped between reading
+/// the children and the postmaster would be missed or counted twice: read until the set of
+/// children did not change around the postmaster's figures (bounded).
+fn cpu_seconds(postmaster: u32) -> (f64, f64) {
+    let hz = 100.0; // USER_HZ: 100 on every Linux ABI this runs on
+    let mut server = 0u64;
+    for _ in 0..20 {
+        let before = children(postmaster);
+        let own = cpu_ticks(postmaster).map(|(o, r, _)| o + r).unwrap_or(0);
+        let after = children(postmaster);
+        let same =
+            before.len() == after.len() && before.iter().zip(&after).all(|(a, b)| a.0 == b.0);
+        server = own + after.iter().map(|c| c.1).sum::<u64>();
+        if same {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let client = cpu_ticks(std::process::id())
+        .map(|(own, reaped, _)| own + reaped)
+        .unwrap_or(0);
+    (server as f64 / hz, client as f64 / hz)
+}
+
 /// The ways to clone, in the order each pass runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
@@ -334,6 +390,12 @@ async fn main() -> Result<()> {
         options = options.with_bin_dir(bin);
     }
     let cluster = Cluster::launch(options)?;
+    let postmaster: u32 = std::fs::read_to_string(cluster.path().join("data/postmaster.pid"))?
+        .lines()
+        .next()
+        .ok_or("empty postmaster.pid")?
+        .trim()
+        .parse()?;
     let have_pgcopydb = Command::new("pgcopydb")
         .arg("--version")
         .stdout(Stdio::null())
@@ -399,6 +461,7 @@ async fn main() -> Result<()> {
     )?;
 
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); methods.len()];
+    let mut cpu: Vec<Vec<(f64, f64)>> = vec![Vec::new(); methods.len()];
     for pass in 1..=o.passes {
         println!("pass {pass} (load {})", load());
         for (i, &m) in methods.iter().enumerate() {
@@ -411,6 +474,7 @@ async fn main() -> Result<()> {
                 .await?;
             // Every way starts from the same state: nothing dirty left by the previous one.
             admin.batch_execute("CHECKPOINT").await?;
+            let cpu0 = cpu_seconds(postmaster);
             let t = Instant::now();
             let mut detail = String::new();
             match m {
@@ -462,11 +526,20 @@ async fn main() -> Result<()> {
                 times[i].push(t.elapsed());
             }
             let took = *times[i].last().expect("pushed");
+            // The sessions of the copy have closed; let the postmaster reap them.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let cpu1 = cpu_seconds(postmaster);
+            let (server_cpu, client_cpu) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+            cpu[i].push((server_cpu, client_cpu));
             let got = counts(&cluster.config(db).connect("bench").await?).await?;
             if got != expected {
                 return Err(format!("{db}: rows {got:?}, expected {expected:?}").into());
             }
-            println!("  {:<24} {took:>9.2?}  {detail}", m.label());
+            println!(
+                "  {:<24} {took:>9.2?}  CPU s: server {server_cpu:>5.1}, clients \
+                 {client_cpu:>5.1}  {detail}",
+                m.label()
+            );
             admin
                 .batch_execute(&format!(
                     "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -492,8 +565,8 @@ async fn main() -> Result<()> {
         o.workers, o.passes
     );
     println!(
-        "{:<24} {:>8} {:>24} {:>15} {:>15}",
-        "method", "median s", "passes s", "vs pg_dump|psql", "vs pgcopydb"
+        "{:<24} {:>8} {:>24} {:>15} {:>15} {:>18}",
+        "method", "median s", "passes s", "vs pg_dump|psql", "vs pgcopydb", "CPU s server+client"
     );
     for (i, m) in methods.iter().enumerate() {
         let med = median(&times[i]);
@@ -504,18 +577,25 @@ async fn main() -> Result<()> {
         let vs_anchor = anchor
             .map(|a| format!("{:.2}x", a.as_secs_f64() / med.as_secs_f64()))
             .unwrap_or_else(|| "-".into());
+        let mut server: Vec<f64> = cpu[i].iter().map(|c| c.0).collect();
+        let mut client: Vec<f64> = cpu[i].iter().map(|c| c.1).collect();
+        server.sort_by(f64::total_cmp);
+        client.sort_by(f64::total_cmp);
         println!(
-            "{:<24} {:>8.2} {:>24} {:>14.2}x {:>15}",
+            "{:<24} {:>8.2} {:>24} {:>14.2}x {:>15} {:>12.1}+{:<5.1}",
             m.label(),
             med.as_secs_f64(),
             all.join(" "),
             base.as_secs_f64() / med.as_secs_f64(),
-            vs_anchor
+            vs_anchor,
+            server[server.len() / 2],
+            client[client.len() / 2]
         );
     }
     println!(
         "(x > 1: faster; the TEMPLATE rows need the source idle for the whole copy; the others \
-         copy an online source)"
+         copy an online source; CPU s: medians of the cluster's processes and of this one with \
+         its child programs)"
     );
     Ok(())
 }
