@@ -49,8 +49,11 @@ pub struct CopiedConfig {
     /// Tables whose heap is larger than this many bytes are copied in ranges of pages
     /// (`WHERE ctid >= '(a,0)' AND ctid < '(b,0)'`, a TID range scan on PostgreSQL 14+), about
     /// this size each and at least one per worker, so that several workers share one big table;
-    /// all ranges are read in the one exported snapshot. 0 never splits; PostgreSQL before 14
-    /// is never split. Default 64 MiB.
+    /// all ranges are read in the one exported snapshot. PostgreSQL before 14 is never split.
+    /// Default 0: never split. Splitting uses more cores for the data but costs CPU: the
+    /// workers' pages interleave, so the index builds sort unsorted input, and a split table
+    /// cannot be loaded with FREEZE. It pays only with idle cores on both servers (measured in
+    /// `bench/RESULTS.md`: a net loss on 2 busy cores); try 64 MiB (`67108864`) there.
     #[serde(default = "split_default")]
     pub split_table_bytes: u64,
     /// `maintenance_work_mem` in MiB for the index and constraint builds after the data (each of
@@ -92,7 +95,7 @@ fn two() -> usize {
     2
 }
 fn split_default() -> u64 {
-    64 * 1024 * 1024
+    0
 }
 fn mwm_default() -> u32 {
     256
@@ -264,10 +267,14 @@ pub struct CopyReport {
 /// The copy is consistent: one session exports a snapshot (`pg_export_snapshot()`) and keeps it
 /// open; the schema comes from `pg_dump --snapshot=<id> --section=pre-data` piped into `psql`, then
 /// parallel workers each join the snapshot (`SET TRANSACTION SNAPSHOT`) and stream
-/// `COPY … TO STDOUT (FORMAT binary)` into `COPY … FROM STDIN (FORMAT binary)` on the target, then
-/// sequences are set from the source and `--section=post-data` (indexes, constraints, triggers)
-/// is applied with `pg_restore -j <workers>` (indexes of different tables built in parallel). On
-/// any failure the target database is dropped.
+/// `COPY … TO STDOUT (FORMAT binary)` into `COPY … FROM STDIN (FORMAT binary)` on the target (a
+/// table bigger than [`CopiedConfig::split_table_bytes`] in several ctid page ranges, so that
+/// the workers share it; a table copied whole with `COPY … (FREEZE)`), then sequences are set
+/// from the source and `--section=post-data` (indexes, constraints, triggers; dumped while the
+/// data streams) is applied with `pg_restore -j <workers>` (indexes of different tables built in
+/// parallel) with [`CopiedConfig::maintenance_work_mem_mb`]. The target's sessions commit
+/// asynchronously; one synchronous commit at the end makes the whole copy durable before success
+/// is reported. On any failure the target database is dropped.
 ///
 /// **Writes made to the live database after the snapshot are not in the copy.** When the target
 /// must have every write, use [`ReplicatedDatabase`](crate::ReplicatedDatabase), which streams them by logical

@@ -1,10 +1,11 @@
 //! `pg_clone`: how long cloning one PostgreSQL database takes, several ways, in one run on one
 //! throw-away cluster:
 //!
-//! - ours: `bluegreen_postgres::Copied` (one exported snapshot, parallel binary COPY streams, big
-//!   tables split into ctid ranges, `COPY … FREEZE`, indexes and constraints built after the data
-//!   with `maintenance_work_mem`; the source stays online), with its phases' times,
-//! - ours with those levers off (no split, no FREEZE, the server's `maintenance_work_mem`),
+//! - ours: `bluegreen_postgres::Copied` with its defaults (one exported snapshot, parallel binary
+//!   COPY streams, `COPY … FREEZE`, indexes and constraints built after the data with
+//!   `maintenance_work_mem` 256MB; the source stays online), with its phases' times,
+//! - ours with tables over 64 MiB split into ctid ranges shared by the workers,
+//! - ours with the levers off (no split, no FREEZE, the server's `maintenance_work_mem`),
 //! - the seed scripts' way: `pg_dump <db> | psql -X -v ON_ERROR_STOP=1 <copy>` (two child
 //!   processes joined by a pipe, no shell),
 //! - `pgcopydb clone --table-jobs W --index-jobs W` (the anchor; skipped with a note when
@@ -336,8 +337,11 @@ fn cpu_seconds(postmaster: u32) -> (f64, f64) {
 /// The ways to clone, in the order each pass runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
-    /// `CopiedDatabase` with this crate's defaults (split, FREEZE, maintenance_work_mem).
+    /// `CopiedDatabase` with this crate's defaults (FREEZE, maintenance_work_mem 256MB, no
+    /// split).
     Copied,
+    /// The defaults plus tables over 64 MiB split into ctid ranges.
+    CopiedSplit,
     /// `CopiedDatabase` with the levers off: no split, no FREEZE, the server's
     /// maintenance_work_mem (what Copied did before issue #17 §2, apart from the post-data dump
     /// running beside the data and the asynchronous commits).
@@ -352,6 +356,7 @@ impl Method {
     fn label(self) -> &'static str {
         match self {
             Method::Copied => "Copied (ours, online)",
+            Method::CopiedSplit => "Copied + split 64 MiB",
             Method::CopiedPlain => "Copied, levers off",
             Method::DumpPsql => "pg_dump | psql (seeds)",
             Method::Pgcopydb => "pgcopydb clone",
@@ -362,6 +367,7 @@ impl Method {
     fn target(self) -> &'static str {
         match self {
             Method::Copied => "copy_ours",
+            Method::CopiedSplit => "copy_split",
             Method::CopiedPlain => "copy_plain",
             Method::DumpPsql => "copy_dump",
             Method::Pgcopydb => "copy_pgcopydb",
@@ -444,7 +450,12 @@ async fn main() -> Result<()> {
     println!("  database size {size}; rows {expected:?}");
     println!("  load average at start: {}", load());
 
-    let mut methods = vec![Method::Copied, Method::CopiedPlain, Method::DumpPsql];
+    let mut methods = vec![
+        Method::Copied,
+        Method::CopiedSplit,
+        Method::CopiedPlain,
+        Method::DumpPsql,
+    ];
     if have_pgcopydb {
         methods.push(Method::Pgcopydb);
     }
@@ -454,6 +465,7 @@ async fn main() -> Result<()> {
         .with_bin_dir(cluster.bin_dir())
         .with_timeout(Duration::from_secs(6 * 3600));
     let copied = CopiedDatabase::new(ours.clone())?;
+    let split = CopiedDatabase::new(ours.clone().with_split_table_bytes(64 * 1024 * 1024))?;
     let plain = CopiedDatabase::new(
         ours.with_split_table_bytes(0)
             .with_copy_freeze(false)
@@ -478,8 +490,12 @@ async fn main() -> Result<()> {
             let t = Instant::now();
             let mut detail = String::new();
             match m {
-                Method::Copied | Method::CopiedPlain => {
-                    let s = if m == Method::Copied { &copied } else { &plain };
+                Method::Copied | Method::CopiedSplit | Method::CopiedPlain => {
+                    let s = match m {
+                        Method::Copied => &copied,
+                        Method::CopiedSplit => &split,
+                        _ => &plain,
+                    };
                     let r = s.copy_database("bench", db).await?;
                     detail = format!(
                         "pre-data {:.2?}, data {:.2?} ({} streams, {} split tables, {} MB of COPY \
