@@ -129,8 +129,7 @@ impl CopiedConfig {
     }
 
     /// Checks both servers, every database name, the worker count and `maintenance_work_mem_mb`
-    /// (also run when
-    /// deserializing; [`CopiedDatabase::new`] checks the same).
+    /// (also run when deserializing; [`CopiedDatabase::new`] checks the same).
     ///
     /// # Errors
     /// [`Error::InvalidInput`](bluegreen_core::Error::InvalidInput) naming the setting.
@@ -286,7 +285,7 @@ pub struct CopiedDatabase {
 }
 
 impl CopiedDatabase {
-    /// A strategy with `config`; validates the database names.
+    /// A strategy with `config`, checked by [`CopiedConfig::validate`].
     pub fn new(config: CopiedConfig) -> Result<Self> {
         config.validate()?;
         let dbs = SlotDatabases::for_strategy(
