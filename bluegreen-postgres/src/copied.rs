@@ -938,3 +938,90 @@ impl DatabaseStrategy for CopiedDatabase {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_knobs_have_defaults_and_are_checked() {
+        let cfg: CopiedConfig =
+            serde_json::from_str(r#"{ "server": { "dbname": "shop" } }"#).unwrap();
+        assert_eq!(cfg.split_table_bytes, 0);
+        assert_eq!(cfg.maintenance_work_mem_mb, 256);
+        assert!(cfg.copy_freeze);
+        let cfg: CopiedConfig = serde_json::from_str(
+            r#"{ "server": { "dbname": "shop" }, "split_table_bytes": 67108864,
+                 "maintenance_work_mem_mb": 0, "copy_freeze": false }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.split_table_bytes,
+                cfg.maintenance_work_mem_mb,
+                cfg.copy_freeze
+            ),
+            (67_108_864, 0, false)
+        );
+        let err = serde_json::from_str::<CopiedConfig>(
+            r#"{ "server": { "dbname": "shop" }, "maintenance_work_mem_mb": 2097152 }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("maintenance_work_mem_mb"), "{err}");
+        let server = PostgresConfig::new("127.0.0.1", 5432, "shop");
+        let too_big =
+            CopiedConfig::new(server.clone()).with_maintenance_work_mem_mb(MAX_MWM_MB + 1);
+        assert!(too_big.validate().is_err());
+        assert!(CopiedDatabase::new(too_big).is_err());
+        assert!(CopiedDatabase::new(
+            CopiedConfig::new(server).with_maintenance_work_mem_mb(MAX_MWM_MB)
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_range_reads_only_the_parent_between_its_pages_and_names_its_columns() {
+        let whole = Chunk {
+            sql_name: "\"s\".\"t\"".into(),
+            range: None,
+            columns: String::new(),
+        };
+        assert_eq!(
+            whole.copy_out(),
+            "COPY \"s\".\"t\" TO STDOUT (FORMAT binary)"
+        );
+        assert_eq!(
+            whole.copy_in(true),
+            "COPY \"s\".\"t\" FROM STDIN (FORMAT binary, FREEZE)"
+        );
+        assert_eq!(
+            whole.copy_in(false),
+            "COPY \"s\".\"t\" FROM STDIN (FORMAT binary)"
+        );
+        let mid = Chunk {
+            range: Some((10, Some(20))),
+            columns: "\"a\", \"b\"".into(),
+            ..whole.clone()
+        };
+        assert_eq!(
+            mid.copy_out(),
+            "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"t\" WHERE ctid >= '(10,0)'::tid \
+             AND ctid < '(20,0)'::tid) TO STDOUT (FORMAT binary)"
+        );
+        // Never FREEZE into a range: other workers load the same table.
+        assert_eq!(
+            mid.copy_in(true),
+            "COPY \"s\".\"t\" (\"a\", \"b\") FROM STDIN (FORMAT binary)"
+        );
+        let last = Chunk {
+            range: Some((20, None)),
+            ..mid
+        };
+        assert_eq!(
+            last.copy_out(),
+            "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"t\" WHERE ctid >= '(20,0)'::tid) \
+             TO STDOUT (FORMAT binary)"
+        );
+    }
+}
