@@ -17,7 +17,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::conn::PostgresConfig;
 use crate::error::{fail, pg_error};
 use crate::ident::quote_ident;
-use crate::tools::{dump_into, dump_restore_parallel};
+use crate::tools::{dump_into, dump_to_file, restore_file};
 use crate::util::{
     copy_sequences, database_comment, database_exists, distinct, drop_database,
     set_database_comment, user_tables, SlotDatabases, TableRef,
@@ -42,9 +42,32 @@ pub struct CopiedConfig {
     /// Per-slot database names overriding `<base>_<slot>`.
     #[serde(default)]
     pub slot_databases: bluegreen_core::PerSlot<Option<String>>,
-    /// Parallel COPY workers (default 2).
+    /// Parallel COPY workers (default 2). They also build the indexes and constraints after the
+    /// data (`pg_restore -j <workers>`).
     #[serde(default = "two")]
     pub workers: usize,
+    /// Tables whose heap is larger than this many bytes are copied in ranges of pages
+    /// (`WHERE ctid >= '(a,0)' AND ctid < '(b,0)'`, a TID range scan on PostgreSQL 14+), about
+    /// this size each and at least one per worker, so that several workers share one big table;
+    /// all ranges are read in the one exported snapshot. PostgreSQL before 14 is never split.
+    /// Default 0: never split. Splitting uses more cores for the data but costs CPU: the
+    /// workers' pages interleave, so the index builds sort unsorted input, and a split table
+    /// cannot be loaded with FREEZE. It pays only with idle cores on both servers (measured in
+    /// `bench/RESULTS.md`: a net loss on 2 busy cores); try 64 MiB (`67108864`) there.
+    #[serde(default = "split_default")]
+    pub split_table_bytes: u64,
+    /// `maintenance_work_mem` in MiB for the index and constraint builds after the data (each of
+    /// the `workers` sessions may use this much; PostgreSQL's parallel index build shares it
+    /// among its processes). 0 keeps the server's setting. At most 2097151 (the server's
+    /// maximum). Default 256.
+    #[serde(default = "mwm_default")]
+    pub maintenance_work_mem_mb: u32,
+    /// Tables copied whole (not split) are loaded with `COPY … (FREEZE)` after a `TRUNCATE ONLY`
+    /// of the empty new table in the same transaction: rows arrive frozen and all-visible, so the
+    /// index builds and the first reads do not rewrite every page to set hint bits, and no
+    /// anti-wraparound vacuum has to freeze them later. Default true.
+    #[serde(default = "yes")]
+    pub copy_freeze: bool,
     /// Use `CREATE DATABASE … TEMPLATE <live>` (same server only; refused while anyone else is
     /// connected to the live database). Default false.
     #[serde(default)]
@@ -71,6 +94,14 @@ bluegreen_core::validated_serde!(CopiedConfig);
 fn two() -> usize {
     2
 }
+fn split_default() -> u64 {
+    0
+}
+fn mwm_default() -> u32 {
+    256
+}
+/// PostgreSQL's largest `maintenance_work_mem` (`MAX_KILOBYTES` on 64-bit builds), in MiB.
+const MAX_MWM_MB: u32 = 2_097_151;
 fn one_hour() -> Duration {
     Duration::from_secs(3600)
 }
@@ -86,6 +117,9 @@ impl CopiedConfig {
             target_server: None,
             slot_databases: Default::default(),
             workers: two(),
+            split_table_bytes: split_default(),
+            maintenance_work_mem_mb: mwm_default(),
+            copy_freeze: yes(),
             template: false,
             bin_dir: None,
             timeout: one_hour(),
@@ -94,8 +128,8 @@ impl CopiedConfig {
         }
     }
 
-    /// Checks both servers, every database name and the worker count (also run when
-    /// deserializing; [`CopiedDatabase::new`] checks the same).
+    /// Checks both servers, every database name, the worker count and `maintenance_work_mem_mb`
+    /// (also run when deserializing; [`CopiedDatabase::new`] checks the same).
     ///
     /// # Errors
     /// [`Error::InvalidInput`](bluegreen_core::Error::InvalidInput) naming the setting.
@@ -105,6 +139,15 @@ impl CopiedConfig {
                 "workers",
                 "0",
                 "at least one COPY worker",
+            ));
+        }
+        if self.maintenance_work_mem_mb > MAX_MWM_MB {
+            return Err(bluegreen_core::Error::invalid(
+                "maintenance_work_mem_mb",
+                self.maintenance_work_mem_mb.to_string(),
+                format!(
+                    "at most {MAX_MWM_MB} (PostgreSQL's maximum), or 0 for the server's setting"
+                ),
             ));
         }
         SlotDatabases::for_strategy(
@@ -130,6 +173,25 @@ impl CopiedConfig {
     /// With `n` parallel COPY workers (at least 1).
     pub fn with_workers(mut self, n: usize) -> Self {
         self.workers = n.max(1);
+        self
+    }
+
+    /// Tables larger than `bytes` are split into page ranges copied by several workers (0: never).
+    pub fn with_split_table_bytes(mut self, bytes: u64) -> Self {
+        self.split_table_bytes = bytes;
+        self
+    }
+
+    /// `maintenance_work_mem` (MiB) of the index and constraint builds (0: the server's);
+    /// checked by [`CopiedConfig::validate`].
+    pub fn with_maintenance_work_mem_mb(mut self, mb: u32) -> Self {
+        self.maintenance_work_mem_mb = mb;
+        self
+    }
+
+    /// Whether tables copied whole are loaded with `COPY … (FREEZE)`.
+    pub fn with_copy_freeze(mut self, yes: bool) -> Self {
+        self.copy_freeze = yes;
         self
     }
 
@@ -176,6 +238,10 @@ pub struct CopyReport {
     pub snapshot: Option<String>,
     /// Tables copied.
     pub tables: usize,
+    /// COPY streams run: one per table copied whole, one per page range of a split table.
+    pub chunks: usize,
+    /// Tables split into page ranges.
+    pub split_tables: usize,
     /// Rows copied.
     pub rows: u64,
     /// Bytes of COPY data streamed.
@@ -184,6 +250,13 @@ pub struct CopyReport {
     pub sequences: usize,
     /// Wall time.
     pub elapsed: Duration,
+    /// Time of the schema before the data (`pg_dump --section=pre-data | psql`).
+    pub pre_data: Duration,
+    /// Time of the data (the COPY streams; the post-data dump runs beside them).
+    pub data: Duration,
+    /// Time of the sequences and of the indexes, constraints and triggers after the data
+    /// (`pg_restore -j <workers>`), including the final flush.
+    pub post_data: Duration,
     /// True when `CREATE DATABASE … TEMPLATE` was used.
     pub template: bool,
 }
@@ -193,10 +266,14 @@ pub struct CopyReport {
 /// The copy is consistent: one session exports a snapshot (`pg_export_snapshot()`) and keeps it
 /// open; the schema comes from `pg_dump --snapshot=<id> --section=pre-data` piped into `psql`, then
 /// parallel workers each join the snapshot (`SET TRANSACTION SNAPSHOT`) and stream
-/// `COPY … TO STDOUT (FORMAT binary)` into `COPY … FROM STDIN (FORMAT binary)` on the target, then
-/// sequences are set from the source and `--section=post-data` (indexes, constraints, triggers)
-/// is applied with `pg_restore -j <workers>` (indexes of different tables built in parallel). On
-/// any failure the target database is dropped.
+/// `COPY … TO STDOUT (FORMAT binary)` into `COPY … FROM STDIN (FORMAT binary)` on the target (a
+/// table bigger than [`CopiedConfig::split_table_bytes`] in several ctid page ranges, so that
+/// the workers share it; a table copied whole with `COPY … (FREEZE)`), then sequences are set
+/// from the source and `--section=post-data` (indexes, constraints, triggers; dumped while the
+/// data streams) is applied with `pg_restore -j <workers>` (indexes of different tables built in
+/// parallel) with [`CopiedConfig::maintenance_work_mem_mb`]. The target's sessions commit
+/// asynchronously; one synchronous commit at the end makes the whole copy durable before success
+/// is reported. On any failure the target database is dropped.
 ///
 /// **Writes made to the live database after the snapshot are not in the copy.** When the target
 /// must have every write, use [`ReplicatedDatabase`](crate::ReplicatedDatabase), which streams them by logical
@@ -208,8 +285,9 @@ pub struct CopiedDatabase {
 }
 
 impl CopiedDatabase {
-    /// A strategy with `config`; validates the database names.
+    /// A strategy with `config`, checked by [`CopiedConfig::validate`].
     pub fn new(config: CopiedConfig) -> Result<Self> {
+        config.validate()?;
         let dbs = SlotDatabases::for_strategy(
             &config.server,
             config.target_server.as_ref(),
@@ -305,6 +383,7 @@ impl CopiedDatabase {
         let tgt_cfg = self.target_server().db(target);
         let bin = self.config.bin_dir.as_deref();
 
+        let phase = Instant::now();
         dump_into(
             BACKEND,
             bin,
@@ -317,68 +396,137 @@ impl CopiedDatabase {
             self.config.timeout,
         )
         .await?;
+        let pre_data = phase.elapsed();
 
+        let phase = Instant::now();
         let tables = user_tables(BACKEND, &snap_client).await?;
         let ntables = tables.len();
-        let queue = Arc::new(Mutex::new(tables.into_iter().collect::<VecDeque<_>>()));
-        let workers = self.config.workers.min(ntables).max(1);
+        let chunks = plan_chunks(
+            &snap_client,
+            tables,
+            self.config.workers,
+            self.config.split_table_bytes,
+        )
+        .await?;
+        let nchunks = chunks.len();
+        let split_tables = {
+            let mut split: Vec<&str> = chunks
+                .iter()
+                .filter(|c| c.range.is_some())
+                .map(|c| c.sql_name.as_str())
+                .collect();
+            split.dedup();
+            split.len()
+        };
+        let queue = Arc::new(Mutex::new(chunks.into_iter().collect::<VecDeque<_>>()));
+        let workers = self.config.workers.min(nchunks).max(1);
         let mut handles = Vec::new();
         for _ in 0..workers {
-            let (queue, src_cfg, tgt_cfg, snapshot) = (
+            let (queue, src_cfg, tgt_cfg, snapshot, freeze) = (
                 queue.clone(),
                 src_cfg.clone(),
                 tgt_cfg.clone(),
                 snapshot.clone(),
+                self.config.copy_freeze,
             );
             handles.push(tokio::spawn(async move {
-                copy_worker(queue, &src_cfg, &tgt_cfg, &snapshot).await
+                let res = copy_worker(&queue, &src_cfg, &tgt_cfg, &snapshot, freeze).await;
+                if res.is_err() {
+                    // The copy has failed: the other workers stop after their current stream.
+                    queue.lock().await.clear();
+                }
+                res
             }));
         }
-        let (mut rows, mut bytes, mut first_err) = (0u64, 0u64, None);
-        for h in handles {
-            match h.await {
-                Ok(Ok((r, b))) => {
-                    rows += r;
-                    bytes += b;
-                }
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(e) => {
-                    first_err.get_or_insert(fail(BACKEND, "copy worker", e.to_string()));
+        // The post-data section is dumped (in the same snapshot) while the data streams.
+        let post_args = [
+            format!("--snapshot={snapshot}"),
+            "--section=post-data".into(),
+        ];
+        let post_dump = dump_to_file(BACKEND, bin, &src_cfg, &post_args, self.config.timeout);
+        let data = async {
+            let (mut rows, mut bytes, mut first_err) = (0u64, 0u64, None);
+            for h in handles {
+                match h.await {
+                    Ok(Ok((r, b))) => {
+                        rows += r;
+                        bytes += b;
+                    }
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(fail(BACKEND, "copy worker", e.to_string()));
+                    }
                 }
             }
-        }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok((rows, bytes)),
+            }
+        };
+        let (post_dump, data) = tokio::join!(post_dump, data);
+        let (rows, bytes) = data?;
+        let post_dump = post_dump?;
+        let data = phase.elapsed();
 
+        let phase = Instant::now();
         let tgt_client = tgt_cfg.connect(BACKEND).await?;
         let sequences = copy_sequences(BACKEND, &snap_client, &tgt_client, 0).await?;
-        // Indexes and constraints after the data, several at a time.
-        dump_restore_parallel(
+        // Indexes and constraints after the data, several at a time, with room to sort in memory.
+        let mut settings = vec!["synchronous_commit=off".to_string()];
+        if self.config.maintenance_work_mem_mb > 0 {
+            settings.push(format!(
+                "maintenance_work_mem={}MB",
+                self.config.maintenance_work_mem_mb
+            ));
+        }
+        restore_file(
             BACKEND,
             bin,
-            &src_cfg,
-            &[
-                format!("--snapshot={snapshot}"),
-                "--section=post-data".into(),
-            ],
+            &post_dump,
             &tgt_cfg,
             self.config.workers,
+            &settings,
             self.config.timeout,
         )
         .await?;
+        // The data and the post-data sessions committed with `synchronous_commit = off`: their
+        // commits returned before their WAL reached the disk, so a crash right after could lose
+        // them. That is safe while the copy runs (a copy interrupted by a crash is never reported
+        // and is re-done from scratch), but success must not be reported before everything is
+        // durable. A commit with `synchronous_commit = on` waits until the WAL up to its own
+        // commit record is flushed (and, with synchronous standbys, confirmed by them); WAL is
+        // one sequence per server, so that flush covers every earlier asynchronous commit of the
+        // copy. `txid_current()` gives the transaction an xid so that it writes a commit record.
+        tgt_client
+            .batch_execute("SET synchronous_commit = on; BEGIN; SELECT txid_current(); COMMIT;")
+            .await
+            .map_err(|e| pg_error(BACKEND, "flushing the copy to disk", e))?;
+        let post_data = phase.elapsed();
         let _ = snap_client.batch_execute("COMMIT").await;
+        tracing::debug!(
+            ?pre_data,
+            ?data,
+            ?post_data,
+            chunks = nchunks,
+            split_tables,
+            "copy phases"
+        );
         Ok(CopyReport {
             source: source.into(),
             target: target.into(),
             snapshot: Some(snapshot),
             tables: ntables,
+            chunks: nchunks,
+            split_tables,
             rows,
             bytes,
             sequences,
             elapsed: Duration::ZERO,
+            pre_data,
+            data,
+            post_data,
             template: false,
         })
     }
@@ -468,10 +616,15 @@ impl CopiedDatabase {
             target: target.into(),
             snapshot: None,
             tables: 0,
+            chunks: 0,
+            split_tables: 0,
             rows: 0,
             bytes: 0,
             sequences: 0,
             elapsed: Duration::ZERO,
+            pre_data: Duration::ZERO,
+            data: Duration::ZERO,
+            post_data: Duration::ZERO,
             template: true,
         })
     }
@@ -480,12 +633,129 @@ impl CopiedDatabase {
 /// Bytes of COPY data sent to the target per message.
 const BATCH: usize = 256 * 1024;
 
-/// One worker: joins the snapshot, then copies tables from the queue until it is empty.
+/// One COPY stream: a whole table, or one page range of a split table.
+#[derive(Debug, Clone)]
+struct Chunk {
+    /// The table, quoted and schema-qualified.
+    sql_name: String,
+    /// Pages `[from, to)` of the heap; `to = None` runs to the end (rows on pages added after
+    /// the table was measured are still read). `None`: the whole table.
+    range: Option<(u64, Option<u64>)>,
+    /// The quoted list of the columns COPY carries (not dropped, not generated), for ranges.
+    columns: String,
+}
+
+impl Chunk {
+    /// The COPY reading it on the source.
+    fn copy_out(&self) -> String {
+        let q = &self.sql_name;
+        match self.range {
+            None => format!("COPY {q} TO STDOUT (FORMAT binary)"),
+            // ONLY: an inheritance parent's rows, not its children's (copied on their own), as
+            // `COPY <table> TO` reads.
+            Some((from, to)) => {
+                let upper = to
+                    .map(|to| format!(" AND ctid < '({to},0)'::tid"))
+                    .unwrap_or_default();
+                format!(
+                    "COPY (SELECT {} FROM ONLY {q} WHERE ctid >= '({from},0)'::tid{upper}) \
+                     TO STDOUT (FORMAT binary)",
+                    self.columns
+                )
+            }
+        }
+    }
+
+    /// The COPY writing it on the target.
+    fn copy_in(&self, freeze: bool) -> String {
+        let q = &self.sql_name;
+        match self.range {
+            None if freeze => format!("COPY {q} FROM STDIN (FORMAT binary, FREEZE)"),
+            None => format!("COPY {q} FROM STDIN (FORMAT binary)"),
+            Some(_) => format!("COPY {q} ({}) FROM STDIN (FORMAT binary)", self.columns),
+        }
+    }
+}
+
+/// The COPY streams for `tables` (biggest first): a table whose heap is larger than
+/// `split_bytes` (when not 0, on PostgreSQL 14+ where a ctid range is a TID Range Scan) becomes
+/// page ranges of about `split_bytes`, at least `workers` of them.
+async fn plan_chunks(
+    snap: &Client,
+    tables: Vec<TableRef>,
+    workers: usize,
+    split_bytes: u64,
+) -> Result<Vec<Chunk>> {
+    let row = snap
+        .query_one(
+            "SELECT current_setting('server_version_num')::int,
+                    current_setting('block_size')::bigint",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error(BACKEND, "reading the server version", e))?;
+    let (version, block): (i32, i64) = (row.get(0), row.get(1));
+    let can_split = split_bytes > 0 && version >= 140_000 && block > 0;
+    let mut chunks = Vec::new();
+    for t in tables {
+        let sql_name = t.qualified();
+        let bytes = u64::try_from(t.bytes).unwrap_or(0);
+        if !can_split || bytes <= split_bytes {
+            chunks.push(Chunk {
+                sql_name,
+                range: None,
+                columns: String::new(),
+            });
+            continue;
+        }
+        let columns: Vec<String> = snap
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a
+                 WHERE a.attrelid = ($1::text || '.' || $2::text)::regclass
+                   AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                 ORDER BY a.attnum",
+                &[&quote_ident(&t.schema), &quote_ident(&t.name)],
+            )
+            .await
+            .map_err(|e| pg_error(BACKEND, &format!("reading the columns of {sql_name}"), e))?
+            .iter()
+            .map(|r| quote_ident(r.get::<_, &str>(0)))
+            .collect();
+        let pages = bytes / block as u64;
+        let n = bytes
+            .div_ceil(split_bytes)
+            .max(workers as u64)
+            .min(pages)
+            .min(100_000);
+        if columns.is_empty() || n < 2 {
+            chunks.push(Chunk {
+                sql_name,
+                range: None,
+                columns: String::new(),
+            });
+            continue;
+        }
+        let columns = columns.join(", ");
+        for i in 0..n {
+            let from = pages * i / n;
+            let to = (i + 1 < n).then(|| pages * (i + 1) / n);
+            chunks.push(Chunk {
+                sql_name: sql_name.clone(),
+                range: Some((from, to)),
+                columns: columns.clone(),
+            });
+        }
+    }
+    Ok(chunks)
+}
+
+/// One worker: joins the snapshot, then copies chunks from the queue until it is empty.
 async fn copy_worker(
-    queue: Arc<Mutex<VecDeque<TableRef>>>,
+    queue: &Mutex<VecDeque<Chunk>>,
     src: &PostgresConfig,
     tgt: &PostgresConfig,
     snapshot: &str,
+    freeze: bool,
 ) -> Result<(u64, u64)> {
     let s = src.connect(BACKEND).await?;
     s.batch_execute(&format!(
@@ -495,17 +765,30 @@ async fn copy_worker(
     .await
     .map_err(|e| pg_error(BACKEND, "joining the exported snapshot", e))?;
     let t = tgt.connect(BACKEND).await?;
+    // Commits need not wait for their WAL to reach the disk: `copy_inner` makes everything
+    // durable with one synchronous commit before it reports success (see there).
+    t.batch_execute("SET synchronous_commit = off")
+        .await
+        .map_err(|e| pg_error(BACKEND, "setting synchronous_commit", e))?;
     let (mut rows, mut bytes) = (0u64, 0u64);
     loop {
         let next = queue.lock().await.pop_front();
-        let Some(table) = next else { break };
-        let q = table.qualified();
+        let Some(chunk) = next else { break };
+        let q = &chunk.sql_name;
+        // FREEZE needs the table created or truncated in the loading transaction: the table is
+        // new and empty, and ONLY leaves an inheritance child (copied by another worker) alone.
+        let freeze = freeze && chunk.range.is_none();
+        if freeze {
+            t.batch_execute(&format!("BEGIN; TRUNCATE ONLY {q}"))
+                .await
+                .map_err(|e| pg_error(BACKEND, &format!("TRUNCATE ONLY {q}"), e))?;
+        }
         let out = s
-            .copy_out(&format!("COPY {q} TO STDOUT (FORMAT binary)"))
+            .copy_out(&chunk.copy_out())
             .await
             .map_err(|e| pg_error(BACKEND, &format!("COPY {q} TO STDOUT"), e))?;
         let sink = t
-            .copy_in::<_, bytes::Bytes>(&format!("COPY {q} FROM STDIN (FORMAT binary)"))
+            .copy_in::<_, bytes::Bytes>(&chunk.copy_in(freeze))
             .await
             .map_err(|e| pg_error(BACKEND, &format!("COPY {q} FROM STDIN"), e))?;
         pin_mut!(out);
@@ -513,10 +796,10 @@ async fn copy_worker(
         // The source sends one message per row; batching rows into large messages saves the
         // per-message work on the target and here.
         let mut buf = bytes::BytesMut::with_capacity(BATCH * 2);
-        while let Some(chunk) = out.next().await {
-            let chunk = chunk.map_err(|e| pg_error(BACKEND, &format!("reading {q}"), e))?;
-            bytes += chunk.len() as u64;
-            buf.extend_from_slice(&chunk);
+        while let Some(data) = out.next().await {
+            let data = data.map_err(|e| pg_error(BACKEND, &format!("reading {q}"), e))?;
+            bytes += data.len() as u64;
+            buf.extend_from_slice(&data);
             if buf.len() >= BATCH {
                 sink.feed(buf.split().freeze())
                     .await
@@ -533,6 +816,11 @@ async fn copy_worker(
             .finish()
             .await
             .map_err(|e| pg_error(BACKEND, &format!("finishing COPY into {q}"), e))?;
+        if freeze {
+            t.batch_execute("COMMIT")
+                .await
+                .map_err(|e| pg_error(BACKEND, &format!("committing {q}"), e))?;
+        }
     }
     let _ = s.batch_execute("COMMIT").await;
     Ok((rows, bytes))
@@ -648,5 +936,92 @@ impl DatabaseStrategy for CopiedDatabase {
         Ok(DbStep::irreversible(format!(
             "dropped the previous live database {old_db}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_knobs_have_defaults_and_are_checked() {
+        let cfg: CopiedConfig =
+            serde_json::from_str(r#"{ "server": { "dbname": "shop" } }"#).unwrap();
+        assert_eq!(cfg.split_table_bytes, 0);
+        assert_eq!(cfg.maintenance_work_mem_mb, 256);
+        assert!(cfg.copy_freeze);
+        let cfg: CopiedConfig = serde_json::from_str(
+            r#"{ "server": { "dbname": "shop" }, "split_table_bytes": 67108864,
+                 "maintenance_work_mem_mb": 0, "copy_freeze": false }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.split_table_bytes,
+                cfg.maintenance_work_mem_mb,
+                cfg.copy_freeze
+            ),
+            (67_108_864, 0, false)
+        );
+        let err = serde_json::from_str::<CopiedConfig>(
+            r#"{ "server": { "dbname": "shop" }, "maintenance_work_mem_mb": 2097152 }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("maintenance_work_mem_mb"), "{err}");
+        let server = PostgresConfig::new("127.0.0.1", 5432, "shop");
+        let too_big =
+            CopiedConfig::new(server.clone()).with_maintenance_work_mem_mb(MAX_MWM_MB + 1);
+        assert!(too_big.validate().is_err());
+        assert!(CopiedDatabase::new(too_big).is_err());
+        assert!(CopiedDatabase::new(
+            CopiedConfig::new(server).with_maintenance_work_mem_mb(MAX_MWM_MB)
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_range_reads_only_the_parent_between_its_pages_and_names_its_columns() {
+        let whole = Chunk {
+            sql_name: "\"s\".\"t\"".into(),
+            range: None,
+            columns: String::new(),
+        };
+        assert_eq!(
+            whole.copy_out(),
+            "COPY \"s\".\"t\" TO STDOUT (FORMAT binary)"
+        );
+        assert_eq!(
+            whole.copy_in(true),
+            "COPY \"s\".\"t\" FROM STDIN (FORMAT binary, FREEZE)"
+        );
+        assert_eq!(
+            whole.copy_in(false),
+            "COPY \"s\".\"t\" FROM STDIN (FORMAT binary)"
+        );
+        let mid = Chunk {
+            range: Some((10, Some(20))),
+            columns: "\"a\", \"b\"".into(),
+            ..whole.clone()
+        };
+        assert_eq!(
+            mid.copy_out(),
+            "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"t\" WHERE ctid >= '(10,0)'::tid \
+             AND ctid < '(20,0)'::tid) TO STDOUT (FORMAT binary)"
+        );
+        // Never FREEZE into a range: other workers load the same table.
+        assert_eq!(
+            mid.copy_in(true),
+            "COPY \"s\".\"t\" (\"a\", \"b\") FROM STDIN (FORMAT binary)"
+        );
+        let last = Chunk {
+            range: Some((20, None)),
+            ..mid
+        };
+        assert_eq!(
+            last.copy_out(),
+            "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"t\" WHERE ctid >= '(20,0)'::tid) \
+             TO STDOUT (FORMAT binary)"
+        );
     }
 }

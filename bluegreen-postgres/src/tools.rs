@@ -175,50 +175,73 @@ async fn run_tool(backend: &str, mut cmd: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `pg_dump -Fc <dump_args>` against `source` into a temporary file, then
-/// `pg_restore -j <jobs> --exit-on-error` into `target` (independent objects, such as the indexes
-/// of different tables, are built in parallel). Bounded by `timeout`; the file is removed.
-pub(crate) async fn dump_restore_parallel(
+/// A custom-format dump in a temporary file, removed on drop.
+#[derive(Debug)]
+pub(crate) struct DumpFile(PathBuf);
+
+impl Drop for DumpFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs `pg_dump -Fc <dump_args>` against `source` into a temporary file. Bounded by `timeout`.
+pub(crate) async fn dump_to_file(
     backend: &str,
     bin_dir: Option<&Path>,
     source: &PostgresConfig,
     dump_args: &[String],
-    target: &PostgresConfig,
-    jobs: usize,
     timeout: Duration,
-) -> Result<()> {
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+) -> Result<DumpFile> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let file =
-        Remove(std::env::temp_dir().join(format!("bluegreen-{}-{nanos}.dump", std::process::id())));
-    let op = format!("pg_dump -Fc {} + pg_restore -j {jobs}", dump_args.join(" "));
-    let run = async {
-        let mut dump = command(bin_dir, "pg_dump", source);
-        dump.args(["--no-password", "-Fc", "-f"])
-            .arg(&file.0)
-            .args(dump_args);
-        run_tool(backend, dump, &format!("pg_dump {}", dump_args.join(" "))).await?;
-        let mut restore = command(bin_dir, "pg_restore", target);
-        restore
-            .args(["--no-password", "--exit-on-error", "-j"])
-            .arg(jobs.max(1).to_string())
-            .arg("-d")
-            .arg(&target.dbname)
-            .arg(&file.0);
-        run_tool(backend, restore, "pg_restore").await
-    };
-    match tokio::time::timeout(timeout, run).await {
+    let file = DumpFile(
+        std::env::temp_dir().join(format!("bluegreen-{}-{nanos}.dump", std::process::id())),
+    );
+    let what = format!("pg_dump -Fc {}", dump_args.join(" "));
+    let mut dump = command(bin_dir, "pg_dump", source);
+    dump.args(["--no-password", "-Fc", "-f"])
+        .arg(&file.0)
+        .args(dump_args);
+    match tokio::time::timeout(timeout, run_tool(backend, dump, &what)).await {
+        Ok(r) => r.map(|()| file),
+        Err(_) => Err(Error::Timeout {
+            what,
+            after: timeout,
+        }),
+    }
+}
+
+/// Runs `pg_restore -j <jobs> --exit-on-error` of `file` into `target` (independent objects, such
+/// as the indexes of different tables, are built in parallel). `settings` (`name=value`, checked
+/// by the caller) are set in each of its sessions through `PGOPTIONS`. Bounded by `timeout`.
+pub(crate) async fn restore_file(
+    backend: &str,
+    bin_dir: Option<&Path>,
+    file: &DumpFile,
+    target: &PostgresConfig,
+    jobs: usize,
+    settings: &[String],
+    timeout: Duration,
+) -> Result<()> {
+    let mut restore = command(bin_dir, "pg_restore", target);
+    if !settings.is_empty() {
+        let opts: Vec<String> = settings.iter().map(|s| format!("-c {s}")).collect();
+        restore.env("PGOPTIONS", opts.join(" "));
+    }
+    restore
+        .args(["--no-password", "--exit-on-error", "-j"])
+        .arg(jobs.max(1).to_string())
+        .arg("-d")
+        .arg(&target.dbname)
+        .arg(&file.0);
+    let what = format!("pg_restore -j {jobs}");
+    match tokio::time::timeout(timeout, run_tool(backend, restore, "pg_restore")).await {
         Ok(r) => r,
         Err(_) => Err(Error::Timeout {
-            what: op,
+            what,
             after: timeout,
         }),
     }

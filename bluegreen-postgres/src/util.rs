@@ -135,6 +135,8 @@ pub(crate) async fn drop_database(backend: &str, admin: &Client, db: &str) -> Re
 pub(crate) struct TableRef {
     pub(crate) schema: String,
     pub(crate) name: String,
+    /// `pg_relation_size` of its main fork when listed.
+    pub(crate) bytes: i64,
 }
 
 impl TableRef {
@@ -165,6 +167,7 @@ pub(crate) async fn user_tables(backend: &str, c: &Client) -> Result<Vec<TableRe
         .map(|r| TableRef {
             schema: r.get(0),
             name: r.get(1),
+            bytes: r.get(2),
         })
         .collect())
 }

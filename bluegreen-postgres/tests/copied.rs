@@ -381,3 +381,226 @@ async fn template_path_refuses_a_busy_source_and_failures_drop_the_target() {
     // Bad names are refused before anything runs.
     assert!(broken.copy_database("tpl", "x\";drop").await.is_err());
 }
+
+/// `sum(hashtext(t::text))` and `count(*)` of `from` (a table expression such as `ONLY big`).
+async fn table_sum(c: &tokio_postgres::Client, from: &str) -> (i64, i64) {
+    let r = c
+        .query_one(
+            &format!("SELECT count(*), coalesce(sum(hashtext(t::text)::bigint), 0)::bigint FROM {from} t"),
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_tables_are_split_by_ctid_and_every_row_is_copied_once() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    seeded(&cluster, "split").await;
+    let src = cluster.client("split").await.unwrap();
+    // A table of ~10 MB with a dropped column, a generated one, holes left by deletes, rows
+    // moved by updates, and an inheritance child (whose rows a range of the parent must not
+    // read: ONLY).
+    src.batch_execute(
+        "CREATE TABLE big (id bigint PRIMARY KEY, gone int, payload text NOT NULL,
+                           g int GENERATED ALWAYS AS ((id % 7)::int) STORED);
+         INSERT INTO big (id, payload) SELECT g, md5(g::text) || md5((g * 3)::text)
+           FROM generate_series(1, 100000) g;
+         ALTER TABLE big DROP COLUMN gone;
+         DELETE FROM big WHERE id % 10 = 0;
+         UPDATE big SET payload = 'moved ' || id WHERE id % 97 = 0;
+         CREATE TABLE big_child (extra int) INHERITS (big);
+         INSERT INTO big_child (id, payload, extra) SELECT g, 'child ' || g, g
+           FROM generate_series(200001, 201000) g;",
+    )
+    .await
+    .unwrap();
+    // On its own: VACUUM cannot run in a multi-statement query's implicit transaction.
+    src.batch_execute("VACUUM ANALYZE big").await.unwrap();
+    let db = CopiedDatabase::new(
+        strategy(&cluster, "split")
+            .with_workers(3)
+            .with_split_table_bytes(1024 * 1024)
+            .with_maintenance_work_mem_mb(32),
+    )
+    .unwrap();
+    let report = db.copy_database("split", "split_copy").await.unwrap();
+    println!("{report:?}");
+    assert_eq!(report.tables, 6, "{report:?}");
+    assert_eq!(report.split_tables, 1, "only big is over 1 MiB: {report:?}");
+    let big_bytes: i64 = src
+        .query_one("SELECT pg_relation_size('big')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let ranges = (big_bytes as usize).div_ceil(1024 * 1024).max(3);
+    assert_eq!(report.chunks, 5 + ranges, "{report:?}");
+
+    let copy = cluster.client("split_copy").await.unwrap();
+    for from in [
+        "ONLY big",
+        "big",
+        "big_child",
+        "orders",
+        "accounts",
+        "counters",
+        "extra.\"Mixed Case\"",
+    ] {
+        let want = table_sum(&src, from).await;
+        assert!(want.0 > 0, "{from} is empty on the source");
+        assert_eq!(
+            table_sum(&copy, from).await,
+            want,
+            "{from}: count and checksum"
+        );
+    }
+    assert_eq!(
+        table_sum(&copy, "ONLY big").await.0,
+        90000,
+        "every row of big exactly once"
+    );
+    // The generated column was computed on the target, the primary key holds.
+    assert_eq!(
+        common::one_i64(&copy, "SELECT count(*) FROM big WHERE g <> id % 7").await,
+        0
+    );
+    assert_eq!(
+        common::one_i64(
+            &copy,
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'big'::regclass AND contype = 'p'"
+        )
+        .await,
+        1
+    );
+    // Tables copied whole were loaded with FREEZE: every page all-frozen.
+    copy.batch_execute("CREATE EXTENSION pg_visibility")
+        .await
+        .unwrap();
+    let frozen = common::one_i64(
+        &copy,
+        "SELECT all_frozen FROM pg_visibility_map_summary('orders')",
+    )
+    .await;
+    let heap_pages = common::one_i64(
+        &copy,
+        "SELECT pg_relation_size('orders') / current_setting('block_size')::bigint",
+    )
+    .await;
+    println!("orders: {heap_pages} pages, {frozen} all-frozen");
+    assert!(heap_pages > 0);
+    assert_eq!(frozen, heap_pages, "orders not loaded frozen");
+}
+
+/// A child process killed (and reaped) on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `pgbench <args> <db>` against the cluster as its superuser, the password in the environment.
+fn pgbench(cluster: &Cluster, db: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(cluster.bin_dir().join("pgbench"));
+    c.env_remove("PGPASSFILE")
+        .env_remove("PGSERVICE")
+        .env_remove("PGOPTIONS")
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", cluster.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGPASSWORD", &cluster.password)
+        .args(args)
+        .arg(db)
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_under_pgbench_writes_keeps_its_balances_equal_to_the_history() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    if !bluegreen_testenv::require(
+        cluster.bin_dir().join("pgbench").is_file(),
+        &format!("pgbench (in {})", cluster.bin_dir().display()),
+    ) {
+        return;
+    }
+    cluster.create_db("pgb").await;
+    let init = pgbench(&cluster, "pgb", &["-i", "-q", "-s", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(init.success(), "pgbench -i: {init}");
+    let src = cluster.client("pgb").await.unwrap();
+    let history = "SELECT count(*) FROM pgbench_history";
+    assert_eq!(common::one_i64(&src, history).await, 0);
+    // Two clients writing TPC-B-like transactions (each updates an account, a teller and a
+    // branch by the same delta and logs it in the history) for at most 60 s.
+    let _load = Killed(
+        pgbench(&cluster, "pgb", &["-n", "-c", "2", "-j", "2", "-T", "60"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::one_i64(&src, history).await < 100 {
+        assert!(Instant::now() < deadline, "pgbench did not write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // pgbench_accounts (~13 MB) is split into 1 MiB ranges read by two workers.
+    let db = CopiedDatabase::new(
+        strategy(&cluster, "pgb")
+            .with_workers(2)
+            .with_split_table_bytes(1024 * 1024),
+    )
+    .unwrap();
+    for round in 0..2 {
+        let before = common::one_i64(&src, history).await;
+        let target = format!("pgb_copy_{round}");
+        let report = db.copy_database("pgb", &target).await.unwrap();
+        let after = common::one_i64(&src, history).await;
+        assert_eq!(report.split_tables, 1, "{report:?}");
+        let copy = cluster.client(&target).await.unwrap();
+        let copied = common::one_i64(&copy, history).await;
+        println!(
+            "round {round}: {} streams in {:?}; history {before} before, {copied} copied, \
+             {after} after",
+            report.chunks, report.elapsed
+        );
+        assert!(after > before, "round {round}: no write during the copy");
+        assert!(copied >= before && copied <= after, "round {round}");
+        let deltas = common::one_i64(
+            &copy,
+            "SELECT coalesce(sum(delta), 0)::bigint FROM pgbench_history",
+        )
+        .await;
+        for (table, column) in [
+            ("pgbench_branches", "bbalance"),
+            ("pgbench_tellers", "tbalance"),
+            ("pgbench_accounts", "abalance"),
+        ] {
+            let sum = common::one_i64(
+                &copy,
+                &format!("SELECT coalesce(sum({column}), 0)::bigint FROM {table}"),
+            )
+            .await;
+            assert_eq!(
+                sum, deltas,
+                "round {round}: sum({table}.{column}) differs from the history's deltas"
+            );
+        }
+        assert_eq!(
+            common::one_i64(&copy, "SELECT count(*) FROM pgbench_accounts").await,
+            100_000,
+            "round {round}: every account exactly once"
+        );
+    }
+}
