@@ -506,17 +506,8 @@ impl Drop for Killed {
 
 /// `pgbench <args> <db>` against the cluster as its superuser, the password in the environment.
 fn pgbench(cluster: &Cluster, db: &str, args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(cluster.bin_dir().join("pgbench"));
-    c.env_remove("PGPASSFILE")
-        .env_remove("PGSERVICE")
-        .env_remove("PGOPTIONS")
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGPASSWORD", &cluster.password)
-        .args(args)
-        .arg(db)
-        .stdin(std::process::Stdio::null());
+    let mut c = cluster.client_command("pgbench");
+    c.args(args).arg(db);
     c
 }
 

@@ -60,6 +60,26 @@ pub fn command(prefix: &Path) -> NginxCommand {
     NginxCommand::new(prefix.join("nginx.conf")).with_prefix(prefix)
 }
 
+/// Creates `dir` and writes `<dir>/upstream.conf`: `upstream <name>` with the one `server` and
+/// `keepalive` idle connections kept to it; returns its path, for [`start_reload`]'s include.
+///
+/// # Errors
+/// The directory or the file cannot be written.
+pub fn write_upstream(
+    dir: &Path,
+    name: &str,
+    server: SocketAddr,
+    keepalive: u32,
+) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let include = dir.join("upstream.conf");
+    std::fs::write(
+        &include,
+        format!("upstream {name} {{ server {server}; keepalive {keepalive}; }}\n"),
+    )?;
+    Ok(include)
+}
+
 /// The pid file of a standalone configuration in `prefix`.
 pub fn pid_file(prefix: &Path) -> PathBuf {
     prefix.join("nginx.pid")

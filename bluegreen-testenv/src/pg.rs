@@ -423,6 +423,29 @@ impl Cluster {
         &self.bin
     }
 
+    /// A client program of this cluster's binaries (`pgbench`, `psql`, `pg_dump`, …) connecting
+    /// to it over TCP as its superuser: the password in the environment, never on the command
+    /// line, and nothing inherited that could redirect the connection (`PGPASSFILE`,
+    /// `PGSERVICE`, `PGOPTIONS`, `PGDATABASE`). Standard input is null.
+    pub fn client_command(&self, program: &str) -> Command {
+        let mut c = Command::new(self.bin.join(program));
+        self.client_env(&mut c).stdin(Stdio::null());
+        c
+    }
+
+    /// Sets `c`'s environment as [`Cluster::client_command`] does, for a client program from
+    /// elsewhere (e.g. `pgcopydb`).
+    pub fn client_env<'c>(&self, c: &'c mut Command) -> &'c mut Command {
+        c.env_remove("PGPASSFILE")
+            .env_remove("PGSERVICE")
+            .env_remove("PGOPTIONS")
+            .env_remove("PGDATABASE")
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", "postgres")
+            .env("PGPASSWORD", &self.password)
+    }
+
     /// The last 2000 characters of the server log.
     pub fn log_tail(&self) -> String {
         tail(&std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default())

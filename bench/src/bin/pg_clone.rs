@@ -162,24 +162,10 @@ async fn counts(c: &Client) -> Result<Vec<(String, i64)>> {
     Ok(out)
 }
 
-/// The cluster's superuser environment for a client program: the password in the environment
-/// only, nothing inherited that could redirect the connection.
-fn client_env(cluster: &Cluster, c: &mut Command) {
-    c.env_remove("PGPASSFILE")
-        .env_remove("PGSERVICE")
-        .env_remove("PGOPTIONS")
-        .env_remove("PGDATABASE")
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGPASSWORD", &cluster.password);
-}
-
 /// `pgbench -i -q -s <scale> bench`.
 fn pgbench_init(cluster: &Cluster, scale: u32) -> Result<()> {
-    let mut c = Command::new(cluster.bin_dir().join("pgbench"));
-    client_env(cluster, &mut c);
-    let st = c
+    let st = cluster
+        .client_command("pgbench")
         .args(["-i", "-q", "-s"])
         .arg(scale.to_string())
         .arg("bench")
@@ -207,8 +193,8 @@ fn pgcopydb_clone(cluster: &Cluster, source: &str, target: &str, jobs: usize) ->
         ),
     )?;
     let mut c = Command::new("pgcopydb");
-    client_env(cluster, &mut c);
-    let out = c
+    let out = cluster
+        .client_env(&mut c)
         .env("PATH", path)
         .arg("clone")
         .arg("--source")
@@ -243,9 +229,7 @@ fn pgcopydb_clone(cluster: &Cluster, source: &str, target: &str, jobs: usize) ->
 /// `pg_dump source | psql -X -v ON_ERROR_STOP=1 target`: two children joined by a pipe (no shell),
 /// the password in the environment only.
 fn dump_pipe_psql(cluster: &Cluster, source: &str, target: &str) -> Result<()> {
-    let bin = cluster.bin_dir();
-    let mut dump = Command::new(bin.join("pg_dump"));
-    client_env(cluster, &mut dump);
+    let mut dump = cluster.client_command("pg_dump");
     dump.arg("--no-password")
         .arg("-d")
         .arg(source)
@@ -253,8 +237,7 @@ fn dump_pipe_psql(cluster: &Cluster, source: &str, target: &str) -> Result<()> {
         .stdout(Stdio::piped());
     let mut d = dump.spawn()?;
     let out = d.stdout.take().ok_or("pg_dump stdout")?;
-    let mut psql = Command::new(bin.join("psql"));
-    client_env(cluster, &mut psql);
+    let mut psql = cluster.client_command("psql");
     psql.args(["--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
         .arg(target)
         .stdin(Stdio::from(out))

@@ -68,16 +68,8 @@ fn parse_args() -> Result<Options> {
 
 /// `pgbench` against `db` with the cluster's superuser; the password in the environment only.
 fn pgbench(cluster: &Cluster, db: &str, args: &[String]) -> Command {
-    let mut c = Command::new(cluster.bin_dir().join("pgbench"));
-    c.env_remove("PGPASSFILE")
-        .env_remove("PGSERVICE")
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGPASSWORD", &cluster.password)
-        .args(args)
-        .arg(db)
-        .stdin(Stdio::null());
+    let mut c = cluster.client_command("pgbench");
+    c.args(args).arg(db);
     c
 }
 

@@ -226,12 +226,7 @@ fn start_nginx(
     upstream: SocketAddr,
     workers: u32,
 ) -> Result<bluegreen_testenv::nginx::NginxProcess> {
-    std::fs::create_dir_all(dir)?;
-    let include = dir.join("upstream.conf");
-    std::fs::write(
-        &include,
-        format!("upstream app {{ server {upstream}; keepalive 64; }}\n"),
-    )?;
+    let include = bluegreen_testenv::nginx::write_upstream(dir, "app", upstream, 64)?;
     Ok(bluegreen_testenv::nginx::start_reload(
         dir,
         &include,
@@ -703,12 +698,7 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Result<()> {
 
 /// nginx with one worker under `wrapper` (valgrind), in the foreground.
 fn start_nginx_wrapped(dir: &Path, upstream: SocketAddr, wrapper: &[String]) -> Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let include = dir.join("upstream.conf");
-    std::fs::write(
-        &include,
-        format!("upstream app {{ server {upstream}; keepalive 64; }}\n"),
-    )?;
+    let include = bluegreen_testenv::nginx::write_upstream(dir, "app", upstream, 64)?;
     let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let config = bluegreen_testenv::nginx::StandaloneConfig::reload(dir, listen, &include, "app")
         .with_workers(1);
