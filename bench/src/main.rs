@@ -311,13 +311,9 @@ fn describe_us(sorted: &[u64]) -> String {
 /// nginx (`bluegreen-testenv`'s, on a loopback port it is seen to own) proxying to `upstream`
 /// with 64 keep-alive upstream connections and one worker per CPU core.
 fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<bluegreen_testenv::nginx::NginxProcess> {
-    let include = bluegreen_testenv::nginx::write_upstream(dir, "app", upstream, 64)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    Ok(bluegreen_testenv::nginx::start_reload(
-        dir,
-        &include,
-        "app",
-        Some(workers),
+    Ok(bluegreen_testenv::nginx::start_reverse_proxy(
+        dir, upstream, workers,
     )?)
 }
 

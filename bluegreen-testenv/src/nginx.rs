@@ -400,6 +400,22 @@ pub fn start_reload(
     })
 }
 
+/// Stock nginx (Reload mode's configuration) in `prefix` proxying to the one `upstream` with 64
+/// idle keep-alive connections to it and `workers` worker processes: the reference the
+/// benchmarks compare the embedded proxy with.
+///
+/// # Errors
+/// The include cannot be written or nginx does not start.
+pub fn start_reverse_proxy(
+    prefix: &Path,
+    upstream: SocketAddr,
+    workers: u32,
+) -> Result<NginxProcess, StartError> {
+    let include = write_upstream(prefix, "app", upstream, 64)
+        .map_err(|e| StartError::Failed(format!("writing the upstream include: {e}")))?;
+    start_reload(prefix, &include, "app", Some(workers))
+}
+
 /// [`start_reload`], with `site` changing the nginx configuration (e.g.
 /// [`StandaloneConfig::with_websockets`]).
 ///

@@ -226,12 +226,8 @@ fn start_nginx(
     upstream: SocketAddr,
     workers: u32,
 ) -> Result<bluegreen_testenv::nginx::NginxProcess> {
-    let include = bluegreen_testenv::nginx::write_upstream(dir, "app", upstream, 64)?;
-    Ok(bluegreen_testenv::nginx::start_reload(
-        dir,
-        &include,
-        "app",
-        Some(workers),
+    Ok(bluegreen_testenv::nginx::start_reverse_proxy(
+        dir, upstream, workers,
     )?)
 }
 
