@@ -129,17 +129,11 @@ impl HostPool {
                 });
             }
         }
-        self.connect(connect_timeout).await.map(|sender| Checkout {
-            sender,
-            reused: false,
-        })
+        self.fresh(connect_timeout).await
     }
 
-    /// A new connection, its task spawned.
-    pub(crate) async fn connect(
-        &self,
-        connect_timeout: Duration,
-    ) -> Result<SendRequest<Incoming>, ConnectError> {
+    /// A new connection (never a pooled one), its task spawned.
+    pub(crate) async fn fresh(&self, connect_timeout: Duration) -> Result<Checkout, ConnectError> {
         let connected = tokio::time::timeout(
             connect_timeout,
             TcpStream::connect((self.host.as_str(), self.port)),
@@ -164,7 +158,10 @@ impl HostPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Checkout {
+            sender,
+            reused: false,
+        })
     }
 
     /// Puts a connection whose last response was read to its end back.

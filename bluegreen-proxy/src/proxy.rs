@@ -123,31 +123,27 @@ const H2_PREFACE_START: &[u8] = b"PRI";
 /// it closed or sent nothing within `wait`.
 async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Option<Version> {
     let mut buf = [0u8; 3];
-    // Usually the bytes are there when the connection's task first runs: no timer then.
-    let first = std::future::poll_fn(|cx| {
-        let mut read = tokio::io::ReadBuf::new(&mut buf);
-        Poll::Ready(match stream.poll_peek(cx, &mut read) {
-            Poll::Ready(Ok(n)) => Some(Ok(n)),
-            Poll::Ready(Err(e)) => Some(Err(e)),
-            Poll::Pending => None,
-        })
-    })
-    .await;
-    if let Some(peeked) = first {
-        let n = peeked.ok()?;
-        if n == 0 {
-            return None;
-        }
-        if buf[..n] != H2_PREFACE_START[..n] {
-            return Some(Version::HTTP_11);
-        }
-    }
-    let deadline = tokio::time::Instant::now() + wait;
+    // Set when the bytes were not all there at once (usually they are: no timer then).
+    let mut deadline = None;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
+        let now = std::future::poll_fn(|cx| {
+            let mut read = tokio::io::ReadBuf::new(&mut buf);
+            Poll::Ready(match stream.poll_peek(cx, &mut read) {
+                Poll::Ready(peeked) => Some(peeked),
+                Poll::Pending => None,
+            })
+        })
+        .await;
+        let n = match now {
+            Some(peeked) => peeked.ok()?,
+            None => {
+                let until = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                tokio::time::timeout_at(until, stream.peek(&mut buf))
+                    .await
+                    .ok()?
+                    .ok()?
+            }
+        };
         if n == 0 {
             return None;
         }
@@ -159,7 +155,8 @@ async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Option<Version
         }
         // A preface split after one or two bytes: wait for the rest (peek does not wait for
         // more than it has).
-        if tokio::time::Instant::now() >= deadline {
+        let until = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+        if tokio::time::Instant::now() >= until {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -629,13 +626,7 @@ async fn send(state: &State, up: &Upstream, mut req: Request<Incoming>) -> Outco
     let mut fresh_only = false;
     loop {
         let checkout = if fresh_only {
-            up.pool
-                .connect(cfg.connect_timeout)
-                .await
-                .map(|sender| crate::pool::Checkout {
-                    sender,
-                    reused: false,
-                })
+            up.pool.fresh(cfg.connect_timeout).await
         } else {
             up.pool
                 .checkout(cfg.connect_timeout, cfg.upstream_idle_timeout)

@@ -20,7 +20,11 @@
 //! cargo run --release -p bluegreen-bench --bin proxy_throughput -- --callgrind
 //! ```
 //!
-//! The same binary is its own upstream and proxy child (`--role upstream|proxy`).
+//! The same binary is its own upstream and proxy child (`--role upstream|proxy`). For the
+//! runtime experiments recorded in `bench/RESULTS.md`, `BLUEGREEN_BENCH_RUNTIME=current` runs
+//! the proxy child on one current-thread runtime and `=percore` on one current-thread runtime
+//! per core, each with its own `ProxySwitch` on a clone of one listener; `TOKIO_WORKER_THREADS`
+//! sets the default runtime's workers.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -302,14 +306,10 @@ fn parse_wrk(out: &str) -> Result<WrkResult> {
             [n, "requests", "in", ..] => r.requests = n.parse()?,
             ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>()?,
             ["Socket", "errors:", rest @ ..] => {
-                // connect N, read N, write N, timeout N
+                // `connect N, read N, write N, timeout N`: every kind counts as an error.
                 for w in rest.chunks(2) {
-                    if let [name, n] = w {
-                        let n: u64 = n.trim_end_matches(',').parse()?;
-                        // A server closing a `Connection: close` request's socket is read as an
-                        // error by wrk only when it happens mid-response; count everything.
-                        let _ = name;
-                        r.errors += n;
+                    if let [_, n] = w {
+                        r.errors += n.trim_end_matches(',').parse::<u64>()?;
                     }
                 }
             }
